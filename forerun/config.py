@@ -1,0 +1,60 @@
+"""User-facing configuration: frozen dataclasses validated on construction."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    seed: int | None = None
+    max_new_tokens: int = 128
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        else:
+            object.__setattr__(self, "stop", tuple(self.stop))
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must be non-empty")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass(frozen=True, slots=True)
+class SpecConfig:
+    method: str = "ar"  # a registered drafter: ar, pld, draft, layer-skip
+    num_draft: int = 4  # draft tokens per step (tree depth); the start value when adaptive
+    adaptive: bool = True  # grow after full acceptance, shrink after a rejection
+    max_draft: int = 12  # ceiling for the adaptive length
+    draft_model: str | None = None  # method "draft": HF directory or .gguf
+    tree_width: int = 1  # method "draft": children per expanded node; 1 drafts a chain
+    exit_layer: int | None = None  # method "layer-skip": layers the drafter runs (default: half)
+    ngram_max: int = 3  # method "pld": longest suffix n-gram to match
+    ngram_min: int = 1
+
+    def __post_init__(self) -> None:
+        if self.num_draft < 1 or self.max_draft < 1:
+            raise ValueError("num_draft and max_draft must be >= 1")
+        if self.num_draft > self.max_draft:
+            raise ValueError(f"num_draft ({self.num_draft}) exceeds max_draft ({self.max_draft})")
+        if self.tree_width < 1:
+            raise ValueError(f"tree_width must be >= 1, got {self.tree_width}")
+        if not 1 <= self.ngram_min <= self.ngram_max:
+            raise ValueError("need 1 <= ngram_min <= ngram_max")
+        if self.exit_layer is not None and self.exit_layer < 1:
+            raise ValueError(f"exit_layer must be >= 1, got {self.exit_layer}")

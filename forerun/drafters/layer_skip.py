@@ -1,0 +1,38 @@
+"""Self-speculative drafting: the target's first k layers, then its own final norm and head.
+
+The drafter shares the target's weights and KV cache. Its layer-0..k-1 entries for the draft tokens
+land at the very slots that verification then overwrites with the full model's, so nothing needs
+undoing. Without early-exit training the shallow exit agrees with the full model only on easy
+tokens; the adaptive length keeps drafts short when it does not.
+"""
+from __future__ import annotations
+
+import torch
+
+from forerun.drafters.base import Drafter, Sequence, chain
+from forerun.drafters.registry import register
+from forerun.sampling import draw
+from forerun.types import Draft
+
+
+@register("layer-skip")
+class LayerSkip(Drafter):
+    def __init__(self, target, spec):
+        super().__init__(target, spec)
+        layers = target.model.args.num_layers
+        self.exit_layer = spec.exit_layer or max(1, layers // 2)
+        if self.exit_layer >= layers:
+            raise ValueError(f"exit_layer must be below the model's {layers} layers, got {self.exit_layer}")
+
+    def propose(self, seq: Sequence, budget: int) -> Draft:
+        model, device = self.target.model, self.target.device
+        tokens, qs = [seq.root], []
+        for i in range(budget):
+            slot = seq.cached + i
+            logits = model(torch.tensor([tokens[-1]], device=device), torch.tensor([slot], device=device),
+                           seq.cache, slot, num_layers=self.exit_layer)[0]
+            token, q = draw(logits, seq.params, seq.generator)
+            tokens.append(token)
+            qs.append(q)
+        q = None if seq.params.greedy else torch.stack([torch.zeros_like(qs[0]), *qs]).cpu()
+        return chain(seq, tokens[1:], q)

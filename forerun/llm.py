@@ -1,0 +1,142 @@
+"""The Python API: LLM(model).generate(prompts, SamplingParams(...), spec=SpecConfig(...))."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from forerun.config import SamplingParams, SpecConfig
+from forerun.decode import decode
+from forerun.drafters.base import Drafter, Sequence
+from forerun.drafters.registry import build_drafter
+from forerun.models.runtime import Runtime, load
+from forerun.types import Generation
+
+Prompt = str | list[dict]  # plain text, or chat messages [{"role": ..., "content": ...}]
+
+
+class LLM:
+    """A target model plus the drafters built for it (kept across calls, so their state persists)."""
+
+    def __init__(self, model: str | None = None, dtype: str = "float32", device: str = "cpu",
+                 runtime: Runtime | None = None):
+        self.runtime = runtime or load(model, dtype=dtype, device=device)
+        self._drafters: dict[SpecConfig, Drafter] = {}
+
+    @property
+    def tokenizer(self):
+        return self.runtime.tokenizer
+
+    def drafter(self, spec: SpecConfig) -> Drafter:
+        if spec not in self._drafters:
+            self._drafters[spec] = build_drafter(self.runtime, spec)
+        return self._drafters[spec]
+
+    def encode(self, prompt: Prompt, chat: bool | None = None) -> list[int]:
+        """Token ids for a prompt. chat=None applies the chat template when the model has one."""
+        tok = self.tokenizer
+        if isinstance(prompt, list):
+            return tok.encode(tok.apply_chat_template(prompt), add_bos=False)
+        if not isinstance(prompt, str):
+            raise TypeError(f"a prompt is a string or a list of chat messages, got {type(prompt).__name__}")
+        if chat is None:
+            chat = tok.chat_template is not None
+        if chat:
+            return tok.encode(tok.apply_chat_template([{"role": "user", "content": prompt}]), add_bos=False)
+        return tok.encode(prompt)
+
+    def generate(self, prompts: Prompt | list[Prompt], params: SamplingParams | None = None,
+                 spec: SpecConfig | None = None, chat: bool | None = None) -> list[Generation]:
+        params, spec = params or SamplingParams(), spec or SpecConfig()
+        batch = [prompts] if isinstance(prompts, str) or _is_messages(prompts) else list(prompts)
+        return [self.generate_ids(self.encode(p, chat), params, spec) for p in batch]
+
+    def generate_ids(self, prompt_ids: list[int], params: SamplingParams, spec: SpecConfig,
+                     on_text: Callable[[str], None] | None = None) -> Generation:
+        """Decode from token ids. on_text, if given, receives text as it is accepted (streaming)."""
+        seq = self.prefill(prompt_ids, params, spec)
+        stopper = _Stopper(self.tokenizer, params.stop, on_text)
+        ids, reason, stats = decode(self.runtime, seq, self.drafter(spec), spec, stopper)
+        if reason == "stop" and stopper.stopped:
+            ids = ids[: stopper.cut_ids]
+        text = stopper.final_text(ids)
+        return Generation(text=text, token_ids=ids, finish_reason=reason, stats=stats)
+
+    def prefill(self, prompt_ids: list[int], params: SamplingParams, spec: SpecConfig) -> Sequence:
+        rt = self.runtime
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        context = rt.context_length
+        if len(prompt_ids) >= context:
+            raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the model's context holds {context}")
+        budget = _tree_budget(spec)
+        cache = rt.model.new_cache(len(prompt_ids) + params.max_new_tokens + budget + 1)
+        with torch.inference_mode():
+            if len(prompt_ids) > 1:
+                body = torch.tensor(prompt_ids[:-1], device=rt.device)
+                rt.model(body, torch.arange(len(body), device=rt.device), cache, 0, logits=False)
+        generator = None
+        if not params.greedy:
+            generator = torch.Generator().manual_seed(params.seed if params.seed is not None else
+                                                      int(torch.seed() % 2**63))
+        eos = frozenset(rt.tokenizer.eos_token_ids) if rt.tokenizer is not None else frozenset()
+        return Sequence(tokens=list(prompt_ids), prompt_len=len(prompt_ids), cache=cache,
+                        cached=len(prompt_ids) - 1, params=params, generator=generator, eos_ids=eos)
+
+
+def _tree_budget(spec: SpecConfig) -> int:
+    """Upper bound on the nodes one draft tree may hold (cache slots beyond the sequence)."""
+    width = spec.tree_width
+    return 1 + spec.max_draft * max(width * width, 1)
+
+
+def _is_messages(prompt) -> bool:
+    return isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], dict)
+
+
+class _Stopper:
+    """Streams text and finds stop strings. Called with each step's new ids; True means stop."""
+
+    def __init__(self, tokenizer, stop: tuple[str, ...], on_text: Callable[[str], None] | None):
+        self.tokenizer, self.stop, self.on_text = tokenizer, stop, on_text
+        self.ids: list[int] = []
+        self.emitted = 0  # characters of text already streamed
+        self.stopped = False
+        self.cut_ids = 0
+        self.cut_text: str | None = None
+
+    def __call__(self, new: list[int]) -> bool:
+        if self.tokenizer is None or not (self.stop or self.on_text):
+            return False
+        self.ids.extend(new)
+        text = self.tokenizer.decode(self.ids)
+        hit = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
+        if hit >= 0:
+            self.stopped, self.cut_text = True, text[:hit]
+            self.cut_ids = self._ids_covering(hit)
+            self._emit(self.cut_text)
+            return True
+        # Hold back a possible stop-string prefix and an incomplete UTF-8 character.
+        hold = max((len(s) - 1 for s in self.stop), default=0)
+        safe = text[: len(text) - hold] if hold else text
+        self._emit(safe.rstrip("\ufffd"))
+        return False
+
+    def final_text(self, ids: list[int]) -> str:
+        if self.cut_text is not None:
+            return self.cut_text
+        text = self.tokenizer.decode(ids) if self.tokenizer is not None else ""
+        self._emit(text)
+        return text
+
+    def _emit(self, text: str) -> None:
+        if self.on_text is not None and len(text) > self.emitted:
+            self.on_text(text[self.emitted:])
+            self.emitted = len(text)
+
+    def _ids_covering(self, chars: int) -> int:
+        """Fewest leading ids whose text reaches `chars` characters (the ids kept before a stop)."""
+        for n in range(len(self.ids) + 1):
+            if len(self.tokenizer.decode(self.ids[:n])) >= chars:
+                return n
+        return len(self.ids)

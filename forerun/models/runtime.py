@@ -1,0 +1,72 @@
+"""A loaded model: weights on a device, its tokenizer, and the way it was loaded."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from forerun.models.args import ModelArgs
+from forerun.models.llama import Transformer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Runtime:
+    model: Transformer
+    tokenizer: object | None  # forerun.models.tokenizer.Tokenizer; None for token-id-only use
+    name: str
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def context_length(self) -> int:
+        return self.model.args.max_position_embeddings
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but no CUDA device is available")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"unknown device {device!r}; use cpu or cuda")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str) -> torch.dtype:
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def build(args: ModelArgs, weights: dict[str, torch.Tensor], dtype: torch.dtype,
+          device: torch.device) -> Transformer:
+    weights = {k: v.to(device=device, dtype=dtype) for k, v in weights.items()}
+    with torch.device(device):
+        model = Transformer(args, weights).eval()
+    model.pack_for_cpu()
+    return model
+
+
+def load(model: str | None = None, dtype: str = "float32", device: str = "cpu") -> Runtime:
+    """Load a model by HF directory, .gguf file, or None for the embedded SmolLM2-135M-Instruct."""
+    from safetensors.torch import load_file
+
+    from forerun.models.embedded import resolve_model_dir
+    from forerun.models.tokenizer import Tokenizer
+
+    torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
+    path = Path(resolve_model_dir(model))
+    config = json.loads((path / "config.json").read_text())
+    args = ModelArgs.from_hf_config(config)
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {path}")
+    weights: dict[str, torch.Tensor] = {}
+    for f in files:
+        weights.update(load_file(str(f)))
+    return Runtime(build(args, weights, torch_dtype, torch_device), Tokenizer.from_dir(path),
+                   name=model or "SmolLM2-135M-Instruct (embedded)")

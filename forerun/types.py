@@ -1,0 +1,77 @@
+"""Records passed between the stages of a decoding step: propose -> verify -> commit -> observe."""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+
+@dataclass(frozen=True, slots=True)
+class Draft:
+    """A token tree proposed by a drafter. A chain is a tree whose node i has parent i - 1."""
+
+    tokens: Tensor  # [N] long; node 0 is the root: the newest token, not yet in the KV cache
+    parents: list[int]  # [N]; parents[0] == -1 and parents[i] < i (topological order)
+    q: Tensor | None = None  # [N, V] float; row i = the distribution node i was drawn from;
+    # None means every node was chosen deterministically (a point mass on its token)
+
+    @property
+    def size(self) -> int:
+        return len(self.parents)
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    path: list[int]  # accepted node indices, starting with the root 0
+    next_token: int  # drawn from the target after the path: a correction or a bonus token
+
+    @property
+    def accepted(self) -> int:
+        """Draft tokens accepted (the root is not a draft token)."""
+        return len(self.path) - 1
+
+
+@dataclass(slots=True)
+class Stats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    target_forwards: int = 0
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    wall_s: float = 0.0
+    accept_histogram: Counter = field(default_factory=Counter)  # tokens per step -> steps
+
+    @property
+    def mean_accepted(self) -> float:
+        """tau: new tokens per target forward (1.0 for autoregressive decoding)."""
+        return self.new_tokens / max(self.target_forwards, 1)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "new_tokens": self.new_tokens,
+            "target_forwards": self.target_forwards,
+            "mean_accepted": round(self.mean_accepted, 4),
+            "wall_s": round(self.wall_s, 4),
+            "tokens_per_s": round(self.tokens_per_s, 3),
+            "draft_s": round(self.draft_s, 4),
+            "verify_s": round(self.verify_s, 4),
+            "accept_histogram": {str(k): v for k, v in sorted(self.accept_histogram.items())},
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Generation:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "eos", "stop" or "length"
+    stats: Stats
+
+    def to_dict(self) -> dict:
+        return {"text": self.text, "token_ids": self.token_ids, "finish_reason": self.finish_reason,
+                "stats": self.stats.to_dict()}

@@ -1,0 +1,102 @@
+"""Greedy speculative decoding must reproduce greedy autoregressive decoding token for token."""
+import pytest
+import torch
+
+from conftest import VOCAB, tiny_runtime
+from forerun import LLM, SamplingParams, SpecConfig
+from forerun.drafters.base import Drafter, chain
+from forerun.drafters.draft_model import DraftModel
+from forerun.types import Draft
+
+PROMPTS = [[1, 5, 9, 13, 5, 9], [7, 7, 7, 2], list(range(3, 40, 3)) * 2]
+GREEDY = SamplingParams(max_new_tokens=40, ignore_eos=True)
+
+
+def generate(llm: LLM, prompt, spec, params=GREEDY, drafter=None):
+    if drafter is not None:
+        llm._drafters[spec] = drafter
+    return llm.generate_ids(prompt, params, spec)
+
+
+class Oracle(Drafter):
+    """Proposes the true greedy continuation (always right), or a corrupted one (always wrong)."""
+
+    def __init__(self, target, spec, truth: list[int], wrong: bool, width: int = 1):
+        super().__init__(target, spec)
+        self.truth, self.wrong, self.width = truth, wrong, width
+
+    def propose(self, seq, budget):
+        done = len(seq.tokens)
+        future = self.truth[done:done + budget]
+        if self.wrong:
+            future = [(t + 1) % VOCAB for t in future]
+        if self.width == 1 or not future:
+            return chain(seq, future)
+        # A tree: a wrong sibling before the right child at every level.
+        tokens, parents, last = [seq.root], [-1], 0
+        for t in future:
+            tokens += [(t + 7) % VOCAB, t]
+            parents += [last, last]
+            last = len(tokens) - 1
+        return Draft(tokens=torch.tensor(tokens), parents=parents)
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3", "mistral"])
+def llm(request):
+    kw = {"sliding_window": 16} if request.param == "mistral" else {}
+    return LLM(runtime=tiny_runtime(request.param, seed=1, **kw))
+
+
+def reference(llm, prompt):
+    return generate(llm, prompt, SpecConfig(method="ar")).token_ids
+
+
+@pytest.mark.parametrize("wrong", [False, True])
+@pytest.mark.parametrize("width", [1, 2])
+def test_oracle_drafts_match_ar(llm, wrong, width):
+    for prompt in PROMPTS:
+        ref = reference(llm, prompt)
+        spec = SpecConfig(method="ar", num_draft=3, max_draft=6)
+        truth = prompt + ref
+        out = generate(llm, prompt, spec, drafter=Oracle(llm.runtime, spec, truth, wrong, width))
+        assert out.token_ids == ref
+        if wrong:
+            assert out.stats.target_forwards == len(ref)
+        else:
+            assert out.stats.target_forwards < len(ref) / 2
+
+
+@pytest.mark.parametrize("spec", [
+    SpecConfig(method="pld"),
+    SpecConfig(method="pld", adaptive=False, num_draft=6, max_draft=6),
+    SpecConfig(method="layer-skip", exit_layer=2),
+    SpecConfig(method="layer-skip", exit_layer=1, adaptive=False, num_draft=3),
+], ids=str)
+def test_methods_match_ar(llm, spec):
+    for prompt in PROMPTS:
+        out = generate(llm, prompt, spec)
+        assert out.token_ids == reference(llm, prompt)
+        assert out.stats.new_tokens == GREEDY.max_new_tokens
+
+
+@pytest.mark.parametrize("width", [1, 3])
+@pytest.mark.parametrize("same", [True, False])
+def test_draft_model_matches_ar(llm, width, same):
+    """A draft model identical to the target is always right; a different random one mostly wrong."""
+    spec = SpecConfig(method="draft", tree_width=width, num_draft=3)
+    arch = llm.runtime.model.args.arch
+    kw = {"sliding_window": 16} if arch == "mistral" else {}
+    draft = llm.runtime if same else tiny_runtime(arch, seed=2, layers=2, **kw)
+    for prompt in PROMPTS:
+        drafter = DraftModel(llm.runtime, spec, draft=draft)
+        out = generate(llm, prompt, spec, drafter=drafter)
+        ref = reference(llm, prompt)
+        assert out.token_ids == ref
+        if same:
+            assert out.stats.mean_accepted > 2.5
+
+
+def test_pld_accepts_on_repetitive_text(llm):
+    prompt = list(range(10, 30)) * 3
+    out = generate(llm, prompt, SpecConfig(method="pld"))
+    assert out.token_ids == reference(llm, prompt)
