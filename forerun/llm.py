@@ -19,8 +19,8 @@ class LLM:
     """A target model plus the drafters built for it (kept across calls, so their state persists)."""
 
     def __init__(self, model: str | None = None, dtype: str = "float32", device: str = "cpu",
-                 runtime: Runtime | None = None):
-        self.runtime = runtime or load(model, dtype=dtype, device=device)
+                 quant: str | None = None, runtime: Runtime | None = None):
+        self.runtime = runtime or load(model, dtype=dtype, device=device, quant=quant)
         self._drafters: dict[SpecConfig, Drafter] = {}
 
     @property

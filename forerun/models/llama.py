@@ -28,6 +28,7 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.packed: Tensor | None = None
+        self.int4: tuple[Tensor, Tensor, int] | None = None  # (packed int4, scales+zeros, group size)
 
     def pack_for_cpu(self) -> bool:
         if self.weight.device.type != "cpu" or self.weight.dtype != torch.float32:
@@ -38,7 +39,29 @@ class Linear(nn.Module):
             return False
         return True
 
+    def quantize_int4(self, group_size: int = 32) -> bool:
+        """Weight-only 4-bit quantization, asymmetric per group of `group_size` inputs, for bfloat16
+        activations on CPU. Re-quantizing a GGUF Q4_0/Q4_1 tensor this way recovers its blocks exactly
+        (min and max of each 32-block sit on codes 0 and 15), up to bf16 rounding of scale and zero."""
+        n, k = self.weight.shape
+        if self.weight.device.type != "cpu" or k % group_size or n % 8:
+            return False
+        groups = self.weight.float().view(n, k // group_size, group_size)
+        lo, hi = groups.amin(-1), groups.amax(-1)
+        scale = ((hi - lo) / 15).clamp_(min=1e-12)
+        codes = ((groups - lo[..., None]) / scale[..., None]).round_().clamp_(0, 15).to(torch.int32)
+        # torch's int4 layout dequantizes as (code - 8) * scale + zero.
+        scale_zero = torch.stack([scale, lo + 8 * scale], dim=-1).transpose(0, 1).contiguous()
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.view(n, k), 1)
+        self.int4 = (packed, scale_zero.to(torch.bfloat16), group_size)
+        self.weight = nn.Parameter(torch.empty(0, dtype=self.weight.dtype), requires_grad=False)
+        return True
+
     def forward(self, x: Tensor) -> Tensor:
+        if self.int4 is not None:
+            packed, scale_zero, group = self.int4
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, scale_zero)
+            return y if self.bias is None else y + self.bias
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
@@ -145,6 +168,11 @@ class Transformer(nn.Module):
         """Pre-pack every projection for oneDNN; a no-op (False) off CPU or outside float32."""
         linears = [m for m in self.modules() if isinstance(m, Linear)]
         return all([m.pack_for_cpu() for m in linears])
+
+    def quantize_int4(self, group_size: int = 32) -> bool:
+        """4-bit weights for every projection inside the blocks; the head keeps its float weights."""
+        linears = [m for layer in self.layers for m in layer.modules() if isinstance(m, Linear)]
+        return all([m.quantize_int4(group_size) for m in linears])
 
     def new_cache(self, max_len: int) -> KVCache:
         a = self.args

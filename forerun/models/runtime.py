@@ -42,22 +42,38 @@ def resolve_dtype(dtype: str) -> torch.dtype:
     return DTYPES[dtype]
 
 
+QUANTS = (None, "q4")
+
+
 def build(args: ModelArgs, weights: dict[str, torch.Tensor], dtype: torch.dtype,
-          device: torch.device) -> Transformer:
+          device: torch.device, quant: str | None = None) -> Transformer:
     weights = {k: v.to(device=device, dtype=dtype) for k, v in weights.items()}
     with torch.device(device):
         model = Transformer(args, weights).eval()
+    if quant == "q4" and not model.quantize_int4():
+        raise ValueError("q4 needs a CPU model whose projection sizes are multiples of 32")
     model.pack_for_cpu()
     return model
 
 
-def load(model: str | None = None, dtype: str = "float32", device: str = "cpu") -> Runtime:
-    """Load a model by HF directory, .gguf file, or None for the embedded SmolLM2-135M-Instruct."""
+def check_quant(quant: str | None, dtype: str, device: str) -> None:
+    if quant not in QUANTS:
+        raise ValueError(f"unknown quant {quant!r}; use q4 or leave it unset")
+    if quant == "q4" and (dtype != "bfloat16" or device != "cpu"):
+        raise ValueError("quant q4 runs 4-bit weights with bfloat16 activations on the CPU: "
+                         "use --dtype bfloat16 --device cpu")
+
+
+def load(model: str | None = None, dtype: str = "float32", device: str = "cpu",
+         quant: str | None = None) -> Runtime:
+    """Load a model by HF directory, .gguf file, or None for the embedded SmolLM2-135M-Instruct.
+    quant="q4" keeps the block projections in 4 bits (groups of 32), as a Q4_0/Q4_1 GGUF has them."""
     from safetensors.torch import load_file
 
     from forerun.models.embedded import resolve_model_dir
     from forerun.models.tokenizer import Tokenizer
 
+    check_quant(quant, dtype, device)
     torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
     path = Path(resolve_model_dir(model))
     config = json.loads((path / "config.json").read_text())
@@ -68,5 +84,5 @@ def load(model: str | None = None, dtype: str = "float32", device: str = "cpu") 
     weights: dict[str, torch.Tensor] = {}
     for f in files:
         weights.update(load_file(str(f)))
-    return Runtime(build(args, weights, torch_dtype, torch_device), Tokenizer.from_dir(path),
+    return Runtime(build(args, weights, torch_dtype, torch_device, quant), Tokenizer.from_dir(path),
                    name=model or "SmolLM2-135M-Instruct (embedded)")

@@ -1,0 +1,145 @@
+"""Command line: a thin mapping from arguments onto SamplingParams, SpecConfig and LLM."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from forerun.config import SamplingParams, SpecConfig
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="HF model directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--quant", choices=["q4"], default=None,
+                   help="q4: 4-bit block weights with bfloat16 activations (CPU; needs --dtype bfloat16)")
+
+
+def _decode_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", default="pld", help="ar, pld, draft, layer-skip (default: pld)")
+    p.add_argument("--draft-model", help="draft model for --method draft (HF directory or .gguf)")
+    p.add_argument("--num-draft", type=int, default=None, help="draft tokens per step (fixes the length)")
+    p.add_argument("--tree-width", type=int, default=1, help="--method draft: children per tree node")
+    p.add_argument("--exit-layer", type=int, default=None, help="--method layer-skip: layers the drafter runs")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="forerun", description="Fast, exact speculative decoding.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate a completion and print it with its stats")
+    gen.add_argument("prompt", nargs="?", help="prompt text (or use --prompt-file, or stdin)")
+    gen.add_argument("--prompt-file", help="read the prompt from this file")
+    gen.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                     help="apply the chat template (default: when the model has one)")
+    gen.add_argument("--json", action="store_true", help="print one JSON object")
+    _model_args(gen)
+    _decode_args(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    chat = sub.add_parser("chat", help="interactive chat, streaming tokens as they are accepted")
+    _model_args(chat)
+    _decode_args(chat)
+    chat.set_defaults(func=cmd_chat)
+
+    try:
+        from forerun.bench.cli import add_bench_parser
+    except ImportError:
+        pass
+    else:
+        add_bench_parser(sub)
+    return parser
+
+
+def sampling_params(a: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed,
+                          max_new_tokens=a.max_new_tokens, stop=tuple(a.stop), ignore_eos=a.ignore_eos)
+
+
+def spec_config(a: argparse.Namespace) -> SpecConfig:
+    from forerun.drafters.registry import methods
+    if a.method not in methods():  # before the model loads
+        raise ValueError(f"unknown method {a.method!r}; choose one of {', '.join(methods())}")
+    default = SpecConfig()
+    fixed = a.num_draft is not None
+    num = a.num_draft if fixed else default.num_draft
+    return SpecConfig(method=a.method, num_draft=num, adaptive=not fixed,
+                      max_draft=max(num, default.max_draft), draft_model=a.draft_model,
+                      tree_width=a.tree_width, exit_layer=a.exit_layer)
+
+
+def _llm(a: argparse.Namespace):
+    from forerun.llm import LLM
+    return LLM(a.model, dtype=a.dtype, device=a.device, quant=a.quant)
+
+
+def _read_prompt(a: argparse.Namespace) -> str:
+    if a.prompt is not None and a.prompt_file:
+        raise ValueError("give a prompt or --prompt-file, not both")
+    if a.prompt_file:
+        with open(a.prompt_file, encoding="utf-8") as f:
+            return f.read()
+    if a.prompt is not None:
+        return a.prompt
+    if not sys.stdin.isatty():
+        return sys.stdin.read()
+    raise ValueError("no prompt: pass PROMPT, --prompt-file FILE, or pipe text on stdin")
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    params, spec, prompt = sampling_params(a), spec_config(a), _read_prompt(a)
+    llm = _llm(a)
+    ids = llm.encode(prompt, chat=a.chat)
+    if a.json:
+        print(json.dumps(llm.generate_ids(ids, params, spec).to_dict(), ensure_ascii=False))
+        return 0
+    out = llm.generate_ids(ids, params, spec, on_text=lambda t: print(t, end="", flush=True))
+    s = out.stats
+    print(f"\n\n[{spec.method}] {s.new_tokens} tokens in {s.wall_s:.2f}s = {s.tokens_per_s:.1f} tok/s, "
+          f"{s.target_forwards} target forwards, tau {s.mean_accepted:.2f}, finish: {out.finish_reason}",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_chat(a: argparse.Namespace) -> int:
+    params, spec = sampling_params(a), spec_config(a)
+    llm = _llm(a)
+    messages: list[dict] = []
+    print("forerun chat: empty line or Ctrl-D to quit, /reset to start over.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            return 0
+        if not line:
+            return 0
+        if line == "/reset":
+            messages = []
+            continue
+        messages.append({"role": "user", "content": line})
+        out = llm.generate_ids(llm.encode(messages), params, spec,
+                               on_text=lambda t: print(t, end="", flush=True))
+        messages.append({"role": "assistant", "content": out.text})
+        s = out.stats
+        print(f"\n[{s.tokens_per_s:.1f} tok/s, tau {s.mean_accepted:.2f}]", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"forerun: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

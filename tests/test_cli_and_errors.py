@@ -1,0 +1,112 @@
+"""The CLI on the embedded model, the embedded model's own equivalence check, and clear errors."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import tokenizers
+
+from conftest import tiny_runtime
+from forerun import LLM, SamplingParams, SpecConfig
+from forerun.drafters.draft_model import DraftModel
+from forerun.models.runtime import Runtime
+from forerun.models.tokenizer import Tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "forerun", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    return LLM()
+
+
+def test_generate_json_on_embedded_model():
+    proc = run_cli("generate", "Name three primary colors.", "--json", "--method", "pld",
+                   "--max-new-tokens", "12")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert set(out["stats"]) >= {"new_tokens", "target_forwards", "mean_accepted", "wall_s",
+                                 "tokens_per_s", "accept_histogram"}
+    assert out["text"].strip() and len(out["token_ids"]) == out["stats"]["new_tokens"] <= 12
+    assert sum(int(k) * v for k, v in out["stats"]["accept_histogram"].items()) >= out["stats"]["new_tokens"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "/no/such/model"], "does not exist"),
+    (["--top-p", "3"], "top_p"),
+    (["--temperature", "-1"], "temperature"),
+    (["--max-new-tokens", "0"], "max_new_tokens"),
+    (["--method", "nonsense"], "unknown method"),
+    (["--method", "draft"], "draft model"),
+    (["--quant", "q4"], "bfloat16"),
+])
+def test_cli_bad_input_is_a_clear_error(args, message):
+    proc = run_cli("generate", "hi", *args)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("prompt", [
+    "Summarize: The cat sat on the mat. The cat was happy because the mat was warm and soft.",
+    "Write a Python function that returns the square of a number.",
+    "What is 12 times 7? Explain step by step.",
+])
+def test_embedded_model_methods_match_ar(embedded, prompt):
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    ids = embedded.encode(prompt)
+    ref = embedded.generate_ids(ids, params, SpecConfig(method="ar")).token_ids
+    for spec in (SpecConfig(method="pld"), SpecConfig(method="layer-skip", exit_layer=20)):
+        assert embedded.generate_ids(ids, params, spec).token_ids == ref, spec.method
+    spec = SpecConfig(method="draft", tree_width=2)
+    embedded._drafters[spec] = DraftModel(embedded.runtime, spec, draft=embedded.runtime)
+    out = embedded.generate_ids(ids, params, spec)
+    assert out.token_ids == ref and out.stats.mean_accepted > 2
+
+
+def test_stop_strings_cut_the_text(embedded):
+    out = embedded.generate("Count from 1 to 20, separated by commas.",
+                            SamplingParams(max_new_tokens=64, stop=("5",)))[0]
+    assert out.finish_reason == "stop" and "5" not in out.text and out.text
+
+
+def test_seeded_sampling_is_reproducible(embedded):
+    params = SamplingParams(temperature=0.8, top_p=0.9, seed=7, max_new_tokens=16)
+    a = embedded.generate("Tell me a story.", params, SpecConfig(method="pld"))[0]
+    b = embedded.generate("Tell me a story.", params, SpecConfig(method="pld"))[0]
+    assert a.token_ids == b.token_ids
+
+
+def test_prompt_longer_than_context():
+    llm = LLM(runtime=tiny_runtime())
+    with pytest.raises(ValueError, match="context"):
+        llm.generate_ids(list(range(8)) * 40, SamplingParams(), SpecConfig())
+
+
+def test_empty_prompt():
+    with pytest.raises(ValueError, match="empty"):
+        LLM(runtime=tiny_runtime()).generate_ids([], SamplingParams(), SpecConfig())
+
+
+def test_draft_model_with_another_tokenizer_is_rejected(embedded):
+    vocab = {f"t{i}": i for i in range(64)}
+    other = Tokenizer(tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="t0")), {})
+    draft = Runtime(model=tiny_runtime().model, tokenizer=other, name="other-vocab")
+    with pytest.raises(ValueError, match="tokenizer"):
+        DraftModel(embedded.runtime, SpecConfig(method="draft"), draft=draft)
+
+
+def test_invalid_configs():
+    with pytest.raises(ValueError):
+        SpecConfig(num_draft=0)
+    with pytest.raises(ValueError):
+        SpecConfig(num_draft=20, max_draft=8)
+    with pytest.raises(ValueError):
+        SamplingParams(top_k=-1)
+    with pytest.raises(ValueError, match="exit_layer"):
+        LLM(runtime=tiny_runtime()).drafter(SpecConfig(method="layer-skip", exit_layer=4))
