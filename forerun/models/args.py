@@ -54,6 +54,9 @@ class ModelArgs:
         if arch is None:
             raise ValueError(f"architectures {archs} are not in the native Llama family {sorted(SUPPORTED_ARCHS)}")
         heads = cfg["num_attention_heads"]
+        if arch in ("qwen2", "qwen3") and cfg.get("use_sliding_window"):
+            # Qwen windows only layers >= max_window_layers; the native runtime windows all or none.
+            raise ValueError("Qwen sliding-window attention (use_sliding_window=true) is not supported")
         return cls(
             arch=arch,
             vocab_size=cfg["vocab_size"],

@@ -74,6 +74,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         # Normalise in float32 as HF does, then scale in the model dtype.
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
         return self.weight * normed
@@ -125,12 +127,11 @@ class Block(nn.Module):
                 mask: Tensor | None) -> Tensor:
         a, T = self.args, x.shape[0]
         q_size, kv_size = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
-        q, k, v = self.qkv(self.attn_norm(x)).split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(T, a.num_heads, a.head_dim)
-        k = k.view(T, a.num_kv_heads, a.head_dim)
+        qk, v = self.qkv(self.attn_norm(x)).split([q_size + kv_size, kv_size], dim=-1)
+        qk = qk.view(T, a.num_heads + a.num_kv_heads, a.head_dim)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            qk = torch.cat([self.q_norm(qk[:, :a.num_heads]), self.k_norm(qk[:, a.num_heads:])], dim=1)
+        q, k = apply_rope(qk, cos, sin).split([a.num_heads, a.num_kv_heads], dim=1)  # one rotation for both
         keys, values = cache.write(layer, start, k, v.view(T, a.num_kv_heads, a.head_dim))
         out = F.scaled_dot_product_attention(
             q.transpose(0, 1).unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0),
@@ -211,9 +212,11 @@ class Transformer(nn.Module):
         prefix = torch.ones(T, visible, dtype=torch.bool, device=device)
         mask = torch.cat([prefix, tree_mask.to(device)], dim=1)  # [T, start + T]
         if window is not None:
-            # Only prefix keys can fall out of the window: tree keys are at most a tree's depth back.
+            # Keys at known positions: the prefix (slot == position) and the new tokens themselves.
+            # Earlier tree nodes (a tree grown over several forwards) lie a tree's depth back at most.
             prefix_pos = torch.arange(visible, device=device)
             mask[:, :visible] &= (positions[:, None] - prefix_pos[None, :]) < window
+            mask[:, -T:] &= (positions[:, None] - positions[None, :]) < window
         return mask
 
 
