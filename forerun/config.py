@@ -46,8 +46,13 @@ class SpecConfig:
     exit_layer: int | None = None  # method "layer-skip": layers the drafter runs (default: half)
     ngram_max: int = 3  # method "pld": longest suffix n-gram to match
     ngram_min: int = 1
+    # Strategy-specific knobs as (name, value) pairs; a dict is accepted and frozen. Each drafter
+    # reads its own into a typed record and rejects names it does not know.
+    options: tuple[tuple[str, object], ...] = ()
 
     def __post_init__(self) -> None:
+        if isinstance(self.options, dict):
+            object.__setattr__(self, "options", tuple(sorted(self.options.items())))
         if self.num_draft < 1 or self.max_draft < 1:
             raise ValueError("num_draft and max_draft must be >= 1")
         if self.num_draft > self.max_draft:
@@ -58,3 +63,21 @@ class SpecConfig:
             raise ValueError("need 1 <= ngram_min <= ngram_max")
         if self.exit_layer is not None and self.exit_layer < 1:
             raise ValueError(f"exit_layer must be >= 1, got {self.exit_layer}")
+
+    def option_values(self, known: dict[str, object]) -> dict[str, object]:
+        """The drafter's options: `known` (name -> default) updated from self.options, which may
+        only name known keys; values keep the default's type (so CLI strings are converted)."""
+        out = dict(known)
+        for name, value in self.options:
+            if name not in known:
+                raise ValueError(f"method {self.method!r} has no option {name!r}; known: {', '.join(known)}")
+            out[name] = _coerce(value, known[name])
+        return out
+
+
+def _coerce(value: object, default: object) -> object:
+    if not isinstance(value, str) or default is None or isinstance(default, str):
+        return value
+    if isinstance(default, bool):
+        return value.lower() in ("1", "true", "yes", "on")
+    return type(default)(value)

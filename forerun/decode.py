@@ -57,7 +57,7 @@ def step(target, seq: Sequence, drafter: Drafter, length: DraftLength, stats: St
     new = draft.tokens[verdict.path[1:]].tolist() + [verdict.next_token]
     seq.tokens.extend(new)
     seq.cached += len(verdict.path)
-    drafter.observe(seq, draft, verdict)
+    drafter.observe(seq, draft, verdict, logits)
     length.update(max(depths(draft.parents)), verdict.accepted)
     stats.draft_s += t1 - t0
     stats.verify_s += time.perf_counter() - t1

@@ -41,8 +41,9 @@ class Drafter(ABC):
     @abstractmethod
     def propose(self, seq: Sequence, budget: int) -> Draft: ...
 
-    def observe(self, seq: Sequence, draft: Draft, verdict: Verdict) -> None:
-        """Feedback after verification; seq already holds the accepted tokens."""
+    def observe(self, seq: Sequence, draft: Draft, verdict: Verdict, logits: torch.Tensor) -> None:
+        """Feedback after verification; seq already holds the accepted tokens.
+        logits: [N, V], the target's output at every node of the draft, rejected branches included."""
 
 
 def root_only(seq: Sequence) -> Draft:
