@@ -10,6 +10,7 @@ from forerun.decode import decode
 from forerun.drafters.base import Drafter, Sequence
 from forerun.drafters.registry import build_drafter
 from forerun.models.runtime import Runtime, load
+from forerun.stream import TextStream
 from forerun.types import Generation
 
 Prompt = str | list[dict]  # plain text, or chat messages [{"role": ..., "content": ...}]
@@ -55,7 +56,7 @@ class LLM:
                      on_text: Callable[[str], None] | None = None) -> Generation:
         """Decode from token ids. on_text, if given, receives text as it is accepted (streaming)."""
         seq = self.prefill(prompt_ids, params, spec)
-        stopper = _Stopper(self.tokenizer, params.stop, on_text)
+        stopper = TextStream(self.tokenizer, params.stop, on_text)
         ids, reason, stats = decode(self.runtime, seq, self.drafter(spec), spec, stopper)
         if reason == "stop" and stopper.stopped:
             ids = ids[: stopper.cut_ids]
@@ -92,51 +93,3 @@ def _tree_budget(spec: SpecConfig) -> int:
 
 def _is_messages(prompt) -> bool:
     return isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], dict)
-
-
-class _Stopper:
-    """Streams text and finds stop strings. Called with each step's new ids; True means stop."""
-
-    def __init__(self, tokenizer, stop: tuple[str, ...], on_text: Callable[[str], None] | None):
-        self.tokenizer, self.stop, self.on_text = tokenizer, stop, on_text
-        self.ids: list[int] = []
-        self.emitted = 0  # characters of text already streamed
-        self.stopped = False
-        self.cut_ids = 0
-        self.cut_text: str | None = None
-
-    def __call__(self, new: list[int]) -> bool:
-        if self.tokenizer is None or not (self.stop or self.on_text):
-            return False
-        self.ids.extend(new)
-        text = self.tokenizer.decode(self.ids)
-        hit = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
-        if hit >= 0:
-            self.stopped, self.cut_text = True, text[:hit]
-            self.cut_ids = self._ids_covering(hit)
-            self._emit(self.cut_text)
-            return True
-        # Hold back a possible stop-string prefix and an incomplete UTF-8 character.
-        hold = max((len(s) - 1 for s in self.stop), default=0)
-        safe = text[: len(text) - hold] if hold else text
-        self._emit(safe.rstrip("\ufffd"))
-        return False
-
-    def final_text(self, ids: list[int]) -> str:
-        if self.cut_text is not None:
-            return self.cut_text
-        text = self.tokenizer.decode(ids) if self.tokenizer is not None else ""
-        self._emit(text)
-        return text
-
-    def _emit(self, text: str) -> None:
-        if self.on_text is not None and len(text) > self.emitted:
-            self.on_text(text[self.emitted:])
-            self.emitted = len(text)
-
-    def _ids_covering(self, chars: int) -> int:
-        """Fewest leading ids whose text reaches `chars` characters (the ids kept before a stop)."""
-        for n in range(len(self.ids) + 1):
-            if len(self.tokenizer.decode(self.ids[:n])) >= chars:
-                return n
-        return len(self.ids)

@@ -5,6 +5,7 @@ encode, decode, the special token ids and the chat template.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from datetime import datetime
 from pathlib import Path
@@ -66,6 +67,11 @@ class Tokenizer:
         """True when both map every token string to the same id (a draft model must share the vocabulary)."""
         return self._backend.get_vocab(with_added_tokens=True) == other._backend.get_vocab(with_added_tokens=True)
 
+    def fingerprint(self) -> str:
+        """A short hash of the token -> id map: equal fingerprints mean interchangeable token ids."""
+        vocab = sorted(self._backend.get_vocab(with_added_tokens=True).items())
+        return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()[:16]
+
     # -- chat ------------------------------------------------------------------------------------
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs) -> str:
@@ -114,37 +120,6 @@ class Tokenizer:
         if flag is not None:
             return bool(flag)
         return self.bos_token_id is not None and self._backend.encode("").ids[:1] == [self.bos_token_id]
-
-
-class IncrementalDecoder:
-    """Turns a growing list of generated ids into text pieces for streaming.
-
-    Decoding a window that starts a few tokens back (rather than the new ids alone) keeps
-    tokenizers that strip a leading space from a piece (sentencepiece) spacing words correctly.
-    Text ending in U+FFFD is held back: the token completing that UTF-8 character has not come yet.
-    """
-
-    def __init__(self, tokenizer: Tokenizer, skip_special: bool = True):
-        self._tokenizer = tokenizer
-        self._skip_special = skip_special
-        self._prefix = 0  # start of the context window decoded along with the new ids
-        self._read = 0  # ids before this have been emitted
-
-    def step(self, ids: list[int]) -> str:
-        """The text completed by the ids appended since the last call ("" if none is complete yet)."""
-        return self._advance(ids, hold_partial=True)
-
-    def finish(self, ids: list[int]) -> str:
-        """Whatever text is still held back at the end of generation, partial characters included."""
-        return self._advance(ids, hold_partial=False)
-
-    def _advance(self, ids: list[int], hold_partial: bool) -> str:
-        before = self._tokenizer.decode(ids[self._prefix : self._read], self._skip_special)
-        after = self._tokenizer.decode(ids[self._prefix :], self._skip_special)
-        if len(after) <= len(before) or (hold_partial and after.endswith("\ufffd")):
-            return ""
-        self._prefix, self._read = self._read, len(ids)
-        return after[len(before) :]
 
 
 def _compile_template(source: str) -> jinja2.Template:
