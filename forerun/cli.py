@@ -5,7 +5,9 @@ import argparse
 import json
 import sys
 
+from forerun.bench.cli import add_bench_parser
 from forerun.config import SamplingParams, SpecConfig
+from forerun.retrieval.cli import add_datastore_parser
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -52,12 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     _decode_args(chat)
     chat.set_defaults(func=cmd_chat)
 
-    try:
-        from forerun.bench.cli import add_bench_parser
-    except ImportError:
-        pass
-    else:
-        add_bench_parser(sub)
+    add_bench_parser(sub)
+    add_datastore_parser(sub)
     return parser
 
 

@@ -39,11 +39,18 @@ def verify(draft: Draft, logits: torch.Tensor, params: SamplingParams,
 
 
 def target_forward(target, seq: Sequence, draft: Draft) -> torch.Tensor:
-    """One forward of the target over the whole draft tree; returns [N, V] logits."""
-    device = target.device
-    depth = torch.tensor(depths(draft.parents), device=device)
-    mask = None if is_chain(draft.parents) else tree_mask(draft.parents).to(device)
-    return target.model(draft.tokens.to(device), seq.cached + depth, seq.cache, seq.cached, mask)
+    """One forward of the target over the whole draft tree, then its extra nodes if any;
+    returns [N + M, V] logits (M = 0 without extra nodes)."""
+    device, extra = target.device, draft.extra
+    tokens, depth = draft.tokens, torch.tensor(depths(draft.parents))
+    mask = None if is_chain(draft.parents) else tree_mask(draft.parents)
+    if extra is not None:
+        m = extra.tokens.shape[0]
+        tree = tree_mask(draft.parents) if mask is None else mask
+        mask = torch.cat([torch.nn.functional.pad(tree, (0, m)), extra.mask])  # [N + M, N + M]
+        tokens, depth = torch.cat([tokens, extra.tokens]), torch.cat([depth, extra.depths])
+    return target.model(tokens.to(device), seq.cached + depth.to(device), seq.cache, seq.cached,
+                        None if mask is None else mask.to(device))
 
 
 def step(target, seq: Sequence, drafter: Drafter, length: DraftLength, stats: Stats) -> list[int]:
@@ -52,7 +59,7 @@ def step(target, seq: Sequence, drafter: Drafter, length: DraftLength, stats: St
     draft = drafter.propose(seq, length.value)
     t1 = time.perf_counter()
     logits = target_forward(target, seq, draft)
-    verdict = verify(draft, logits, seq.params, seq.generator)
+    verdict = verify(draft, logits[:draft.size], seq.params, seq.generator)
     seq.cache.commit(seq.cached, torch.tensor(verdict.path))
     new = draft.tokens[verdict.path[1:]].tolist() + [verdict.next_token]
     seq.tokens.extend(new)

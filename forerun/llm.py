@@ -13,6 +13,7 @@ from forerun.models.runtime import Runtime, load
 from forerun.stream import TextStream
 from forerun.types import Generation
 
+TREE_SLOTS = 256  # KV slots past the sequence for draft trees (about 12 MB for SmolLM2 in float32)
 Prompt = str | list[dict]  # plain text, or chat messages [{"role": ..., "content": ...}]
 
 
@@ -86,9 +87,9 @@ class LLM:
 
 
 def _tree_budget(spec: SpecConfig) -> int:
-    """Upper bound on the nodes one draft tree may hold (cache slots beyond the sequence)."""
-    width = spec.tree_width
-    return 1 + spec.max_draft * max(width * width, 1)
+    """Cache slots beyond the sequence for one verification forward. Drafters cut their trees to
+    the room left (drafters.base.room), so this only needs to be generous, not exact."""
+    return max(TREE_SLOTS, 1 + spec.max_draft * spec.tree_width ** 2)
 
 
 def _is_messages(prompt) -> bool:

@@ -8,6 +8,17 @@ from torch import Tensor
 
 
 @dataclass(frozen=True, slots=True)
+class Extra:
+    """Nodes that ride along in the verification forward but are never verified or committed (e.g.
+    lookahead decoding's Jacobi window). Their K/V land past the tree's slots, where the commit
+    leaves them as garbage; their logits reach the drafter's observe() after the tree's."""
+
+    tokens: Tensor  # [M] long
+    depths: Tensor  # [M] long; position offsets from the root (the root is at depth 0)
+    mask: Tensor  # [M, N + M] bool: the draft nodes, then the extra nodes, each extra node attends to
+
+
+@dataclass(frozen=True, slots=True)
 class Draft:
     """A token tree proposed by a drafter. A chain is a tree whose node i has parent i - 1."""
 
@@ -15,6 +26,7 @@ class Draft:
     parents: list[int]  # [N]; parents[0] == -1 and parents[i] < i (topological order)
     q: Tensor | None = None  # [N, V] float; row i = the distribution node i was drawn from;
     # None means every node was chosen deterministically (a point mass on its token)
+    extra: Extra | None = None  # nodes run in the same forward, outside the tree
 
     @property
     def size(self) -> int:

@@ -43,7 +43,13 @@ class Drafter(ABC):
 
     def observe(self, seq: Sequence, draft: Draft, verdict: Verdict, logits: torch.Tensor) -> None:
         """Feedback after verification; seq already holds the accepted tokens.
-        logits: [N, V], the target's output at every node of the draft, rejected branches included."""
+        logits: [N + M, V], the target's output at every node of the draft, rejected branches included,
+        then at the M nodes of draft.extra (M = 0 without them)."""
+
+
+def room(seq: Sequence) -> int:
+    """Nodes (tree plus extra) the next verification forward may hold before the KV cache is full."""
+    return seq.cache.max_len - seq.cached
 
 
 def root_only(seq: Sequence) -> Draft:

@@ -1,20 +1,41 @@
 """A separate, smaller draft model with the target's tokenizer, drafting a chain or a tree.
 
-The tree grows level by level: every node of the newest level is run through the draft model in one
-forward, and the `tree_width` most probable of them (by cumulative draft probability) each get
-`tree_width` children (top-k when greedy; Gumbel-top-k, i.e. sampling without replacement, when
-sampling, which recursive rejection sampling verifies exactly). With tree_width 1 this is a chain.
+Two tree shapes (option `tree`), both grown with one draft-model forward per level:
+- "beam" (default): the `tree_width` most probable nodes of the newest level (by cumulative draft
+  probability) each get `tree_width` children. With tree_width 1 this is a chain.
+- "dynamic": best-first growth under a node budget (`nodes`, at most `branch` children per node),
+  EAGLE-2 / DySpec style: the tree goes deep where the draft is confident and wide where it is not.
+Children are the top-k when greedy, and Gumbel-top-k draws (sampling without replacement) when
+sampling, which recursive rejection sampling verifies exactly (RSD).
 The draft model keeps its own KV cache; entries that match the committed sequence are reused.
 """
 from __future__ import annotations
 
+import heapq
+import math
+from dataclasses import dataclass
+
 import torch
 
-from forerun.drafters.base import Drafter, Sequence
+from forerun.drafters.base import Drafter, Sequence, room
 from forerun.drafters.registry import register
 from forerun.sampling import gumbel_top_k, target_probs
 from forerun.tree import depths, tree_mask
 from forerun.types import Draft
+
+
+@dataclass(frozen=True)  # not slotted: the class attributes are the defaults
+class DraftTreeOptions:
+    tree: str = "beam"  # "beam" (tree_width children for the tree_width best nodes per level) or "dynamic"
+    nodes: int = 32  # dynamic: tree size, root included
+    branch: int = 8  # dynamic: most children per node
+
+    @classmethod
+    def from_spec(cls, spec) -> DraftTreeOptions:
+        opts = cls(**spec.option_values({"tree": cls.tree, "nodes": cls.nodes, "branch": cls.branch}))
+        if opts.tree not in ("beam", "dynamic") or opts.nodes < 2 or opts.branch < 1:
+            raise ValueError(f"draft needs tree in (beam, dynamic), nodes >= 2, branch >= 1; got {opts}")
+        return opts
 
 
 @register("draft")
@@ -28,6 +49,7 @@ class DraftModel(Drafter):
             draft = load(spec.draft_model, dtype=str(target.model.dtype).removeprefix("torch."),
                          device=str(target.device))
         _check_tokenizers(target, draft)
+        self.opts = DraftTreeOptions.from_spec(spec)
         self.draft = draft
         self.cache = None
         self.cached_tokens: list[int] = []  # tokens whose K/V sit in self.cache, slot by slot
@@ -37,38 +59,100 @@ class DraftModel(Drafter):
         self.cached_tokens = []
 
     def propose(self, seq: Sequence, budget: int) -> Draft:
-        model, device = self.draft.model, self.draft.device
-        width, params, base = self.spec.tree_width, seq.params, len(seq.tokens) - 1
         reuse = _common_prefix(self.cached_tokens, seq.tokens[:-1])
+        base = len(seq.tokens) - 1  # the root's slot; node i of the tree goes to slot base + i
         pending = seq.tokens[reuse:]  # uncached context, then the root
-        hidden = model(torch.tensor(pending, device=device), torch.arange(reuse, base + 1, device=device),
-                       self.cache, reuse, logits=False)[-1:]
-        tokens, parents, q_rows, score = [seq.root], [-1], [None], [0.0]
-        level = [0]  # the nodes whose logits `hidden` holds
-        for depth in range(budget):
-            logits = model.head(hidden).float().cpu()  # [len(level), V]
-            expand = sorted(range(len(level)), key=lambda j: -score[level[j]])[:width]
-            new_level = []
-            for j in expand:
-                for token, q, logp in _children(logits[j], width, params, seq.generator):
-                    new_level.append(len(tokens))
-                    tokens.append(token), parents.append(level[j]), q_rows.append(q)
-                    score.append(score[level[j]] + logp)
-            if depth == budget - 1:
-                break
-            lo, hi = new_level[0], new_level[-1] + 1
-            mask = tree_mask(parents)[lo:hi, :hi]
-            positions = torch.tensor(depths(parents)[lo:hi], device=device) + base
-            hidden = model(torch.tensor(tokens[lo:hi], device=device), positions, self.cache, base + lo,
-                           tree_mask=mask.to(device), logits=False)
-            level = new_level
+        device = self.draft.device
+        hidden = self.draft.model(torch.tensor(pending, device=device), torch.arange(reuse, base + 1, device=device),
+                                  self.cache, reuse, logits=False)[-1:]
+        grow = self._grow_dynamic if self.opts.tree == "dynamic" else self._grow_beam
+        tree = _Tree(tokens=[seq.root], parents=[-1], q_rows=[None], score=[0.0], base=base)
+        forwarded = grow(tree, hidden, seq, budget)
         # Slots base.. hold tree nodes by index; the chain prefix of the tree is a valid sequence.
+        parents = tree.parents
         chain_len = next((i for i, p in enumerate(parents) if p != i - 1), len(parents))
-        written = min(chain_len, len(tokens) - len(new_level))
-        self.cached_tokens = seq.tokens[:-1] + tokens[:written]
-        q = None if params.greedy else torch.stack([torch.zeros_like(q_rows[1]) if r is None else r
-                                                    for r in q_rows])
-        return Draft(tokens=torch.tensor(tokens), parents=parents, q=q)
+        self.cached_tokens = seq.tokens[:-1] + tree.tokens[:min(chain_len, forwarded)]
+        q = None if seq.params.greedy else torch.stack([torch.zeros_like(tree.q_rows[1]) if r is None else r
+                                                        for r in tree.q_rows])
+        return Draft(tokens=torch.tensor(tree.tokens), parents=parents, q=q)
+
+    def _grow_beam(self, tree: _Tree, hidden: torch.Tensor, seq: Sequence, budget: int) -> int:
+        """Level by level: the `tree_width` best nodes of the newest level get `tree_width` children
+        each. Returns how many nodes (a prefix) went through the draft model."""
+        width, level = self.spec.tree_width, [0]  # level: the nodes whose outputs `hidden` holds
+        for depth in range(budget):
+            logits = self.draft.model.head(hidden).float().cpu()  # [len(level), V]
+            expand = sorted(range(len(level)), key=lambda j: -tree.score[level[j]])[:width]
+            lo = tree.size
+            for j in expand:
+                for token, q, logp in _children(logits[j], width, seq.params, seq.generator):
+                    tree.add(level[j], token, q, logp)
+            if depth == budget - 1:
+                return lo
+            hidden = self._run(tree, lo)
+            level = list(range(lo, tree.size))
+        return tree.size
+
+    def _grow_dynamic(self, tree: _Tree, hidden: torch.Tensor, seq: Sequence, budget: int) -> int:
+        """Best-first growth under a node budget (EAGLE-2 / DySpec): each round adds the candidate
+        children with the highest cumulative draft log-probability, anywhere in the tree, then runs
+        the new nodes through the draft model in one forward to offer their own children.
+
+        A candidate is "the next child of node u", valued before it is drawn: at temperature 0 by its
+        known probability, when sampling by the expected probability of the next draw without
+        replacement. Whether a child is drafted thus never depends on the child's own token, so its
+        siblings are tried in draw order and recursive rejection sampling stays exact."""
+        limit = min(self.opts.nodes, room(seq))
+        per_round = max(1, -(-(limit - 1) // budget))
+        offers: dict[int, list] = {}  # node -> its children in draw order: (token, q, logp)
+        values: dict[int, list[float]] = {}  # node -> value of each of those, as known before its draw
+        frontier: list[tuple[float, int, int]] = []  # (-value, node, child index)
+
+        def offer(node: int, logits: torch.Tensor) -> None:
+            offers[node], values[node] = _ranked_children(logits, self.opts.branch, seq.params, seq.generator)
+            heapq.heappush(frontier, (-(tree.score[node] + values[node][0]), node, 0))
+
+        offer(0, self.draft.model.head(hidden).float().cpu()[0])
+        for round_ in range(budget):
+            lo = tree.size
+            while frontier and tree.size - lo < per_round and tree.size < limit:
+                _, node, j = heapq.heappop(frontier)
+                tree.add(node, *offers[node][j])
+                if j + 1 < len(offers[node]):
+                    heapq.heappush(frontier, (-(tree.score[node] + values[node][j + 1]), node, j + 1))
+            if tree.size == lo or round_ == budget - 1 or tree.size >= limit:
+                return lo
+            logits = self.draft.model.head(self._run(tree, lo)).float().cpu()  # [size - lo, V]
+            for node, row in zip(range(lo, tree.size), logits):
+                offer(node, row)
+        return tree.size
+
+    def _run(self, tree: _Tree, lo: int) -> torch.Tensor:
+        """Run nodes [lo, size) through the draft model (attending to their ancestors); their hidden states."""
+        device, hi = self.draft.device, tree.size
+        mask = tree_mask(tree.parents)[lo:hi, :hi]
+        positions = torch.tensor(depths(tree.parents)[lo:hi], device=device) + tree.base
+        return self.draft.model(torch.tensor(tree.tokens[lo:hi], device=device), positions, self.cache,
+                                tree.base + lo, tree_mask=mask.to(device), logits=False)
+
+
+@dataclass(slots=True)
+class _Tree:
+    """A draft tree being grown; node i's K/V go to draft-cache slot base + i."""
+
+    tokens: list[int]
+    parents: list[int]
+    q_rows: list[torch.Tensor | None]  # the distribution each node was drawn from (None: argmax)
+    score: list[float]  # cumulative draft log-probability of each node's path
+    base: int
+
+    @property
+    def size(self) -> int:
+        return len(self.tokens)
+
+    def add(self, parent: int, token: int, q: torch.Tensor | None, logp: float) -> None:
+        self.tokens.append(token), self.parents.append(parent), self.q_rows.append(q)
+        self.score.append(self.score[parent] + logp)
 
 
 def _children(logits: torch.Tensor, width: int, params, generator):
@@ -83,6 +167,21 @@ def _children(logits: torch.Tensor, width: int, params, generator):
         out.append((t, q, float(probs[t].log())))
         remaining[t] = 0.0
     return out
+
+
+def _ranked_children(logits: torch.Tensor, width: int, params, generator) -> tuple[list, list[float]]:
+    """_children, plus each child's value as known before it is drawn: its log-probability when
+    greedy; when sampling, log E[q(next draw)] = log(sum of q^2 over undrawn / undrawn mass)."""
+    kids = _children(logits, width, params, generator)
+    if params.greedy:
+        return kids, [logp for _, _, logp in kids]
+    probs = target_probs(logits, params)
+    square, mass, values = float((probs * probs).sum()), 1.0, []
+    for _, _, logp in kids:
+        values.append(math.log(max(square, 1e-30) / max(mass, 1e-30)))
+        p = math.exp(logp)
+        square, mass = square - p * p, mass - p
+    return kids, values
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -25,14 +25,19 @@ class LayerSkip(Drafter):
             raise ValueError(f"exit_layer must be below the model's {layers} layers, got {self.exit_layer}")
 
     def propose(self, seq: Sequence, budget: int) -> Draft:
-        model, device = self.target.model, self.target.device
-        tokens, qs = [seq.root], []
-        for i in range(budget):
-            slot = seq.cached + i
-            logits = model(torch.tensor([tokens[-1]], device=device), torch.tensor([slot], device=device),
-                           seq.cache, slot, num_layers=self.exit_layer)[0]
-            token, q = draw(logits, seq.params, seq.generator)
-            tokens.append(token)
-            qs.append(q)
-        q = None if seq.params.greedy else torch.stack([torch.zeros_like(qs[0]), *qs]).cpu()
-        return chain(seq, tokens[1:], q)
+        return draft_chain(self.target.model, seq, self.exit_layer, budget)
+
+
+def draft_chain(model, seq: Sequence, exit_layer: int, length: int) -> Draft:
+    """A chain of `length` tokens, each from the first `exit_layer` layers then the final norm and head."""
+    device = model.device
+    tokens, qs = [seq.root], []
+    for i in range(length):
+        slot = seq.cached + i
+        logits = model(torch.tensor([tokens[-1]], device=device), torch.tensor([slot], device=device),
+                       seq.cache, slot, num_layers=exit_layer)[0]
+        token, q = draw(logits, seq.params, seq.generator)
+        tokens.append(token)
+        qs.append(q)
+    q = None if seq.params.greedy or not qs else torch.stack([torch.zeros_like(qs[0]), *qs]).cpu()
+    return chain(seq, tokens[1:], q)

@@ -1,0 +1,138 @@
+"""DEL: a dynamic exit layer and speculation length for layer-skip self-speculation
+(Zarch et al. 2025, "DEL: Context-Aware Dynamic Exit Layer for Efficient Self-Speculative Decoding").
+
+Drafting is layer-skip's (forerun.drafters.layer_skip.draft_chain); what DEL adds is the choice of
+exit layer l and length d at every step. It keeps, for each candidate exit layer, a decayed estimate
+of alpha_l, the chance that layer l's shallow prediction equals the target's token. The estimate
+comes from *shadow tokens*: the verification forward computes every layer's hidden state for the
+accepted path anyway, so a forward hook keeps the candidate layers' states, and one batched pass
+through the final norm and head says what each layer would have drafted there. No extra forward.
+
+Each step maximises expected tokens per unit of time (the paper's tokens-per-layer, with the head's
+cost counted, since for small models it is a large share of a forward):
+
+    E[tokens](l, d) = (1 - alpha_l^(d+1)) / (1 - alpha_l)          (geometric acceptance)
+    cost(l, d)      = 1 + slope * d + d * c_l                       (one verification + d drafts)
+    c_l             = (l * layer + head) / (L * layer + head)       (parameter counts)
+
+d = 0 (plain decoding) is always a candidate, so DEL never does worse than AR by much where shallow
+exits disagree with the full model: it keeps probing and drafts once some layer earns it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from functools import partial
+
+import torch
+
+from forerun.drafters.base import Drafter, Sequence, root_only
+from forerun.drafters.layer_skip import draft_chain
+from forerun.drafters.registry import register
+from forerun.types import Draft
+
+
+@dataclass(frozen=True, slots=True)
+class DelOptions:
+    layers: str = ""  # candidate exit layers, comma-separated; "" = up to 7 evenly spaced
+    probe_every: int = 2  # steps per shadow-token probe (a probe costs one head pass over path x layers)
+    decay: float = 0.9  # weight kept by older observations at each probe
+    slope: float = 0.1  # extra cost of each verified token, in units of one single-token forward
+    min_length: int = 0  # never draft fewer tokens (0 lets DEL fall back to plain decoding)
+
+
+@register("del")
+class DynamicExit(Drafter):
+    def __init__(self, target, spec):
+        super().__init__(target, spec)
+        self.opts = DelOptions(**spec.option_values({f.name: f.default for f in fields(DelOptions)}))
+        args = target.model.args
+        self.layers = _candidate_layers(self.opts.layers, args.num_layers)
+        self.cost = _draft_costs(args, self.layers)
+        self.hits = {layer: 1.0 for layer in self.layers}  # prior alpha = 0.5, worth two observations
+        self.trials = {layer: 2.0 for layer in self.layers}
+        self.steps = 0
+        self._hooks: list = []
+        self._hidden: dict[int, torch.Tensor] = {}  # layer -> [N, hidden] states of the verification
+
+    def alpha(self, layer: int) -> float:
+        return self.hits[layer] / self.trials[layer]
+
+    def plan(self) -> tuple[int, int]:
+        """(exit layer, speculation length) with the most expected tokens per unit of cost."""
+        best, choice = 1.0, (self.layers[-1], 0)  # d = 0: one token per forward
+        lengths = range(max(self.opts.min_length, 1), self.spec.max_draft + 1)
+        if self.opts.min_length > 0:
+            best = 0.0
+        for layer in self.layers:
+            a = min(self.alpha(layer), 0.999)
+            for d in lengths:
+                rate = (1 - a ** (d + 1)) / (1 - a) / (1 + self.opts.slope * d + d * self.cost[layer])
+                if rate > best:
+                    best, choice = rate, (layer, d)
+        return choice
+
+    def begin(self, seq: Sequence) -> None:
+        self._untap()
+
+    def propose(self, seq: Sequence, budget: int) -> Draft:
+        self._untap()
+        layer, length = self.plan()
+        draft = draft_chain(self.target.model, seq, layer, length) if length else root_only(seq)
+        self.steps += 1
+        if self.steps % self.opts.probe_every == 0:
+            self._tap(draft.size)
+        return draft
+
+    def observe(self, seq: Sequence, draft: Draft, verdict, logits: torch.Tensor) -> None:
+        if len(self._hidden) == len(self.layers):
+            self._learn(draft, verdict)
+        self._untap()
+
+    def _learn(self, draft: Draft, verdict) -> None:
+        """Shadow tokens: what each candidate layer predicts at each accepted node, against the token
+        the target produced there."""
+        model = self.target.model
+        path = torch.tensor(verdict.path)
+        truth = torch.tensor(draft.tokens[path[1:]].tolist() + [verdict.next_token])  # [A]
+        states = torch.stack([self._hidden[layer][path] for layer in self.layers])  # [C, A, hidden]
+        shadow = model.head(model.norm(states.flatten(0, 1))).argmax(-1).view(len(self.layers), -1).cpu()
+        matches = (shadow == truth).sum(-1).tolist()  # [C]
+        decay = self.opts.decay
+        for layer, hit in zip(self.layers, matches):
+            self.hits[layer] = decay * self.hits[layer] + hit
+            self.trials[layer] = decay * self.trials[layer] + len(truth)
+
+    def _tap(self, rows: int) -> None:
+        """Keep the candidate layers' outputs of the next forward over `rows` tokens (the verification)."""
+        for layer in self.layers:
+            block = self.target.model.layers[layer - 1]
+            self._hooks.append(block.register_forward_hook(partial(self._keep, layer, rows)))
+
+    def _keep(self, layer: int, rows: int, module, inputs, output: torch.Tensor) -> None:
+        if output.shape[0] == rows:
+            self._hidden[layer] = output.detach()
+
+    def _untap(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks, self._hidden = [], {}
+
+
+def _candidate_layers(spec: str, num_layers: int) -> list[int]:
+    if spec:
+        layers = sorted({int(x) for x in spec.split(",") if x.strip()})
+    else:
+        layers = sorted({round(num_layers * k / 8) for k in range(1, 8)})
+        layers = [layer for layer in layers if 1 <= layer < num_layers] or [1]
+    if not layers or layers[0] < 1 or layers[-1] >= num_layers:
+        raise ValueError(f"del: candidate exit layers must lie in 1..{num_layers - 1}, got {spec!r}")
+    return layers
+
+
+def _draft_costs(args, layers: list[int]) -> dict[int, float]:
+    """Cost of one draft token at each exit layer, relative to a full single-token forward."""
+    h, hd = args.hidden_size, args.head_dim
+    block = (args.num_heads * 2 + args.num_kv_heads * 2) * hd * h + 3 * h * args.intermediate_size
+    head = args.vocab_size * h
+    full = args.num_layers * block + head
+    return {layer: (layer * block + head) / full for layer in layers}

@@ -1,0 +1,97 @@
+"""RASD: retrieval-augmented speculative decoding (Quan et al. 2025).
+
+A draft model proposes its tree (forerun.drafters.draft_model, run as is); the datastore proposes
+REST's retrieval trie. The retrieval trie is pruned by the draft model's own probabilities: one
+draft-model forward over the trie scores each node by its cumulative draft probability, and the
+`budget` best survive. The survivors are fused into the model tree by longest-prefix matching: a
+retrieved node whose prefix the model tree already holds reuses that node, the rest hang below the
+deepest match.
+
+Exactness at temperature > 0: the model's nodes keep the q rows they were drawn from; retrieved
+nodes are deterministic (a one-hot q row) and come after the model's siblings, so recursive
+rejection sampling meets them only with the residual left by the model's draws; a deterministic
+candidate chosen from anything already drawn is accepted with the residual's probability, which
+keeps the output exact.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from forerun.drafters.base import Drafter, Sequence, room
+from forerun.drafters.draft_model import DraftModel
+from forerun.drafters.registry import register
+from forerun.drafters.retrieval import RETRIEVAL_OPTIONS, RetrievalOptions, checked_datastore, retrieve
+from forerun.drafters.tries import prune
+from forerun.sampling import target_probs
+from forerun.tree import depths, tree_mask
+from forerun.types import Draft
+
+
+@register("rasd")
+class RetrievalAugmented(Drafter):
+    def __init__(self, target, spec, draft=None):
+        super().__init__(target, spec)
+        ours = tuple((k, v) for k, v in spec.options if k in RETRIEVAL_OPTIONS)
+        theirs = tuple((k, v) for k, v in spec.options if k not in RETRIEVAL_OPTIONS)
+        self.opts = RetrievalOptions.from_spec(dataclasses.replace(spec, options=ours), "rasd")
+        self.store = checked_datastore(target, self.opts)
+        if not spec.draft_model and draft is None:
+            raise ValueError("method 'rasd' needs a draft model (--draft-model PATH) and a datastore")
+        self.model = DraftModel(target, dataclasses.replace(spec, method="draft", options=theirs), draft=draft)
+
+    def begin(self, seq: Sequence) -> None:
+        self.model.begin(seq)
+
+    def propose(self, seq: Sequence, budget: int) -> Draft:
+        tree = self.model.propose(seq, budget)
+        trie = retrieve(self.store, seq, self.opts)
+        keep = min(self.opts.budget, room(seq) - tree.size - 1)
+        if len(trie.tokens) == 1 or keep < 1:
+            return tree
+        candidates = trie.pruned(min(2 * keep, room(seq) - tree.size - 1))  # frequency first: bounds the forward
+        retrieved = prune(candidates, keep, self._draft_scores(seq, candidates, tree.size))
+        return fuse(tree, retrieved, seq.params.greedy)
+
+    def observe(self, seq, draft, verdict, logits) -> None:
+        self.model.observe(seq, draft, verdict, logits)
+
+    @torch.inference_mode()
+    def _draft_scores(self, seq: Sequence, trie: Draft, model_nodes: int) -> list[float]:
+        """Each trie node's cumulative draft-model probability, from one draft forward over the trie
+        (its root again first, for the root's distribution). It runs at cache slots past the model
+        tree's, which the draft model never reuses."""
+        rt, params = self.model.draft, seq.params
+        base, parents, device = len(seq.tokens) - 1, trie.parents, rt.device
+        n, tokens = len(parents), trie.tokens.tolist()
+        mask = torch.cat([torch.zeros(n, model_nodes, dtype=torch.bool), tree_mask(parents)], dim=1)
+        # Column 0 is the model tree's root, whose K/V the draft model wrote at slot `base`; every trie
+        # node sees the root there, not the root copy's own entry (which would count it twice).
+        mask[:, 0], mask[:, model_nodes] = True, False
+        logits = rt.model(trie.tokens.to(device),
+                          torch.tensor(depths(parents), device=device) + base, self.model.cache,
+                          base + model_nodes, tree_mask=mask.to(device)).float().cpu()
+        probs = torch.softmax(logits, -1) if params.greedy else target_probs(logits, params)
+        score = [1.0] * n
+        for i in range(1, n):
+            score[i] = score[parents[i]] * float(probs[parents[i], tokens[i]])
+        return score
+
+
+def fuse(tree: Draft, retrieved: Draft, greedy: bool) -> Draft:
+    """The model tree with the retrieved tree merged in by longest-prefix matching."""
+    tokens, parents = tree.tokens.tolist(), list(tree.parents)
+    child = {(p, t): i for i, (p, t) in enumerate(zip(parents, tokens)) if p >= 0}
+    where = [0]  # retrieved node -> fused node
+    for t, p in zip(retrieved.tokens.tolist()[1:], retrieved.parents[1:]):
+        key = (where[p], t)
+        if key not in child:
+            child[key] = len(tokens)
+            tokens.append(t), parents.append(where[p])
+        where.append(child[key])
+    q = None
+    if not greedy:
+        added = torch.nn.functional.one_hot(torch.tensor(tokens[tree.size:]), tree.q.shape[1]).to(tree.q.dtype)
+        q = torch.cat([tree.q, added])
+    return Draft(tokens=torch.tensor(tokens), parents=parents, q=q)
