@@ -189,11 +189,7 @@ def _speedup_plot(plt, result: BenchResult, path: Path) -> Path:
     ax.set_xticks([g + width * (len(names) - 1) / 2 for g in range(len(groups))], groups, rotation=30, ha="right")
     ax.set_ylabel(f"speedup vs {result.baseline} (median of per-prompt ratios)")
     ax.set_title("Speedup by category")
-    if names:
-        ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return path
+    return _save(fig, ax, path, legend=bool(names))
 
 
 def _tau_plot(plt, result: BenchResult, path: Path) -> Path:
@@ -210,7 +206,11 @@ def _tau_plot(plt, result: BenchResult, path: Path) -> Path:
     ax.set_xlabel("tokens gained per target forward")
     ax.set_ylabel("fraction of target forwards")
     ax.set_title("Accept-length histogram")
-    if rows:
+    return _save(fig, ax, path, legend=bool(rows))
+
+
+def _save(fig, ax, path: Path, legend: bool) -> Path:
+    if legend:
         ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -234,7 +234,4 @@ def _roofline_plot(plt, result: BenchResult, path: Path) -> Path | None:
     ax.set_yscale("log")  # bounds of float32, bf16 and 4-bit weights differ several-fold
     ax.set_ylabel("tokens/s (log scale; labels: fraction of the bound)")
     ax.set_title("Tokens/s against the memory-bandwidth roofline")
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return path
+    return _save(fig, ax, path, legend=True)
