@@ -15,7 +15,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--quant", choices=["q4"], default=None,
-                   help="q4: 4-bit block weights with bfloat16 activations (CPU; needs --dtype bfloat16)")
+                   help="q4: GGUF-style 4-bit block weights and an 8-bit head on native CPU kernels (float32 only)")
 
 
 def _decode_args(p: argparse.ArgumentParser) -> None:

@@ -76,7 +76,7 @@ class LLM:
         with torch.inference_mode():
             if len(prompt_ids) > 1:
                 body = torch.tensor(prompt_ids[:-1], device=rt.device)
-                rt.model(body, torch.arange(len(body), device=rt.device), cache, 0, logits=False)
+                rt.model(body, torch.arange(len(body), device=rt.device), cache, 0, logits=False, prefill=True)
         generator = None
         if not params.greedy:
             generator = torch.Generator().manual_seed(params.seed if params.seed is not None else

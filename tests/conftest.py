@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -43,9 +45,13 @@ def random_weights(args: ModelArgs, seed: int) -> dict[str, torch.Tensor]:
     return w
 
 
+# FORERUN_TEST_DEVICE=cuda runs the tiny-model tests (equivalence, distribution, drafters) on a GPU.
+DEVICE = os.environ.get("FORERUN_TEST_DEVICE", "cpu")
+
+
 def tiny_runtime(arch: str = "llama", seed: int = 0, **kw) -> Runtime:
     args = tiny_args(arch, **kw)
-    model = Transformer(args, random_weights(args, seed)).eval()
+    model = Transformer(args, random_weights(args, seed)).eval().to(DEVICE)
     return Runtime(model=model, tokenizer=None, name=f"tiny-{arch}-{seed}")
 
 

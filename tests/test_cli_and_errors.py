@@ -44,7 +44,7 @@ def test_generate_json_on_embedded_model():
     (["--max-new-tokens", "0"], "max_new_tokens"),
     (["--method", "nonsense"], "unknown method"),
     (["--method", "draft"], "draft model"),
-    (["--quant", "q4"], "bfloat16"),
+    (["--quant", "q4", "--dtype", "bfloat16"], "float32"),
 ])
 def test_cli_bad_input_is_a_clear_error(args, message):
     proc = run_cli("generate", "hi", *args)
@@ -67,6 +67,17 @@ def test_embedded_model_methods_match_ar(embedded, prompt):
     embedded._drafters[spec] = DraftModel(embedded.runtime, spec, draft=embedded.runtime)
     out = embedded.generate_ids(ids, params, spec)
     assert out.token_ids == ref and out.stats.mean_accepted > 2
+
+
+def test_embedded_model_q4_methods_match_ar():
+    """The q4 engine (GGUF blocks on the native kernels) is lossless against its own ar, as float32 is."""
+    llm = LLM(quant="q4")
+    params = SamplingParams(max_new_tokens=32, ignore_eos=True)
+    ids = llm.encode("Summarize: The cat sat on the mat. The cat was happy because the mat was warm and soft.")
+    ref = llm.generate_ids(ids, params, SpecConfig(method="ar")).token_ids
+    for spec in (SpecConfig(method="pld"), SpecConfig(method="layer-skip", exit_layer=20),
+                 SpecConfig(method="recycle")):
+        assert llm.generate_ids(ids, params, spec).token_ids == ref, spec.method
 
 
 def test_stop_strings_cut_the_text(embedded):

@@ -41,10 +41,16 @@ class Oracle(Drafter):
         return Draft(tokens=torch.tensor(tokens), parents=parents)
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3", "mistral"])
+@pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3", "mistral", "llama-q4"])
 def llm(request):
-    kw = {"sliding_window": 16} if request.param == "mistral" else {}
-    return LLM(runtime=tiny_runtime(request.param, seed=1, **kw))
+    arch, _, quant = request.param.partition("-")
+    kw = {"sliding_window": 16} if arch == "mistral" else {}
+    runtime = tiny_runtime(arch, seed=1, **kw)
+    if quant:  # q4 blocks, q8 head, on the native kernels where they build
+        if runtime.device.type != "cpu":
+            pytest.skip("q4 is a CPU format")
+        assert runtime.model.quantize()
+    return LLM(runtime=runtime)
 
 
 def reference(llm, prompt):

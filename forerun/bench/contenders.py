@@ -227,6 +227,9 @@ def _held_tensors(module: torch.nn.Module):
                 candidates.append(value)
             elif isinstance(value, (tuple, list)):
                 candidates.extend(v for v in value if isinstance(v, torch.Tensor))
+            elif dataclasses.is_dataclass(value) and not isinstance(value, type):  # e.g. quantized weights
+                fields = (getattr(value, f.name) for f in dataclasses.fields(value))
+                candidates.extend(v for v in fields if isinstance(v, torch.Tensor))
         for t in candidates:
             if t is not None and t.numel() and not t.is_mkldnn:
                 yield t

@@ -12,15 +12,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from forerun import kernels
 from forerun.cache import KVCache
+from forerun.models import quant
 from forerun.models.args import ModelArgs, RopeScaling
 
 
 class Linear(nn.Module):
-    """y = x W^T + b, with an optional oneDNN pre-packed weight for fast small-batch CPU float32 GEMM.
+    """y = x W^T + b, with two faster CPU storages for W:
 
-    On AVX2 CPUs the packed kernel runs a 1..32-row GEMM at close to memory bandwidth, while the
-    default BLAS path is 1.5-2x slower for the 2..16 rows a draft tree has.
+    - a oneDNN pre-packed float32 copy: on AVX2 CPUs it runs a 1..32-row GEMM at close to memory
+      bandwidth, while the default BLAS path is 1.5-2x slower for the 2..16 rows a draft tree has;
+    - GGUF-style blocks (q4 or q8, forerun.models.quant) run by a native kernel, 4.5 or 8.5 bits a weight.
     """
 
     def __init__(self, weight: Tensor, bias: Tensor | None = None):
@@ -28,10 +31,10 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.packed: Tensor | None = None
-        self.int4: tuple[Tensor, Tensor, int] | None = None  # (packed int4, scales+zeros, group size)
+        self.quant: quant.QuantWeight | None = None
 
     def pack_for_cpu(self) -> bool:
-        if self.weight.device.type != "cpu" or self.weight.dtype != torch.float32:
+        if self.weight.device.type != "cpu" or self.weight.dtype != torch.float32 or self.quant is not None:
             return False
         try:
             self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.data, None)
@@ -39,28 +42,18 @@ class Linear(nn.Module):
             return False
         return True
 
-    def quantize_int4(self, group_size: int = 32) -> bool:
-        """Weight-only 4-bit quantization, asymmetric per group of `group_size` inputs, for bfloat16
-        activations on CPU. Re-quantizing a GGUF Q4_0/Q4_1 tensor this way recovers its blocks exactly
-        (min and max of each 32-block sit on codes 0 and 15), up to bf16 rounding of scale and zero."""
-        n, k = self.weight.shape
-        if self.weight.device.type != "cpu" or k % group_size or n % 8:
+    def quantize(self, kind: str) -> bool:
+        """Replace the float weight by `kind` ("q4" or "q8") blocks; False if its shape does not allow it."""
+        if self.weight.dtype != torch.float32 or not quant.quantizable(self.weight):
             return False
-        groups = self.weight.float().view(n, k // group_size, group_size)
-        lo, hi = groups.amin(-1), groups.amax(-1)
-        scale = ((hi - lo) / 15).clamp_(min=1e-12)
-        codes = ((groups - lo[..., None]) / scale[..., None]).round_().clamp_(0, 15).to(torch.int32)
-        # torch's int4 layout dequantizes as (code - 8) * scale + zero.
-        scale_zero = torch.stack([scale, lo + 8 * scale], dim=-1).transpose(0, 1).contiguous()
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.view(n, k), 1)
-        self.int4 = (packed, scale_zero.to(torch.bfloat16), group_size)
-        self.weight = nn.Parameter(torch.empty(0, dtype=self.weight.dtype), requires_grad=False)
+        self.quant = quant.QUANTIZERS[kind](self.weight.data)
+        self.weight = nn.Parameter(torch.empty(0), requires_grad=False)
+        self.packed = None
         return True
 
-    def forward(self, x: Tensor) -> Tensor:
-        if self.int4 is not None:
-            packed, scale_zero, group = self.int4
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, scale_zero)
+    def forward(self, x: Tensor, dense: bool = False) -> Tensor:
+        if self.quant is not None:
+            y = quant.linear(x, self.quant, dense)
             return y if self.bias is None else y + self.bias
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
@@ -74,6 +67,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
+        native = kernels.for_tensor(x)
+        if native is not None and x.dim() == 2 and x.is_contiguous():
+            return native.rms_norm(x, self.weight, self.eps)
         if x.dtype == torch.float32:
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         # Normalise in float32 as HF does, then scale in the model dtype.
@@ -124,22 +120,26 @@ class Block(nn.Module):
         self.k_norm = RMSNorm(w["k_norm.weight"], args.rms_norm_eps) if args.qk_norm else None
 
     def forward(self, x: Tensor, layer: int, cache: KVCache, start: int, cos: Tensor, sin: Tensor,
-                mask: Tensor | None) -> Tensor:
+                mask: Tensor | None, dense: bool) -> Tensor:
         a, T = self.args, x.shape[0]
         q_size, kv_size = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
-        qk, v = self.qkv(self.attn_norm(x)).split([q_size + kv_size, kv_size], dim=-1)
+        qk, v = self.qkv(self.attn_norm(x), dense).split([q_size + kv_size, kv_size], dim=-1)
         qk = qk.view(T, a.num_heads + a.num_kv_heads, a.head_dim)
         if self.q_norm is not None:
             qk = torch.cat([self.q_norm(qk[:, :a.num_heads]), self.k_norm(qk[:, a.num_heads:])], dim=1)
         q, k = apply_rope(qk, cos, sin).split([a.num_heads, a.num_kv_heads], dim=1)  # one rotation for both
         keys, values = cache.write(layer, start, k, v.view(T, a.num_kv_heads, a.head_dim))
-        out = F.scaled_dot_product_attention(
-            q.transpose(0, 1).unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0),
-            attn_mask=mask, enable_gqa=a.num_heads != a.num_kv_heads,
-        )  # [1, heads, T, head_dim]
-        x = x + self.o(out[0].transpose(0, 1).reshape(T, q_size))
-        gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, dim=-1)
-        return x + self.down(F.silu(gate) * up)
+        native = None if dense else kernels.for_tensor(x)
+        if native is not None:  # a decoding step: a few queries, where SDPA's fixed cost dominates
+            out = native.decode_attention(q.contiguous(), keys, values, mask, a.head_dim ** -0.5)
+        else:
+            out = F.scaled_dot_product_attention(
+                q.transpose(0, 1).unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0),
+                attn_mask=mask, enable_gqa=a.num_heads != a.num_kv_heads,
+            )[0].transpose(0, 1).reshape(T, q_size)  # [1, heads, T, head_dim] -> [T, q_size]
+        x = x + self.o(out, dense)
+        gate, up = self.gate_up(self.mlp_norm(x), dense).chunk(2, dim=-1)
+        return x + self.down(F.silu(gate) * up, dense)
 
 
 class Transformer(nn.Module):
@@ -170,10 +170,12 @@ class Transformer(nn.Module):
         linears = [m for m in self.modules() if isinstance(m, Linear)]
         return all([m.pack_for_cpu() for m in linears])
 
-    def quantize_int4(self, group_size: int = 32) -> bool:
-        """4-bit weights for every projection inside the blocks; the head keeps its float weights."""
+    def quantize(self) -> bool:
+        """GGUF-style weights: q4 blocks for every projection inside the blocks, q8 for the output head
+        (a Q4_1/Q8_0 GGUF such as the embedded SmolLM2 is recovered exactly). The embedding table
+        stays float: a step reads only one row of it."""
         linears = [m for layer in self.layers for m in layer.modules() if isinstance(m, Linear)]
-        return all([m.quantize_int4(group_size) for m in linears])
+        return all([m.quantize("q4") for m in linears]) and self.head.quantize("q8")
 
     def new_cache(self, max_len: int) -> KVCache:
         a = self.args
@@ -188,6 +190,7 @@ class Transformer(nn.Module):
         tree_mask: Tensor | None = None,  # [T, K] bool over the K slots ending at start + T; None = causal
         num_layers: int | None = None,  # run only the first k layers (self-speculation)
         logits: bool = True,
+        prefill: bool = False,  # a prompt: quantized layers may take the faster, differently rounded GEMM
     ) -> Tensor:  # [T, vocab] float32 logits, or [T, hidden] final-normed states
         x = F.embedding(tokens, self.embed)
         angles = positions.to(self.inv_freq.dtype)[:, None] * self.inv_freq[None, :]
@@ -195,9 +198,9 @@ class Transformer(nn.Module):
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         mask = self._attention_mask(positions, start, tree_mask, cache)
         for i, layer in enumerate(self.layers[:num_layers]):
-            x = layer(x, i, cache, start, cos, sin, mask)
+            x = layer(x, i, cache, start, cos, sin, mask, prefill)
         x = self.norm(x)
-        return self.head(x).float() if logits else x
+        return self.head(x, prefill).float() if logits else x
 
     def _attention_mask(self, positions: Tensor, start: int, tree_mask: Tensor | None,
                         cache: KVCache) -> Tensor | None:

@@ -50,8 +50,8 @@ def build(args: ModelArgs, weights: dict[str, torch.Tensor], dtype: torch.dtype,
     weights = {k: v.to(device=device, dtype=dtype) for k, v in weights.items()}
     with torch.device(device):
         model = Transformer(args, weights).eval()
-    if quant == "q4" and not model.quantize_int4():
-        raise ValueError("q4 needs a CPU model whose projection sizes are multiples of 32")
+    if quant == "q4" and not model.quantize():
+        raise ValueError("q4 needs a model whose projection input sizes are multiples of 32")
     model.pack_for_cpu()
     return model
 
@@ -59,15 +59,16 @@ def build(args: ModelArgs, weights: dict[str, torch.Tensor], dtype: torch.dtype,
 def check_quant(quant: str | None, dtype: str, device: str) -> None:
     if quant not in QUANTS:
         raise ValueError(f"unknown quant {quant!r}; use q4 or leave it unset")
-    if quant == "q4" and (dtype != "bfloat16" or device != "cpu"):
-        raise ValueError("quant q4 runs 4-bit weights with bfloat16 activations on the CPU: "
-                         "use --dtype bfloat16 --device cpu")
+    if quant == "q4" and (dtype != "float32" or device != "cpu"):
+        raise ValueError("quant q4 runs 4-bit block weights with float32 activations on the CPU: "
+                         "use --dtype float32 --device cpu")
 
 
 def load(model: str | None = None, dtype: str = "float32", device: str = "cpu",
          quant: str | None = None) -> Runtime:
     """Load a model by HF directory, .gguf file, or None for the embedded SmolLM2-135M-Instruct.
-    quant="q4" keeps the block projections in 4 bits (groups of 32), as a Q4_0/Q4_1 GGUF has them."""
+    quant="q4" keeps the block projections in 4 bits and the head in 8 (groups of 32), as a
+    Q4_1/Q8_0 GGUF has them, and runs them on native kernels (forerun.kernels)."""
     from safetensors.torch import load_file
 
     from forerun.models.embedded import resolve_model_dir

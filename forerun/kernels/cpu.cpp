@@ -1,0 +1,296 @@
+// Block-quantized linear layers for small batches on AVX2 CPUs: y[M, N] = x[M, K] W^T.
+//
+// W is stored as llama.cpp stores it: blocks of 32 inputs, each with a float16 scale d (and, for q4,
+// a float16 offset m), so W = d * q + m with q in [0, 16) (q4) or W = d * q with q in [-127, 127] (q8).
+// A decode step multiplies one to a few dozen rows by every weight once, so the cost is reading the
+// weights: 4.5 or 8.5 bits each instead of 32 (float32) or 16 (bfloat16).
+//
+// Every output element is summed in the same order whatever M is and whichever rows share its tile,
+// so a row's result never depends on the batch it came in (speculative verification relies on this).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+constexpr int kGroup = 32;
+constexpr int kTile = 4;  // rows of x per pass over a weight row: 4 rows x 2 accumulators fit the registers
+
+inline float half_to_float(at::Half h) { return _cvtsh_ss(h.x); }
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// One group of 32 dequantized weights as four vectors of 8.
+struct Group {
+  __m256 w[4];
+};
+
+// q4 layout: byte j of a group holds q[j] in its low nibble and q[j + 16] in its high nibble.
+inline Group unpack_q4(const uint8_t* codes, float d, float m) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes));
+  const __m128i nib = _mm_set1_epi8(0x0F);
+  const __m128i lo = _mm_and_si128(raw, nib);
+  const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), nib);
+  const __m256 vd = _mm256_set1_ps(d), vm = _mm256_set1_ps(m);
+  Group g;
+  g.w[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), vd, vm);
+  g.w[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), vd, vm);
+  g.w[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), vd, vm);
+  g.w[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), vd, vm);
+  return g;
+}
+
+inline Group unpack_q8(const int8_t* codes, float d) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes));
+  const __m128i lo = _mm256_castsi256_si128(raw), hi = _mm256_extracti128_si256(raw, 1);
+  const __m256 vd = _mm256_set1_ps(d);
+  Group g;
+  g.w[0] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)), vd);
+  g.w[1] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))), vd);
+  g.w[2] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)), vd);
+  g.w[3] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))), vd);
+  return g;
+}
+
+// Dot products of one weight row with R rows of x. Each row keeps two accumulators (even and odd
+// vectors of a group), the same for every R, so the summation order is fixed per output element.
+template <int R, typename Unpack>
+inline void dot_rows(const float* x, int64_t K, int64_t groups, Unpack unpack, float* out, int64_t ldo) {
+  __m256 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    const Group w = unpack(g);
+    for (int r = 0; r < R; ++r) {
+      const float* xr = x + r * K + g * kGroup;
+      acc[r][0] = _mm256_fmadd_ps(w.w[0], _mm256_loadu_ps(xr), acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(w.w[1], _mm256_loadu_ps(xr + 8), acc[r][1]);
+      acc[r][0] = _mm256_fmadd_ps(w.w[2], _mm256_loadu_ps(xr + 16), acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(w.w[3], _mm256_loadu_ps(xr + 24), acc[r][1]);
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r * ldo] = hsum(_mm256_add_ps(acc[r][0], acc[r][1]));
+}
+
+template <typename Unpack>
+inline void dot_all_rows(const float* x, int64_t M, int64_t K, Unpack unpack, float* out, int64_t ldo) {
+  const int64_t groups = K / kGroup;
+  int64_t r = 0;
+  for (; r + kTile <= M; r += kTile) dot_rows<kTile>(x + r * K, K, groups, unpack, out + r * ldo, ldo);
+  switch (M - r) {
+    case 3: dot_rows<3>(x + r * K, K, groups, unpack, out + r * ldo, ldo); break;
+    case 2: dot_rows<2>(x + r * K, K, groups, unpack, out + r * ldo, ldo); break;
+    case 1: dot_rows<1>(x + r * K, K, groups, unpack, out + r * ldo, ldo); break;
+    default: break;
+  }
+}
+
+void check_inputs(const torch::Tensor& x, const torch::Tensor& scales, int64_t n, int64_t k) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x: contiguous [M, K] float32");
+  TORCH_CHECK(x.size(1) == k && k % kGroup == 0, "x has ", x.size(1), " inputs; the weight has ", k);
+  TORCH_CHECK(scales.scalar_type() == torch::kHalf && scales.size(0) == n && scales.size(1) == k / kGroup,
+              "scales: [N, K / 32] float16");
+}
+
+// Rows of W per parallel task: big enough that waking a thread pays, small enough to share the work.
+constexpr int64_t kGrain = 16;
+
+// x rounded to 8 bits per block of 32 (as llama.cpp's Q8_1): x ~ dx * qx, plus each block's exact sum.
+struct Q8Rows {
+  std::vector<int8_t> q;  // [M, K]
+  std::vector<float> d, sum;  // [M, K / 32]
+};
+
+Q8Rows quantize_rows(const float* x, int64_t M, int64_t K) {
+  const int64_t groups = K / kGroup;
+  Q8Rows r{std::vector<int8_t>(M * K), std::vector<float>(M * groups), std::vector<float>(M * groups)};
+  for (int64_t i = 0; i < M * groups; ++i) {
+    const float* xg = x + i * kGroup;
+    float amax = 0.f, sum = 0.f;
+    for (int j = 0; j < kGroup; ++j) {
+      amax = std::max(amax, std::fabs(xg[j]));
+      sum += xg[j];
+    }
+    const float d = amax / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
+    for (int j = 0; j < kGroup; ++j) r.q[i * kGroup + j] = static_cast<int8_t>(std::nearbyint(xg[j] * inv));
+    r.d[i] = d;
+    r.sum[i] = sum;
+  }
+  return r;
+}
+
+// sum_k W[n, k] x[r, k] = sum_g d_g dx_g (q_g . qx_g) + m_g sum(x_g): integer dot products, 32 a block.
+template <int R>
+inline void q4_dot_rows(const uint8_t* codes, const at::Half* d, const at::Half* m, const Q8Rows& xq, int64_t r0,
+                        int64_t K, float* out, int64_t ldo) {
+  const int64_t groups = K / kGroup;
+  const __m256i nib = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  __m256 acc[R];
+  float offset[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps(), offset[r] = 0.f;
+  for (int64_t g = 0; g < groups; ++g) {
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + g * 16));
+    const __m256i qw = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), nib);  // q[0..31]
+    const float dg = half_to_float(d[g]), mg = half_to_float(m[g]);
+    for (int r = 0; r < R; ++r) {
+      const int64_t i = (r0 + r) * groups + g;
+      const __m256i qx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq.q.data() + i * kGroup));
+      const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(qw, qx), ones);
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(dg * xq.d[i]), acc[r]);
+      offset[r] += mg * xq.sum[i];
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r * ldo] = hsum(acc[r]) + offset[r];
+}
+
+}  // namespace
+
+// Q4 weights times x rounded to Q8 blocks, as llama.cpp computes Q4_1 layers: the weights are exact,
+// the activations carry 8 bits per block of 32.
+torch::Tensor q4_linear(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scales,
+                        const torch::Tensor& mins) {
+  const int64_t M = x.size(0), N = codes.size(0), K = codes.size(1) * 2;
+  check_inputs(x, scales, N, K);
+  TORCH_CHECK(mins.sizes() == scales.sizes() && mins.scalar_type() == torch::kHalf, "mins: like scales");
+  auto out = torch::empty({M, N}, x.options());
+  const Q8Rows xq = quantize_rows(x.data_ptr<float>(), M, K);
+  const uint8_t* cp = codes.data_ptr<uint8_t>();
+  const at::Half* sp = scales.data_ptr<at::Half>();
+  const at::Half* mp = mins.data_ptr<at::Half>();
+  float* op = out.data_ptr<float>();
+  const int64_t groups = K / kGroup;
+  at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const uint8_t* row = cp + n * (K / 2);
+      const at::Half *d = sp + n * groups, *m = mp + n * groups;
+      int64_t r = 0;
+      for (; r + kTile <= M; r += kTile) q4_dot_rows<kTile>(row, d, m, xq, r, K, op + r * N + n, N);
+      switch (M - r) {
+        case 3: q4_dot_rows<3>(row, d, m, xq, r, K, op + r * N + n, N); break;
+        case 2: q4_dot_rows<2>(row, d, m, xq, r, K, op + r * N + n, N); break;
+        case 1: q4_dot_rows<1>(row, d, m, xq, r, K, op + r * N + n, N); break;
+        default: break;
+      }
+    }
+  });
+  return out;
+}
+
+torch::Tensor q8_linear(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scales) {
+  const int64_t M = x.size(0), N = codes.size(0), K = codes.size(1);
+  check_inputs(x, scales, N, K);
+  auto out = torch::empty({M, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const int8_t* cp = codes.data_ptr<int8_t>();
+  const at::Half* sp = scales.data_ptr<at::Half>();
+  float* op = out.data_ptr<float>();
+  const int64_t groups = K / kGroup;
+  at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const int8_t* row = cp + n * K;
+      const at::Half* d = sp + n * groups;
+      auto unpack = [&](int64_t g) { return unpack_q8(row + g * kGroup, half_to_float(d[g])); };
+      dot_all_rows(xp, M, K, unpack, op + n, N);
+    }
+  });
+  return out;
+}
+
+// The float32 weights [N, K] the blocks stand for, for a dense GEMM over many rows (a long prompt).
+torch::Tensor dequantize(const torch::Tensor& codes, const torch::Tensor& scales, const c10::optional<torch::Tensor>& mins) {
+  const bool q4 = mins.has_value();
+  const int64_t N = codes.size(0), K = q4 ? codes.size(1) * 2 : codes.size(1), groups = K / kGroup;
+  auto out = torch::empty({N, K}, torch::dtype(torch::kFloat32));
+  float* op = out.data_ptr<float>();
+  const at::Half* sp = scales.data_ptr<at::Half>();
+  const at::Half* mp = q4 ? mins->data_ptr<at::Half>() : nullptr;
+  at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      for (int64_t g = 0; g < groups; ++g) {
+        const int64_t i = n * groups + g;
+        const Group w = q4 ? unpack_q4(codes.data_ptr<uint8_t>() + i * 16, half_to_float(sp[i]), half_to_float(mp[i]))
+                           : unpack_q8(codes.data_ptr<int8_t>() + i * kGroup, half_to_float(sp[i]));
+        for (int j = 0; j < 4; ++j) _mm256_storeu_ps(op + i * kGroup + 8 * j, w.w[j]);
+      }
+    }
+  });
+  return out;
+}
+
+// Decoding-step helpers: one small call each instead of the half-dozen tensor ops PyTorch dispatches,
+// which at one token a step cost more than the arithmetic. Rows are independent, as above.
+
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == torch::kFloat32, "x: contiguous [T, D] float32");
+  const int64_t T = x.size(0), D = x.size(1);
+  auto out = torch::empty_like(x);
+  const float *xp = x.data_ptr<float>(), *wp = weight.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  for (int64_t t = 0; t < T; ++t) {
+    const float* xr = xp + t * D;
+    float ss = 0.f;
+    for (int64_t i = 0; i < D; ++i) ss += xr[i] * xr[i];
+    const float inv = 1.f / std::sqrt(ss / D + static_cast<float>(eps));
+    for (int64_t i = 0; i < D; ++i) op[t * D + i] = xr[i] * inv * wp[i];
+  }
+  return out;
+}
+
+// Attention of T new queries over keys/values [KV, L, hd] (views of the cache; L = committed + T).
+// q: [T, H, hd]; visible: optional bool [T, L]. Returns [T, H * hd]. Grouped heads share K/V.
+torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                               const c10::optional<torch::Tensor>& visible, double scale) {
+  const int64_t T = q.size(0), H = q.size(1), hd = q.size(2), KV = k.size(0), L = k.size(1);
+  TORCH_CHECK(q.is_contiguous() && q.scalar_type() == torch::kFloat32 && hd % 8 == 0, "q: contiguous [T, H, hd] float32");
+  TORCH_CHECK(k.stride(2) == 1 && v.stride(2) == 1 && k.strides() == v.strides(), "k, v: [KV, L, hd] with unit inner stride");
+  const bool* mp = visible ? visible->data_ptr<bool>() : nullptr;
+  TORCH_CHECK(!visible || (visible->is_contiguous() && visible->size(0) == T && visible->size(1) == L), "mask: [T, L]");
+  auto out = torch::empty({T, H * hd}, q.options());
+  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t ks0 = k.stride(0), ks1 = k.stride(1), group = H / KV;
+  at::parallel_for(0, T * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> p(L);
+    for (int64_t th = begin; th < end; ++th) {
+      const int64_t t = th / H, h = th % H;
+      const float* qr = qp + th * hd;
+      const float *kh = kp + (h / group) * ks0, *vh = vp + (h / group) * ks0;
+      const bool* vis = mp ? mp + t * L : nullptr;
+      float top = -INFINITY;
+      for (int64_t l = 0; l < L; ++l) {
+        if (vis && !vis[l]) { p[l] = -INFINITY; continue; }
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t i = 0; i < hd; i += 8)
+          acc = _mm256_fmadd_ps(_mm256_loadu_ps(qr + i), _mm256_loadu_ps(kh + l * ks1 + i), acc);
+        p[l] = hsum(acc) * static_cast<float>(scale);
+        top = std::max(top, p[l]);
+      }
+      float total = 0.f;
+      for (int64_t l = 0; l < L; ++l) total += (p[l] = p[l] == -INFINITY ? 0.f : std::exp(p[l] - top));
+      float* o = op + t * H * hd + h * hd;
+      for (int64_t i = 0; i < hd; i += 8) {
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t l = 0; l < L; ++l)
+          if (p[l] != 0.f) acc = _mm256_fmadd_ps(_mm256_set1_ps(p[l]), _mm256_loadu_ps(vh + l * ks1 + i), acc);
+        _mm256_storeu_ps(o + i, _mm256_div_ps(acc, _mm256_set1_ps(total)));
+      }
+    }
+  });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("rms_norm", &rms_norm, "x * rsqrt(mean(x^2) + eps) * weight over the last dim, float32");
+  m.def("decode_attention", &decode_attention, "softmax(q k^T * scale) v for a few new tokens, float32");
+  m.def("dequantize", &dequantize, "float32 [N, K] weights of q4 (with mins) or q8 (without) blocks");
+  m.def("q4_linear", &q4_linear, "x[M, K] @ W^T for 4-bit W with per-32 float16 scale and offset");
+  m.def("q8_linear", &q8_linear, "x[M, K] @ W^T for 8-bit W with per-32 float16 scale");
+}

@@ -1,0 +1,96 @@
+"""Block quantization (q4/q8) and the native CPU kernels: exact round trips, agreement with plain
+PyTorch, and rows that do not depend on the batch they come in (speculative verification needs that)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from forerun import kernels
+from forerun.models import quant
+
+native = kernels.cpu_kernels()
+needs_native = pytest.mark.skipif(native is None, reason="native CPU kernels unavailable here")
+
+
+def gguf_like(kind: str, n: int = 48, k: int = 96, seed: int = 0) -> torch.Tensor:
+    """Float weights that a Q4_1 / Q8_0 file would dequantize to (f16 scales, extreme codes present)."""
+    g = torch.Generator().manual_seed(seed)
+    return quant.dequantize(quant.QUANTIZERS[kind](torch.randn(n, k, generator=g)))
+
+
+@pytest.mark.parametrize("kind", ["q4", "q8"])
+def test_requantizing_dequantized_blocks_is_exact(kind):
+    w = gguf_like(kind)
+    assert torch.equal(quant.dequantize(quant.QUANTIZERS[kind](w)), w)
+
+
+def q8_rows(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to 8 bits per block of 32, as the q4 kernel sees it."""
+    g = x.view(*x.shape[:-1], -1, 32)
+    d = g.abs().amax(-1, keepdim=True) / 127
+    return (torch.round(g / d) * d).view_as(x)
+
+
+@needs_native
+def test_q4_kernel_is_q4_weights_times_q8_activations():
+    w = quant.quantize_q4(torch.randn(40, 128))
+    x = torch.randn(7, 128)
+    mins = w.mins.float().repeat_interleave(32, dim=1)
+    # The offsets multiply the exact block sums of x; the codes multiply x rounded to q8.
+    expected = q8_rows(x) @ (quant.dequantize(w) - mins).T + x @ mins.T
+    torch.testing.assert_close(quant.linear(x, w), expected, rtol=1e-5, atol=1e-4)
+
+
+@needs_native
+def test_q8_kernel_matches_dequantized_matmul():
+    w = quant.quantize_q8(torch.randn(40, 128))
+    x = torch.randn(7, 128)
+    torch.testing.assert_close(quant.linear(x, w), x @ quant.dequantize(w).T, rtol=1e-5, atol=1e-4)
+
+
+@needs_native
+@pytest.mark.parametrize("kind", ["q4", "q8"])
+def test_quantized_rows_do_not_depend_on_the_batch(kind):
+    w = quant.QUANTIZERS[kind](torch.randn(40, 96))
+    x = torch.randn(11, 96)
+    batch = quant.linear(x, w)
+    for rows in (slice(0, 1), slice(3, 5), slice(2, 9)):
+        assert torch.equal(quant.linear(x[rows], w), batch[rows])
+
+
+@needs_native
+def test_dense_prefill_path_agrees_with_the_kernel():
+    w = quant.quantize_q8(torch.randn(40, 96))
+    x = torch.randn(9, 96)
+    torch.testing.assert_close(quant.linear(x, w, dense=True), quant.linear(x, w), rtol=1e-5, atol=1e-4)
+
+
+def test_without_native_kernels_quantized_layers_still_run(monkeypatch):
+    w = quant.quantize_q4(torch.randn(16, 64))
+    x = torch.randn(3, 64)
+    monkeypatch.setattr(quant, "cpu_kernels", lambda: None)
+    torch.testing.assert_close(quant.linear(x, w), x @ quant.dequantize(w).T)
+
+
+@needs_native
+def test_rms_norm_matches_torch():
+    x, weight = torch.randn(5, 64), torch.randn(64)
+    torch.testing.assert_close(native.rms_norm(x, weight, 1e-6), F.rms_norm(x, (64,), weight, 1e-6))
+
+
+@needs_native
+def test_decode_attention_matches_sdpa_with_a_tree_mask_and_grouped_heads():
+    T, H, KV, hd, prefix = 5, 6, 2, 16, 9
+    L = prefix + T
+    q = torch.randn(T, H, hd)
+    cache_k, cache_v = torch.randn(KV, 40, hd), torch.randn(KV, 40, hd)  # strided views, as from KVCache
+    k, v = cache_k[:, :L], cache_v[:, :L]
+    tree = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 0, 1, 0, 0], [1, 1, 0, 1, 0], [1, 0, 1, 0, 1]],
+                        dtype=torch.bool)
+    mask = torch.cat([torch.ones(T, prefix, dtype=torch.bool), tree], dim=1)
+    expected = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k[None], v[None], attn_mask=mask,
+                                              enable_gqa=True)[0].transpose(0, 1).reshape(T, H * hd)
+    out = native.decode_attention(q, k, v, mask, hd ** -0.5)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    for t in range(T):  # one query alone gives the same bits as within the batch
+        alone = native.decode_attention(q[t:t + 1].contiguous(), k, v, mask[t:t + 1].contiguous(), hd ** -0.5)
+        assert torch.equal(alone[0], out[t])
