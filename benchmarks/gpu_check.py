@@ -54,6 +54,13 @@ def random_model(args: ModelArgs, device: str, dtype: torch.dtype, seed: int = 0
         return Transformer(args, w).eval()
 
 
+@torch.inference_mode()
+def repeatable(model: Transformer, prompt: list[int]) -> bool:
+    ids = torch.tensor(prompt, device="cuda")
+    runs = [model(ids, torch.arange(len(ids), device="cuda"), model.new_cache(len(ids)), 0) for _ in range(2)]
+    return torch.equal(*runs)
+
+
 def timed(llm: LLM, prompt: list[int], params: SamplingParams, spec: SpecConfig):
     torch.cuda.synchronize()
     start = time.perf_counter()
@@ -68,21 +75,27 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     a = p.parse_args()
     print(f"GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}\n")
-    print("| model (random weights, bf16) | method | tok/s (median) | tau | output == ar |")
-    print("|---|---|---|---|---|")
+    print("| model (random weights) | dtype | method | tok/s (median) | tau | runs equal to the first ar run |")
+    print("|---|---|---|---|---|---|")
     params = SamplingParams(max_new_tokens=a.max_new_tokens, ignore_eos=True)
     for name, args in SHAPES.items():
-        llm = LLM(runtime=Runtime(random_model(args, "cuda", torch.bfloat16), tokenizer=None, name=name))
-        g = torch.Generator().manual_seed(1)
-        prompt = torch.randint(0, args.vocab_size, (64,), generator=g).tolist() * 3
-        for spec in (SpecConfig(method="ar"), SpecConfig(method="pld")):
-            timed(llm, prompt, params, spec)  # warm-up
-        ref = timed(llm, prompt, params, SpecConfig(method="ar"))[0].token_ids
-        for spec in (SpecConfig(method="ar"), SpecConfig(method="pld")):
-            runs = [timed(llm, prompt, params, spec) for _ in range(a.repeats)]
-            speed = statistics.median(len(o.token_ids) / s for o, s in runs)
-            same = all(o.token_ids == ref for o, _ in runs)
-            print(f"| {name} | {spec.method} | {speed:.1f} | {runs[0][0].stats.mean_accepted:.2f} | {same} |")
+        for dtype in (torch.bfloat16, torch.float32):
+            model = random_model(args, "cuda", dtype)
+            llm = LLM(runtime=Runtime(model, tokenizer=None, name=name))
+            g = torch.Generator().manual_seed(1)
+            prompt = torch.randint(0, args.vocab_size, (64,), generator=g).tolist() * 3
+            for spec in (SpecConfig(method="ar"), SpecConfig(method="pld")):
+                timed(llm, prompt, params, spec)  # warm-up
+            ref = timed(llm, prompt, params, SpecConfig(method="ar"))[0].token_ids
+            for spec in (SpecConfig(method="ar"), SpecConfig(method="pld")):
+                runs = [timed(llm, prompt, params, spec) for _ in range(a.repeats)]
+                speed = statistics.median(len(o.token_ids) / s for o, s in runs)
+                same = sum(o.token_ids == ref for o, _ in runs)
+                print(f"| {name} | {str(dtype)[6:]} | {spec.method} | {speed:.1f} | "
+                      f"{runs[0][0].stats.mean_accepted:.2f} | {same}/{len(runs)} |", flush=True)
+            print(f"<!-- {name} {dtype}: two identical forwards give equal logits: {repeatable(model, prompt)} -->")
+            del llm, model
+            torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ the targets are stated in:
 Ratios are given as the median of per-prompt ratios and as the ratio of totals.
 
     python benchmarks/speed_core.py --per-category 3
-    python benchmarks/speed_core.py --forerun ar:float32,ar:bfloat16:quant=int4,pld:bfloat16 --hf hf:bfloat16
+    python benchmarks/speed_core.py --forerun ar:float32,ar:float32:quant=q4,pld:float32:quant=q4 --hf hf:bfloat16
 """
 from __future__ import annotations
 

@@ -189,8 +189,8 @@ def test_idealized_runtime_model():
 
 
 def test_contender_spec_parsing():
-    spec = ContenderSpec.parse("layer-skip:bfloat16:exit_layer=8:quant=int4")
-    assert (spec.method, spec.dtype, dict(spec.options)) == ("layer-skip", "bfloat16", {"exit_layer": 8, "quant": "int4"})
+    spec = ContenderSpec.parse("layer-skip:bfloat16:exit_layer=8:quant=q4")
+    assert (spec.method, spec.dtype, dict(spec.options)) == ("layer-skip", "bfloat16", {"exit_layer": 8, "quant": "q4"})
     assert parse_key_values(["adaptive=false", "num_draft=6"]) == {"adaptive": False, "num_draft": 6}
 
 

@@ -236,8 +236,9 @@ def exact_first_two(rt) -> torch.Tensor:
     params = SamplingParams(**E2E_PARAMS)
 
     def next_probs(tokens: list[int]) -> torch.Tensor:
-        logits = rt.model(torch.tensor(tokens), torch.arange(len(tokens)), rt.model.new_cache(len(tokens)), 0)
-        return target_probs(logits[-1], params)
+        ids, positions = torch.tensor(tokens, device=rt.device), torch.arange(len(tokens), device=rt.device)
+        logits = rt.model(ids, positions, rt.model.new_cache(len(tokens)), 0)
+        return target_probs(logits[-1].cpu(), params)
 
     p1 = next_probs(E2E_PROMPT)
     p2 = torch.stack([next_probs(E2E_PROMPT + [x]) for x in range(E2E_VOCAB)])

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from forerun import kernels
 from forerun.models import quant
+from forerun.models.llama import apply_rope
 
 native = kernels.cpu_kernels()
 needs_native = pytest.mark.skipif(native is None, reason="native CPU kernels unavailable here")
@@ -78,19 +79,32 @@ def test_rms_norm_matches_torch():
 
 
 @needs_native
-def test_decode_attention_matches_sdpa_with_a_tree_mask_and_grouped_heads():
+def test_attention_step_matches_rope_cache_and_sdpa_with_a_tree_mask():
+    """The fused decoding step (rotate q/k, write k/v to the cache, attend) against the PyTorch path."""
     T, H, KV, hd, prefix = 5, 6, 2, 16, 9
     L = prefix + T
-    q = torch.randn(T, H, hd)
-    cache_k, cache_v = torch.randn(KV, 40, hd), torch.randn(KV, 40, hd)  # strided views, as from KVCache
-    k, v = cache_k[:, :L], cache_v[:, :L]
+    qkv = torch.randn(T, (H + 2 * KV) * hd)
+    angles = torch.arange(prefix, L, dtype=torch.float32)[:, None] * torch.rand(hd // 2)[None, :]
+    angles = torch.cat([angles, angles], dim=-1)
+    cos, sin = angles.cos(), angles.sin()
+    k_cache, v_cache = torch.randn(KV, 40, hd), torch.randn(KV, 40, hd)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
     tree = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 0, 1, 0, 0], [1, 1, 0, 1, 0], [1, 0, 1, 0, 1]],
                         dtype=torch.bool)
     mask = torch.cat([torch.ones(T, prefix, dtype=torch.bool), tree], dim=1)
-    expected = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k[None], v[None], attn_mask=mask,
-                                              enable_gqa=True)[0].transpose(0, 1).reshape(T, H * hd)
-    out = native.decode_attention(q, k, v, mask, hd ** -0.5)
+
+    qk, v = qkv.split([(H + KV) * hd, KV * hd], dim=-1)
+    q, k = apply_rope(qk.view(T, H + KV, hd), cos[:, None], sin[:, None]).split([H, KV], dim=1)
+    k_ref[:, prefix:L], v_ref[:, prefix:L] = k.transpose(0, 1), v.view(T, KV, hd).transpose(0, 1)
+    expected = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k_ref[None, :, :L], v_ref[None, :, :L],
+                                              attn_mask=mask, enable_gqa=True)[0].transpose(0, 1).reshape(T, H * hd)
+
+    out = native.attention_step(qkv, cos, sin, k_cache, v_cache, prefix, H, mask, hd ** -0.5)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-    for t in range(T):  # one query alone gives the same bits as within the batch
-        alone = native.decode_attention(q[t:t + 1].contiguous(), k, v, mask[t:t + 1].contiguous(), hd ** -0.5)
-        assert torch.equal(alone[0], out[t])
+    torch.testing.assert_close(k_cache, k_ref, rtol=1e-6, atol=1e-6)
+    assert torch.equal(v_cache, v_ref)
+    for t in range(T):  # one query alone (keys of the others already cached) gives the same bits
+        step = native.attention_step(qkv[t:t + 1].contiguous(), cos[t:t + 1].contiguous(), sin[t:t + 1].contiguous(),
+                                     k_cache, v_cache, prefix + t, H, mask[t:t + 1, :prefix + t + 1].contiguous(),
+                                     hd ** -0.5)
+        assert torch.equal(step[0], out[t])

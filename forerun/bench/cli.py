@@ -36,7 +36,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
     p.add_argument("--threads", type=int, help="torch threads and llama.cpp threads (default: torch's)")
     p.add_argument("--engine-arg", action="append", metavar="KEY=VALUE",
-                   help="extra keyword for every forerun LLM(...) built, e.g. quant=int4 (repeatable)")
+                   help="extra keyword for every forerun LLM(...) built, e.g. quant=q4 (repeatable)")
     p.add_argument("--out", default="bench-out", help="output directory (default: %(default)s)")
     p.add_argument("--no-roofline", action="store_true", help="skip the memory-bandwidth measurement")
     p.add_argument("--no-idealized", action="store_true", help="skip profiling the idealized AR runtime")

@@ -125,7 +125,7 @@ def parse_list(text: str | None) -> list[str]:
 
 
 def parse_key_values(pairs: list[str] | None) -> dict[str, object]:
-    """["quant=int4", "num_draft=6"] -> {"quant": "int4", "num_draft": 6}"""
+    """["quant=q4", "num_draft=6"] -> {"quant": "q4", "num_draft": 6}"""
     out = {}
     for pair in pairs or []:
         if "=" not in pair:
@@ -136,7 +136,7 @@ def parse_key_values(pairs: list[str] | None) -> dict[str, object]:
 
 
 def _literal(value: str) -> object:
-    """"8" -> 8, "0.5" -> 0.5, "true" -> True, "int4" -> "int4"."""
+    """"8" -> 8, "0.5" -> 0.5, "true" -> True, "q4" -> "q4"."""
     if value.lower() in ("true", "false"):
         return value.lower() == "true"
     try:

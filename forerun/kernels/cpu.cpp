@@ -244,44 +244,75 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, doub
   return out;
 }
 
-// Attention of T new queries over keys/values [KV, L, hd] (views of the cache; L = committed + T).
-// q: [T, H, hd]; visible: optional bool [T, L]. Returns [T, H * hd]. Grouped heads share K/V.
-torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                               const c10::optional<torch::Tensor>& visible, double scale) {
-  const int64_t T = q.size(0), H = q.size(1), hd = q.size(2), KV = k.size(0), L = k.size(1);
-  TORCH_CHECK(q.is_contiguous() && q.scalar_type() == torch::kFloat32 && hd % 8 == 0, "q: contiguous [T, H, hd] float32");
-  TORCH_CHECK(k.stride(2) == 1 && v.stride(2) == 1 && k.strides() == v.strides(), "k, v: [KV, L, hd] with unit inner stride");
+// Rotate one head in place, HF's half-split layout: (a, b) -> (a cos - b sin, b cos + a sin).
+inline void rotate(float* x, const float* cos, const float* sin, int64_t hd) {
+  const int64_t half = hd / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    const float a = x[i], b = x[i + half];
+    x[i] = a * cos[i] - b * sin[i];
+    x[i + half] = b * cos[i + half] + a * sin[i + half];
+  }
+}
+
+// One attention step for T new tokens, from the fused projection qkv [T, (H + 2 KV) * hd]:
+// rotate q and k (cos, sin: [T, hd]), write k and v into this layer's cache (k_cache, v_cache:
+// [KV, max_len, hd]) at slots [start, start + T), then attend over slots [0, start + T), where
+// visible (optional bool [T, start + T]) says which keys each query sees. Returns [T, H * hd].
+torch::Tensor attention_step(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
+                             torch::Tensor& k_cache, torch::Tensor& v_cache, int64_t start, int64_t heads,
+                             const c10::optional<torch::Tensor>& visible, double scale) {
+  const int64_t T = qkv.size(0), KV = k_cache.size(0), max_len = k_cache.size(1), hd = k_cache.size(2);
+  const int64_t L = start + T, width = (heads + 2 * KV) * hd, group = heads / KV;
+  TORCH_CHECK(qkv.is_contiguous() && qkv.scalar_type() == torch::kFloat32 && qkv.size(1) == width, "qkv: [T, (H + 2 KV) hd] float32");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && hd % 8 == 0 && hd <= 256, "caches: contiguous [KV, max_len, hd]");
+  TORCH_CHECK(L <= max_len, "KV cache overflow: need ", L, " slots, have ", max_len);
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.numel() == T * hd, "cos, sin: [T, hd]");
   const bool* mp = visible ? visible->data_ptr<bool>() : nullptr;
   TORCH_CHECK(!visible || (visible->is_contiguous() && visible->size(0) == T && visible->size(1) == L), "mask: [T, L]");
-  auto out = torch::empty({T, H * hd}, q.options());
-  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  const float *in = qkv.data_ptr<float>(), *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
+  float *kc = k_cache.data_ptr<float>(), *vc = v_cache.data_ptr<float>();
+  auto q = torch::empty({T, heads * hd}, qkv.options());
+  float* qp = q.data_ptr<float>();
+  for (int64_t t = 0; t < T; ++t) {
+    const float* row = in + t * width;
+    std::copy(row, row + heads * hd, qp + t * heads * hd);
+    for (int64_t h = 0; h < heads; ++h) rotate(qp + (t * heads + h) * hd, cp + t * hd, sp + t * hd, hd);
+    for (int64_t h = 0; h < KV; ++h) {
+      float* k = kc + (h * max_len + start + t) * hd;
+      std::copy(row + (heads + h) * hd, row + (heads + h + 1) * hd, k);
+      rotate(k, cp + t * hd, sp + t * hd, hd);
+      std::copy(row + (heads + KV + h) * hd, row + (heads + KV + h + 1) * hd, vc + (h * max_len + start + t) * hd);
+    }
+  }
+  auto out = torch::empty({T, heads * hd}, qkv.options());
   float* op = out.data_ptr<float>();
-  const int64_t ks0 = k.stride(0), ks1 = k.stride(1), group = H / KV;
-  at::parallel_for(0, T * H, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, T * heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> p(L);
+    alignas(32) float acc[256];
     for (int64_t th = begin; th < end; ++th) {
-      const int64_t t = th / H, h = th % H;
+      const int64_t t = th / heads, kvh = (th % heads) / group;
       const float* qr = qp + th * hd;
-      const float *kh = kp + (h / group) * ks0, *vh = vp + (h / group) * ks0;
+      const float *kh = kc + kvh * max_len * hd, *vh = vc + kvh * max_len * hd;
       const bool* vis = mp ? mp + t * L : nullptr;
       float top = -INFINITY;
       for (int64_t l = 0; l < L; ++l) {
         if (vis && !vis[l]) { p[l] = -INFINITY; continue; }
-        __m256 acc = _mm256_setzero_ps();
-        for (int64_t i = 0; i < hd; i += 8)
-          acc = _mm256_fmadd_ps(_mm256_loadu_ps(qr + i), _mm256_loadu_ps(kh + l * ks1 + i), acc);
-        p[l] = hsum(acc) * static_cast<float>(scale);
+        __m256 s = _mm256_setzero_ps();
+        for (int64_t i = 0; i < hd; i += 8) s = _mm256_fmadd_ps(_mm256_loadu_ps(qr + i), _mm256_loadu_ps(kh + l * hd + i), s);
+        p[l] = hsum(s) * static_cast<float>(scale);
         top = std::max(top, p[l]);
       }
       float total = 0.f;
-      for (int64_t l = 0; l < L; ++l) total += (p[l] = p[l] == -INFINITY ? 0.f : std::exp(p[l] - top));
-      float* o = op + t * H * hd + h * hd;
-      for (int64_t i = 0; i < hd; i += 8) {
-        __m256 acc = _mm256_setzero_ps();
-        for (int64_t l = 0; l < L; ++l)
-          if (p[l] != 0.f) acc = _mm256_fmadd_ps(_mm256_set1_ps(p[l]), _mm256_loadu_ps(vh + l * ks1 + i), acc);
-        _mm256_storeu_ps(o + i, _mm256_div_ps(acc, _mm256_set1_ps(total)));
+      for (int64_t l = 0; l < L; ++l) total += (p[l] = std::exp(p[l] - top));  // exp(-inf) = 0
+      std::fill(acc, acc + hd, 0.f);
+      for (int64_t l = 0; l < L; ++l) {
+        if (p[l] == 0.f) continue;
+        const __m256 w = _mm256_set1_ps(p[l]);
+        for (int64_t i = 0; i < hd; i += 8)
+          _mm256_store_ps(acc + i, _mm256_fmadd_ps(w, _mm256_loadu_ps(vh + l * hd + i), _mm256_load_ps(acc + i)));
       }
+      const __m256 inv = _mm256_set1_ps(1.f / total);
+      for (int64_t i = 0; i < hd; i += 8) _mm256_storeu_ps(op + th * hd + i, _mm256_mul_ps(_mm256_load_ps(acc + i), inv));
     }
   });
   return out;
@@ -289,7 +320,7 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "x * rsqrt(mean(x^2) + eps) * weight over the last dim, float32");
-  m.def("decode_attention", &decode_attention, "softmax(q k^T * scale) v for a few new tokens, float32");
+  m.def("attention_step", &attention_step, "rope, cache write and attention for a few new tokens, float32");
   m.def("dequantize", &dequantize, "float32 [N, K] weights of q4 (with mins) or q8 (without) blocks");
   m.def("q4_linear", &q4_linear, "x[M, K] @ W^T for 4-bit W with per-32 float16 scale and offset");
   m.def("q8_linear", &q8_linear, "x[M, K] @ W^T for 8-bit W with per-32 float16 scale");

@@ -121,25 +121,33 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, layer: int, cache: KVCache, start: int, cos: Tensor, sin: Tensor,
                 mask: Tensor | None, dense: bool) -> Tensor:
-        a, T = self.args, x.shape[0]
+        qkv = self.qkv(self.attn_norm(x), dense)
+        native = None if dense or self.q_norm is not None else kernels.for_tensor(x)
+        if native is not None:  # a decoding step: few tokens, where each tensor op's fixed cost dominates
+            T, hd = x.shape[0], self.args.head_dim
+            out = native.attention_step(qkv, cos.view(T, hd), sin.view(T, hd), cache.k[layer], cache.v[layer],
+                                        start, self.args.num_heads, mask, hd ** -0.5)
+        else:
+            out = self._attention(qkv, layer, cache, start, cos, sin, mask)
+        x = x + self.o(out, dense)
+        gate, up = self.gate_up(self.mlp_norm(x), dense).chunk(2, dim=-1)
+        return x + self.down(F.silu(gate) * up, dense)
+
+    def _attention(self, qkv: Tensor, layer: int, cache: KVCache, start: int, cos: Tensor, sin: Tensor,
+                   mask: Tensor | None) -> Tensor:  # [T, heads * head_dim]
+        a, T = self.args, qkv.shape[0]
         q_size, kv_size = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
-        qk, v = self.qkv(self.attn_norm(x), dense).split([q_size + kv_size, kv_size], dim=-1)
+        qk, v = qkv.split([q_size + kv_size, kv_size], dim=-1)
         qk = qk.view(T, a.num_heads + a.num_kv_heads, a.head_dim)
         if self.q_norm is not None:
             qk = torch.cat([self.q_norm(qk[:, :a.num_heads]), self.k_norm(qk[:, a.num_heads:])], dim=1)
         q, k = apply_rope(qk, cos, sin).split([a.num_heads, a.num_kv_heads], dim=1)  # one rotation for both
         keys, values = cache.write(layer, start, k, v.view(T, a.num_kv_heads, a.head_dim))
-        native = None if dense else kernels.for_tensor(x)
-        if native is not None:  # a decoding step: a few queries, where SDPA's fixed cost dominates
-            out = native.decode_attention(q.contiguous(), keys, values, mask, a.head_dim ** -0.5)
-        else:
-            out = F.scaled_dot_product_attention(
-                q.transpose(0, 1).unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0),
-                attn_mask=mask, enable_gqa=a.num_heads != a.num_kv_heads,
-            )[0].transpose(0, 1).reshape(T, q_size)  # [1, heads, T, head_dim] -> [T, q_size]
-        x = x + self.o(out, dense)
-        gate, up = self.gate_up(self.mlp_norm(x), dense).chunk(2, dim=-1)
-        return x + self.down(F.silu(gate) * up, dense)
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1).unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0),
+            attn_mask=mask, enable_gqa=a.num_heads != a.num_kv_heads,
+        )  # [1, heads, T, head_dim]
+        return out[0].transpose(0, 1).reshape(T, q_size)
 
 
 class Transformer(nn.Module):
