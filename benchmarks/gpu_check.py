@@ -51,7 +51,9 @@ def random_model(args: ModelArgs, device: str, dtype: torch.dtype, seed: int = 0
                   p + "mlp.down_proj.weight": rnd(d, ff),
                   p + "input_layernorm.weight": 1 + rnd(d), p + "post_attention_layernorm.weight": 1 + rnd(d)})
     with torch.device(device):
-        return Transformer(args, w).eval()
+        model = Transformer(args, w).eval()
+    model.float32_logits()  # as forerun.models.runtime.build does on CUDA
+    return model
 
 
 @torch.inference_mode()

@@ -28,11 +28,17 @@ def _top_p(logits: Tensor, top_p: float) -> Tensor:
 
 
 def sample(probs: Tensor, generator: torch.Generator | None) -> int:
-    return int(torch.multinomial(probs, 1, generator=generator).item())
+    """One token from probs, drawn with the sequence's generator (a CPU one, also for CUDA models)."""
+    return int(torch.multinomial(_on(probs, generator), 1, generator=generator).item())
+
+
+def _on(probs: Tensor, generator: torch.Generator | None) -> Tensor:
+    return probs if generator is None else probs.to(generator.device)
 
 
 def gumbel_top_k(probs: Tensor, k: int, generator: torch.Generator | None) -> list[int]:
     """k distinct tokens drawn without replacement from probs, in draw order (Gumbel-top-k trick)."""
+    probs = _on(probs, generator)
     u = torch.rand(probs.shape, generator=generator, device=probs.device).clamp_(1e-20, 1.0)
     keys = probs.log() - (-u.log()).log()
     k = min(k, int((probs > 0).sum()))

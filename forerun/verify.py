@@ -45,13 +45,14 @@ def verify_stochastic(draft: Draft, probs: Tensor, generator: torch.Generator | 
     """
     tokens = draft.tokens.tolist()
     kids = children(draft.parents)
+    draft_q = None if draft.q is None else draft.q.to(probs.device)  # a CUDA drafter's q, on the CPU
     path, node = [0], 0
     while True:
         p = probs[node]
         accepted = None
         for child in kids[node]:
             x = tokens[child]
-            q = draft.q[child] if draft.q is not None else None
+            q = draft_q[child] if draft_q is not None else None
             q_x = 1.0 if q is None else float(q[x])
             u = float(torch.rand((), generator=generator, device=probs.device))
             if q_x > 0 and u * q_x < float(p[x]):  # u < p(x) / q(x) without dividing

@@ -173,6 +173,13 @@ class Transformer(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.embed.dtype
 
+    def float32_logits(self) -> None:
+        """Keep a float32 copy of the output head, so half-precision models give float32 logits.
+        bf16 logits tie often (8 bits of mantissa over tens of thousands of tokens), and greedy
+        decoding between tied tokens hangs on the last bit of every kernel's rounding."""
+        if self.head.quant is None and self.head.weight.dtype != torch.float32:
+            self.head = Linear(self.head.weight.float(), None if self.head.bias is None else self.head.bias.float())
+
     def pack_for_cpu(self) -> bool:
         """Pre-pack every projection for oneDNN; a no-op (False) off CPU or outside float32."""
         linears = [m for m in self.modules() if isinstance(m, Linear)]
@@ -208,7 +215,9 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.layers[:num_layers]):
             x = layer(x, i, cache, start, cos, sin, mask, prefill)
         x = self.norm(x)
-        return self.head(x, prefill).float() if logits else x
+        if not logits:
+            return x
+        return self.head(x.to(self.head.weight.dtype) if self.head.quant is None else x, prefill).float()
 
     def _attention_mask(self, positions: Tensor, start: int, tree_mask: Tensor | None,
                         cache: KVCache) -> Tensor | None:

@@ -52,6 +52,8 @@ def build(args: ModelArgs, weights: dict[str, torch.Tensor], dtype: torch.dtype,
         model = Transformer(args, weights).eval()
     if quant == "q4" and not model.quantize():
         raise ValueError("q4 needs a model whose projection input sizes are multiples of 32")
+    if device.type == "cuda":  # on a GPU the float32 head costs next to nothing
+        model.float32_logits()
     model.pack_for_cpu()
     return model
 
