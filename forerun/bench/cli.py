@@ -41,7 +41,7 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-roofline", action="store_true", help="skip the memory-bandwidth measurement")
     p.add_argument("--no-idealized", action="store_true", help="skip profiling the idealized AR runtime")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=run_bench_command)
+    p.set_defaults(func=run_bench_command, argv=None)  # argv: the words after `forerun`, when not sys.argv
     return p
 
 
@@ -55,8 +55,12 @@ def options_from_args(args: argparse.Namespace):
         temperature=args.temperature, seed=args.seed, device=args.device, dtype=args.dtype,
         draft_model=args.draft_model, engine_kwargs=parse_key_values(args.engine_arg), out=Path(args.out),
         roofline=not args.no_roofline, idealized=not args.no_idealized, progress=not args.no_progress,
-        command="forerun " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else shlex.join(sys.argv),
+        command=_command_line(args.argv if args.argv is not None else sys.argv[1:]),
     )
+
+
+def _command_line(words: list[str]) -> str:
+    return "forerun " + shlex.join(words) if words[:1] == ["bench"] else shlex.join(sys.argv)
 
 
 def run_bench_command(args: argparse.Namespace) -> int:
@@ -86,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="forerun")
     add_bench_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
+    args.argv = argv
     return args.func(args)
 
 

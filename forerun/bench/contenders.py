@@ -195,8 +195,8 @@ def forerun_label(llm: LLM, spec: SpecConfig, dtype: str, engine_options: dict) 
     model = llm.runtime.model
     changed = {f.name: getattr(spec, f.name) for f in dataclasses.fields(SpecConfig)
                if f.name != "method" and getattr(spec, f.name) != f.default}
-    if engine_options.get("quant") == "q4":
-        dtype = "q4 blocks, q8 head, float32 activations"
+    if model.quantization:
+        dtype = f"{model.quantization}, {dtype} activations"
     return Label(engine="forerun", method=spec.method, dtype=dtype, threads=torch.get_num_threads(),
                  device=str(llm.runtime.device), weight_bytes=weight_bytes_per_token(model, model.embed),
                  extra={**engine_options, **changed})

@@ -118,11 +118,13 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(w["post_attention_layernorm.weight"], args.rms_norm_eps)
         self.q_norm = RMSNorm(w["q_norm.weight"], args.rms_norm_eps) if args.qk_norm else None
         self.k_norm = RMSNorm(w["k_norm.weight"], args.rms_norm_eps) if args.qk_norm else None
+        # What the native attention step handles (no q/k norm; head sizes its vector loops cover).
+        self.fusable = not args.qk_norm and args.head_dim % 8 == 0 and args.head_dim <= 256
 
     def forward(self, x: Tensor, layer: int, cache: KVCache, start: int, cos: Tensor, sin: Tensor,
                 mask: Tensor | None, dense: bool) -> Tensor:
         qkv = self.qkv(self.attn_norm(x), dense)
-        native = None if dense or self.q_norm is not None else kernels.for_tensor(x)
+        native = kernels.for_tensor(x) if self.fusable and not dense else None
         if native is not None:  # a decoding step: few tokens, where each tensor op's fixed cost dominates
             T, hd = x.shape[0], self.args.head_dim
             out = native.attention_step(qkv, cos.view(T, hd), sin.view(T, hd), cache.k[layer], cache.v[layer],
@@ -172,6 +174,11 @@ class Transformer(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.embed.dtype
+
+    @property
+    def quantization(self) -> str | None:
+        """How the weights are stored when not as plain floats, for labels; None otherwise."""
+        return "q4 blocks, q8 head" if self.head.quant is not None else None
 
     def float32_logits(self) -> None:
         """Keep a float32 copy of the output head, so half-precision models give float32 logits.
