@@ -23,6 +23,8 @@ def _decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft-model", help="draft model for --method draft (HF directory or .gguf)")
     p.add_argument("--num-draft", type=int, default=None, help="draft tokens per step (fixes the length)")
     p.add_argument("--tree-width", type=int, default=1, help="--method draft: children per tree node")
+    p.add_argument("--guard", action="store_true",
+                   help="take plain steps while speculation measures slower per token (same output)")
     p.add_argument("--exit-layer", type=int, default=None, help="--method layer-skip: layers the drafter runs")
     p.add_argument("--opt", action="append", default=[], metavar="NAME=VALUE",
                    help="a method-specific option (repeatable), e.g. --opt datastore=DS")
@@ -73,7 +75,7 @@ def spec_config(a: argparse.Namespace) -> SpecConfig:
     num = a.num_draft if fixed else default.num_draft
     return SpecConfig(method=a.method, num_draft=num, adaptive=not fixed,
                       max_draft=max(num, default.max_draft), draft_model=a.draft_model,
-                      tree_width=a.tree_width, exit_layer=a.exit_layer, options=_options(a.opt))
+                      tree_width=a.tree_width, exit_layer=a.exit_layer, guard=a.guard, options=_options(a.opt))
 
 
 def _options(pairs: list[str]) -> dict[str, str]:

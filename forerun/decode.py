@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 
 from forerun.config import SamplingParams, SpecConfig
-from forerun.drafters.base import Drafter, Sequence
+from forerun.drafters.base import Drafter, Sequence, root_only
 from forerun.sampling import target_probs
 from forerun.tree import depths, is_chain, tree_mask
 from forerun.types import Draft, Stats, Verdict
@@ -15,20 +15,48 @@ from forerun.verify import verify_greedy, verify_stochastic
 
 
 class DraftLength:
-    """Adaptive speculation length: +2 after a fully accepted draft, -1 after a rejection."""
+    """Speculation length per step: +2 after a fully accepted draft, -1 after a rejection.
+
+    With spec.guard it also keeps speculation from costing time. It tracks the seconds per token of
+    speculative steps and of plain steps (a drafter that proposed nothing, or a step it was not
+    asked to draft) and, while speculation is the slower of the two, returns 0 (a plain step),
+    retrying speculation every PROBE_EVERY steps. A drafter that always proposes gets a plain step
+    now and then to keep the comparison current.
+    """
+
+    PROBE_EVERY = 16
+    WEIGHT = 0.25  # of the newest step in the running per-token costs
 
     def __init__(self, spec: SpecConfig):
-        self.value = spec.num_draft
+        self.length = spec.num_draft
         self.ceiling = spec.max_draft
         self.adaptive = spec.adaptive
+        self.guard = spec.guard
+        self.cost: dict[bool, float | None] = {True: None, False: None}  # s/token: speculative, plain
+        self.step = 0
 
-    def update(self, proposed: int, accepted: int) -> None:
+    @property
+    def value(self) -> int:
+        """Tokens to draft this step; 0 asks for a plain step."""
+        if not self.guard or self.step % self.PROBE_EVERY == 0:
+            return self.length
+        spec, plain = self.cost[True], self.cost[False]
+        if plain is None:
+            return 0 if spec is not None else self.length  # measure the plain baseline once
+        return 0 if spec is not None and spec > plain else self.length
+
+    def update(self, proposed: int, accepted: int, seconds: float = 0.0, tokens: int = 1) -> None:
+        self.step += 1
+        kind = proposed > 0
+        old = self.cost[kind]
+        per_token = seconds / max(tokens, 1)
+        self.cost[kind] = per_token if old is None else (1 - self.WEIGHT) * old + self.WEIGHT * per_token
         if not self.adaptive or proposed == 0:
             return
         if accepted == proposed:
-            self.value = min(self.value + 2, self.ceiling)
+            self.length = min(self.length + 2, self.ceiling)
         else:
-            self.value = max(self.value - 1, 1)
+            self.length = max(self.length - 1, 1)
 
 
 def verify(draft: Draft, logits: torch.Tensor, params: SamplingParams,
@@ -56,7 +84,8 @@ def target_forward(target, seq: Sequence, draft: Draft) -> torch.Tensor:
 def step(target, seq: Sequence, drafter: Drafter, length: DraftLength, stats: Stats) -> list[int]:
     """One speculative step. Returns the tokens it appended to seq (accepted drafts + next token)."""
     t0 = time.perf_counter()
-    draft = drafter.propose(seq, length.value)
+    budget = length.value
+    draft = drafter.propose(seq, budget) if budget else root_only(seq)
     t1 = time.perf_counter()
     logits = target_forward(target, seq, draft)
     verdict = verify(draft, logits[:draft.size], seq.params, seq.generator)
@@ -65,9 +94,10 @@ def step(target, seq: Sequence, drafter: Drafter, length: DraftLength, stats: St
     seq.tokens.extend(new)
     seq.cached += len(verdict.path)
     drafter.observe(seq, draft, verdict, logits)
-    length.update(max(depths(draft.parents)), verdict.accepted)
+    t2 = time.perf_counter()
+    length.update(max(depths(draft.parents)), verdict.accepted, t2 - t0, len(new))
     stats.draft_s += t1 - t0
-    stats.verify_s += time.perf_counter() - t1
+    stats.verify_s += t2 - t1
     stats.target_forwards += 1
     stats.accept_histogram[len(new)] += 1
     return new

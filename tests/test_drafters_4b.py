@@ -10,6 +10,8 @@ from test_distribution import E2E_PARAMS, E2E_PROMPT, E2E_VOCAB, assert_distribu
 from test_equivalence import GREEDY, PROMPTS, generate, reference
 
 from forerun import LLM, SamplingParams, SpecConfig
+from forerun.decode import DraftLength
+from forerun.drafters.draft_model import DraftModel
 from forerun.drafters.rasd import RetrievalAugmented
 from forerun.retrieval.datastore import Datastore, build, fingerprint_of, suffix_array
 
@@ -178,3 +180,35 @@ def test_deterministic_drafters_sample(target, tmp_path, method):
         assert sum(r.stats.target_forwards for r in runs) < 1.9 * len(runs)
     pairs = torch.tensor([r.token_ids for r in runs])
     assert_distributed_as(pairs[:, 0] * E2E_VOCAB + pairs[:, 1], exact_first_two(target).flatten(), method)
+
+
+@pytest.mark.parametrize("method", ["pld", "layer-skip", "draft", "recycle", "stand", "retrieval", "rasd",
+                                    "del", "lookahead"])
+def test_guarded_steps_skip_the_drafter_without_changing_the_output(llm, tmp_path, monkeypatch, method):
+    """The guard (SpecConfig.guard) turns some steps into plain ones without asking the drafter;
+    every drafter must cope with the steps it did not draft. Here every other step is plain."""
+    monkeypatch.setattr(DraftLength, "value", property(lambda self: self.length if self.step % 2 else 0))
+    options = {"datastore": datastore_for(llm, tmp_path)} if method in ("retrieval", "rasd") else {}
+    spec = SpecConfig(method=method, guard=True, options=options)
+    drafters = {"draft": DraftModel, "rasd": RetrievalAugmented}
+    for prompt in PROMPTS:
+        drafter = drafters[method](llm.runtime, spec, draft=llm.runtime) if method in drafters else None
+        out = generate(llm, prompt, spec, drafter=drafter)
+        assert out.token_ids == reference(llm, prompt)
+        assert out.stats.accept_histogram[1] >= out.stats.target_forwards // 2  # the plain steps happened
+
+
+def test_guard_prefers_the_faster_kind_of_step_and_keeps_probing():
+    length = DraftLength(SpecConfig(guard=True))
+    length.update(proposed=4, accepted=0, seconds=0.04, tokens=1)  # speculation: 40 ms a token
+    assert length.value == 0  # no plain baseline yet: measure one
+    length.update(proposed=0, accepted=0, seconds=0.01, tokens=1)  # plain: 10 ms a token
+    values = []
+    for _ in range(2 * DraftLength.PROBE_EVERY):
+        values.append(length.value)
+        length.update(proposed=0, accepted=0, seconds=0.01, tokens=1)
+    assert values.count(0) == len(values) - 2  # plain, except one probe every PROBE_EVERY steps
+    for _ in range(8):  # speculation turns out cheaper per token: it is used again
+        length.update(proposed=4, accepted=4, seconds=0.02, tokens=5)
+    assert length.value > 0
+    assert DraftLength(SpecConfig()).value == SpecConfig().num_draft  # no guard: always the length
