@@ -1,4 +1,5 @@
-// Block-quantized linear layers for small batches on AVX2 CPUs: y[M, N] = x[M, K] W^T.
+// Native float32 kernels for decoding steps on AVX2 CPUs: block-quantized linear layers
+// (y[M, N] = x[M, K] W^T for the few rows of a draft tree), a fused attention step and RMSNorm.
 //
 // W is stored as llama.cpp stores it: blocks of 32 inputs, each with a float16 scale d (and, for q4,
 // a float16 offset m), so W = d * q + m with q in [0, 16) (q4) or W = d * q with q in [-127, 127] (q8).
