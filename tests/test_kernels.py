@@ -108,3 +108,24 @@ def test_attention_step_matches_rope_cache_and_sdpa_with_a_tree_mask():
                                      k_cache, v_cache, prefix + t, H, mask[t:t + 1, :prefix + t + 1].contiguous(),
                                      hd ** -0.5)
         assert torch.equal(step[0], out[t])
+
+
+@needs_native
+def test_fused_q4_layer_halves_agree_with_the_layer_op_by_op():
+    """Layer by layer on the same input: across layers, rounding activations to 8 bits turns an ulp
+    of difference (here, silu's exp) into a different code now and then, which a random model amplifies."""
+    from conftest import tiny_runtime
+
+    model = tiny_runtime("llama", seed=3).model
+    assert model.quantize() and all(layer.q4_halves is not None for layer in model.layers)
+    T, hd = 5, model.args.head_dim
+    angles = torch.arange(T, dtype=torch.float32)[:, None] * model.inv_freq[None, :]
+    cos, sin = torch.cat([angles, angles], -1).cos()[:, None], torch.cat([angles, angles], -1).sin()[:, None]
+    mask = torch.ones(T, T, dtype=torch.bool).tril()
+    x = torch.randn(T, model.args.hidden_size, generator=torch.Generator().manual_seed(0))
+    for i, layer in enumerate(model.layers):
+        fused = layer(x, i, model.new_cache(8), 0, cos, sin, mask, dense=False)
+        halves, layer.q4_halves = layer.q4_halves, None
+        torch.testing.assert_close(fused, layer(x, i, model.new_cache(8), 0, cos, sin, mask, dense=False),
+                                   rtol=1e-5, atol=1e-5)
+        layer.q4_halves = halves

@@ -319,7 +319,40 @@ torch::Tensor attention_step(const torch::Tensor& qkv, const torch::Tensor& cos,
   return out;
 }
 
+// A q4 layer's two halves as one call each, so a decoding step dispatches 2 calls a layer rather
+// than about 20 (the same kernels as above; silu(gate) * up and the residual adds in place).
+struct Q4 {
+  torch::Tensor codes, scales, mins;
+};
+
+torch::Tensor q4_attention_block(const torch::Tensor& x, const torch::Tensor& norm, double eps, const Q4& qkv,
+                                 const Q4& o, const torch::Tensor& cos, const torch::Tensor& sin,
+                                 torch::Tensor& k_cache, torch::Tensor& v_cache, int64_t start, int64_t heads,
+                                 const c10::optional<torch::Tensor>& visible, double scale) {
+  const auto h = q4_linear(rms_norm(x, norm, eps), qkv.codes, qkv.scales, qkv.mins);
+  const auto attn = attention_step(h, cos, sin, k_cache, v_cache, start, heads, visible, scale);
+  return x + q4_linear(attn, o.codes, o.scales, o.mins);
+}
+
+torch::Tensor q4_mlp_block(const torch::Tensor& x, const torch::Tensor& norm, double eps, const Q4& gate_up,
+                           const Q4& down) {
+  auto gu = q4_linear(rms_norm(x, norm, eps), gate_up.codes, gate_up.scales, gate_up.mins);
+  const int64_t T = gu.size(0), F = gu.size(1) / 2;
+  auto act = torch::empty({T, F}, x.options());
+  const float* g = gu.data_ptr<float>();
+  float* a = act.data_ptr<float>();
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t i = 0; i < F; ++i) {
+      const float v = g[t * 2 * F + i];
+      a[t * F + i] = v / (1.f + std::exp(-v)) * g[t * 2 * F + F + i];
+    }
+  return x + q4_linear(act, down.codes, down.scales, down.mins);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  pybind11::class_<Q4>(m, "Q4").def(pybind11::init<torch::Tensor, torch::Tensor, torch::Tensor>());
+  m.def("q4_attention_block", &q4_attention_block, "x + o(attention(rope(qkv(rms_norm(x))))) for a q4 layer");
+  m.def("q4_mlp_block", &q4_mlp_block, "x + down(silu(gate) * up) of rms_norm(x) for a q4 layer");
   m.def("rms_norm", &rms_norm, "x * rsqrt(mean(x^2) + eps) * weight over the last dim, float32");
   m.def("attention_step", &attention_step, "rope, cache write and attention for a few new tokens, float32");
   m.def("dequantize", &dequantize, "float32 [N, K] weights of q4 (with mins) or q8 (without) blocks");

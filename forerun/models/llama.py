@@ -120,9 +120,20 @@ class Block(nn.Module):
         self.k_norm = RMSNorm(w["k_norm.weight"], args.rms_norm_eps) if args.qk_norm else None
         # What the native attention step handles (no q/k norm; head sizes its vector loops cover).
         self.fusable = not args.qk_norm and args.head_dim % 8 == 0 and args.head_dim <= 256
+        self.q4_halves: tuple | None = None  # native handles of qkv, o, gate_up, down (bind_q4)
+
+    def bind_q4(self) -> None:
+        """After quantization: run decoding steps as two native calls (attention half, MLP half)."""
+        native = kernels.cpu_kernels()
+        linears = (self.qkv, self.o, self.gate_up, self.down)
+        if native is None or not self.fusable or any(m.quant is None or m.bias is not None for m in linears):
+            return
+        self.q4_halves = tuple(native.Q4(m.quant.codes, m.quant.scales, m.quant.mins) for m in linears)
 
     def forward(self, x: Tensor, layer: int, cache: KVCache, start: int, cos: Tensor, sin: Tensor,
                 mask: Tensor | None, dense: bool) -> Tensor:
+        if self.q4_halves is not None and not dense:
+            return self._q4_step(x, layer, cache, start, cos, sin, mask)
         qkv = self.qkv(self.attn_norm(x), dense)
         native = kernels.for_tensor(x) if self.fusable and not dense else None
         if native is not None:  # a decoding step: few tokens, where each tensor op's fixed cost dominates
@@ -134,6 +145,15 @@ class Block(nn.Module):
         x = x + self.o(out, dense)
         gate, up = self.gate_up(self.mlp_norm(x), dense).chunk(2, dim=-1)
         return x + self.down(F.silu(gate) * up, dense)
+
+    def _q4_step(self, x: Tensor, layer: int, cache: KVCache, start: int, cos: Tensor, sin: Tensor,
+                 mask: Tensor | None) -> Tensor:
+        native, (qkv, o, gate_up, down) = kernels.cpu_kernels(), self.q4_halves
+        T, hd, eps = x.shape[0], self.args.head_dim, self.args.rms_norm_eps
+        x = native.q4_attention_block(x.contiguous(), self.attn_norm.weight, eps, qkv, o, cos.view(T, hd),
+                                      sin.view(T, hd), cache.k[layer], cache.v[layer], start,
+                                      self.args.num_heads, mask, hd ** -0.5)
+        return native.q4_mlp_block(x, self.mlp_norm.weight, eps, gate_up, down)
 
     def _attention(self, qkv: Tensor, layer: int, cache: KVCache, start: int, cos: Tensor, sin: Tensor,
                    mask: Tensor | None) -> Tensor:  # [T, heads * head_dim]
@@ -197,7 +217,11 @@ class Transformer(nn.Module):
         (a Q4_1/Q8_0 GGUF such as the embedded SmolLM2 is recovered exactly). The embedding table
         stays float: a step reads only one row of it."""
         linears = [m for layer in self.layers for m in layer.modules() if isinstance(m, Linear)]
-        return all([m.quantize("q4") for m in linears]) and self.head.quantize("q8")
+        if not (all([m.quantize("q4") for m in linears]) and self.head.quantize("q8")):
+            return False
+        for layer in self.layers:
+            layer.bind_q4()
+        return True
 
     def new_cache(self, max_len: int) -> KVCache:
         a = self.args
