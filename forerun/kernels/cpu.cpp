@@ -245,6 +245,26 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, doub
   return out;
 }
 
+// exp(x) for 8 lanes (Cephes' single-precision expf: x = n ln2 + r, a degree-7 polynomial in r,
+// times 2^n), about 1 ulp; 0 below -87.3, where expf underflows, and so for -inf (masked keys).
+inline __m256 exp8(__m256 x) {
+  const __m256 valid = _mm256_cmp_ps(x, _mm256_set1_ps(-87.3f), _CMP_GT_OQ);
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.37f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  const __m256 y = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_and_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(e)), valid);
+}
+
 // Rotate one head in place, HF's half-split layout: (a, b) -> (a cos - b sin, b cos + a sin).
 inline void rotate(float* x, const float* cos, const float* sin, int64_t hd) {
   const int64_t half = hd / 2;
@@ -287,8 +307,9 @@ torch::Tensor attention_step(const torch::Tensor& qkv, const torch::Tensor& cos,
   }
   auto out = torch::empty({T, heads * hd}, qkv.options());
   float* op = out.data_ptr<float>();
+  const int64_t padded = (L + 7) / 8 * 8;
   at::parallel_for(0, T * heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> p(L);
+    std::vector<float> p(padded);
     alignas(32) float acc[256];
     for (int64_t th = begin; th < end; ++th) {
       const int64_t t = th / heads, kvh = (th % heads) / group;
@@ -303,14 +324,25 @@ torch::Tensor attention_step(const torch::Tensor& qkv, const torch::Tensor& cos,
         p[l] = hsum(s) * static_cast<float>(scale);
         top = std::max(top, p[l]);
       }
+      std::fill(p.begin() + L, p.end(), -INFINITY);
+      for (int64_t l = 0; l < padded; l += 8)
+        _mm256_storeu_ps(p.data() + l, exp8(_mm256_sub_ps(_mm256_loadu_ps(p.data() + l), _mm256_set1_ps(top))));
+      // Summed in key order, skipping nothing: a tree node's ancestors sit at other slots than in
+      // plain decoding, with masked (zero) keys between them, and zeros do not change a running sum.
       float total = 0.f;
-      for (int64_t l = 0; l < L; ++l) total += (p[l] = std::exp(p[l] - top));  // exp(-inf) = 0
-      std::fill(acc, acc + hd, 0.f);
-      for (int64_t l = 0; l < L; ++l) {
-        if (p[l] == 0.f) continue;
-        const __m256 w = _mm256_set1_ps(p[l]);
-        for (int64_t i = 0; i < hd; i += 8)
-          _mm256_store_ps(acc + i, _mm256_fmadd_ps(w, _mm256_loadu_ps(vh + l * hd + i), _mm256_load_ps(acc + i)));
+      for (int64_t l = 0; l < L; ++l) total += p[l];
+      // Values in slices of 64 dims: eight register accumulators over all keys, in key order.
+      for (int64_t i0 = 0; i0 < hd; i0 += 64) {
+        const int64_t width = std::min<int64_t>(64, hd - i0) / 8;
+        __m256 a[8];
+        for (int j = 0; j < 8; ++j) a[j] = _mm256_setzero_ps();
+        for (int64_t l = 0; l < L; ++l) {
+          if (p[l] == 0.f) continue;
+          const __m256 w = _mm256_set1_ps(p[l]);
+          const float* v = vh + l * hd + i0;
+          for (int j = 0; j < width; ++j) a[j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8 * j), a[j]);
+        }
+        for (int j = 0; j < width; ++j) _mm256_store_ps(acc + i0 + 8 * j, a[j]);
       }
       const __m256 inv = _mm256_set1_ps(1.f / total);
       for (int64_t i = 0; i < hd; i += 8) _mm256_storeu_ps(op + th * hd + i, _mm256_mul_ps(_mm256_load_ps(acc + i), inv));
