@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -81,15 +82,16 @@ inline void dot_rows(const float* x, int64_t K, int64_t groups, Unpack unpack, f
   for (int r = 0; r < R; ++r) out[r * ldo] = hsum(_mm256_add_ps(acc[r][0], acc[r][1]));
 }
 
-template <typename Unpack>
-inline void dot_all_rows(const float* x, int64_t M, int64_t K, Unpack unpack, float* out, int64_t ldo) {
-  const int64_t groups = K / kGroup;
+// Calls tile(R, r) for the rows of x in tiles of kTile, then one tile of the 1..3 rows left; R is a
+// std::integral_constant, so each tile size compiles to its own unrolled loop.
+template <typename Tile>
+inline void row_tiles(int64_t M, Tile tile) {
   int64_t r = 0;
-  for (; r + kTile <= M; r += kTile) dot_rows<kTile>(x + r * K, K, groups, unpack, out + r * ldo, ldo);
+  for (; r + kTile <= M; r += kTile) tile(std::integral_constant<int, kTile>{}, r);
   switch (M - r) {
-    case 3: dot_rows<3>(x + r * K, K, groups, unpack, out + r * ldo, ldo); break;
-    case 2: dot_rows<2>(x + r * K, K, groups, unpack, out + r * ldo, ldo); break;
-    case 1: dot_rows<1>(x + r * K, K, groups, unpack, out + r * ldo, ldo); break;
+    case 3: tile(std::integral_constant<int, 3>{}, r); break;
+    case 2: tile(std::integral_constant<int, 2>{}, r); break;
+    case 1: tile(std::integral_constant<int, 1>{}, r); break;
     default: break;
   }
 }
@@ -172,14 +174,7 @@ torch::Tensor q4_linear(const torch::Tensor& x, const torch::Tensor& codes, cons
     for (int64_t n = begin; n < end; ++n) {
       const uint8_t* row = cp + n * (K / 2);
       const at::Half *d = sp + n * groups, *m = mp + n * groups;
-      int64_t r = 0;
-      for (; r + kTile <= M; r += kTile) q4_dot_rows<kTile>(row, d, m, xq, r, K, op + r * N + n, N);
-      switch (M - r) {
-        case 3: q4_dot_rows<3>(row, d, m, xq, r, K, op + r * N + n, N); break;
-        case 2: q4_dot_rows<2>(row, d, m, xq, r, K, op + r * N + n, N); break;
-        case 1: q4_dot_rows<1>(row, d, m, xq, r, K, op + r * N + n, N); break;
-        default: break;
-      }
+      row_tiles(M, [&](auto R, int64_t r) { q4_dot_rows<decltype(R)::value>(row, d, m, xq, r, K, op + r * N + n, N); });
     }
   });
   return out;
@@ -199,7 +194,7 @@ torch::Tensor q8_linear(const torch::Tensor& x, const torch::Tensor& codes, cons
       const int8_t* row = cp + n * K;
       const at::Half* d = sp + n * groups;
       auto unpack = [&](int64_t g) { return unpack_q8(row + g * kGroup, half_to_float(d[g])); };
-      dot_all_rows(xp, M, K, unpack, op + n, N);
+      row_tiles(M, [&](auto R, int64_t r) { dot_rows<decltype(R)::value>(xp + r * K, K, groups, unpack, op + r * N + n, N); });
     }
   });
   return out;
@@ -213,12 +208,14 @@ torch::Tensor dequantize(const torch::Tensor& codes, const torch::Tensor& scales
   float* op = out.data_ptr<float>();
   const at::Half* sp = scales.data_ptr<at::Half>();
   const at::Half* mp = q4 ? mins->data_ptr<at::Half>() : nullptr;
+  const uint8_t* q4p = q4 ? codes.data_ptr<uint8_t>() : nullptr;
+  const int8_t* q8p = q4 ? nullptr : codes.data_ptr<int8_t>();
   at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       for (int64_t g = 0; g < groups; ++g) {
         const int64_t i = n * groups + g;
-        const Group w = q4 ? unpack_q4(codes.data_ptr<uint8_t>() + i * 16, half_to_float(sp[i]), half_to_float(mp[i]))
-                           : unpack_q8(codes.data_ptr<int8_t>() + i * kGroup, half_to_float(sp[i]));
+        const Group w = q4 ? unpack_q4(q4p + i * 16, half_to_float(sp[i]), half_to_float(mp[i]))
+                           : unpack_q8(q8p + i * kGroup, half_to_float(sp[i]));
         for (int j = 0; j < 4; ++j) _mm256_storeu_ps(op + i * kGroup + 8 * j, w.w[j]);
       }
     }
