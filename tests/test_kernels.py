@@ -78,19 +78,29 @@ def test_rms_norm_matches_torch():
     torch.testing.assert_close(native.rms_norm(x, weight, 1e-6), F.rms_norm(x, (64,), weight, 1e-6))
 
 
+def random_tree_mask(T: int, seed: int) -> torch.Tensor:
+    """[T, T] ancestor-or-self mask of a random tree in topological order (node 0 the root)."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.eye(T, dtype=torch.bool)
+    for t in range(1, T):
+        mask[t] |= mask[int(torch.randint(0, t, (1,), generator=g))]
+    return mask
+
+
 @needs_native
-def test_attention_step_matches_rope_cache_and_sdpa_with_a_tree_mask():
-    """The fused decoding step (rotate q/k, write k/v to the cache, attend) against the PyTorch path."""
-    T, H, KV, hd, prefix = 5, 6, 2, 16, 9
+@pytest.mark.parametrize("T, H, KV, hd, prefix", [(5, 6, 2, 16, 9), (12, 9, 3, 64, 70), (3, 4, 4, 96, 33), (1, 9, 3, 64, 100)])
+def test_attention_step_matches_rope_cache_and_sdpa_with_a_tree_mask(T, H, KV, hd, prefix):
+    """The fused decoding step (rotate q/k, write k/v to the cache, attend) against the PyTorch path,
+    over head sizes with a partial 64-dim slice, key counts with a partial block, and several chunks
+    of queries per kv head."""
     L = prefix + T
     qkv = torch.randn(T, (H + 2 * KV) * hd)
     angles = torch.arange(prefix, L, dtype=torch.float32)[:, None] * torch.rand(hd // 2)[None, :]
     angles = torch.cat([angles, angles], dim=-1)
     cos, sin = angles.cos(), angles.sin()
-    k_cache, v_cache = torch.randn(KV, 40, hd), torch.randn(KV, 40, hd)
+    k_cache, v_cache = torch.randn(KV, L + 8, hd), torch.randn(KV, L + 8, hd)
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
-    tree = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 0, 1, 0, 0], [1, 1, 0, 1, 0], [1, 0, 1, 0, 1]],
-                        dtype=torch.bool)
+    tree = random_tree_mask(T, seed=T)
     mask = torch.cat([torch.ones(T, prefix, dtype=torch.bool), tree], dim=1)
 
     qk, v = qkv.split([(H + KV) * hd, KV * hd], dim=-1)
@@ -108,6 +118,14 @@ def test_attention_step_matches_rope_cache_and_sdpa_with_a_tree_mask():
                                      k_cache, v_cache, prefix + t, H, mask[t:t + 1, :prefix + t + 1].contiguous(),
                                      hd ** -0.5)
         assert torch.equal(step[0], out[t])
+        # ... and so does plain decoding, where the node's ancestors sit in consecutive slots
+        ancestors = [prefix + a for a in range(t) if tree[t, a]]
+        k_plain, v_plain = k_cache.clone(), v_cache.clone()
+        k_plain[:, prefix:prefix + len(ancestors)] = k_cache[:, ancestors]
+        v_plain[:, prefix:prefix + len(ancestors)] = v_cache[:, ancestors]
+        plain = native.attention_step(qkv[t:t + 1].contiguous(), cos[t:t + 1].contiguous(), sin[t:t + 1].contiguous(),
+                                      k_plain, v_plain, prefix + len(ancestors), H, None, hd ** -0.5)
+        assert torch.equal(plain[0], out[t])
 
 
 @needs_native

@@ -31,6 +31,21 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+inline float hmax(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// Lane j of the result is the sum of v[j]'s eight lanes, added in the same order for every j
+// ((0 + 1) + (2 + 3)) + ((4 + 5) + (6 + 7)), so a value never depends on which lane it lands in.
+inline __m256 reduce8(const __m256 v[8]) {
+  const __m256 t0 = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+  const __m256 t1 = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31));
+}
+
 // One group of 32 dequantized weights as four vectors of 8.
 struct Group {
   __m256 w[4];
@@ -115,17 +130,21 @@ struct Q8Rows {
 Q8Rows quantize_rows(const float* x, int64_t M, int64_t K) {
   const int64_t groups = K / kGroup;
   Q8Rows r{std::vector<int8_t>(M * K), std::vector<float>(M * groups), std::vector<float>(M * groups)};
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // undoes the lane interleaving of the packs
   for (int64_t i = 0; i < M * groups; ++i) {
     const float* xg = x + i * kGroup;
-    float amax = 0.f, sum = 0.f;
-    for (int j = 0; j < kGroup; ++j) {
-      amax = std::max(amax, std::fabs(xg[j]));
-      sum += xg[j];
-    }
-    const float d = amax / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
-    for (int j = 0; j < kGroup; ++j) r.q[i * kGroup + j] = static_cast<int8_t>(std::nearbyint(xg[j] * inv));
+    __m256 v[4];
+    for (int j = 0; j < 4; ++j) v[j] = _mm256_loadu_ps(xg + 8 * j);
+    const __m256 amax = _mm256_max_ps(_mm256_max_ps(_mm256_and_ps(v[0], abs_mask), _mm256_and_ps(v[1], abs_mask)),
+                                      _mm256_max_ps(_mm256_and_ps(v[2], abs_mask), _mm256_and_ps(v[3], abs_mask)));
+    const float d = hmax(amax) / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
+    __m256i q[4];  // round to nearest even, as std::nearbyint does
+    for (int j = 0; j < 4; ++j) q[j] = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], _mm256_set1_ps(inv)));
+    const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(r.q.data() + i * kGroup), _mm256_permutevar8x32_epi32(bytes, order));
     r.d[i] = d;
-    r.sum[i] = sum;
+    r.sum[i] = hsum(_mm256_add_ps(_mm256_add_ps(v[0], v[1]), _mm256_add_ps(v[2], v[3])));
   }
   return r;
 }
@@ -229,15 +248,17 @@ torch::Tensor dequantize(const torch::Tensor& codes, const torch::Tensor& scales
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == torch::kFloat32, "x: contiguous [T, D] float32");
   const int64_t T = x.size(0), D = x.size(1);
+  TORCH_CHECK(D % 8 == 0 && weight.is_contiguous() && weight.numel() == D, "weight: [D] float32, D a multiple of 8");
   auto out = torch::empty_like(x);
   const float *xp = x.data_ptr<float>(), *wp = weight.data_ptr<float>();
   float* op = out.data_ptr<float>();
   for (int64_t t = 0; t < T; ++t) {
     const float* xr = xp + t * D;
-    float ss = 0.f;
-    for (int64_t i = 0; i < D; ++i) ss += xr[i] * xr[i];
-    const float inv = 1.f / std::sqrt(ss / D + static_cast<float>(eps));
-    for (int64_t i = 0; i < D; ++i) op[t * D + i] = xr[i] * inv * wp[i];
+    __m256 ss = _mm256_setzero_ps();
+    for (int64_t i = 0; i < D; i += 8) ss = _mm256_fmadd_ps(_mm256_loadu_ps(xr + i), _mm256_loadu_ps(xr + i), ss);
+    const __m256 inv = _mm256_set1_ps(1.f / std::sqrt(hsum(ss) / D + static_cast<float>(eps)));
+    for (int64_t i = 0; i < D; i += 8)
+      _mm256_storeu_ps(op + t * D + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + i), inv), _mm256_loadu_ps(wp + i)));
   }
   return out;
 }
@@ -269,6 +290,49 @@ inline void rotate(float* x, const float* cos, const float* sin, int64_t hd) {
     const float a = x[i], b = x[i + half];
     x[i] = a * cos[i] - b * sin[i];
     x[i + half] = b * cos[i + half] + a * sin[i + half];
+  }
+}
+
+// Scores of one query against eight consecutive keys (rows of k, hd floats apart): one accumulator
+// per key over the head's dims, then reduce8, so a key's score is the same arithmetic in any lane.
+inline __m256 score8(const float* q, const float* k, int64_t hd) {
+  __m256 s[8];
+  for (int j = 0; j < 8; ++j) s[j] = _mm256_setzero_ps();
+  for (int64_t i = 0; i < hd; i += 8) {
+    const __m256 qi = _mm256_loadu_ps(q + i);
+    for (int j = 0; j < 8; ++j) s[j] = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k + j * hd + i), s[j]);
+  }
+  return reduce8(s);
+}
+
+// acc[0 .. 8W) += sum over keys l in [l0, l1) of p[l] * v[l, 0 .. 8W), in key order, skipping
+// zero weights; returns the weights' running sum, also in key order.
+template <int W>
+inline float weigh_values(const float* p, const float* v, int64_t hd, int64_t l0, int64_t l1, float* acc, float sum) {
+  __m256 a[W];
+  for (int j = 0; j < W; ++j) a[j] = _mm256_loadu_ps(acc + 8 * j);
+  for (int64_t l = l0; l < l1; ++l) {
+    if (p[l] == 0.f) continue;
+    sum += p[l];
+    const __m256 w = _mm256_set1_ps(p[l]);
+    for (int j = 0; j < W; ++j) a[j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + l * hd + 8 * j), a[j]);
+  }
+  for (int j = 0; j < W; ++j) _mm256_storeu_ps(acc + 8 * j, a[j]);
+  return sum;
+}
+
+// weigh_values for a slice of `width` vectors (1 to 8): each width its own unrolled loop.
+inline float weigh_slice(int64_t width, const float* p, const float* v, int64_t hd, int64_t l0, int64_t l1,
+                         float* acc, float sum) {
+  switch (width) {
+    case 8: return weigh_values<8>(p, v, hd, l0, l1, acc, sum);
+    case 7: return weigh_values<7>(p, v, hd, l0, l1, acc, sum);
+    case 6: return weigh_values<6>(p, v, hd, l0, l1, acc, sum);
+    case 5: return weigh_values<5>(p, v, hd, l0, l1, acc, sum);
+    case 4: return weigh_values<4>(p, v, hd, l0, l1, acc, sum);
+    case 3: return weigh_values<3>(p, v, hd, l0, l1, acc, sum);
+    case 2: return weigh_values<2>(p, v, hd, l0, l1, acc, sum);
+    default: return weigh_values<1>(p, v, hd, l0, l1, acc, sum);
   }
 }
 
@@ -304,45 +368,70 @@ torch::Tensor attention_step(const torch::Tensor& qkv, const torch::Tensor& cos,
   }
   auto out = torch::empty({T, heads * hd}, qkv.options());
   float* op = out.data_ptr<float>();
-  const int64_t padded = (L + 7) / 8 * 8;
-  at::parallel_for(0, T * heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> p(padded);
-    alignas(32) float acc[256];
-    for (int64_t th = begin; th < end; ++th) {
-      const int64_t t = th / heads, kvh = (th % heads) / group;
-      const float* qr = qp + th * hd;
+  // The queries that share a kv head (T tokens x `group` heads) go in chunks of up to 8, so each
+  // chunk reads that head's keys and values once (from L2 or L3 at long contexts), not once per query.
+  const int64_t padded = (L + 7) / 8 * 8, per_head = T * group, chunk = 8;
+  const int64_t chunks = (per_head + chunk - 1) / chunk;
+  constexpr int64_t kBlock = 32;  // keys per pass over the chunk's queries when weighting values
+  at::parallel_for(0, KV * chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> p(chunk * padded), acc(chunk * hd), total(chunk);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t kvh = task / chunks, q0 = (task % chunks) * chunk, nq = std::min(chunk, per_head - q0);
       const float *kh = kc + kvh * max_len * hd, *vh = vc + kvh * max_len * hd;
-      const bool* vis = mp ? mp + t * L : nullptr;
-      float top = -INFINITY;
-      for (int64_t l = 0; l < L; ++l) {
-        if (vis && !vis[l]) { p[l] = -INFINITY; continue; }
-        __m256 s = _mm256_setzero_ps();
-        for (int64_t i = 0; i < hd; i += 8) s = _mm256_fmadd_ps(_mm256_loadu_ps(qr + i), _mm256_loadu_ps(kh + l * hd + i), s);
-        p[l] = hsum(s) * static_cast<float>(scale);
-        top = std::max(top, p[l]);
-      }
-      std::fill(p.begin() + L, p.end(), -INFINITY);
-      for (int64_t l = 0; l < padded; l += 8)
-        _mm256_storeu_ps(p.data() + l, exp8(_mm256_sub_ps(_mm256_loadu_ps(p.data() + l), _mm256_set1_ps(top))));
-      // Summed in key order, skipping nothing: a tree node's ancestors sit at other slots than in
-      // plain decoding, with masked (zero) keys between them, and zeros do not change a running sum.
-      float total = 0.f;
-      for (int64_t l = 0; l < L; ++l) total += p[l];
-      // Values in slices of 64 dims: eight register accumulators over all keys, in key order.
-      for (int64_t i0 = 0; i0 < hd; i0 += 64) {
-        const int64_t width = std::min<int64_t>(64, hd - i0) / 8;
-        __m256 a[8];
-        for (int j = 0; j < 8; ++j) a[j] = _mm256_setzero_ps();
-        for (int64_t l = 0; l < L; ++l) {
-          if (p[l] == 0.f) continue;
-          const __m256 w = _mm256_set1_ps(p[l]);
-          const float* v = vh + l * hd + i0;
-          for (int j = 0; j < width; ++j) a[j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8 * j), a[j]);
+      // Query j of the chunk: token t, head kvh * group + g; its row of q and of the output.
+      auto row = [&](int64_t j) { const int64_t i = q0 + j; return (i / group) * heads + kvh * group + i % group; };
+      // Scores, eight keys at a time: one accumulator per key over the head's dims, then reduce8. A
+      // key's score is the same arithmetic wherever its slot falls, so it never depends on the batch.
+      __m256 top[8];
+      for (int64_t j = 0; j < nq; ++j) top[j] = _mm256_set1_ps(-INFINITY);
+      std::vector<float> tail(8 * hd, 0.f);  // the last keys, zero-padded to a block of eight
+      for (int64_t l0 = 0; l0 < padded; l0 += 8) {  // a block of keys, for every query of the chunk
+        const int live = static_cast<int>(std::min<int64_t>(8, L - l0));
+        const float* k0 = kh + l0 * hd;
+        if (live < 8) {
+          std::copy(k0, k0 + live * hd, tail.begin());
+          k0 = tail.data();
         }
-        for (int j = 0; j < width; ++j) _mm256_store_ps(acc + i0 + 8 * j, a[j]);
+        for (int64_t j = 0; j < nq; ++j) {
+          const int64_t th = row(j);
+          const float* qr = qp + th * hd;
+          const bool* vis = mp ? mp + (th / heads) * L + l0 : nullptr;
+          float* pj = p.data() + j * padded + l0;
+          _mm256_storeu_ps(pj, _mm256_mul_ps(score8(qr, k0, hd), _mm256_set1_ps(static_cast<float>(scale))));
+          for (int k = 0; k < 8; ++k)
+            if (k >= live || (vis && !vis[k])) pj[k] = -INFINITY;
+          top[j] = _mm256_max_ps(top[j], _mm256_loadu_ps(pj));
+        }
       }
-      const __m256 inv = _mm256_set1_ps(1.f / total);
-      for (int64_t i = 0; i < hd; i += 8) _mm256_storeu_ps(op + th * hd + i, _mm256_mul_ps(_mm256_load_ps(acc + i), inv));
+      for (int64_t j = 0; j < nq; ++j) {
+        float* pj = p.data() + j * padded;
+        const __m256 peak = _mm256_set1_ps(hmax(top[j]));
+        for (int64_t l = 0; l < padded; l += 8) _mm256_storeu_ps(pj + l, exp8(_mm256_sub_ps(_mm256_loadu_ps(pj + l), peak)));
+      }
+      // Values: per query, accumulators over the dims in slices of 64 (eight registers) that take the
+      // keys in key order, block after block, with the softmax denominator summed in key order too.
+      // Masked keys weigh exactly 0 and are skipped: a tree node's ancestors sit at other slots than
+      // in plain decoding, with masked keys between them, and skipping zeros keeps every sum the one
+      // plain decoding computes.
+      std::fill(acc.begin(), acc.end(), 0.f);
+      std::fill(total.begin(), total.end(), 0.f);
+      for (int64_t b0 = 0; b0 < L; b0 += kBlock) {
+        const int64_t b1 = std::min(L, b0 + kBlock);
+        for (int64_t j = 0; j < nq; ++j) {
+          const float* pj = p.data() + j * padded;
+          for (int64_t i0 = 0; i0 < hd; i0 += 64) {
+            float* aj = acc.data() + j * hd + i0;
+            const float* v = vh + i0;
+            const float sum = weigh_slice(std::min<int64_t>(64, hd - i0) / 8, pj, v, hd, b0, b1, aj, total[j]);
+            if (i0 == 0) total[j] = sum;
+          }
+        }
+      }
+      for (int64_t j = 0; j < nq; ++j) {
+        const __m256 inv = _mm256_set1_ps(1.f / total[j]);
+        const float* aj = acc.data() + j * hd;
+        for (int64_t i = 0; i < hd; i += 8) _mm256_storeu_ps(op + row(j) * hd + i, _mm256_mul_ps(_mm256_loadu_ps(aj + i), inv));
+      }
     }
   });
   return out;
@@ -370,16 +459,22 @@ torch::Tensor q4_mlp_block(const torch::Tensor& x, const torch::Tensor& norm, do
   auto act = torch::empty({T, F}, x.options());
   const float* g = gu.data_ptr<float>();
   float* a = act.data_ptr<float>();
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t i = 0; i < F; ++i) {
-      const float v = g[t * 2 * F + i];
-      a[t * F + i] = v / (1.f + std::exp(-v)) * g[t * 2 * F + F + i];
+  for (int64_t t = 0; t < T; ++t) {
+    const float *gate = g + t * 2 * F, *up = gate + F;
+    float* at = a + t * F;
+    int64_t i = 0;
+    for (; i + 8 <= F; i += 8) {  // silu(v) = v / (1 + exp(-v))
+      const __m256 v = _mm256_loadu_ps(gate + i);
+      const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), v));
+      _mm256_storeu_ps(at + i, _mm256_mul_ps(_mm256_div_ps(v, _mm256_add_ps(_mm256_set1_ps(1.f), e)), _mm256_loadu_ps(up + i)));
     }
+    for (; i < F; ++i) at[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
+  }
   return x + q4_linear(act, down.codes, down.scales, down.mins);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  pybind11::class_<Q4>(m, "Q4").def(pybind11::init<torch::Tensor, torch::Tensor, torch::Tensor>());
+  pybind11::class_<Q4>(m, "Q4", pybind11::module_local()).def(pybind11::init<torch::Tensor, torch::Tensor, torch::Tensor>());
   m.def("q4_attention_block", &q4_attention_block, "x + o(attention(rope(qkv(rms_norm(x))))) for a q4 layer");
   m.def("q4_mlp_block", &q4_mlp_block, "x + down(silu(gate) * up) of rms_norm(x) for a q4 layer");
   m.def("rms_norm", &rms_norm, "x * rsqrt(mean(x^2) + eps) * weight over the last dim, float32");
