@@ -167,7 +167,7 @@ class Block(nn.Module):
         keys, values = cache.write(layer, start, k, v.view(T, a.num_kv_heads, a.head_dim))
         out = F.scaled_dot_product_attention(
             q.transpose(0, 1).unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0),
-            attn_mask=mask, enable_gqa=a.num_heads != a.num_kv_heads,
+            attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=a.num_heads != a.num_kv_heads,
         )  # [1, heads, T, head_dim]
         return out[0].transpose(0, 1).reshape(T, q_size)
 
@@ -243,6 +243,8 @@ class Transformer(nn.Module):
         angles = torch.cat((angles, angles), dim=-1)[:, None, :]  # [T, 1, head_dim]
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         mask = self._attention_mask(positions, start, tree_mask, cache)
+        if prefill and start == 0 and tree_mask is None and self.args.sliding_window is None:
+            mask = None  # a prompt from the first slot: SDPA's own causal kernel, faster than a mask
         for i, layer in enumerate(self.layers[:num_layers]):
             x = layer(x, i, cache, start, cos, sin, mask, prefill)
         x = self.norm(x)
