@@ -118,6 +118,17 @@ def test_full_sequence_matches_hf(pair):
     torch.testing.assert_close(full_forward(ours, SEQ), hf_logits(hf, SEQ), atol=FP32_ATOL, rtol=0)
 
 
+def test_prompt_forward_matches_hf(pair):
+    """prefill=True: the path prompts take (SDPA's causal kernel from the first slot, where the model
+    has no sliding window), then decoding continues from its cache."""
+    hf, ours = pair
+    cache = ours.new_cache(len(SEQ))
+    with torch.inference_mode():
+        head = ours(torch.tensor(SEQ[:8]), torch.arange(8), cache, 0, prefill=True)
+    logits = torch.cat([head, feed(ours, cache, SEQ[8:], start=8)])
+    torch.testing.assert_close(logits, hf_logits(hf, SEQ), atol=FP32_ATOL, rtol=0)
+
+
 def test_incremental_decoding_matches_hf(pair):
     """Prefill 3 tokens (within Mistral's window) in one forward, then one token per forward at
     explicit positions and slots, reaching past the window."""
