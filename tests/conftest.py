@@ -58,3 +58,16 @@ def tiny_runtime(arch: str = "llama", seed: int = 0, **kw) -> Runtime:
 @pytest.fixture(scope="session")
 def tiny():
     return tiny_runtime()
+
+
+def tiny_hf_runtime(seed: int = 0, layers: int = 3) -> Runtime:
+    """A random GPT-2 (outside the native Llama family) behind the transformers adapter. Weights are
+    drawn wide (std 1 rather than GPT-2's 0.02) so that greedy choices are not near-ties."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from forerun.models.hf_adapter import HFAdapter
+
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=VOCAB, n_positions=256, n_embd=32, n_layer=layers, n_head=4,
+                        initializer_range=1.0, attn_implementation="sdpa")
+    return Runtime(model=HFAdapter(GPT2LMHeadModel(config)).to(DEVICE), tokenizer=None, name=f"tiny-gpt2-{seed}")

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import VOCAB, tiny_runtime
+from conftest import VOCAB, tiny_hf_runtime, tiny_runtime
 from forerun import LLM, SamplingParams, SpecConfig
 from forerun.drafters.base import Drafter, chain
 from forerun.drafters.draft_model import DraftModel
@@ -41,8 +41,19 @@ class Oracle(Drafter):
         return Draft(tokens=torch.tensor(tokens), parents=parents)
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3", "mistral", "llama-q4"])
+def draft_runtime(llm, seed: int):
+    """Another random model of the target's kind (mostly wrong as a drafter)."""
+    arch = llm.runtime.model.args.arch
+    if arch.startswith("transformers:"):
+        return tiny_hf_runtime(seed=seed, layers=2)
+    return tiny_runtime(arch, seed=seed, layers=2, **({"sliding_window": 16} if arch == "mistral" else {}))
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3", "mistral", "llama-q4", "gpt2-transformers"])
 def llm(request):
+    if request.param == "gpt2-transformers":  # the transformers adapter, for models outside the family
+        pytest.importorskip("transformers")
+        return LLM(runtime=tiny_hf_runtime(seed=1))
     arch, _, quant = request.param.partition("-")
     kw = {"sliding_window": 16} if arch == "mistral" else {}
     runtime = tiny_runtime(arch, seed=1, **kw)
@@ -79,6 +90,10 @@ def test_oracle_drafts_match_ar(llm, wrong, width):
     SpecConfig(method="layer-skip", exit_layer=1, adaptive=False, num_draft=3),
 ], ids=str)
 def test_methods_match_ar(llm, spec):
+    if spec.method == "layer-skip" and llm.runtime.model.args.arch.startswith("transformers:"):
+        with pytest.raises(ValueError, match="partial forwards"):
+            generate(llm, PROMPTS[0], spec)
+        return
     for prompt in PROMPTS:
         out = generate(llm, prompt, spec)
         assert out.token_ids == reference(llm, prompt)
@@ -90,9 +105,7 @@ def test_methods_match_ar(llm, spec):
 def test_draft_model_matches_ar(llm, width, same):
     """A draft model identical to the target is always right; a different random one mostly wrong."""
     spec = SpecConfig(method="draft", tree_width=width, num_draft=3)
-    arch = llm.runtime.model.args.arch
-    kw = {"sliding_window": 16} if arch == "mistral" else {}
-    draft = llm.runtime if same else tiny_runtime(arch, seed=2, layers=2, **kw)
+    draft = llm.runtime if same else draft_runtime(llm, seed=2)
     for prompt in PROMPTS:
         drafter = DraftModel(llm.runtime, spec, draft=draft)
         out = generate(llm, prompt, spec, drafter=drafter)

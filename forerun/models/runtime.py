@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from forerun.models.args import ModelArgs
+from forerun.models.args import SUPPORTED_ARCHS, ModelArgs
 from forerun.models.llama import Transformer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -80,6 +80,8 @@ def load(model: str | None = None, dtype: str = "float32", device: str = "cpu",
     torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
     path = Path(resolve_model_dir(model))
     config = json.loads((path / "config.json").read_text())
+    if not native_arch(config):
+        return _load_with_transformers(path, config, quant, torch_dtype, torch_device, model)
     args = ModelArgs.from_hf_config(config)
     files = sorted(path.glob("*.safetensors"))
     if not files:
@@ -89,3 +91,23 @@ def load(model: str | None = None, dtype: str = "float32", device: str = "cpu",
         weights.update(load_file(str(f)))
     return Runtime(build(args, weights, torch_dtype, torch_device, quant), Tokenizer.from_dir(path),
                    name=model or "SmolLM2-135M-Instruct (embedded)")
+
+
+def native_arch(config: dict) -> bool:
+    return any(a in SUPPORTED_ARCHS for a in config.get("architectures") or [])
+
+
+def _load_with_transformers(path: Path, config: dict, quant: str | None, dtype: torch.dtype,
+                            device: torch.device, name: str | None) -> Runtime:
+    """A causal LM outside the native Llama family, run by transformers (forerun.models.hf_adapter)."""
+    import warnings
+
+    from forerun.models.hf_adapter import load_adapter
+    from forerun.models.tokenizer import Tokenizer
+
+    archs = config.get("architectures") or ["(none given)"]
+    if quant is not None:
+        raise ValueError(f"quant {quant} needs the native runtime (Llama, Mistral, Qwen2/3), not {archs[0]}")
+    warnings.warn(f"forerun: {archs[0]} is not in the native Llama family; running it through the slower "
+                  "transformers adapter (no fused kernels, no layer-skip/del)", stacklevel=3)
+    return Runtime(load_adapter(str(path), dtype, device), Tokenizer.from_dir(path), name=name or str(path))

@@ -1,0 +1,102 @@
+"""The transformers adapter: models outside the native Llama family (here a random GPT-2) keep the
+engine's contract: tree forwards at explicit positions, commits of the accepted path, and loading
+from a Hugging Face directory with a clear warning that it is the slower path."""
+import shutil
+
+import pytest
+import torch
+
+from conftest import tiny_hf_runtime
+from forerun import LLM, SamplingParams, SpecConfig
+from forerun.tree import depths, tree_mask
+
+transformers = pytest.importorskip("transformers")
+
+PARENTS = [-1, 0, 0, 1, 1, 2]
+TREE = [11, 40, 9, 40, 2, 60]
+PREFIX = [3, 17, 42, 8, 59, 0, 23]
+
+
+@pytest.fixture(scope="module")
+def adapter():
+    return tiny_hf_runtime(seed=0).model
+
+
+def hf_logits(model, tokens: list[int]) -> torch.Tensor:
+    with torch.inference_mode():
+        return model.hf(torch.tensor([tokens])).logits[0].float()
+
+
+def test_prompt_then_steps_match_one_hf_forward(adapter):
+    seq = PREFIX + [5, 6, 7]
+    cache = adapter.new_cache(32)
+    with torch.inference_mode():
+        head = adapter(torch.tensor(seq[:4]), torch.arange(4), cache, 0, prefill=True)
+        steps = [adapter(torch.tensor([t]), torch.tensor([i]), cache, i) for i, t in enumerate(seq[4:], start=4)]
+    torch.testing.assert_close(torch.cat([head, *steps]), hf_logits(adapter, seq), atol=1e-4, rtol=0)
+
+
+def test_tree_nodes_match_their_paths_and_commit_keeps_the_path(adapter):
+    cache = adapter.new_cache(32)
+    with torch.inference_mode():
+        adapter(torch.tensor(PREFIX), torch.arange(len(PREFIX)), cache, 0)
+        positions = len(PREFIX) + torch.tensor(depths(PARENTS))
+        tree = adapter(torch.tensor(TREE), positions, cache, len(PREFIX), tree_mask=tree_mask(PARENTS))
+        for node in range(len(PARENTS)):
+            path, n = [], node
+            while n >= 0:
+                path.append(n)
+                n = PARENTS[n]
+            expected = hf_logits(adapter, PREFIX + [TREE[i] for i in reversed(path)])[-1]
+            torch.testing.assert_close(tree[node], expected, atol=1e-4, rtol=0)
+        # accept root -> 2 -> 5, then decode one more token from the committed cache
+        cache.commit(len(PREFIX), torch.tensor([0, 2, 5]))
+        assert cache.length == len(PREFIX) + 3
+        step = adapter(torch.tensor([30]), torch.tensor([len(PREFIX) + 3]), cache, len(PREFIX) + 3)
+    torch.testing.assert_close(step[0], hf_logits(adapter, PREFIX + [11, 9, 60, 30])[-1], atol=1e-4, rtol=0)
+
+
+def test_cache_refuses_gaps_and_overflow(adapter):
+    cache = adapter.new_cache(8)
+    with pytest.raises(ValueError, match="holds only 0"):
+        adapter(torch.tensor([1]), torch.tensor([3]), cache, 3)
+    with pytest.raises(ValueError, match="overflow"):
+        adapter(torch.tensor(list(range(9))), torch.arange(9), cache, 0)
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory):
+    """A random GPT-2 saved as a Hugging Face directory, with the embedded model's tokenizer files."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from forerun.models.embedded import resolve_model_dir
+
+    embedded = resolve_model_dir(None)
+    path = tmp_path_factory.mktemp("gpt2")
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=49152, n_positions=256, n_embd=32, n_layer=2, n_head=4, initializer_range=0.5)
+    GPT2LMHeadModel(config).save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(embedded / name, path / name)
+    return path
+
+
+def test_loading_a_non_llama_directory_warns_and_generates(gpt2_dir):
+    with pytest.warns(UserWarning, match="slower transformers adapter"):
+        llm = LLM(str(gpt2_dir))
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    ar = llm.generate("Hello there, hello there", params, spec=SpecConfig(method="ar"), chat=False)[0]
+    pld = llm.generate("Hello there, hello there", params, spec=SpecConfig(method="pld"), chat=False)[0]
+    assert pld.token_ids == ar.token_ids and len(ar.token_ids) == 12
+    with pytest.raises(ValueError, match="needs the native runtime"):
+        LLM(str(gpt2_dir), quant="q4")
+
+
+@pytest.mark.parametrize("method", ["recycle", "stand", "lookahead"])
+def test_tree_drafters_match_ar_through_the_adapter(method):
+    llm = LLM(runtime=tiny_hf_runtime(seed=1))
+    params = SamplingParams(max_new_tokens=30, ignore_eos=True)
+    prompt = list(range(10, 30)) * 2
+    ar = llm.generate_ids(prompt, params, SpecConfig(method="ar"))
+    out = llm.generate_ids(prompt, params, SpecConfig(method=method))
+    assert out.token_ids == ar.token_ids
