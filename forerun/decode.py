@@ -14,43 +14,74 @@ from forerun.types import Draft, Stats, Verdict
 from forerun.verify import verify_greedy, verify_stochastic
 
 
-class DraftLength:
-    """Speculation length per step: +2 after a fully accepted draft, -1 after a rejection.
+class SpeedGuard:
+    """Keeps speculation from costing time (SpecConfig.guard): tracks the seconds per token of
+    speculative steps and of plain steps (a drafter that proposed nothing, or a step it was not asked
+    to draft), runs the cheaper kind, and now and then checks the other kind to keep both current.
 
-    With spec.guard it also keeps speculation from costing time. It tracks the seconds per token of
-    speculative steps and of plain steps (a drafter that proposed nothing, or a step it was not
-    asked to draft) and, while speculation is the slower of the two, returns 0 (a plain step),
-    retrying speculation every PROBE_EVERY steps. A drafter that always proposes gets a plain step
-    now and then to keep the comparison current.
+    A check that confirms the choice doubles the wait before the next one (from CHECK_EVERY up to
+    CHECK_MAX steps); one that overturns it starts again from CHECK_EVERY. So a 40-node tree that
+    costs ten plain steps is retried rarely once it has lost a few times. The LLM keeps one guard
+    per SpecConfig across requests, so what it learned carries over, as the drafters' memories do.
     """
 
-    PROBE_EVERY = 16
+    CHECK_EVERY = 16
+    CHECK_MAX = 512
     WEIGHT = 0.25  # of the newest step in the running per-token costs
 
-    def __init__(self, spec: SpecConfig):
+    def __init__(self) -> None:
+        self.cost: dict[bool, float | None] = {True: None, False: None}  # s/token: speculative, plain
+        self.steps = 0
+        self.interval = self.CHECK_EVERY
+        self.next_check = self.CHECK_EVERY
+
+    def prefers_speculation(self) -> bool:
+        spec, plain = self.cost[True], self.cost[False]
+        if spec is None:
+            return True  # measure speculation first,
+        if plain is None:
+            return False  # then the plain baseline
+        return spec <= plain
+
+    def speculate(self) -> bool:
+        """Whether this step should speculate."""
+        prefer = self.prefers_speculation()
+        return not prefer if self.steps == self.next_check else prefer
+
+    def record(self, speculated: bool, seconds: float, tokens: int) -> None:
+        checking = self.steps == self.next_check
+        before = self.prefers_speculation()
+        old, per_token = self.cost[speculated], seconds / max(tokens, 1)
+        # a check replaces the checked kind's cost: its last measurement may be hundreds of steps old
+        fresh = old is None or checking
+        self.cost[speculated] = per_token if fresh else (1 - self.WEIGHT) * old + self.WEIGHT * per_token
+        if checking:
+            confirmed = self.prefers_speculation() == before
+            self.interval = min(2 * self.interval, self.CHECK_MAX) if confirmed else self.CHECK_EVERY
+            self.next_check = self.steps + self.interval
+        self.steps += 1
+
+
+class DraftLength:
+    """Speculation length per step: +2 after a fully accepted draft, -1 after a rejection; 0 (a plain
+    step) when a SpeedGuard finds speculation the slower."""
+
+    def __init__(self, spec: SpecConfig, guard: SpeedGuard | None = None):
         self.length = spec.num_draft
         self.ceiling = spec.max_draft
         self.adaptive = spec.adaptive
-        self.guard = spec.guard
-        self.cost: dict[bool, float | None] = {True: None, False: None}  # s/token: speculative, plain
-        self.step = 0
+        self.guard = guard if guard is not None else SpeedGuard() if spec.guard else None
 
     @property
     def value(self) -> int:
         """Tokens to draft this step; 0 asks for a plain step."""
-        if not self.guard or self.step % self.PROBE_EVERY == 0:
+        if self.guard is None or self.guard.speculate():
             return self.length
-        spec, plain = self.cost[True], self.cost[False]
-        if plain is None:
-            return 0 if spec is not None else self.length  # measure the plain baseline once
-        return 0 if spec is not None and spec > plain else self.length
+        return 0
 
     def update(self, proposed: int, accepted: int, seconds: float = 0.0, tokens: int = 1) -> None:
-        self.step += 1
-        kind = proposed > 0
-        old = self.cost[kind]
-        per_token = seconds / max(tokens, 1)
-        self.cost[kind] = per_token if old is None else (1 - self.WEIGHT) * old + self.WEIGHT * per_token
+        if self.guard is not None:
+            self.guard.record(proposed > 0, seconds, tokens)
         if not self.adaptive or proposed == 0:
             return
         if accepted == proposed:
@@ -105,12 +136,14 @@ def step(target, seq: Sequence, drafter: Drafter, length: DraftLength, stats: St
 
 @torch.inference_mode()
 def decode(target, seq: Sequence, drafter: Drafter, spec: SpecConfig,
-           on_tokens: Callable[[list[int]], bool] | None = None) -> tuple[list[int], str, Stats]:
+           on_tokens: Callable[[list[int]], bool] | None = None,
+           guard: SpeedGuard | None = None) -> tuple[list[int], str, Stats]:
     """Run steps until EOS, the token limit, or `on_tokens` (fed each step's new tokens) returns True.
-    Returns (generated token ids, finish reason, stats); ids stop before EOS and at the limit."""
+    Returns (generated token ids, finish reason, stats); ids stop before EOS and at the limit.
+    `guard` carries a SpeedGuard across calls (with spec.guard; a fresh one otherwise)."""
     params = seq.params
     stats = Stats(prompt_tokens=seq.prompt_len)
-    length = DraftLength(spec)
+    length = DraftLength(spec, guard)
     start = time.perf_counter()
     drafter.begin(seq)
     out: list[int] = []

@@ -6,7 +6,7 @@ from collections.abc import Callable
 import torch
 
 from forerun.config import SamplingParams, SpecConfig
-from forerun.decode import decode
+from forerun.decode import SpeedGuard, decode
 from forerun.drafters.base import Drafter, Sequence
 from forerun.drafters.registry import build_drafter
 from forerun.models.runtime import Runtime, load
@@ -24,6 +24,7 @@ class LLM:
                  quant: str | None = None, runtime: Runtime | None = None):
         self.runtime = runtime or load(model, dtype=dtype, device=device, quant=quant)
         self._drafters: dict[SpecConfig, Drafter] = {}
+        self._guards: dict[SpecConfig, SpeedGuard] = {}  # SpecConfig.guard: what it learned, across requests
 
     @property
     def tokenizer(self):
@@ -58,7 +59,8 @@ class LLM:
         """Decode from token ids. on_text, if given, receives text as it is accepted (streaming)."""
         seq = self.prefill(prompt_ids, params, spec)
         stopper = TextStream(self.tokenizer, params.stop, on_text)
-        ids, reason, stats = decode(self.runtime, seq, self.drafter(spec), spec, stopper)
+        guard = self._guards.setdefault(spec, SpeedGuard()) if spec.guard else None
+        ids, reason, stats = decode(self.runtime, seq, self.drafter(spec), spec, stopper, guard)
         if reason == "stop" and stopper.stopped:
             ids = ids[: stopper.cut_ids]
         text = stopper.final_text(ids)

@@ -10,7 +10,7 @@ from test_distribution import E2E_PARAMS, E2E_PROMPT, E2E_VOCAB, assert_distribu
 from test_equivalence import GREEDY, PROMPTS, generate, reference
 
 from forerun import LLM, SamplingParams, SpecConfig
-from forerun.decode import DraftLength
+from forerun.decode import DraftLength, SpeedGuard
 from forerun.drafters.draft_model import DraftModel
 from forerun.drafters.rasd import RetrievalAugmented
 from forerun.retrieval.datastore import Datastore, build, fingerprint_of, suffix_array
@@ -187,7 +187,7 @@ def test_deterministic_drafters_sample(target, tmp_path, method):
 def test_guarded_steps_skip_the_drafter_without_changing_the_output(llm, tmp_path, monkeypatch, method):
     """The guard (SpecConfig.guard) turns some steps into plain ones without asking the drafter;
     every drafter must cope with the steps it did not draft. Here every other step is plain."""
-    monkeypatch.setattr(DraftLength, "value", property(lambda self: self.length if self.step % 2 else 0))
+    monkeypatch.setattr(SpeedGuard, "speculate", lambda self: self.steps % 2 == 1)
     options = {"datastore": datastore_for(llm, tmp_path)} if method in ("retrieval", "rasd") else {}
     spec = SpecConfig(method=method, guard=True, options=options)
     drafters = {"draft": DraftModel, "rasd": RetrievalAugmented}
@@ -198,17 +198,36 @@ def test_guarded_steps_skip_the_drafter_without_changing_the_output(llm, tmp_pat
         assert out.stats.accept_histogram[1] >= out.stats.target_forwards // 2  # the plain steps happened
 
 
-def test_guard_prefers_the_faster_kind_of_step_and_keeps_probing():
-    length = DraftLength(SpecConfig(guard=True))
-    length.update(proposed=4, accepted=0, seconds=0.04, tokens=1)  # speculation: 40 ms a token
-    assert length.value == 0  # no plain baseline yet: measure one
-    length.update(proposed=0, accepted=0, seconds=0.01, tokens=1)  # plain: 10 ms a token
-    values = []
-    for _ in range(2 * DraftLength.PROBE_EVERY):
-        values.append(length.value)
-        length.update(proposed=0, accepted=0, seconds=0.01, tokens=1)
-    assert values.count(0) == len(values) - 2  # plain, except one probe every PROBE_EVERY steps
-    for _ in range(8):  # speculation turns out cheaper per token: it is used again
-        length.update(proposed=4, accepted=4, seconds=0.02, tokens=5)
-    assert length.value > 0
-    assert DraftLength(SpecConfig()).value == SpecConfig().num_draft  # no guard: always the length
+def run_guard(guard: SpeedGuard, steps: int, spec_s: float, plain_s: float, tokens: int = 2) -> list[bool]:
+    """Feed the guard `steps` steps at the given seconds per step; the kinds it chose, in order."""
+    chosen = []
+    for _ in range(steps):
+        speculated = guard.speculate()
+        chosen.append(speculated)
+        guard.record(speculated, spec_s if speculated else plain_s, tokens if speculated else 1)
+    return chosen
+
+
+def test_guard_prefers_the_faster_kind_and_checks_less_often_while_it_holds():
+    guard = SpeedGuard()
+    chosen = run_guard(guard, 2, spec_s=0.08, plain_s=0.01)
+    assert chosen == [True, False]  # measure speculation, then the plain baseline
+    chosen = run_guard(guard, 1100, spec_s=0.08, plain_s=0.01)  # 40 ms a token against 10: plain
+    checks = [i for i, c in enumerate(chosen, start=2) if c]
+    gaps = [b - a for a, b in zip(checks, checks[1:])]
+    assert gaps == sorted(gaps) and gaps[0] == 2 * SpeedGuard.CHECK_EVERY and max(gaps) == SpeedGuard.CHECK_MAX
+    assert len(checks) < 10  # each check of a losing speculation doubles the wait
+    # speculation becomes cheaper (2.5 ms a token): the next check overturns the choice
+    chosen = run_guard(guard, SpeedGuard.CHECK_MAX + 20, spec_s=0.005, plain_s=0.01)
+    switched = chosen.index(True)
+    assert switched <= SpeedGuard.CHECK_MAX and chosen[switched:].count(False) <= 5  # then plain only to check
+
+
+def test_guard_is_off_by_default_and_shared_across_requests_when_on(llm):
+    assert DraftLength(SpecConfig()).value == SpecConfig().num_draft and DraftLength(SpecConfig()).guard is None
+    spec = SpecConfig(method="pld", guard=True)
+    generate(llm, PROMPTS[0], spec)
+    guard = llm._guards[spec]
+    seen = guard.steps
+    generate(llm, PROMPTS[0], spec)
+    assert llm._guards[spec] is guard and guard.steps > seen > 0
