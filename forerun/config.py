@@ -42,7 +42,8 @@ class SpecConfig:
     adaptive: bool = True  # grow after full acceptance, shrink after a rejection
     max_draft: int = 12  # ceiling for the adaptive length
     # Take plain one-token steps while speculative steps measure slower per token than plain ones
-    # (decode.DraftLength); outputs are unchanged, only which steps speculate.
+    # (decode.SpeedGuard, kept per SpecConfig across requests); outputs are unchanged, only which
+    # steps speculate.
     guard: bool = False
     draft_model: str | None = None  # method "draft": HF directory or .gguf
     tree_width: int = 1  # method "draft": children per expanded node; 1 drafts a chain
