@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 START, END = "<!-- bench-table:start -->", "<!-- bench-table:end -->"
 ACCEPTANCE = ["bench", "--dataset", str(REPO.parent / "shared" / "data" / "spec_bench" / "question.jsonl"),
               "--limit-per-category", "5", "--methods", "ar,pld,layer-skip", "--engine-arg", "quant=q4",
-              "--peers", "hf,hf-pld,llama.cpp,llama.cpp-pld", "--out", "bench-out"]
+              "--peers", "hf,hf-pld,llama.cpp,llama.cpp-pld", "--max-new-tokens", "32", "--out", "bench-out"]
 
 
 def main(argv: list[str] | None = None) -> int:
