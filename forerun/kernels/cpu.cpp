@@ -375,6 +375,7 @@ torch::Tensor attention_step(const torch::Tensor& qkv, const torch::Tensor& cos,
   constexpr int64_t kBlock = 32;  // keys per pass over the chunk's queries when weighting values
   at::parallel_for(0, KV * chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> p(chunk * padded), acc(chunk * hd), total(chunk);
+    std::vector<float> tail(8 * hd, 0.f);  // the last keys as a full block (lanes past L are masked)
     for (int64_t task = begin; task < end; ++task) {
       const int64_t kvh = task / chunks, q0 = (task % chunks) * chunk, nq = std::min(chunk, per_head - q0);
       const float *kh = kc + kvh * max_len * hd, *vh = vc + kvh * max_len * hd;
@@ -384,7 +385,6 @@ torch::Tensor attention_step(const torch::Tensor& qkv, const torch::Tensor& cos,
       // key's score is the same arithmetic wherever its slot falls, so it never depends on the batch.
       __m256 top[8];
       for (int64_t j = 0; j < nq; ++j) top[j] = _mm256_set1_ps(-INFINITY);
-      std::vector<float> tail(8 * hd, 0.f);  // the last keys, zero-padded to a block of eight
       for (int64_t l0 = 0; l0 < padded; l0 += 8) {  // a block of keys, for every query of the chunk
         const int live = static_cast<int>(std::min<int64_t>(8, L - l0));
         const float* k0 = kh + l0 * hd;
