@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from forerun.models.llama import CausalLM
+
 
 @dataclass(frozen=True)
 class AdapterArgs:
@@ -74,7 +76,7 @@ class AdapterCache:
         self._keep(keep.to(device))
 
 
-class HFAdapter(nn.Module):
+class HFAdapter(CausalLM):
     """Wraps a transformers *ForCausalLM with the interface of forerun.models.llama.Transformer."""
 
     def __init__(self, hf_model: nn.Module):
@@ -94,14 +96,6 @@ class HFAdapter(nn.Module):
         # transformers renamed past_key_values to cache (5.2x onwards, model by model)
         self._cache_arg = "cache" if "cache" in inspect.signature(hf_model.forward).parameters else "past_key_values"
         self.head = hf_model.get_output_embeddings()
-
-    @property
-    def device(self) -> torch.device:
-        return self.embed.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.embed.dtype
 
     quantization = None
 

@@ -172,7 +172,22 @@ class Block(nn.Module):
         return out[0].transpose(0, 1).reshape(T, q_size)
 
 
-class Transformer(nn.Module):
+class CausalLM(nn.Module):
+    """What the engine reads off every model: where it runs and in what dtype, both those of its
+    token embedding table `embed`. Subclassed by Transformer and by the transformers adapter."""
+
+    embed: Tensor
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.dtype
+
+
+class Transformer(CausalLM):
     """Weights come as a dict with Hugging Face names (`model.layers.0.self_attn.q_proj.weight`, ...)."""
 
     def __init__(self, args: ModelArgs, weights: dict[str, Tensor]):
@@ -186,14 +201,6 @@ class Transformer(nn.Module):
         head = weights["model.embed_tokens.weight"] if args.tie_word_embeddings else weights["lm_head.weight"]
         self.head = Linear(head)
         self.register_buffer("inv_freq", rope_frequencies(args), persistent=False)
-
-    @property
-    def device(self) -> torch.device:
-        return self.embed.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.embed.dtype
 
     @property
     def quantization(self) -> str | None:
@@ -242,9 +249,10 @@ class Transformer(nn.Module):
         angles = positions.to(self.inv_freq.dtype)[:, None] * self.inv_freq[None, :]
         angles = torch.cat((angles, angles), dim=-1)[:, None, :]  # [T, 1, head_dim]
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-        mask = self._attention_mask(positions, start, tree_mask, cache)
         if prefill and start == 0 and tree_mask is None and self.args.sliding_window is None:
             mask = None  # a prompt from the first slot: SDPA's own causal kernel, faster than a mask
+        else:
+            mask = self._attention_mask(positions, start, tree_mask, cache)
         for i, layer in enumerate(self.layers[:num_layers]):
             x = layer(x, i, cache, start, cos, sin, mask, prefill)
         x = self.norm(x)
