@@ -136,7 +136,7 @@ def test_fused_q4_layer_halves_agree_with_the_layer_op_by_op():
 
     model = tiny_runtime("llama", seed=3).model
     assert model.quantize() and all(layer.q4_halves is not None for layer in model.layers)
-    T, hd = 5, model.args.head_dim
+    T = 5
     angles = torch.arange(T, dtype=torch.float32)[:, None] * model.inv_freq[None, :]
     cos, sin = torch.cat([angles, angles], -1).cos()[:, None], torch.cat([angles, angles], -1).sin()[:, None]
     mask = torch.ones(T, T, dtype=torch.bool).tril()
