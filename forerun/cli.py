@@ -25,6 +25,9 @@ def _decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tree-width", type=int, default=1, help="--method draft: children per tree node")
     p.add_argument("--guard", action="store_true",
                    help="take plain steps while speculation measures slower per token (same output)")
+    p.add_argument("--budget", choices=["fixed", "cost"], default="fixed",
+                   help="cost: cut each draft tree to the nodes worth verifying, from measured step costs "
+                        "and acceptance per tree position (same output)")
     p.add_argument("--exit-layer", type=int, default=None, help="--method layer-skip: layers the drafter runs")
     p.add_argument("--opt", action="append", default=[], metavar="NAME=VALUE",
                    help="a method-specific option (repeatable), e.g. --opt datastore=DS")
@@ -75,7 +78,8 @@ def spec_config(a: argparse.Namespace) -> SpecConfig:
     num = a.num_draft if fixed else default.num_draft
     return SpecConfig(method=a.method, num_draft=num, adaptive=not fixed,
                       max_draft=max(num, default.max_draft), draft_model=a.draft_model,
-                      tree_width=a.tree_width, exit_layer=a.exit_layer, guard=a.guard, options=_options(a.opt))
+                      tree_width=a.tree_width, exit_layer=a.exit_layer, guard=a.guard, budget=a.budget,
+                      options=_options(a.opt))
 
 
 def _options(pairs: list[str]) -> dict[str, str]:

@@ -45,6 +45,10 @@ class SpecConfig:
     # (decode.SpeedGuard, kept per SpecConfig across requests); outputs are unchanged, only which
     # steps speculate.
     guard: bool = False
+    # "fixed": verify the drafter's tree as proposed. "cost": cut each tree to the nodes worth their
+    # rows, from the measured cost of a step per row verified and each tree position's acceptance
+    # (forerun.budget); greedy, or drafts chosen deterministically (sampled trees are kept whole).
+    budget: str = "fixed"
     draft_model: str | None = None  # method "draft": HF directory or .gguf
     tree_width: int = 1  # method "draft": children per expanded node; 1 drafts a chain
     exit_layer: int | None = None  # method "layer-skip": layers the drafter runs (default: half)
@@ -61,6 +65,8 @@ class SpecConfig:
             raise ValueError("num_draft and max_draft must be >= 1")
         if self.num_draft > self.max_draft:
             raise ValueError(f"num_draft ({self.num_draft}) exceeds max_draft ({self.max_draft})")
+        if self.budget not in ("fixed", "cost"):
+            raise ValueError(f"budget must be 'fixed' or 'cost', got {self.budget!r}")
         if self.tree_width < 1:
             raise ValueError(f"tree_width must be >= 1, got {self.tree_width}")
         if not 1 <= self.ngram_min <= self.ngram_max:

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import torch
 
+from forerun.budget import TreeBudget
 from forerun.config import SamplingParams, SpecConfig
 from forerun.drafters.base import Drafter, Sequence, root_only
 from forerun.sampling import target_probs
@@ -112,11 +113,15 @@ def target_forward(target, seq: Sequence, draft: Draft) -> torch.Tensor:
                         None if mask is None else mask.to(device))
 
 
-def step(target, seq: Sequence, drafter: Drafter, length: DraftLength, stats: Stats) -> list[int]:
-    """One speculative step. Returns the tokens it appended to seq (accepted drafts + next token)."""
+def step(target, seq: Sequence, drafter: Drafter, length: DraftLength, stats: Stats,
+         fit: TreeBudget | None = None) -> list[int]:
+    """One speculative step. Returns the tokens it appended to seq (accepted drafts + next token).
+    `fit` cuts the draft to the nodes worth verifying (SpecConfig.budget = "cost")."""
     t0 = time.perf_counter()
-    budget = length.value
-    draft = drafter.propose(seq, budget) if budget else root_only(seq)
+    depth = length.value
+    draft = drafter.propose(seq, depth) if depth else root_only(seq)
+    if fit is not None:
+        draft = fit.cut(draft, seq.params.greedy)
     t1 = time.perf_counter()
     logits = target_forward(target, seq, draft)
     verdict = verify(draft, logits[:draft.size], seq.params, seq.generator)
@@ -127,6 +132,8 @@ def step(target, seq: Sequence, drafter: Drafter, length: DraftLength, stats: St
     drafter.observe(seq, draft, verdict, logits)
     t2 = time.perf_counter()
     length.update(max(depths(draft.parents)), verdict.accepted, t2 - t0, len(new))
+    if fit is not None:
+        fit.record(draft, verdict, t2 - t0)
     stats.draft_s += t1 - t0
     stats.verify_s += t2 - t1
     stats.target_forwards += 1
@@ -137,19 +144,22 @@ def step(target, seq: Sequence, drafter: Drafter, length: DraftLength, stats: St
 @torch.inference_mode()
 def decode(target, seq: Sequence, drafter: Drafter, spec: SpecConfig,
            on_tokens: Callable[[list[int]], bool] | None = None,
-           guard: SpeedGuard | None = None) -> tuple[list[int], str, Stats]:
+           guard: SpeedGuard | None = None, fit: TreeBudget | None = None) -> tuple[list[int], str, Stats]:
     """Run steps until EOS, the token limit, or `on_tokens` (fed each step's new tokens) returns True.
     Returns (generated token ids, finish reason, stats); ids stop before EOS and at the limit.
-    `guard` carries a SpeedGuard across calls (with spec.guard; a fresh one otherwise)."""
+    `guard` and `fit` carry a SpeedGuard and a TreeBudget across calls (with spec.guard and
+    spec.budget == "cost"; fresh ones otherwise)."""
     params = seq.params
     stats = Stats(prompt_tokens=seq.prompt_len)
     length = DraftLength(spec, guard)
+    if fit is None and spec.budget == "cost":
+        fit = TreeBudget()
     start = time.perf_counter()
     drafter.begin(seq)
     out: list[int] = []
     reason = "length"
     while len(out) < params.max_new_tokens:
-        new = step(target, seq, drafter, length, stats)[: params.max_new_tokens - len(out)]
+        new = step(target, seq, drafter, length, stats, fit)[: params.max_new_tokens - len(out)]
         eos_at = next((i for i, t in enumerate(new) if t in seq.eos_ids), None)
         if eos_at is not None and not params.ignore_eos:
             new, reason = new[:eos_at], "eos"

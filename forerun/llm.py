@@ -5,6 +5,7 @@ from collections.abc import Callable
 
 import torch
 
+from forerun.budget import TreeBudget
 from forerun.config import SamplingParams, SpecConfig
 from forerun.decode import SpeedGuard, decode
 from forerun.drafters.base import Drafter, Sequence
@@ -24,7 +25,9 @@ class LLM:
                  quant: str | None = None, runtime: Runtime | None = None):
         self.runtime = runtime or load(model, dtype=dtype, device=device, quant=quant)
         self._drafters: dict[SpecConfig, Drafter] = {}
-        self._guards: dict[SpecConfig, SpeedGuard] = {}  # SpecConfig.guard: what it learned, across requests
+        # what SpecConfig.guard and SpecConfig.budget learned, kept across requests
+        self._guards: dict[SpecConfig, SpeedGuard] = {}
+        self._budgets: dict[SpecConfig, TreeBudget] = {}
 
     @property
     def tokenizer(self):
@@ -60,7 +63,8 @@ class LLM:
         seq = self.prefill(prompt_ids, params, spec)
         stopper = TextStream(self.tokenizer, params.stop, on_text)
         guard = self._guards.setdefault(spec, SpeedGuard()) if spec.guard else None
-        ids, reason, stats = decode(self.runtime, seq, self.drafter(spec), spec, stopper, guard)
+        fit = self._budgets.setdefault(spec, TreeBudget()) if spec.budget == "cost" else None
+        ids, reason, stats = decode(self.runtime, seq, self.drafter(spec), spec, stopper, guard, fit)
         if reason == "stop" and stopper.stopped:
             ids = ids[: stopper.cut_ids]
         text = stopper.final_text(ids)
