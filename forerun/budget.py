@@ -4,9 +4,9 @@ A drafter proposes its whole tree; verifying a node costs time whether or not it
 budget keeps the nodes that are worth their rows in the verification forward, from two running
 measurements:
 
-- RowCost: seconds of one step as a function of the rows it verifies, fit as a line
-  (a + b * rows) to what steps of each size took. One row is a plain step. On a GPU the line is
-  nearly flat; on a CPU whose forward is compute-bound it is steep.
+- RowCost: seconds of one step as a function of the rows it verifies, from what steps of each
+  size took. One row is a plain step. On a GPU the curve is nearly flat; on a CPU whose forward
+  is compute-bound it is steep.
 - NodeOdds: for every position in a tree, named by its path of sibling ranks ((0,) is the root's
   first child, (0, 1) that child's second child), the fraction of the steps it was on the accepted
   path. A step's expected output is 1 + the sum of these over the nodes verified.
@@ -24,6 +24,12 @@ a tree whose tokens were sampled (q given) is verified whole.
 """
 from __future__ import annotations
 
+import bisect
+import itertools
+import statistics
+from collections import deque
+from collections.abc import Callable
+
 import torch
 
 from forerun.drafters.tree_shape import sibling_ranks
@@ -31,31 +37,65 @@ from forerun.types import Draft, Extra, Verdict
 
 
 class RowCost:
-    """Seconds per step as a line in the rows verified, fit to running means per row count."""
+    """Seconds per step as a function of the rows verified, from the recent steps of each row count.
 
-    WEIGHT = 0.25  # of the newest step in a row count's running mean
+    A row count's value is the low median of its last KEEP steps, so one slow step (a new shape's
+    first run allocates and picks kernels; the machine was busy) is outvoted by the next. Between
+    measured row counts the cost is interpolated (and never falls as rows grow); past the widest,
+    it grows along the slope of a line fit to all of them. Interpolation matters on a GPU, where
+    the curve is a step (one row, then about 1.25x for anything from 2 to 128 rows on an H200) that
+    a single line would read as a steady cost per row."""
+
+    KEEP = 5
 
     def __init__(self) -> None:
-        self.seconds: dict[int, float] = {}  # rows -> running mean of the step's seconds
+        self.steps: dict[int, deque[float]] = {}  # rows -> seconds of its last KEEP steps
+
+    @property
+    def seconds(self) -> dict[int, float]:
+        return {rows: statistics.median_low(s) for rows, s in self.steps.items()}
 
     def record(self, rows: int, seconds: float) -> None:
-        old = self.seconds.get(rows)
-        self.seconds[rows] = seconds if old is None else (1 - self.WEIGHT) * old + self.WEIGHT * seconds
+        self.steps.setdefault(rows, deque(maxlen=self.KEEP)).append(seconds)
 
     def line(self) -> tuple[float, float] | None:
-        """(a, b) with seconds ~ a + b * rows by least squares; None until two row counts are known.
-        The slope is kept >= 0 and the cost of one row > 0."""
-        if len(self.seconds) < 2:
+        """(a, b) with seconds ~ a + b * rows by weighted least squares; None until two row counts
+        are known. The slope is kept >= 0 and the cost of one row > 0."""
+        if len(self.steps) < 2:
             return None
-        rows, secs = zip(*self.seconds.items())
-        n, mx, my = len(rows), sum(rows) / len(rows), sum(secs) / len(secs)
-        sxx = sum((x - mx) ** 2 for x in rows)
-        b = max(sum((x - mx) * (y - my) for x, y in zip(rows, secs)) / sxx, 0.0)
+        points = [(rows, secs, len(self.steps[rows])) for rows, secs in self.seconds.items()]
+        total = sum(w for _, _, w in points)
+        mx = sum(x * w for x, _, w in points) / total
+        my = sum(y * w for _, y, w in points) / total
+        sxx = sum(w * (x - mx) ** 2 for x, _, w in points)
+        b = max(sum(w * (x - mx) * (y - my) for x, y, w in points) / sxx, 0.0)
         a = my - b * mx
-        floor = min(secs) * 1e-3 / n
+        floor = min(y for _, y, _ in points) * 1e-3
         if a + b <= floor:  # a noisy fit through the origin: keep one row's cost positive
             a = floor - b
         return a, b
+
+    def curve(self) -> Callable[[int], float] | None:
+        """seconds(rows) for any row count; None until two row counts are known."""
+        line = self.line()
+        if line is None:
+            return None
+        rows, seconds = sorted(self.steps), self.seconds
+        ys = list(itertools.accumulate((seconds[r] for r in rows), max))
+        slope = line[1]
+
+        def at(n: int) -> float:
+            i = bisect.bisect_left(rows, n)
+            if i < len(rows) and rows[i] == n:
+                return ys[i]
+            if i == 0:
+                return ys[0]
+            if i == len(rows):
+                return ys[-1] + slope * (n - rows[-1])
+            x0, x1 = rows[i - 1], rows[i]
+            return ys[i - 1] + (ys[i] - ys[i - 1]) * (n - x0) / (x1 - x0)
+
+        return at
 
 
 class NodeOdds:
@@ -99,14 +139,13 @@ def rank_paths(parents: list[int]) -> list[tuple[int, ...]]:
     return out
 
 
-def best_size(odds: list[float], line: tuple[float, float], extra_rows: int) -> int:
+def best_size(odds: list[float], cost: Callable[[int], float], extra_rows: int) -> int:
     """How many of the nodes (odds best first) to verify: the k that maximises expected tokens,
-    1 + sum(odds[:k]), per second, a + b * rows; extra rows ride along only when k > 0."""
-    a, b = line
-    best_k, best_rate, expected = 0, 1.0 / (a + b), 1.0
+    1 + sum(odds[:k]), per second, cost(rows); extra rows ride along only when k > 0."""
+    best_k, best_rate, expected = 0, 1.0 / cost(1), 1.0
     for k, p in enumerate(odds, 1):
         expected += p
-        rate = expected / (a + b * (1 + k + extra_rows))
+        rate = expected / cost(1 + k + extra_rows)
         if rate >= best_rate:  # a tie goes to the bigger tree: its logits also feed the drafter
             best_k, best_rate = k, rate
     return best_k
@@ -143,9 +182,9 @@ class TreeBudget:
         """The part of `draft` worth verifying this step."""
         if (draft.size == 1 and draft.extra is None) or (draft.q is not None and not greedy):
             return draft
-        line = self.cost.line()
-        if line is None:  # measure one plain step, then trees
-            return keep_nodes(draft, [0]) if 1 not in self.cost.seconds else draft
+        cost = self.cost.curve()
+        if cost is None:  # measure one plain step, then trees
+            return keep_nodes(draft, [0]) if 1 not in self.cost.steps else draft
         if self.steps >= self.next_check:
             self.next_check = self.steps + self.interval
             self.interval = min(2 * self.interval, self.CHECK_MAX)
@@ -153,7 +192,7 @@ class TreeBudget:
         odds = self.odds.estimate(rank_paths(draft.parents), draft.parents)
         order = sorted(range(1, draft.size), key=lambda i: (-odds[i], i))
         extra_rows = 0 if draft.extra is None else draft.extra.tokens.shape[0]
-        k = best_size([odds[i] for i in order], line, extra_rows)
+        k = best_size([odds[i] for i in order], cost, extra_rows)
         if 0 < k == draft.size - 1:
             return draft
         return keep_nodes(draft, sorted([0] + order[:k]))

@@ -34,17 +34,40 @@ def test_cost_line_fits_and_stays_sane():
     flat.record(1, 0.02), flat.record(40, 0.01)  # noise: wider measured faster
     a, b = flat.line()
     assert b == 0 and a > 0
-    cost.record(5, 0.050)  # a running mean: a quarter of the way to the new value
-    assert cost.seconds[5] == pytest.approx(0.035)
+    cost.record(5, 0.300)  # a slow first run of a new shape...
+    assert cost.seconds[5] == pytest.approx(0.030)  # ...is outvoted: the low median of the last steps
+    cost.record(5, 0.031), cost.record(5, 0.029)
+    assert cost.seconds[5] == pytest.approx(0.030)
+    a, b = cost.line()
+    assert a + 5 * b == pytest.approx(0.030)
+
+
+def linear(a, b):
+    return lambda rows: a + b * rows
 
 
 def test_best_size_trades_expected_tokens_against_rows():
     odds = [0.9, 0.5, 0.2, 0.05]
-    assert best_size(odds, (1.0, 0.0), 0) == 4  # free rows: verify every node
-    assert best_size(odds, (0.0, 1.0), 0) == 0  # rows cost all: a plain step
-    # a + b * rows = 1 + 0.25 * rows: k=1 -> 1.9/1.5, k=2 -> 2.4/1.75, k=3 -> 2.6/2.0 (best 1.371 at k=2)
-    assert best_size(odds, (1.0, 0.25), 0) == 2
-    assert best_size(odds, (1.0, 0.25), 20) == 0  # extra rows that ride along tip it to a plain step
+    assert best_size(odds, linear(1.0, 0.0), 0) == 4  # free rows: verify every node
+    assert best_size(odds, linear(0.0, 1.0), 0) == 0  # rows cost all: a plain step
+    # 1 + 0.25 * rows: k=1 -> 1.9/1.5, k=2 -> 2.4/1.75, k=3 -> 2.6/2.0 (best 1.371 at k=2)
+    assert best_size(odds, linear(1.0, 0.25), 0) == 2
+    assert best_size(odds, linear(1.0, 0.25), 20) == 0  # extra rows that ride along tip it to a plain step
+
+
+def test_cost_curve_interpolates_a_step_and_extrapolates_the_line():
+    cost = RowCost()
+    for rows, seconds in ((1, 0.010), (2, 0.0125), (8, 0.0124), (32, 0.0130)):  # a GPU-like step
+        cost.record(rows, seconds)
+    at = cost.curve()
+    assert at(1) == 0.010 and at(2) == 0.0125
+    assert at(8) == 0.0125  # never cheaper with more rows
+    assert at(20) == pytest.approx(0.0125 + 0.0005 * 12 / 24)
+    assert at(64) > at(32) == 0.0130
+    odds = [0.5] + [0.004] * 30  # many unlikely nodes: cheap on the step, dear on a fitted line
+    assert best_size(odds, at, 0) == 31
+    a, b = cost.line()
+    assert best_size(odds, linear(a, b), 0) < 31
 
 
 def test_odds_are_monotone_and_keyed_by_rank_paths():
@@ -141,7 +164,7 @@ def test_cut_trees_match_ar(llm, tmp_path, monkeypatch, method, line):
 
     def spy(self, draft, greedy):
         if line is not None:
-            self.cost.line = lambda: line
+            self.cost.curve = lambda: lambda rows: line[0] + line[1] * rows
         out = cut(self, draft, greedy)
         sizes.append((draft.size, out.size))
         return out
@@ -164,7 +187,7 @@ def test_cut_deterministic_drafts_sample_exactly(tmp_path, monkeypatch, method):
     """Deterministic drafts (q is None) are cut at temperature > 0 too; the first two tokens still
     follow the target's joint distribution."""
     target = flat_runtime(seed=3)
-    monkeypatch.setattr(RowCost, "line", lambda self: (1.0, 0.3))
+    monkeypatch.setattr(RowCost, "curve", lambda self: lambda rows: 1.0 + 0.3 * rows)
     sizes, cut = [], TreeBudget.cut
 
     def spy(self, draft, greedy):
