@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import VOCAB, tiny_runtime
 
-from forerun.bench.contenders import ContenderSpec, Label, Output, parse_key_values
+from forerun.bench.contenders import ContenderSpec, EngineCache, Label, Output, forerun_contenders, parse_key_values
 from forerun.bench.datasets import (SPEC_BENCH_KINDS, DatasetError, Question, builtin_questions, kind_of,
                                     load_questions, read_jsonl)
 from forerun.bench.harness import BenchOptions, run_bench
@@ -192,6 +192,15 @@ def test_contender_spec_parsing():
     spec = ContenderSpec.parse("layer-skip:bfloat16:exit_layer=8:quant=q4")
     assert (spec.method, spec.dtype, dict(spec.options)) == ("layer-skip", "bfloat16", {"exit_layer": 8, "quant": "q4"})
     assert parse_key_values(["adaptive=false", "num_draft=6"]) == {"adaptive": False, "num_draft": 6}
+
+
+def test_contender_options_reach_the_config_the_engine_and_the_drafter():
+    engines = EngineCache(None, "cpu", {"runtime": tiny_runtime()})
+    (c,) = forerun_contenders(["recycle:budget=cost:nodes=16:k=4"], engines)
+    assert c.spec.budget == "cost" and dict(c.spec.options) == {"nodes": 16, "k": 4}
+    (bad,) = forerun_contenders(["recycle:depht=3"], engines)
+    with pytest.raises(ValueError, match="has no option 'depht'"):
+        bad.llm.drafter(bad.spec)
 
 
 # -- end to end on a tiny model ---------------------------------------------------------------------------

@@ -94,8 +94,10 @@ class ForerunContender:
 
 @dataclass(frozen=True, slots=True)
 class ContenderSpec:
-    """`method[:dtype][:key=value...]`, e.g. `pld`, `ar:bfloat16`, `layer-skip:float32:exit_layer=8`.
-    Keys naming a SpecConfig field configure the method; any other key goes to the engine (LLM(...))."""
+    """`method[:dtype][:key=value...]`, e.g. `pld`, `ar:bfloat16`, `layer-skip:float32:exit_layer=8`,
+    `retrieval:datastore=DS`. A key naming a SpecConfig field configures the method, one naming an
+    engine argument (quant) goes to LLM(...), and any other is the method's own option
+    (SpecConfig.options, which the drafter checks)."""
 
     text: str
     method: str
@@ -168,6 +170,9 @@ def _hashable(value: object) -> object:
     return value
 
 
+ENGINE_OPTIONS = ("quant",)  # LLM(...) arguments a contender may set; dtype is its own field
+
+
 def forerun_contenders(specs: list[str], engines: EngineCache, default_dtype: str = "float32",
                        spec_defaults: dict | None = None) -> list[ForerunContender]:
     """Build a contender per spec string (see ContenderSpec). `spec_defaults` sets SpecConfig fields
@@ -183,7 +188,10 @@ def forerun_contenders(specs: list[str], engines: EngineCache, default_dtype: st
             raise ValueError(f"unknown method {spec.method!r} in {text!r}; choose one of {', '.join(known)}")
         options = dict(spec.options)
         spec_options = {k: v for k, v in options.items() if k in spec_fields}
-        engine_options = {k: v for k, v in options.items() if k not in spec_fields}
+        engine_options = {k: v for k, v in options.items() if k in ENGINE_OPTIONS}
+        method_options = {k: v for k, v in options.items() if k not in spec_fields and k not in ENGINE_OPTIONS}
+        if method_options:
+            spec_options["options"] = method_options
         config = SpecConfig(**{**(spec_defaults or {}), **spec_options, "method": spec.method})
         dtype = spec.dtype or default_dtype
         llm = engines.get(dtype, engine_options)
