@@ -45,6 +45,7 @@ def test_generate_json_on_embedded_model():
     (["--method", "nonsense"], "unknown method"),
     (["--method", "draft"], "draft model"),
     (["--quant", "q4", "--dtype", "bfloat16"], "float32"),
+    (["--budget", "auto"], "invalid choice: 'auto'"),
 ])
 def test_cli_bad_input_is_a_clear_error(args, message):
     proc = run_cli("generate", "hi", *args)
@@ -76,7 +77,7 @@ def test_embedded_model_q4_methods_match_ar():
     ids = llm.encode("Summarize: The cat sat on the mat. The cat was happy because the mat was warm and soft.")
     ref = llm.generate_ids(ids, params, SpecConfig(method="ar")).token_ids
     for spec in (SpecConfig(method="pld"), SpecConfig(method="layer-skip", exit_layer=20),
-                 SpecConfig(method="recycle")):
+                 SpecConfig(method="recycle"), SpecConfig(method="stand", budget="cost")):
         assert llm.generate_ids(ids, params, spec).token_ids == ref, spec.method
 
 
