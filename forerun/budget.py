@@ -61,9 +61,10 @@ class RowCost:
     def line(self) -> tuple[float, float] | None:
         """(a, b) with seconds ~ a + b * rows by weighted least squares; None until two row counts
         are known. The slope is kept >= 0 and the cost of one row > 0."""
-        if len(self.steps) < 2:
-            return None
-        points = [(rows, secs, len(self.steps[rows])) for rows, secs in self.seconds.items()]
+        return self._fit(self.seconds) if len(self.steps) >= 2 else None
+
+    def _fit(self, seconds: dict[int, float]) -> tuple[float, float]:
+        points = [(rows, secs, len(self.steps[rows])) for rows, secs in seconds.items()]
         total = sum(w for _, _, w in points)
         mx = sum(x * w for x, _, w in points) / total
         my = sum(y * w for _, y, w in points) / total
@@ -77,12 +78,11 @@ class RowCost:
 
     def curve(self) -> Callable[[int], float] | None:
         """seconds(rows) for any row count; None until two row counts are known."""
-        line = self.line()
-        if line is None:
+        if len(self.steps) < 2:
             return None
         rows, seconds = sorted(self.steps), self.seconds
         ys = list(itertools.accumulate((seconds[r] for r in rows), max))
-        slope = line[1]
+        slope = self._fit(seconds)[1]
 
         def at(n: int) -> float:
             i = bisect.bisect_left(rows, n)
@@ -160,8 +160,7 @@ def keep_nodes(draft: Draft, keep: list[int]) -> Draft:
     rows = torch.tensor(keep)
     extra = draft.extra
     if extra is not None:
-        n = draft.size
-        columns = torch.cat([rows, torch.arange(n, n + extra.tokens.shape[0])])
+        columns = torch.cat([rows, torch.arange(draft.size, draft.rows)])
         extra = Extra(tokens=extra.tokens, depths=extra.depths, mask=extra.mask[:, columns])
     q = None if draft.q is None else draft.q[rows]
     return Draft(tokens=draft.tokens[rows], parents=parents, q=q, extra=extra)
@@ -191,16 +190,14 @@ class TreeBudget:
             return draft
         odds = self.odds.estimate(rank_paths(draft.parents), draft.parents)
         order = sorted(range(1, draft.size), key=lambda i: (-odds[i], i))
-        extra_rows = 0 if draft.extra is None else draft.extra.tokens.shape[0]
-        k = best_size([odds[i] for i in order], cost, extra_rows)
+        k = best_size([odds[i] for i in order], cost, draft.rows - draft.size)
         if 0 < k == draft.size - 1:
             return draft
         return keep_nodes(draft, sorted([0] + order[:k]))
 
     def record(self, draft: Draft, verdict: Verdict, seconds: float) -> None:
         """After a step that verified `draft` (as cut) in `seconds`, drafting included."""
-        rows = draft.size + (0 if draft.extra is None else draft.extra.tokens.shape[0])
-        self.cost.record(rows, seconds)
+        self.cost.record(draft.rows, seconds)
         if draft.size > 1:
             self.odds.record(rank_paths(draft.parents), set(verdict.path))
         self.steps += 1

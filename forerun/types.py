@@ -32,6 +32,11 @@ class Draft:
     def size(self) -> int:
         return len(self.parents)
 
+    @property
+    def rows(self) -> int:
+        """Rows of the verification forward: the tree's nodes and the extra nodes."""
+        return self.size + (0 if self.extra is None else self.extra.tokens.shape[0])
+
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
