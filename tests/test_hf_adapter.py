@@ -33,7 +33,8 @@ def test_prompt_then_steps_match_one_hf_forward(adapter):
     with torch.inference_mode():
         head = adapter(torch.tensor(seq[:4]), torch.arange(4), cache, 0, prefill=True)
         steps = [adapter(torch.tensor([t]), torch.tensor([i]), cache, i) for i, t in enumerate(seq[4:], start=4)]
-    torch.testing.assert_close(torch.cat([head, *steps]), hf_logits(adapter, seq), atol=1e-4, rtol=0)
+    # logits of a wide random GPT-2 reach |10|: float32 rounding of a step against one forward is ~1e-5 of that
+    torch.testing.assert_close(torch.cat([head, *steps]), hf_logits(adapter, seq), atol=1e-4, rtol=1e-5)
 
 
 def test_tree_nodes_match_their_paths_and_commit_keeps_the_path(adapter):
