@@ -3,9 +3,11 @@ import os
 import pytest
 import torch
 
+from forerun import LLM, SamplingParams, SpecConfig
 from forerun.models.args import ModelArgs
 from forerun.models.llama import Transformer
 from forerun.models.runtime import Runtime
+from forerun.retrieval.datastore import build, fingerprint_of
 
 VOCAB = 64
 
@@ -71,3 +73,92 @@ def tiny_hf_runtime(seed: int = 0, layers: int = 3) -> Runtime:
     config = GPT2Config(vocab_size=VOCAB, n_positions=256, n_embd=32, n_layer=layers, n_head=4,
                         initializer_range=1.0, attn_implementation="sdpa")
     return Runtime(model=HFAdapter(GPT2LMHeadModel(config)).to(DEVICE), tokenizer=None, name=f"tiny-gpt2-{seed}")
+
+
+# --- helpers for the sampling, proposal, EOS and acceptance tests -------------------------------------
+
+def small_vocab_runtime(seed: int, vocab: int = 8, layers: int = 2, head_scale: float = 0.3) -> Runtime:
+    """A tiny random model with a few-token vocabulary, so a joint law of several tokens has few cells.
+    The head is scaled down because random weights give near one-hot distributions otherwise."""
+    rt = tiny_runtime(seed=seed, layers=layers, vocab_size=vocab)
+    with torch.no_grad():
+        rt.model.head.weight.mul_(head_scale)
+    return rt
+
+
+def reference_probs(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """[..., V] logits -> float64 probabilities after temperature, then top-k, then top-p (nucleus: the
+    most likely tokens until their mass reaches top_p). Written apart from forerun.sampling, so that
+    tests comparing against it do not check the library against itself."""
+    probs = torch.softmax(logits.double() / temperature, dim=-1)
+    order = probs.argsort(dim=-1, descending=True)
+    ranked = probs.gather(-1, order)
+    keep = torch.ones_like(ranked, dtype=torch.bool)
+    if top_k:
+        keep[..., top_k:] = False
+    ranked = ranked * keep
+    share = ranked / ranked.sum(-1, keepdim=True)
+    keep &= share.cumsum(-1) - share < top_p  # the mass of the more likely tokens kept before it
+    out = torch.zeros_like(probs).scatter(-1, order, ranked * keep)
+    return out / out.sum(-1, keepdim=True)
+
+
+class StubTokenizer:
+    """The least of a tokenizer that LLM, TextStream, DraftModel and the datastore check use, for tiny
+    models: ids are written as numbers, and eos_ids end generation."""
+
+    chat_template = None
+
+    def __init__(self, eos_ids=()):
+        self.eos_token_ids = frozenset(eos_ids)
+
+    def decode(self, ids, skip_special: bool = True) -> str:
+        return " ".join(str(i) for i in ids)
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        return [int(t) for t in text.split()]
+
+    def same_vocab(self, other) -> bool:
+        return isinstance(other, StubTokenizer)
+
+    def fingerprint(self) -> str:
+        return "stub-tokenizer"
+
+
+def cycle_runtime(seed: int = 0, quantized: bool = False) -> tuple[Runtime, list[int]]:
+    """(runtime, cycle): a tiny Llama that has learned one cycle through its whole vocabulary; greedy
+    decoding after token cycle[i] gives cycle[i + 1], cycle[i + 2], ... (wrapping around).
+
+    Every block's output projections are scaled to 5%, so the residual stream stays close to the
+    current token's embedding and any exit layer predicts what the full model does (layer-skip and DEL
+    accept); the head maps that embedding to the successor's logit with a margin of over 3 nats.
+    Drafters that can see the cycle (in the prompt, a datastore, their memory or a model) must accept."""
+    args = tiny_args("llama")
+    w = random_weights(args, seed)
+    cycle = torch.randperm(args.vocab_size, generator=torch.Generator().manual_seed(seed)).tolist()
+    embed = w["model.embed_tokens.weight"]
+    embed = embed / embed.norm(dim=-1, keepdim=True) * args.hidden_size ** 0.5  # RMS 1: the norm keeps it
+    head = torch.empty_like(embed)
+    head[cycle[1:] + cycle[:1]] = 8.0 * embed[cycle] / args.hidden_size
+    w.update({"model.embed_tokens.weight": embed, "lm_head.weight": head,
+              "model.norm.weight": torch.ones(args.hidden_size)})
+    for i in range(args.num_layers):
+        for name in ("self_attn.o_proj.weight", "mlp.down_proj.weight"):
+            w[f"model.layers.{i}.{name}"] *= 0.05
+    rt = Runtime(model=Transformer(args, w).eval().to(DEVICE), tokenizer=None, name=f"tiny-cycle-{seed}")
+    if quantized:
+        assert rt.model.quantize()
+    return rt, cycle
+
+
+def continuations_datastore(runtime: Runtime, path, prompts, max_new_tokens: int = 40) -> str:
+    """A datastore (saved at `path`) of each prompt followed by its greedy continuation, plus random
+    documents that make retrieval propose wrong branches too; returns the directory as a string."""
+    llm = LLM(runtime=runtime)
+    params = SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True)
+    docs = [p + llm.generate_ids(p, params, SpecConfig()).token_ids for p in prompts]
+    g = torch.Generator().manual_seed(0)
+    vocab = runtime.model.args.vocab_size
+    docs += [torch.randint(0, vocab, (50,), generator=g).tolist() for _ in range(20)]
+    build(docs, fingerprint_of(runtime)).save(path)
+    return str(path)

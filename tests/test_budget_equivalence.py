@@ -1,0 +1,83 @@
+"""SpecConfig(budget="cost") cuts each greedy draft tree to the nodes worth their rows; the output must
+stay `ar`'s for the methods test_budget.py does not cover: draft, rasd and del, in float32 and q4.
+With a steep cost line (rows dear) most trees are cut to a part, which the test checks happened; with
+the measured line, whatever this machine's timings choose."""
+import pytest
+
+from conftest import DEVICE, continuations_datastore, tiny_runtime
+from helpers_parity import single_thread  # noqa: F401  (a fixture)
+from test_equivalence import PROMPTS
+from forerun import LLM, SamplingParams, SpecConfig
+from forerun.budget import RowCost, TreeBudget
+from forerun.drafters.draft_model import DraftModel
+from forerun.drafters.rasd import RetrievalAugmented
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+GREEDY = SamplingParams(max_new_tokens=40, ignore_eos=True)
+
+
+def runtime(seed: int, quant: bool, **kw):
+    rt = tiny_runtime("llama", seed=seed, **kw)
+    if quant:
+        assert rt.model.quantize()
+    return rt
+
+
+@pytest.fixture(scope="module", params=["float32", "q4"])
+def world(request, tmp_path_factory):
+    """(llm, a different random draft model, datastore directory, ar's output per prompt)."""
+    quant = request.param == "q4"
+    if quant and DEVICE != "cpu":
+        pytest.skip("q4 is a CPU format")
+    llm = LLM(runtime=runtime(1, quant))
+    store = continuations_datastore(llm.runtime, tmp_path_factory.mktemp("datastore"), PROMPTS[:2])
+    reference = {tuple(p): llm.generate_ids(p, GREEDY, SpecConfig()).token_ids for p in PROMPTS}
+    return llm, runtime(2, quant, layers=2), store, reference
+
+
+@pytest.fixture
+def cut_sizes(monkeypatch):
+    """Records (size before, size after) of every cut."""
+    sizes, cut = [], TreeBudget.cut
+
+    def spy(self, draft, greedy):
+        out = cut(self, draft, greedy)
+        sizes.append((draft.size, out.size))
+        return out
+
+    monkeypatch.setattr(TreeBudget, "cut", spy)
+    return sizes
+
+
+def spec_and_drafter(world, method: str, same: bool):
+    llm, other, store, _ = world
+    draft = llm.runtime if same else other
+    if method == "draft":
+        spec = SpecConfig(method="draft", tree_width=2, num_draft=3, budget="cost")
+        return spec, DraftModel(llm.runtime, spec, draft=draft)
+    if method == "rasd":
+        spec = SpecConfig(method="rasd", tree_width=2, num_draft=3, budget="cost",
+                          options={"datastore": store, "budget": 8})
+        return spec, RetrievalAugmented(llm.runtime, spec, draft=draft)
+    # min_length: DEL always drafts a chain, so there is something to cut
+    return SpecConfig(method="del", budget="cost", options={"min_length": 3, "probe_every": 1}), None
+
+
+@pytest.mark.parametrize("line", [(1.0, 0.15), None], ids=["steep", "measured"])
+@pytest.mark.parametrize("method, same", [("draft", True), ("draft", False), ("rasd", True), ("rasd", False),
+                                          ("del", None)], ids=["draft-same", "draft-other", "rasd-same",
+                                                               "rasd-other", "del"])
+def test_cut_drafts_match_ar(world, cut_sizes, monkeypatch, method, same, line):
+    llm, _, _, reference = world
+    if line is not None:
+        monkeypatch.setattr(RowCost, "curve", lambda self: lambda rows: line[0] + line[1] * rows)
+    spec, drafter = spec_and_drafter(world, method, same)
+    llm._drafters.pop(spec, None)
+    if drafter is not None:
+        llm._drafters[spec] = drafter
+    llm._budgets.pop(spec, None)  # what another test's runs measured stays there
+    for prompt in PROMPTS:
+        assert llm.generate_ids(prompt, GREEDY, spec).token_ids == reference[tuple(prompt)]
+    if line is not None:
+        assert any(1 < after < before for before, after in cut_sizes), "no draft was cut to a part"

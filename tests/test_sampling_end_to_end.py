@@ -1,0 +1,136 @@
+"""Temperature, top-k and top-p through the whole decode loop: the first three sampled tokens must follow
+the target's joint law, worked out here from the model's own forwards and an independent implementation
+of the logits processing (conftest.reference_probs), not from forerun.sampling.
+
+Drafts are two tokens long (fixed), so a step that accepts both also emits a bonus token: with three
+tokens per trial, the third is often that bonus. A chain and a two-wide tree from a separate draft
+model are covered; the same checks must reject a drafter that reports the wrong q, and samples compared
+against an expectation with the wrong processing. The chi-square helpers are test_distribution's.
+"""
+from typing import NamedTuple
+
+import pytest
+import torch
+
+from conftest import reference_probs, small_vocab_runtime
+from helpers_parity import single_thread  # noqa: F401  (a fixture)
+from test_distribution import assert_distributed_as
+from forerun import LLM, SamplingParams, SpecConfig
+from forerun.drafters.draft_model import DraftModel
+from forerun.types import Draft
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+VOCAB = 8
+PROMPT = [1, 4]  # two tokens: the prefill runs one forward, the first step verifies from position 1
+PROCESSING = dict(temperature=0.7, top_k=5, top_p=0.9)
+TRIALS = 2_000
+CHAIN = SpecConfig(method="draft", tree_width=1, num_draft=2, max_draft=2, adaptive=False)
+TREE = SpecConfig(method="draft", tree_width=2, num_draft=2, max_draft=2, adaptive=False)
+
+
+class UniformQ(DraftModel):
+    """A drafter fed the wrong q: its tokens come from the draft model, its q rows claim uniform draws."""
+
+    def propose(self, seq, budget):
+        draft = super().propose(seq, budget)
+        return Draft(draft.tokens, draft.parents, torch.full_like(draft.q, 1 / draft.q.shape[1]))
+
+
+@torch.inference_mode()
+def target_logits(rt) -> torch.Tensor:
+    """[V, V, 3, V]: the target's logits after PROMPT, PROMPT + x1 and PROMPT + x1 + x2 (index x1, x2),
+    one plain causal forward per (x1, x2)."""
+    out = torch.empty(VOCAB, VOCAB, 3, VOCAB)
+    for x1 in range(VOCAB):
+        for x2 in range(VOCAB):
+            tokens = torch.tensor(PROMPT + [x1, x2], device=rt.device)
+            positions = torch.arange(len(tokens), device=rt.device)
+            out[x1, x2] = rt.model(tokens, positions, rt.model.new_cache(len(tokens)), 0)[-3:].cpu()
+    return out
+
+
+def joint_of_three(logits: torch.Tensor, **processing) -> torch.Tensor:
+    """[V, V, V]: p(x1) p(x2 | x1) p(x3 | x1, x2) under the given processing."""
+    p = reference_probs(logits, **processing)  # [V, V, 3, V]
+    return p[0, 0, 0][:, None, None] * p[:, 0, 1][:, :, None] * p[:, :, 2]
+
+
+def assert_follows(triples: torch.Tensor, joint: torch.Tensor, what: str) -> None:
+    """Each token's marginal, each adjacent pair and the whole triple against `joint` [V, V, V]."""
+    V = VOCAB
+    assert_distributed_as(triples[:, 0], joint.sum((1, 2)), f"{what}: first token")
+    assert_distributed_as(triples[:, 1], joint.sum((0, 2)), f"{what}: second token")
+    assert_distributed_as(triples[:, 2], joint.sum((0, 1)), f"{what}: third token")
+    assert_distributed_as(triples[:, 0] * V + triples[:, 1], joint.sum(2).flatten(), f"{what}: tokens 1-2")
+    assert_distributed_as(triples[:, 1] * V + triples[:, 2], joint.sum(0).flatten(), f"{what}: tokens 2-3")
+    cells = (triples[:, 0] * V + triples[:, 1]) * V + triples[:, 2]
+    assert_distributed_as(cells, joint.flatten(), f"{what}: tokens 1-3")
+
+
+class World(NamedTuple):
+    target: object  # Runtime
+    draft: object  # Runtime
+    logits: torch.Tensor  # [V, V, 3, V], from target_logits
+    joint: torch.Tensor  # [V, V, V], the law of the first three tokens
+
+
+@pytest.fixture(scope="module")
+def world() -> World:
+    target, draft = small_vocab_runtime(seed=4, head_scale=0.2), small_vocab_runtime(seed=5, head_scale=0.2)
+    logits = target_logits(target)
+    rows = logits.flatten(0, 2)
+    t, k, top_p = PROCESSING["temperature"], PROCESSING["top_k"], PROCESSING["top_p"]
+    # The processing must matter here, and be unambiguous: top-k and top-p each remove tokens the other
+    # keeps somewhere, and no row sits so close to a cut that rounding could move a token across it.
+    k_only, p_only = reference_probs(rows, t, top_k=k), reference_probs(rows, t, top_p=top_p)
+    both = reference_probs(rows, **PROCESSING)
+    assert ((k_only > 0) & (both == 0)).any() and ((p_only > 0) & (both == 0)).any()
+    tempered = torch.softmax(rows.double() / t, -1).sort(-1, descending=True).values
+    assert (tempered[:, k - 1] / tempered[:, k]).min() > 1 + 1e-4, "a near-tie at the top-k cut"
+    head = tempered[:, :k] / tempered[:, :k].sum(-1, keepdim=True)
+    assert (head.cumsum(-1) - top_p).abs().min() > 1e-4, "a row whose mass lands on the top-p cut"
+    joint = joint_of_three(logits, **PROCESSING)
+    assert joint.sum((1, 2)).max() < 0.9, "the target is too peaked for the test to mean anything"
+    return World(target, draft, logits, joint)
+
+
+def sample(world: World, spec: SpecConfig, drafter=DraftModel, trials: int = TRIALS):
+    """(runs, triples [trials, 3]) from LLM.generate_ids with one seed per trial."""
+    llm = LLM(runtime=world.target)
+    llm._drafters[spec] = drafter(world.target, spec, draft=world.draft)
+    runs = [llm.generate_ids(PROMPT, SamplingParams(**PROCESSING, seed=trial, max_new_tokens=3, ignore_eos=True),
+                             spec) for trial in range(trials)]
+    return runs, torch.tensor([run.token_ids for run in runs])
+
+
+@pytest.fixture(scope="module")
+def chain_runs(world):
+    return sample(world, CHAIN)
+
+
+@pytest.mark.parametrize("spec", [CHAIN, TREE], ids=["chain", "tree-2-wide"])
+def test_sampled_tokens_follow_the_processed_target(world, chain_runs, spec):
+    runs, triples = chain_runs if spec is CHAIN else sample(world, spec)
+    # Three tokens from one target forward: both drafts were accepted and the third is the bonus token.
+    bonus = sum(run.stats.target_forwards == 1 for run in runs)
+    assert bonus > TRIALS // 10, f"only {bonus} runs accepted both drafts: the bonus token was hardly tested"
+    assert_follows(triples, world.joint, spec.method)
+
+
+@pytest.mark.parametrize("processing", [dict(temperature=1.0, top_k=5, top_p=0.9),
+                                        dict(temperature=0.7, top_k=5, top_p=1.0)],
+                         ids=["temperature-ignored", "top-p-ignored"])
+def test_negative_control_wrong_processing_is_rejected(world, chain_runs, processing):
+    """The samples above, checked against what a loop that forgot one step of the processing would
+    emit: the same checks must see the difference."""
+    with pytest.raises(AssertionError, match="chi-square|probability 0"):
+        assert_follows(chain_runs[1], joint_of_three(world.logits, **processing), "wrong processing")
+
+
+def test_negative_control_wrong_q_is_rejected(world):
+    """The chain drafter claiming uniform draws: verification accepts its tokens too often, and the
+    emitted tokens drift towards the draft model's law."""
+    _, triples = sample(world, CHAIN, drafter=UniformQ, trials=TRIALS // 3)
+    with pytest.raises(AssertionError, match="chi-square|probability 0"):
+        assert_follows(triples, world.joint, "uniform q")
