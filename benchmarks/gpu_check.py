@@ -17,6 +17,7 @@ import torch
 
 from forerun import LLM, SamplingParams, SpecConfig
 from forerun.models.args import ModelArgs
+from forerun.models.batch import ForwardBatch
 from forerun.models.llama import Transformer
 from forerun.models.runtime import Runtime
 
@@ -58,8 +59,8 @@ def random_model(args: ModelArgs, device: str, dtype: torch.dtype, seed: int = 0
 
 @torch.inference_mode()
 def repeatable(model: Transformer, prompt: list[int]) -> bool:
-    ids = torch.tensor(prompt, device="cuda")
-    runs = [model(ids, torch.arange(len(ids), device="cuda"), model.new_cache(len(ids)), 0) for _ in range(2)]
+    batch = ForwardBatch.contiguous(torch.tensor(prompt), torch.arange(len(prompt)), 0)
+    runs = [model(batch, model.new_cache(len(prompt))).logits for _ in range(2)]
     return torch.equal(*runs)
 
 

@@ -17,18 +17,19 @@ import time
 
 import torch
 
+from forerun.models.batch import ForwardBatch
 from forerun.models.runtime import load
 
 
 def time_forward(model, tokens: torch.Tensor, cached: int, cache, repeats: int, sync) -> float:
     """Median seconds of one forward of `tokens` as a chain placed after `cached` cache slots."""
     n = tokens.shape[0]
-    positions = torch.arange(cached, cached + n, device=tokens.device)
+    batch = ForwardBatch.contiguous(tokens, torch.arange(cached, cached + n), cached)
     out = []
     for _ in range(repeats + 1):  # the first is a warm-up
         sync()
         t0 = time.perf_counter()
-        model(tokens, positions, cache, cached, None)
+        model(batch, cache)
         sync()
         out.append(time.perf_counter() - t0)
     return statistics.median(out[1:])
@@ -52,9 +53,8 @@ def main() -> None:
     lengths = [int(x) for x in a.cached.split(",")]
     vocab = model.args.vocab_size
     ids = torch.randint(0, vocab, (max(lengths) + max(widths),), generator=torch.Generator().manual_seed(0))
-    ids = ids.to(device)
     cache = model.new_cache(max(lengths) + max(widths))
-    model(ids[: max(lengths)], torch.arange(max(lengths), device=device), cache, 0, None)  # fill the cache
+    model(ForwardBatch.contiguous(ids[: max(lengths)], torch.arange(max(lengths)), 0, logits=False), cache)  # fill it
     weights = f"{a.dtype}" + (f", {a.quant}" if a.quant else "")
     print(f"device: {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}), "
           f"weights: {weights}, torch threads: {torch.get_num_threads()}, median of {a.repeats}")

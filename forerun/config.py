@@ -9,10 +9,13 @@ class SamplingParams:
     temperature: float = 0.0  # 0 = greedy
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
+    # Sample i > 0 of a seeded request draws from a seed derived from (seed, i); sample 0 from the
+    # seed itself, so n = 1 and the first of n samples agree.
     seed: int | None = None
     max_new_tokens: int = 128
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    n: int = 1  # samples of the prompt: one prefill, then n sequences sharing its KV (forked)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -27,6 +30,8 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
 
@@ -45,9 +50,11 @@ class SpecConfig:
     # (decode.SpeedGuard, kept per SpecConfig across requests); outputs are unchanged, only which
     # steps speculate.
     guard: bool = False
-    # "fixed": verify the drafter's tree as proposed. "cost": cut each tree to the nodes worth their
-    # rows, from the measured cost of a step per row verified and each tree position's acceptance
-    # (forerun.budget); greedy, or drafts chosen deterministically (sampled trees are kept whole).
+    # "fixed": verify the drafter's tree as proposed. "goodput": each step, keep of every sequence's
+    # draft the nodes that maximise the batch's expected tokens per second, from the measured cost of
+    # a forward by its rows and each tree position's acceptance (forerun.engine.goodput); greedy, or
+    # drafts chosen deterministically (sampled trees keep their shape, their depth set before drawing).
+    # "cost" is the policy's earlier name.
     budget: str = "fixed"
     draft_model: str | None = None  # method "draft": HF directory or .gguf
     tree_width: int = 1  # method "draft": children per expanded node; 1 drafts a chain
@@ -65,14 +72,18 @@ class SpecConfig:
             raise ValueError("num_draft and max_draft must be >= 1")
         if self.num_draft > self.max_draft:
             raise ValueError(f"num_draft ({self.num_draft}) exceeds max_draft ({self.max_draft})")
-        if self.budget not in ("fixed", "cost"):
-            raise ValueError(f"budget must be 'fixed' or 'cost', got {self.budget!r}")
+        if self.budget not in ("fixed", "goodput", "cost"):
+            raise ValueError(f"budget must be 'fixed' or 'goodput' (or 'cost', its earlier name), got {self.budget!r}")
         if self.tree_width < 1:
             raise ValueError(f"tree_width must be >= 1, got {self.tree_width}")
         if not 1 <= self.ngram_min <= self.ngram_max:
             raise ValueError("need 1 <= ngram_min <= ngram_max")
         if self.exit_layer is not None and self.exit_layer < 1:
             raise ValueError(f"exit_layer must be >= 1, got {self.exit_layer}")
+
+    @property
+    def goodput(self) -> bool:
+        return self.budget in ("goodput", "cost")
 
     def option_values(self, known: dict[str, object]) -> dict[str, object]:
         """The drafter's options: `known` (name -> default) updated from self.options, which may
@@ -91,3 +102,22 @@ def _coerce(value: object, default: object) -> object:
     if isinstance(default, bool):
         return value.lower() in ("1", "true", "yes", "on")
     return type(default)(value)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """The batched engine's limits (forerun.engine)."""
+
+    kv_cache_tokens: int | None = None  # KV pool size in tokens; None: a share of free memory
+    block_size: int = 16  # KV slots per pool block (the unit of sharing and of the prefix cache)
+    max_num_seqs: int = 64  # sequences decoding at once
+    max_step_tokens: int = 256  # pending prompt tokens one step may compute beside its decoding rows
+    max_draft_rows: int = 256  # rows (tree plus extra) one sequence's verification may hold
+
+    def __post_init__(self) -> None:
+        if self.kv_cache_tokens is not None and self.kv_cache_tokens < self.block_size:
+            raise ValueError(f"kv_cache_tokens must hold at least one block of {self.block_size}, "
+                             f"got {self.kv_cache_tokens}")
+        for name in ("block_size", "max_num_seqs", "max_step_tokens", "max_draft_rows"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -39,6 +39,16 @@ class Draft:
 
 
 @dataclass(frozen=True, slots=True)
+class Scores:
+    """The target's outputs at one sequence's draft nodes (the tree, then its extra nodes), from the
+    verification forward, for the drafter's observe()."""
+
+    logits: Tensor  # [N + M, V] float32
+    hidden: Tensor  # [N + M, D] final-normed hidden states (what the head read)
+    layers: dict[int, Tensor]  # k -> [N + M, D]: the residual stream after k layers, for the k asked for
+
+
+@dataclass(frozen=True, slots=True)
 class Verdict:
     path: list[int]  # accepted node indices, starting with the root 0
     next_token: int  # drawn from the target after the path: a correction or a bonus token
@@ -51,12 +61,18 @@ class Verdict:
 
 @dataclass(slots=True)
 class Stats:
+    """One sample's account. In a batch, verify_s and wall_s are shared time: each step's forward
+    serves every sequence in it."""
+
     prompt_tokens: int = 0
     new_tokens: int = 0
-    target_forwards: int = 0
+    target_forwards: int = 0  # verification forwards this sample took part in (each emits tokens)
+    prefill_tokens: int = 0  # tokens whose K/V this sample computed before its steps (prompt, recompute)
+    cached_tokens: int = 0  # prompt tokens found in the prefix cache or shared by a fork, not computed
     draft_s: float = 0.0
     verify_s: float = 0.0
-    wall_s: float = 0.0
+    wall_s: float = 0.0  # from the request's arrival to its last token
+    ttft_s: float = 0.0  # from the request's arrival to its first token
     accept_histogram: Counter = field(default_factory=Counter)  # tokens per step -> steps
 
     @property
@@ -73,8 +89,11 @@ class Stats:
             "prompt_tokens": self.prompt_tokens,
             "new_tokens": self.new_tokens,
             "target_forwards": self.target_forwards,
+            "prefill_tokens": self.prefill_tokens,
+            "cached_tokens": self.cached_tokens,
             "mean_accepted": round(self.mean_accepted, 4),
             "wall_s": round(self.wall_s, 4),
+            "ttft_s": round(self.ttft_s, 4),
             "tokens_per_s": round(self.tokens_per_s, 3),
             "draft_s": round(self.draft_s, 4),
             "verify_s": round(self.verify_s, 4),
@@ -84,11 +103,18 @@ class Stats:
 
 @dataclass(frozen=True, slots=True)
 class Generation:
+    """A finished sample. For a request of n > 1 samples, LLM.generate returns sample 0 with every
+    sample (itself first) in `samples`; for n = 1, `samples` is empty."""
+
     text: str
     token_ids: list[int]
-    finish_reason: str  # "eos", "stop" or "length"
+    finish_reason: str  # "eos", "stop", "length" or "abort"
     stats: Stats
+    samples: tuple[Generation, ...] = ()
 
     def to_dict(self) -> dict:
-        return {"text": self.text, "token_ids": self.token_ids, "finish_reason": self.finish_reason,
-                "stats": self.stats.to_dict()}
+        out = {"text": self.text, "token_ids": self.token_ids, "finish_reason": self.finish_reason,
+               "stats": self.stats.to_dict()}
+        if self.samples:
+            out["samples"] = [s.to_dict() for s in self.samples]
+        return out

@@ -8,9 +8,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from forerun.sampling import sample
+from forerun.config import SamplingParams
+from forerun.sampling import sample, target_probs
 from forerun.tree import children
 from forerun.types import Draft, Verdict
+
+
+def verify(draft: Draft, logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> Verdict:
+    """The verifier a sequence's sampling asks for. logits: [N, V], the target's at every tree node."""
+    if params.greedy:
+        return verify_greedy(draft, logits)
+    return verify_stochastic(draft, target_probs(logits.cpu(), params), generator)
 
 
 def verify_greedy(draft: Draft, logits: Tensor) -> Verdict:

@@ -1,5 +1,5 @@
-"""SpecConfig(budget="cost") cuts each greedy draft tree to the nodes worth their rows; the output must
-stay `ar`'s for the methods test_budget.py does not cover: draft, rasd and del, in float32 and q4.
+"""SpecConfig(budget="cost") (the goodput policy's earlier name) cuts each greedy draft tree to the nodes
+worth their rows; the output must stay `ar`'s for draft, rasd and del, in float32 and q4.
 With a steep cost line (rows dear) most trees are cut to a part, which the test checks happened; with
 the measured line, whatever this machine's timings choose."""
 import pytest
@@ -8,7 +8,7 @@ from conftest import DEVICE, continuations_datastore, tiny_runtime
 from helpers_parity import single_thread  # noqa: F401  (a fixture)
 from test_equivalence import PROMPTS
 from forerun import LLM, SamplingParams, SpecConfig
-from forerun.budget import RowCost, TreeBudget
+from forerun.engine.goodput import Goodput, RowCost
 from forerun.drafters.draft_model import DraftModel
 from forerun.drafters.rasd import RetrievalAugmented
 
@@ -38,15 +38,22 @@ def world(request, tmp_path_factory):
 
 @pytest.fixture
 def cut_sizes(monkeypatch):
-    """Records (size before, size after) of every cut."""
-    sizes, cut = [], TreeBudget.cut
+    """Records (size before, size after) of every cut, and (depth offered, depth planned) of every
+    chain the policy set a depth for before drafting (model drafters), as (depth + 1, planned + 1)."""
+    sizes, cut, depths = [], Goodput.cut, Goodput.depths
 
-    def spy(self, draft, greedy):
-        out = cut(self, draft, greedy)
-        sizes.append((draft.size, out.size))
+    def spy(self, entries, sure_rows, sure_tokens):
+        out = cut(self, entries, sure_rows, sure_tokens)
+        sizes.extend((e.draft.size, d.size) for e, d in zip(entries, out))
         return out
 
-    monkeypatch.setattr(TreeBudget, "cut", spy)
+    def spy_depths(self, chains, sure_rows, sure_tokens):
+        out = depths(self, chains, sure_rows, sure_tokens)
+        sizes.extend((chain[2] + 1, planned + 1) for chain, planned in zip(chains, out))
+        return out
+
+    monkeypatch.setattr(Goodput, "cut", spy)
+    monkeypatch.setattr(Goodput, "depths", spy_depths)
     return sizes
 
 
@@ -76,8 +83,8 @@ def test_cut_drafts_match_ar(world, cut_sizes, monkeypatch, method, same, line):
     llm._drafters.pop(spec, None)
     if drafter is not None:
         llm._drafters[spec] = drafter
-    llm._budgets.pop(spec, None)  # what another test's runs measured stays there
+    llm.engine.goodput = Goodput()  # what another test's runs measured stays there
     for prompt in PROMPTS:
         assert llm.generate_ids(prompt, GREEDY, spec).token_ids == reference[tuple(prompt)]
     if line is not None:
-        assert any(1 < after < before for before, after in cut_sizes), "no draft was cut to a part"
+        assert any(1 < after < before for before, after in cut_sizes), "no draft was cut (or planned) to a part"

@@ -26,6 +26,7 @@ from conftest import tiny_runtime
 from helpers_parity import single_thread  # noqa: F401  (a fixture)
 from forerun import LLM, SamplingParams, SpecConfig
 from forerun.drafters.draft_model import DraftModel
+from forerun.models.batch import ForwardBatch
 from forerun.sampling import gumbel_top_k, target_probs
 from forerun.types import Draft
 from forerun.verify import verify_stochastic
@@ -236,8 +237,8 @@ def exact_first_two(rt) -> torch.Tensor:
     params = SamplingParams(**E2E_PARAMS)
 
     def next_probs(tokens: list[int]) -> torch.Tensor:
-        ids, positions = torch.tensor(tokens, device=rt.device), torch.arange(len(tokens), device=rt.device)
-        logits = rt.model(ids, positions, rt.model.new_cache(len(tokens)), 0)
+        batch = ForwardBatch.contiguous(torch.tensor(tokens), torch.arange(len(tokens)), 0)
+        logits = rt.model(batch, rt.model.new_cache(len(tokens))).logits
         return target_probs(logits[-1].cpu(), params)
 
     p1 = next_probs(E2E_PROMPT)

@@ -25,6 +25,7 @@ from test_distribution import assert_distributed_as
 from forerun import LLM, SamplingParams, SpecConfig
 from forerun.drafters.draft_model import DraftModel
 from forerun.drafters.rasd import RetrievalAugmented
+from forerun.models.batch import ForwardBatch
 from forerun.retrieval.datastore import build, fingerprint_of
 from forerun.types import Draft
 
@@ -34,9 +35,10 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 def propose(llm: LLM, spec: SpecConfig, prompt: list[int], params: SamplingParams, depth: int) -> Draft:
     """A fresh request for `prompt`, and the drafter's first proposal for it, `depth` levels deep."""
     seq = llm.prefill(prompt, params, spec)
-    drafter = llm.drafter(spec)
-    drafter.begin(seq)
-    return drafter.propose(seq, depth)
+    try:
+        return llm.drafter(spec).propose(seq, depth)
+    finally:
+        llm.engine.release(seq)
 
 
 VOCAB = 8
@@ -69,9 +71,9 @@ def model_proposal(rt, **forward) -> Callable[[tuple[int, ...]], torch.Tensor]:
     @torch.inference_mode()
     def law(path: tuple[int, ...]) -> torch.Tensor:
         if path not in cache:
-            tokens = torch.tensor(PROMPT + list(path), device=rt.device)
-            logits = rt.model(tokens, torch.arange(len(tokens), device=rt.device),
-                              rt.model.new_cache(len(tokens)), 0, **forward)[-1].cpu()
+            tokens = torch.tensor(PROMPT + list(path))
+            batch = ForwardBatch.contiguous(tokens, torch.arange(len(tokens)), 0)
+            logits = rt.model(batch, rt.model.new_cache(len(tokens)), **forward).logits[-1].cpu()
             cache[path] = reference_probs(logits, **PROCESSING)
         return cache[path]
     return law

@@ -12,7 +12,7 @@ from test_distribution import (E2E_PARAMS, E2E_PROMPT, E2E_TRIALS, TRIALS, asser
                                flat_runtime)
 from test_equivalence import PROMPTS, generate, reference
 from forerun import LLM, SamplingParams, SpecConfig
-from forerun.drafters.base import Sequence
+from forerun.engine.sequence import Sequence
 from forerun.drafters.draft_model import DraftModel
 from forerun.drafters.recycle import TokenRecycling
 from forerun.drafters.stand import Stand
@@ -89,9 +89,8 @@ def stand_proposer(P: torch.Tensor, Q: torch.Tensor):
     params = SamplingParams(temperature=1.0)
 
     def propose(root, Q, rng):
-        seq = Sequence(tokens=[root], prompt_len=1, cache=SimpleNamespace(max_len=100), cached=0,
-                       params=params, generator=rng.torch)
-        return stand.propose(seq, budget=2)
+        seq = Sequence(tokens=[root], prompt_len=1, params=params, generator=rng.torch, room=100)
+        return stand.propose(seq, depth=2)
     return propose
 
 

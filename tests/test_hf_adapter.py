@@ -1,6 +1,6 @@
 """The transformers adapter: models outside the native Llama family (here a random GPT-2) keep the
-engine's contract: tree forwards at explicit positions, commits of the accepted path, and loading
-from a Hugging Face directory with a clear warning that it is the slower path."""
+engine's contract: forwards of many sequences' rows (trees included) at explicit positions and store
+slots, and loading from a Hugging Face directory with a clear warning that it is the slower path."""
 import shutil
 
 import pytest
@@ -8,6 +8,7 @@ import torch
 
 from conftest import tiny_hf_runtime
 from forerun import LLM, SamplingParams, SpecConfig
+from forerun.models.batch import ForwardBatch, Segment
 from forerun.tree import depths, tree_mask
 
 transformers = pytest.importorskip("transformers")
@@ -27,42 +28,54 @@ def hf_logits(model, tokens: list[int]) -> torch.Tensor:
         return model.hf(torch.tensor([tokens])).logits[0].float()
 
 
+def run(adapter, cache, tokens, start, positions=None, mask=None):
+    positions = torch.arange(start, start + len(tokens)) if positions is None else positions
+    with torch.inference_mode():
+        return adapter(ForwardBatch.contiguous(torch.tensor(tokens), positions, start, mask), cache).logits
+
+
 def test_prompt_then_steps_match_one_hf_forward(adapter):
     seq = PREFIX + [5, 6, 7]
     cache = adapter.new_cache(32)
-    with torch.inference_mode():
-        head = adapter(torch.tensor(seq[:4]), torch.arange(4), cache, 0, prefill=True)
-        steps = [adapter(torch.tensor([t]), torch.tensor([i]), cache, i) for i, t in enumerate(seq[4:], start=4)]
+    head = run(adapter, cache, seq[:4], 0)
+    steps = [run(adapter, cache, [t], i) for i, t in enumerate(seq[4:], start=4)]
     # logits of a wide random GPT-2 reach |10|: float32 rounding of a step against one forward is ~1e-5 of that
     torch.testing.assert_close(torch.cat([head, *steps]), hf_logits(adapter, seq), atol=1e-4, rtol=1e-5)
 
 
 def test_tree_nodes_match_their_paths_and_commit_keeps_the_path(adapter):
     cache = adapter.new_cache(32)
+    run(adapter, cache, PREFIX, 0)
+    positions = len(PREFIX) + torch.tensor(depths(PARENTS))
+    tree = run(adapter, cache, TREE, len(PREFIX), positions, tree_mask(PARENTS))
+    for node in range(len(PARENTS)):
+        path, n = [], node
+        while n >= 0:
+            path.append(n)
+            n = PARENTS[n]
+        expected = hf_logits(adapter, PREFIX + [TREE[i] for i in reversed(path)])[-1]
+        torch.testing.assert_close(tree[node], expected, atol=1e-4, rtol=1e-5)
+    # accept root -> 2 -> 5 (moved to the slots after the prefix), then decode one more token
+    p = len(PREFIX)
+    cache.copy(torch.tensor([p + 2, p + 5]), torch.tensor([p + 1, p + 2]))
+    step = run(adapter, cache, [30], p + 3)
+    torch.testing.assert_close(step[0], hf_logits(adapter, PREFIX + [11, 9, 60, 30])[-1], atol=1e-4, rtol=1e-5)
+
+
+def test_sequences_of_one_forward_match_each_alone(adapter):
+    """Two sequences in one forward, keys scattered over one store: each gets what it gets alone."""
+    store = adapter.new_cache(64)
+    a, b = torch.arange(40, 50), torch.arange(5, 15)
     with torch.inference_mode():
-        adapter(torch.tensor(PREFIX), torch.arange(len(PREFIX)), cache, 0)
-        positions = len(PREFIX) + torch.tensor(depths(PARENTS))
-        tree = adapter(torch.tensor(TREE), positions, cache, len(PREFIX), tree_mask=tree_mask(PARENTS))
-        for node in range(len(PARENTS)):
-            path, n = [], node
-            while n >= 0:
-                path.append(n)
-                n = PARENTS[n]
-            expected = hf_logits(adapter, PREFIX + [TREE[i] for i in reversed(path)])[-1]
-            torch.testing.assert_close(tree[node], expected, atol=1e-4, rtol=0)
-        # accept root -> 2 -> 5, then decode one more token from the committed cache
-        cache.commit(len(PREFIX), torch.tensor([0, 2, 5]))
-        assert cache.length == len(PREFIX) + 3
-        step = adapter(torch.tensor([30]), torch.tensor([len(PREFIX) + 3]), cache, len(PREFIX) + 3)
-    torch.testing.assert_close(step[0], hf_logits(adapter, PREFIX + [11, 9, 60, 30])[-1], atol=1e-4, rtol=0)
-
-
-def test_cache_refuses_gaps_and_overflow(adapter):
-    cache = adapter.new_cache(8)
-    with pytest.raises(ValueError, match="holds only 0"):
-        adapter(torch.tensor([1]), torch.tensor([3]), cache, 3)
-    with pytest.raises(ValueError, match="overflow"):
-        adapter(torch.tensor(list(range(9))), torch.arange(9), cache, 0)
+        adapter(ForwardBatch.pack([Segment(torch.tensor(PREFIX), torch.arange(7), a[:7])]), store)
+        adapter(ForwardBatch.pack([Segment(torch.tensor(PREFIX[:3]), torch.arange(3), b[:3])]), store)
+        segments = [Segment(torch.tensor([5, 6]), torch.arange(7, 9), a[:9]),
+                    Segment(torch.tensor([9]), torch.tensor([3]), b[:4])]
+        together = adapter(ForwardBatch.pack(segments), store).logits
+        alone = torch.cat([adapter(ForwardBatch.pack([s]), store).logits for s in segments])
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(together[:2], hf_logits(adapter, PREFIX + [5, 6])[-2:], atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(together[2], hf_logits(adapter, PREFIX[:3] + [9])[-1], atol=1e-4, rtol=1e-5)
 
 
 @pytest.fixture(scope="module")

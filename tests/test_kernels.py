@@ -1,12 +1,14 @@
 """Block quantization (q4/q8) and the native CPU kernels: exact round trips, agreement with plain
-PyTorch, and rows that do not depend on the batch they come in (speculative verification needs that)."""
+PyTorch, and rows that do not depend on the batch they come in (speculative verification, batched
+decoding, chunked prompts and recomputation after preemption all need that)."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 from forerun import kernels
 from forerun.models import quant
-from forerun.models.llama import apply_rope
+from forerun.models.batch import ForwardBatch, Segment
+from forerun.models.llama import Linear, apply_rope
 
 native = kernels.cpu_kernels()
 needs_native = pytest.mark.skipif(native is None, reason="native CPU kernels unavailable here")
@@ -58,11 +60,19 @@ def test_quantized_rows_do_not_depend_on_the_batch(kind):
         assert torch.equal(quant.linear(x[rows], w), batch[rows])
 
 
-@needs_native
-def test_dense_prefill_path_agrees_with_the_kernel():
-    w = quant.quantize_q8(torch.randn(40, 96))
-    x = torch.randn(9, 96)
-    torch.testing.assert_close(quant.linear(x, w, dense=True), quant.linear(x, w), rtol=1e-5, atol=1e-4)
+@pytest.mark.parametrize("n, k", [(1536, 576), (576, 1536), (960, 576), (64, 32), (32, 64), (160, 32)])
+def test_float32_linear_rows_do_not_depend_on_the_batch(n, k):
+    """The packed float32 path (SmolLM2's projection shapes and the tiny test models'): a row's output
+    is the same bits from 1 row to a long prompt chunk."""
+    g = torch.Generator().manual_seed(n + k)
+    layer = Linear(torch.randn(n, k, generator=g))
+    if not layer.pack_for_cpu():
+        pytest.skip("this torch build has no oneDNN linear packing")
+    x = torch.randn(300, k, generator=g)
+    with torch.inference_mode():
+        alone = torch.cat([layer(x[i:i + 1]) for i in range(0, 300, 23)])
+        for rows in (2, 3, 8, 17, 64, 300):
+            assert torch.equal(layer(x[:rows])[::23], alone[: -(-rows // 23)]), f"{rows} rows"
 
 
 def test_without_native_kernels_quantized_layers_still_run(monkeypatch):
@@ -87,45 +97,85 @@ def random_tree_mask(T: int, seed: int) -> torch.Tensor:
     return mask
 
 
-@needs_native
-@pytest.mark.parametrize("T, H, KV, hd, prefix", [(5, 6, 2, 16, 9), (12, 9, 3, 64, 70), (3, 4, 4, 96, 33), (1, 9, 3, 64, 100)])
-def test_attention_step_matches_rope_cache_and_sdpa_with_a_tree_mask(T, H, KV, hd, prefix):
-    """The fused decoding step (rotate q/k, write k/v to the cache, attend) against the PyTorch path,
-    over head sizes with a partial 64-dim slice, key counts with a partial block, and several chunks
-    of queries per kv head."""
-    L = prefix + T
-    qkv = torch.randn(T, (H + 2 * KV) * hd)
-    angles = torch.arange(prefix, L, dtype=torch.float32)[:, None] * torch.rand(hd // 2)[None, :]
+def rope(positions: torch.Tensor, hd: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    freq = torch.rand(hd // 2, generator=torch.Generator().manual_seed(seed))
+    angles = positions.float()[:, None] * freq[None, :]
     angles = torch.cat([angles, angles], dim=-1)
-    cos, sin = angles.cos(), angles.sin()
-    k_cache, v_cache = torch.randn(KV, L + 8, hd), torch.randn(KV, L + 8, hd)
-    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    return angles.cos(), angles.sin()
+
+
+def attend(qkv, cos, sin, k_pool, v_pool, segments, heads):
+    batch = ForwardBatch.pack(segments)
+    return native.batch_attention(qkv.contiguous(), cos.contiguous(), sin.contiguous(), k_pool, v_pool,
+                                  batch.native(), heads, k_pool.shape[2] ** -0.5)
+
+
+@needs_native
+@pytest.mark.parametrize("T, H, KV, hd, prefix",
+                         [(5, 6, 2, 16, 9), (12, 9, 3, 64, 70), (3, 4, 4, 96, 33), (1, 9, 3, 64, 100)])
+def test_batch_attention_matches_rope_pool_and_sdpa_with_a_tree_mask(T, H, KV, hd, prefix):
+    """The native attention (rotate q/k, write k/v at the rows' pool slots, attend over the
+    sequence's slots) against the PyTorch path, with the keys scattered over the pool, over head
+    sizes with a partial 64-dim slice, key counts with a partial block, and several chunks of queries
+    per kv head."""
+    L, S = prefix + T, prefix + T + 40
+    slots = torch.randperm(S, generator=torch.Generator().manual_seed(T))[:L]  # position i lives at slots[i]
+    qkv = torch.randn(T, (H + 2 * KV) * hd)
+    cos, sin = rope(torch.arange(prefix, L), hd)
+    k_pool, v_pool = torch.randn(KV, S, hd), torch.randn(KV, S, hd)
+    k_ref, v_ref = k_pool.clone(), v_pool.clone()
     tree = random_tree_mask(T, seed=T)
     mask = torch.cat([torch.ones(T, prefix, dtype=torch.bool), tree], dim=1)
 
     qk, v = qkv.split([(H + KV) * hd, KV * hd], dim=-1)
     q, k = apply_rope(qk.view(T, H + KV, hd), cos[:, None], sin[:, None]).split([H, KV], dim=1)
-    k_ref[:, prefix:L], v_ref[:, prefix:L] = k.transpose(0, 1), v.view(T, KV, hd).transpose(0, 1)
-    expected = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k_ref[None, :, :L], v_ref[None, :, :L],
-                                              attn_mask=mask, enable_gqa=True)[0].transpose(0, 1).reshape(T, H * hd)
+    k_ref[:, slots[prefix:]], v_ref[:, slots[prefix:]] = k.transpose(0, 1), v.view(T, KV, hd).transpose(0, 1)
+    expected = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k_ref[None][:, :, slots],
+                                              v_ref[None][:, :, slots], attn_mask=mask,
+                                              enable_gqa=True)[0].transpose(0, 1).reshape(T, H * hd)
 
-    out = native.attention_step(qkv, cos, sin, k_cache, v_cache, prefix, H, mask, hd ** -0.5)
+    tokens = torch.zeros(T, dtype=torch.long)
+    out = attend(qkv, cos, sin, k_pool, v_pool, [Segment(tokens, torch.arange(T), slots, tree)], H)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(k_cache, k_ref, rtol=1e-6, atol=1e-6)
-    assert torch.equal(v_cache, v_ref)
-    for t in range(T):  # one query alone (keys of the others already cached) gives the same bits
-        step = native.attention_step(qkv[t:t + 1].contiguous(), cos[t:t + 1].contiguous(), sin[t:t + 1].contiguous(),
-                                     k_cache, v_cache, prefix + t, H, mask[t:t + 1, :prefix + t + 1].contiguous(),
-                                     hd ** -0.5)
+    torch.testing.assert_close(k_pool, k_ref, rtol=1e-6, atol=1e-6)
+    assert torch.equal(v_pool, v_ref)
+    for t in range(T):  # one query alone (keys of the others already in the pool) gives the same bits
+        one = Segment(tokens[:1], torch.arange(1), slots[:prefix + t + 1], tree[t:t + 1, :t + 1])
+        step = attend(qkv[t:t + 1], cos[t:t + 1], sin[t:t + 1], k_pool, v_pool, [one], H)
         assert torch.equal(step[0], out[t])
-        # ... and so does plain decoding, where the node's ancestors sit in consecutive slots
-        ancestors = [prefix + a for a in range(t) if tree[t, a]]
-        k_plain, v_plain = k_cache.clone(), v_cache.clone()
-        k_plain[:, prefix:prefix + len(ancestors)] = k_cache[:, ancestors]
-        v_plain[:, prefix:prefix + len(ancestors)] = v_cache[:, ancestors]
-        plain = native.attention_step(qkv[t:t + 1].contiguous(), cos[t:t + 1].contiguous(), sin[t:t + 1].contiguous(),
-                                      k_plain, v_plain, prefix + len(ancestors), H, None, hd ** -0.5)
-        assert torch.equal(plain[0], out[t])
+        # ... and so does plain decoding, where the node's ancestors follow the prefix directly
+        ancestors = slots[prefix:prefix + t][tree[t, :t]]
+        own = slots[prefix + t:prefix + t + 1]
+        plain = Segment(tokens[:1], torch.arange(1), torch.cat([slots[:prefix], ancestors, own]))
+        step = attend(qkv[t:t + 1], cos[t:t + 1], sin[t:t + 1], k_pool, v_pool, [plain], H)
+        assert torch.equal(step[0], out[t])
+
+
+@needs_native
+def test_batch_attention_rows_do_not_depend_on_the_other_sequences():
+    """Three sequences (a prompt chunk after a prefix, one token, a tree) in one call give each the
+    bits it gets alone; a causal chunk's rows skip the keys after them without changing a bit."""
+    H, KV, hd, S = 6, 2, 32, 200
+    g = torch.Generator().manual_seed(5)
+    order = torch.randperm(S, generator=g)
+    a, b, c = order[:40], order[40:60], order[60:100]
+    tree = random_tree_mask(6, seed=1)
+    segments = [Segment(torch.zeros(9, dtype=torch.long), torch.arange(31, 40), a),
+                Segment(torch.zeros(1, dtype=torch.long), torch.arange(19, 20), b),
+                Segment(torch.zeros(6, dtype=torch.long), torch.arange(34, 40), c, tree)]
+    qkv = torch.randn(16, (H + 2 * KV) * hd, generator=g)
+    cos, sin = rope(torch.cat([s.positions for s in segments]), hd)
+    k_pool, v_pool = torch.randn(KV, S, hd, generator=g), torch.randn(KV, S, hd, generator=g)
+    together = attend(qkv, cos, sin, k_pool, v_pool, segments, H)
+    row = 0
+    for s in segments:
+        rows = slice(row, row + s.tokens.shape[0])
+        assert torch.equal(attend(qkv[rows], cos[rows], sin[rows], k_pool, v_pool, [s], H), together[rows])
+        row = rows.stop
+    chunk = segments[0]  # row by row, each with exactly the keys up to its own
+    for t in range(9):
+        one = Segment(chunk.tokens[:1], chunk.positions[t:t + 1], a[:32 + t])
+        assert torch.equal(attend(qkv[t:t + 1], cos[t:t + 1], sin[t:t + 1], k_pool, v_pool, [one], H)[0], together[t])
 
 
 @needs_native
@@ -137,13 +187,11 @@ def test_fused_q4_layer_halves_agree_with_the_layer_op_by_op():
     model = tiny_runtime("llama", seed=3).model
     assert model.quantize() and all(layer.q4_halves is not None for layer in model.layers)
     T = 5
-    angles = torch.arange(T, dtype=torch.float32)[:, None] * model.inv_freq[None, :]
-    cos, sin = torch.cat([angles, angles], -1).cos()[:, None], torch.cat([angles, angles], -1).sin()[:, None]
-    mask = torch.ones(T, T, dtype=torch.bool).tril()
+    batch = ForwardBatch.contiguous(torch.zeros(T, dtype=torch.long), torch.arange(T), 0)
+    cos, sin = model.rope.lookup(torch.arange(T), torch.float32, torch.device("cpu"))
     x = torch.randn(T, model.args.hidden_size, generator=torch.Generator().manual_seed(0))
     for i, layer in enumerate(model.layers):
-        fused = layer(x, i, model.new_cache(8), 0, cos, sin, mask, dense=False)
+        fused = layer(x, i, model.new_cache(8), batch, cos, sin)
         halves, layer.q4_halves = layer.q4_halves, None
-        torch.testing.assert_close(fused, layer(x, i, model.new_cache(8), 0, cos, sin, mask, dense=False),
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fused, layer(x, i, model.new_cache(8), batch, cos, sin), rtol=1e-5, atol=1e-5)
         layer.q4_halves = halves

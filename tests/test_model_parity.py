@@ -1,5 +1,5 @@
-"""Our Llama-family Transformer against the Hugging Face implementations, and the KV cache and tree
-plumbing that speculative verification relies on.
+"""Our Llama-family Transformer against the Hugging Face implementations, and the KV store, tree and
+batch plumbing that speculative verification and batched decoding rely on.
 
 Every architecture runs on a tiny random config with every weight randomised (HF initialises norms
 to 1 and biases to 0, which would hide a missing norm or bias). The HF model is the reference for
@@ -13,6 +13,7 @@ import torch
 from helpers_parity import single_thread  # noqa: F401  (a fixture)
 from forerun.cache import KVCache
 from forerun.models.args import ModelArgs
+from forerun.models.batch import ForwardBatch, Segment
 from forerun.models.llama import Transformer
 from forerun.tree import children, depths, is_chain, tree_mask
 
@@ -83,26 +84,28 @@ def hf_logits(hf, tokens: list[int]) -> torch.Tensor:
 
 
 @torch.inference_mode()
+def run(model: Transformer, cache: KVCache, tokens: list[int], start: int, positions=None, mask=None) -> torch.Tensor:
+    """One forward of `tokens` at slots [start, start + T) of a store where slot i holds position i."""
+    positions = torch.arange(start, start + len(tokens)) if positions is None else positions
+    return model(ForwardBatch.contiguous(torch.tensor(tokens), positions, start, mask), cache).logits
+
+
 def full_forward(model: Transformer, tokens: list[int]) -> torch.Tensor:
-    cache = model.new_cache(len(tokens))
-    return model(torch.tensor(tokens), torch.arange(len(tokens)), cache, 0)
+    return run(model, model.new_cache(len(tokens)), tokens, 0)
 
 
-@torch.inference_mode()
 def feed(model: Transformer, cache: KVCache, tokens: list[int], start: int = 0) -> torch.Tensor:
     """One token at a time at slots = positions start, start + 1, ...; returns [T, V] logits."""
-    rows = [model(torch.tensor([t]), torch.tensor([start + i]), cache, start + i) for i, t in enumerate(tokens)]
-    return torch.cat(rows)
+    return torch.cat([run(model, cache, [t], start + i) for i, t in enumerate(tokens)])
 
 
-@torch.inference_mode()
 def tree_forward(model: Transformer, cache: KVCache) -> torch.Tensor:
     """Commit SEQ[:PREFIX] to the cache, then run the whole tree rooted at slot PREFIX in one forward.
     The prefix goes in one token at a time, the path test_incremental_decoding checks on its own, so
     that a failure here is the tree's."""
     feed(model, cache, SEQ[:PREFIX])
     positions = PREFIX + torch.tensor(depths(PARENTS))
-    return model(torch.tensor(TREE_TOKENS), positions, cache, PREFIX, tree_mask=tree_mask(PARENTS))
+    return run(model, cache, TREE_TOKENS, PREFIX, positions, tree_mask(PARENTS))
 
 
 def root_path(node: int) -> list[int]:
@@ -118,14 +121,11 @@ def test_full_sequence_matches_hf(pair):
     torch.testing.assert_close(full_forward(ours, SEQ), hf_logits(hf, SEQ), atol=FP32_ATOL, rtol=0)
 
 
-def test_prompt_forward_matches_hf(pair):
-    """prefill=True: the path prompts take (SDPA's causal kernel from the first slot, where the model
-    has no sliding window), then decoding continues from its cache."""
+def test_prompt_in_chunks_matches_hf(pair):
+    """A prompt in two chunks (the second attends to the first through the store), then decoding."""
     hf, ours = pair
     cache = ours.new_cache(len(SEQ))
-    with torch.inference_mode():
-        head = ours(torch.tensor(SEQ[:8]), torch.arange(8), cache, 0, prefill=True)
-    logits = torch.cat([head, feed(ours, cache, SEQ[8:], start=8)])
+    logits = torch.cat([run(ours, cache, SEQ[:5], 0), run(ours, cache, SEQ[5:8], 5), feed(ours, cache, SEQ[8:], 8)])
     torch.testing.assert_close(logits, hf_logits(hf, SEQ), atol=FP32_ATOL, rtol=0)
 
 
@@ -134,20 +134,37 @@ def test_incremental_decoding_matches_hf(pair):
     explicit positions and slots, reaching past the window."""
     hf, ours = pair
     cache = ours.new_cache(len(SEQ))
-    with torch.inference_mode():
-        head = ours(torch.tensor(SEQ[:3]), torch.arange(3), cache, 0)
-    logits = torch.cat([head, feed(ours, cache, SEQ[3:], start=3)])
+    logits = torch.cat([run(ours, cache, SEQ[:3], 0), feed(ours, cache, SEQ[3:], start=3)])
     torch.testing.assert_close(logits, hf_logits(hf, SEQ), atol=FP32_ATOL, rtol=0)
 
 
-def test_packed_weights_match_unpacked(pair):
+@torch.inference_mode()
+def test_ragged_batch_matches_hf_and_each_sequence_alone(pair):
+    """Three sequences in one forward, their keys scattered over a shared store: one a prompt chunk
+    after a cached prefix, one a single token, one a draft tree. Each row's logits match HF's, and
+    equal bit for bit what the same sequence computes alone (every kernel treats rows independently)."""
     hf, ours = pair
-    packed = Transformer(ours.args, hf_weights(hf)).eval()
-    if not packed.pack_for_cpu():
-        pytest.skip("this torch build has no oneDNN linear packing")
-    torch.testing.assert_close(full_forward(packed, SEQ), full_forward(ours, SEQ), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(tree_forward(packed, packed.new_cache(32)), tree_forward(ours, ours.new_cache(32)),
-                               atol=1e-5, rtol=1e-5)
+    store = ours.new_cache(64)
+    order = torch.randperm(64, generator=torch.Generator().manual_seed(0))
+    a, b, c = order[:12], order[12:24], order[24:40]  # each sequence's slots, by position
+    run_rows = lambda segs: ours(ForwardBatch.pack(segs), store).logits  # noqa: E731
+    for slots, n in ((a, 4), (b, 9), (c, PREFIX)):  # the cached prefixes, one token at a time
+        for i in range(n):
+            run_rows([Segment(torch.tensor([SEQ[i]]), torch.tensor([i]), slots[:i + 1])])
+    segments = [
+        Segment(torch.tensor(SEQ[4:10]), torch.arange(4, 10), a[:10]),
+        Segment(torch.tensor([SEQ[9]]), torch.tensor([9]), b[:10]),
+        Segment(torch.tensor(TREE_TOKENS), PREFIX + torch.tensor(depths(PARENTS)), c[:PREFIX + len(PARENTS)],
+                tree_mask(PARENTS)),
+    ]
+    together = run_rows(segments)
+    alone = torch.cat([run_rows([s]) for s in segments])
+    assert torch.equal(together, alone)
+    torch.testing.assert_close(together[:6], hf_logits(hf, SEQ[:10])[4:10], atol=FP32_ATOL, rtol=0)
+    torch.testing.assert_close(together[6], hf_logits(hf, SEQ[:10])[9], atol=FP32_ATOL, rtol=0)
+    for node in range(len(PARENTS)):
+        expected = hf_logits(hf, SEQ[:PREFIX] + [TREE_TOKENS[i] for i in root_path(node)])[-1]
+        torch.testing.assert_close(together[7 + node], expected, atol=FP32_ATOL, rtol=0, msg=f"tree node {node}")
 
 
 def test_tree_forward_matches_sequential(pair):
@@ -162,11 +179,14 @@ def test_tree_forward_matches_sequential(pair):
 
 @pytest.mark.parametrize("path", [[0, 2, 5], [0, 1, 3], [0, 1], [0]], ids=str)
 def test_commit_then_decode_matches_sequential(pair, path):
-    """After committing an accepted path, the next token sees exactly prefix + path."""
+    """After committing an accepted path (its entries copied to the slots after the prefix), the
+    next token sees exactly prefix + path."""
     hf, ours = pair
     cache = ours.new_cache(32)
     tree_forward(ours, cache)
-    cache.commit(PREFIX, torch.tensor(path))
+    moved = [(node, j) for j, node in enumerate(path) if node != j]
+    if moved:
+        cache.copy(torch.tensor([PREFIX + n for n, _ in moved]), torch.tensor([PREFIX + j for _, j in moved]))
     nxt = 48
     logits = feed(ours, cache, [nxt], start=PREFIX + len(path))[0]
     expected = hf_logits(hf, SEQ[:PREFIX] + [TREE_TOKENS[i] for i in path] + [nxt])[-1]
@@ -202,46 +222,17 @@ def test_llama3_rope_scaling_is_applied():
 
 # --- KVCache -----------------------------------------------------------------------------------
 
-def small_cache(max_len: int = 8) -> KVCache:
-    cache = KVCache(num_layers=2, num_kv_heads=2, head_dim=3, max_len=max_len, dtype=torch.float32)
+def test_store_copy_moves_every_layers_entries():
+    cache = KVCache(num_layers=2, num_kv_heads=2, head_dim=3, slots=8, dtype=torch.float32)
     cache.k.copy_(torch.randn(cache.k.shape, generator=torch.Generator().manual_seed(0)))
     cache.v.copy_(torch.randn(cache.v.shape, generator=torch.Generator().manual_seed(1)))
-    return cache
-
-
-@pytest.mark.parametrize("start, length", [(0, 9), (5, 4), (8, 1)])
-def test_cache_write_overflow_raises(start, length):
-    cache = small_cache()
-    kv = torch.zeros(length, 2, 3)
-    with pytest.raises(ValueError, match="overflow"):
-        cache.write(0, start, kv, kv)
-
-
-def test_cache_write_fills_to_the_last_slot():
-    cache = small_cache()
-    kv = torch.ones(3, 2, 3)
-    keys, values = cache.write(1, 5, kv, 2 * kv)
-    assert keys.shape == values.shape == (2, 8, 3)
-    assert torch.equal(cache.k[1, :, 5:], torch.ones(2, 3, 3))
-    assert torch.equal(cache.v[1, :, 5:], 2 * torch.ones(2, 3, 3))
-
-
-def test_commit_gathers_path_entries():
-    cache = small_cache()
     before_k, before_v = cache.k.clone(), cache.v.clone()
-    cache.commit(2, torch.tensor([0, 2, 5]))
-    src = torch.tensor([2, 4, 7])
-    assert torch.equal(cache.k[:, :, 2:5], before_k[:, :, src])
-    assert torch.equal(cache.v[:, :, 2:5], before_v[:, :, src])
-    assert torch.equal(cache.k[:, :, :2], before_k[:, :, :2])  # the committed prefix is untouched
-
-
-@pytest.mark.parametrize("path", [[0], [0, 1], [0, 1, 2, 3]], ids=str)
-def test_commit_of_a_prefix_path_is_a_no_op(path):
-    cache = small_cache()
-    before_k, before_v = cache.k.clone(), cache.v.clone()
-    cache.commit(3, torch.tensor(path))
-    assert torch.equal(cache.k, before_k) and torch.equal(cache.v, before_v)
+    cache.copy(torch.tensor([4, 7]), torch.tensor([3, 4]))
+    assert torch.equal(cache.k[:, :, [3, 4]], before_k[:, :, [4, 7]])
+    assert torch.equal(cache.v[:, :, [3, 4]], before_v[:, :, [4, 7]])
+    untouched = [0, 1, 2, 5, 6, 7]
+    assert torch.equal(cache.k[:, :, untouched], before_k[:, :, untouched])
+    assert cache.bytes_per_slot == 2 * 2 * 2 * 3 * 4
 
 
 # --- forerun.tree ------------------------------------------------------------------------------

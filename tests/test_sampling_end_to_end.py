@@ -17,6 +17,7 @@ from helpers_parity import single_thread  # noqa: F401  (a fixture)
 from test_distribution import assert_distributed_as
 from forerun import LLM, SamplingParams, SpecConfig
 from forerun.drafters.draft_model import DraftModel
+from forerun.models.batch import ForwardBatch
 from forerun.types import Draft
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -32,8 +33,8 @@ TREE = SpecConfig(method="draft", tree_width=2, num_draft=2, max_draft=2, adapti
 class UniformQ(DraftModel):
     """A drafter fed the wrong q: its tokens come from the draft model, its q rows claim uniform draws."""
 
-    def propose(self, seq, budget):
-        draft = super().propose(seq, budget)
+    def propose(self, seq, depth):
+        draft = super().propose(seq, depth)
         return Draft(draft.tokens, draft.parents, torch.full_like(draft.q, 1 / draft.q.shape[1]))
 
 
@@ -44,9 +45,9 @@ def target_logits(rt) -> torch.Tensor:
     out = torch.empty(VOCAB, VOCAB, 3, VOCAB)
     for x1 in range(VOCAB):
         for x2 in range(VOCAB):
-            tokens = torch.tensor(PROMPT + [x1, x2], device=rt.device)
-            positions = torch.arange(len(tokens), device=rt.device)
-            out[x1, x2] = rt.model(tokens, positions, rt.model.new_cache(len(tokens)), 0)[-3:].cpu()
+            tokens = torch.tensor(PROMPT + [x1, x2])
+            batch = ForwardBatch.contiguous(tokens, torch.arange(len(tokens)), 0)
+            out[x1, x2] = rt.model(batch, rt.model.new_cache(len(tokens))).logits[-3:].cpu()
     return out
 
 

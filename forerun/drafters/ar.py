@@ -6,5 +6,5 @@ from forerun.types import Draft
 
 @register("ar")
 class NoDrafter(Drafter):
-    def propose(self, seq: Sequence, budget: int) -> Draft:
+    def propose(self, seq: Sequence, depth: int) -> Draft:
         return root_only(seq)

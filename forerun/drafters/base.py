@@ -1,55 +1,70 @@
-"""The drafter interface: propose a token tree, then observe how verification went."""
+"""The drafter interface: propose a token tree for a sequence, then observe how verification went.
+
+The engine calls a drafter for each sequence of a batched step: propose(seq, depth) before the
+forward, observe(seq, draft, verdict, scores) after it. One drafter object serves every sequence of
+its SpecConfig, so what it knows lives in one of two places, and each strategy says which:
+
+- Per request: what begin(seq) returns. The engine keeps it on the sequence (seq.draft_state),
+  hands it back through the sequence at every call, and drops it when the sequence ends, after
+  end(seq) releases what it holds. Examples: a draft model's KV cache (draft, rasd), lookahead's
+  Jacobi window and n-gram pool, DEL's acceptance estimates per exit layer.
+- Persistent: the drafter's own attributes, shared by all sequences of its SpecConfig and kept
+  across requests on purpose, because they learn from everything the target says: STAND's n-gram
+  tables and tree-shape statistics, Token Recycling's successor matrix, a retrieval datastore.
+  (The engine also keeps per SpecConfig a SpeedGuard's measurements and the goodput policy's odds.)
+Stateless strategies (ar, pld, retrieval, layer-skip) keep neither.
+"""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
 
 import torch
 
-from forerun.cache import KVCache
-from forerun.config import SamplingParams, SpecConfig
-from forerun.types import Draft, Verdict
-
-
-@dataclass(slots=True)
-class Sequence:
-    """One request's decoding state. tokens[-1] is the newest token; its K/V are not cached yet."""
-
-    tokens: list[int]  # prompt + generated tokens
-    prompt_len: int
-    cache: KVCache  # the target's cache; slots [0, cached) hold tokens[:cached]
-    cached: int
-    params: SamplingParams
-    generator: torch.Generator | None = None
-    eos_ids: frozenset[int] = field(default_factory=frozenset)
-
-    @property
-    def root(self) -> int:
-        return self.tokens[-1]
+from forerun.config import SpecConfig
+from forerun.engine.sequence import Sequence
+from forerun.types import Draft, Scores, Verdict
 
 
 class Drafter(ABC):
-    """Proposes a tree rooted at seq.root. `budget` is the draft depth the controller allows."""
+    """Proposes a tree rooted at seq.root, at most `depth` tokens deep and seq.room nodes big."""
+
+    # propose() runs model forwards per drafted token: the goodput policy sets its depth before drafting
+    drafts_with_model: bool = False
+    # propose() writes the target's K/V at the sequence's slots from seq.cached on (layer-skip), so the
+    # engine reserves depth + 1 of them first
+    writes_target_kv: bool = False
+    # the drafter picks its own length each step (DEL): it is offered SpecConfig.max_draft, not the
+    # adaptive DraftLength (the guard and the goodput policy still cap it)
+    plans_length: bool = False
 
     def __init__(self, target, spec: SpecConfig):
         self.target = target  # forerun.models.runtime.Runtime
         self.spec = spec
 
-    def begin(self, seq: Sequence) -> None:
-        """Called once per request, after prefill."""
+    def begin(self, seq: Sequence) -> object | None:
+        """Called once per sequence before its first draft; returns its per-request state."""
+        return None
+
+    def end(self, seq: Sequence) -> None:
+        """Called once when the sequence finishes or is aborted, before its state is dropped."""
 
     @abstractmethod
-    def propose(self, seq: Sequence, budget: int) -> Draft: ...
+    def propose(self, seq: Sequence, depth: int) -> Draft: ...
 
-    def observe(self, seq: Sequence, draft: Draft, verdict: Verdict, logits: torch.Tensor) -> None:
-        """Feedback after verification; seq already holds the accepted tokens.
-        logits: [N + M, V], the target's output at every node of the draft, rejected branches included,
-        then at the M nodes of draft.extra (M = 0 without them)."""
+    def layers_wanted(self, seq: Sequence) -> tuple[int, ...]:
+        """Residual streams (after how many layers) the next verification should return for this
+        sequence's rows, in Scores.layers (DEL's shadow tokens)."""
+        return ()
+
+    def observe(self, seq: Sequence, draft: Draft, verdict: Verdict, scores: Scores) -> None:
+        """Feedback after verification; seq already holds the accepted tokens. scores holds the
+        target's outputs at every node of the draft, rejected branches included, then at the M nodes
+        of draft.extra."""
 
 
 def room(seq: Sequence) -> int:
-    """Nodes (tree plus extra) the next verification forward may hold before the KV cache is full."""
-    return seq.cache.max_len - seq.cached
+    """Nodes (tree plus extra) the next verification forward may hold for this sequence."""
+    return seq.room
 
 
 def root_only(seq: Sequence) -> Draft:

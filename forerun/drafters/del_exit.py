@@ -5,8 +5,9 @@ Drafting is layer-skip's (forerun.drafters.layer_skip.draft_chain); what DEL add
 exit layer l and length d at every step. It keeps, for each candidate exit layer, a decayed estimate
 of alpha_l, the chance that layer l's shallow prediction equals the target's token. The estimate
 comes from *shadow tokens*: the verification forward computes every layer's hidden state for the
-accepted path anyway, so a forward hook keeps the candidate layers' states, and one batched pass
-through the final norm and head says what each layer would have drafted there. No extra forward.
+accepted path anyway: on a probe step the drafter asks for the candidate layers' residual streams
+(Drafter.layers_wanted, returned in Scores.layers), and one batched pass through the final norm and
+head says what each layer would have drafted there. No extra forward.
 
 Each step maximises expected tokens per unit of time (the paper's tokens-per-layer, with the head's
 cost counted, since for small models it is a large share of a forward):
@@ -21,14 +22,13 @@ exits disagree with the full model: it keeps probing and drafts once some layer 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from functools import partial
 
 import torch
 
 from forerun.drafters.base import Drafter, Sequence, root_only
 from forerun.drafters.layer_skip import draft_chain
 from forerun.drafters.registry import register
-from forerun.types import Draft
+from forerun.types import Draft, Scores
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,82 +40,83 @@ class DelOptions:
     min_length: int = 0  # never draft fewer tokens (0 lets DEL fall back to plain decoding)
 
 
+@dataclass(eq=False)
+class DelState:
+    """One request's estimates: decayed hits and trials of each candidate exit layer (per request, as
+    the paper's are context-aware; a new request starts from where the last finished one ended)."""
+
+    hits: dict[int, float]
+    trials: dict[int, float]
+    steps: int = 0
+    probing: bool = False  # this step's verification returns the candidate layers' states
+
+
 @register("del")
 class DynamicExit(Drafter):
+    drafts_with_model = writes_target_kv = plans_length = True
+
     def __init__(self, target, spec):
         super().__init__(target, spec)
         self.opts = DelOptions(**spec.option_values({f.name: f.default for f in fields(DelOptions)}))
         args = target.model.args
         self.layers = _candidate_layers(self.opts.layers, args.num_layers)
         self.cost = _draft_costs(args, self.layers)
-        self.hits = {layer: 1.0 for layer in self.layers}  # prior alpha = 0.5, worth two observations
-        self.trials = {layer: 2.0 for layer in self.layers}
-        self.steps = 0
-        self._hooks: list = []
-        self._hidden: dict[int, torch.Tensor] = {}  # layer -> [N, hidden] states of the verification
+        # Persistent: where the last finished request's estimates ended, the next one's start
+        # (alpha = 0.5, worth two observations, before any).
+        self.prior = DelState(hits={layer: 1.0 for layer in self.layers}, trials={layer: 2.0 for layer in self.layers})
 
-    def alpha(self, layer: int) -> float:
-        return self.hits[layer] / self.trials[layer]
+    def begin(self, seq: Sequence) -> DelState:
+        return DelState(hits=dict(self.prior.hits), trials=dict(self.prior.trials))
 
-    def plan(self) -> tuple[int, int]:
+    def end(self, seq: Sequence) -> None:
+        state: DelState = seq.draft_state
+        self.prior = DelState(hits=dict(state.hits), trials=dict(state.trials))
+
+    def plan(self, state: DelState) -> tuple[int, int]:
         """(exit layer, speculation length) with the most expected tokens per unit of cost."""
         best, choice = 1.0, (self.layers[-1], 0)  # d = 0: one token per forward
         lengths = range(max(self.opts.min_length, 1), self.spec.max_draft + 1)
         if self.opts.min_length > 0:
             best = 0.0
         for layer in self.layers:
-            a = min(self.alpha(layer), 0.999)
+            a = min(state.hits[layer] / state.trials[layer], 0.999)
             for d in lengths:
                 rate = (1 - a ** (d + 1)) / (1 - a) / (1 + self.opts.slope * d + d * self.cost[layer])
                 if rate > best:
                     best, choice = rate, (layer, d)
         return choice
 
-    def begin(self, seq: Sequence) -> None:
-        self._untap()
-
-    def propose(self, seq: Sequence, budget: int) -> Draft:
-        self._untap()
-        layer, length = self.plan()
+    def propose(self, seq: Sequence, depth: int) -> Draft:
+        state: DelState = seq.draft_state
+        layer, length = self.plan(state)
+        length = min(length, depth)
         draft = draft_chain(self.target.model, seq, layer, length) if length else root_only(seq)
-        self.steps += 1
-        if self.steps % self.opts.probe_every == 0:
-            self._tap(draft.size)
+        state.steps += 1
+        state.probing = state.steps % self.opts.probe_every == 0
         return draft
 
-    def observe(self, seq: Sequence, draft: Draft, verdict, logits: torch.Tensor) -> None:
-        if len(self._hidden) == len(self.layers):
-            self._learn(draft, verdict)
-        self._untap()
+    def layers_wanted(self, seq: Sequence) -> tuple[int, ...]:
+        return tuple(self.layers) if seq.draft_state.probing else ()
 
-    def _learn(self, draft: Draft, verdict) -> None:
+    def observe(self, seq: Sequence, draft: Draft, verdict, scores: Scores) -> None:
+        state: DelState = seq.draft_state
+        if state.probing and all(layer in scores.layers for layer in self.layers):
+            self._learn(state, draft, verdict, scores)
+        state.probing = False
+
+    def _learn(self, state: DelState, draft: Draft, verdict, scores: Scores) -> None:
         """Shadow tokens: what each candidate layer predicts at each accepted node, against the token
         the target produced there."""
         model = self.target.model
         path = torch.tensor(verdict.path)
         truth = torch.tensor(draft.tokens[path[1:]].tolist() + [verdict.next_token])  # [A]
-        states = torch.stack([self._hidden[layer][path] for layer in self.layers])  # [C, A, hidden]
+        states = torch.stack([scores.layers[layer][path] for layer in self.layers])  # [C, A, hidden]
         shadow = model.head(model.norm(states.flatten(0, 1))).argmax(-1).view(len(self.layers), -1).cpu()
         matches = (shadow == truth).sum(-1).tolist()  # [C]
         decay = self.opts.decay
         for layer, hit in zip(self.layers, matches):
-            self.hits[layer] = decay * self.hits[layer] + hit
-            self.trials[layer] = decay * self.trials[layer] + len(truth)
-
-    def _tap(self, rows: int) -> None:
-        """Keep the candidate layers' outputs of the next forward over `rows` tokens (the verification)."""
-        for layer in self.layers:
-            block = self.target.model.layers[layer - 1]
-            self._hooks.append(block.register_forward_hook(partial(self._keep, layer, rows)))
-
-    def _keep(self, layer: int, rows: int, module, inputs, output: torch.Tensor) -> None:
-        if output.shape[0] == rows:
-            self._hidden[layer] = output.detach()
-
-    def _untap(self) -> None:
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks, self._hidden = [], {}
+            state.hits[layer] = decay * state.hits[layer] + hit
+            state.trials[layer] = decay * state.trials[layer] + len(truth)
 
 
 def _candidate_layers(spec: str, num_layers: int) -> list[int]:

@@ -7,7 +7,8 @@ Two tree shapes (option `tree`), both grown with one draft-model forward per lev
   EAGLE-2 / DySpec style: the tree goes deep where the draft is confident and wide where it is not.
 Children are the top-k when greedy, and Gumbel-top-k draws (sampling without replacement) when
 sampling, which recursive rejection sampling verifies exactly (RSD).
-The draft model keeps its own KV cache; entries that match the committed sequence are reused.
+Each request keeps the draft model's KV in a store of its own (DraftCache, from begin; slot i holds
+position i); entries that match the committed sequence are reused from step to step.
 """
 from __future__ import annotations
 
@@ -17,11 +18,17 @@ from dataclasses import dataclass
 
 import torch
 
+from forerun.cache import KVCache
 from forerun.drafters.base import Drafter, Sequence, room
 from forerun.drafters.registry import register
+from forerun.models.batch import ForwardBatch
 from forerun.sampling import gumbel_top_k, target_probs
 from forerun.tree import depths, tree_mask
 from forerun.types import Draft
+
+# Draft-cache slots past a request's longest sequence, for the tree nodes of one step (the engine
+# never lets a verification hold more: EngineConfig.max_draft_rows).
+TREE_SLOTS = 256
 
 
 @dataclass(frozen=True)  # not slotted: the class attributes are the defaults
@@ -38,8 +45,18 @@ class DraftTreeOptions:
         return opts
 
 
+@dataclass(eq=False)
+class DraftCache:
+    """One request's draft-model KV: slot i holds position i of `tokens`."""
+
+    cache: KVCache
+    tokens: list[int]
+
+
 @register("draft")
 class DraftModel(Drafter):
+    drafts_with_model = True
+
     def __init__(self, target, spec, draft=None):
         super().__init__(target, spec)
         if draft is None:
@@ -51,49 +68,47 @@ class DraftModel(Drafter):
         _check_tokenizers(target, draft)
         self.opts = DraftTreeOptions.from_spec(spec)
         self.draft = draft
-        self.cache = None
-        self.cached_tokens: list[int] = []  # tokens whose K/V sit in self.cache, slot by slot
 
-    def begin(self, seq: Sequence) -> None:
-        self.cache = self.draft.model.new_cache(seq.cache.max_len)
-        self.cached_tokens = []
+    def begin(self, seq: Sequence) -> DraftCache:
+        slots = len(seq.tokens) + seq.params.max_new_tokens + TREE_SLOTS + 1
+        return DraftCache(self.draft.model.new_cache(slots), [])
 
-    def propose(self, seq: Sequence, budget: int) -> Draft:
-        reuse = _common_prefix(self.cached_tokens, seq.tokens[:-1])
+    def propose(self, seq: Sequence, depth: int) -> Draft:
+        state: DraftCache = seq.draft_state
+        reuse = _common_prefix(state.tokens, seq.tokens[:-1])
         base = len(seq.tokens) - 1  # the root's slot; node i of the tree goes to slot base + i
         pending = seq.tokens[reuse:]  # uncached context, then the root
-        device = self.draft.device
-        hidden = self.draft.model(torch.tensor(pending, device=device), torch.arange(reuse, base + 1, device=device),
-                                  self.cache, reuse, logits=False)[-1:]
+        hidden = self.draft.model(ForwardBatch.contiguous(torch.tensor(pending), torch.arange(reuse, base + 1), reuse,
+                                                          logits=False), state.cache).hidden[-1:]
         grow = self._grow_dynamic if self.opts.tree == "dynamic" else self._grow_beam
-        tree = _Tree(tokens=[seq.root], parents=[-1], q_rows=[None], score=[0.0], base=base)
-        forwarded = grow(tree, hidden, seq, budget)
+        tree = _Tree(tokens=[seq.root], parents=[-1], q_rows=[None], score=[0.0], base=base, cache=state.cache)
+        forwarded = grow(tree, hidden, seq, depth)
         # Slots base.. hold tree nodes by index; the chain prefix of the tree is a valid sequence.
         parents = tree.parents
         chain_len = next((i for i, p in enumerate(parents) if p != i - 1), len(parents))
-        self.cached_tokens = seq.tokens[:-1] + tree.tokens[:min(chain_len, forwarded)]
+        state.tokens = seq.tokens[:-1] + tree.tokens[:min(chain_len, forwarded)]
         q = None if seq.params.greedy else torch.stack([torch.zeros_like(tree.q_rows[1]) if r is None else r
                                                         for r in tree.q_rows])
         return Draft(tokens=torch.tensor(tree.tokens), parents=parents, q=q)
 
-    def _grow_beam(self, tree: _Tree, hidden: torch.Tensor, seq: Sequence, budget: int) -> int:
+    def _grow_beam(self, tree: _Tree, hidden: torch.Tensor, seq: Sequence, depth: int) -> int:
         """Level by level: the `tree_width` best nodes of the newest level get `tree_width` children
         each. Returns how many nodes (a prefix) went through the draft model."""
         width, level = self.spec.tree_width, [0]  # level: the nodes whose outputs `hidden` holds
-        for depth in range(budget):
+        for d in range(depth):
             logits = self.draft.model.head(hidden).float().cpu()  # [len(level), V]
             expand = sorted(range(len(level)), key=lambda j: -tree.score[level[j]])[:width]
             lo = tree.size
             for j in expand:
                 for token, q, logp in _children(logits[j], width, seq.params, seq.generator):
                     tree.add(level[j], token, q, logp)
-            if depth == budget - 1:
+            if d == depth - 1:
                 return lo
             hidden = self._run(tree, lo)
             level = list(range(lo, tree.size))
         return tree.size
 
-    def _grow_dynamic(self, tree: _Tree, hidden: torch.Tensor, seq: Sequence, budget: int) -> int:
+    def _grow_dynamic(self, tree: _Tree, hidden: torch.Tensor, seq: Sequence, depth: int) -> int:
         """Best-first growth under a node budget (EAGLE-2 / DySpec): each round adds the candidate
         children with the highest cumulative draft log-probability, anywhere in the tree, then runs
         the new nodes through the draft model in one forward to offer their own children.
@@ -103,7 +118,7 @@ class DraftModel(Drafter):
         replacement. Whether a child is drafted thus never depends on the child's own token, so its
         siblings are tried in draw order and recursive rejection sampling stays exact."""
         limit = min(self.opts.nodes, room(seq))
-        per_round = max(1, -(-(limit - 1) // budget))
+        per_round = max(1, -(-(limit - 1) // depth))
         offers: dict[int, list] = {}  # node -> its children in draw order: (token, q, logp)
         values: dict[int, list[float]] = {}  # node -> value of each of those, as known before its draw
         frontier: list[tuple[float, int, int]] = []  # (-value, node, child index)
@@ -113,14 +128,14 @@ class DraftModel(Drafter):
             heapq.heappush(frontier, (-(tree.score[node] + values[node][0]), node, 0))
 
         offer(0, self.draft.model.head(hidden).float().cpu()[0])
-        for round_ in range(budget):
+        for round_ in range(depth):
             lo = tree.size
             while frontier and tree.size - lo < per_round and tree.size < limit:
                 _, node, j = heapq.heappop(frontier)
                 tree.add(node, *offers[node][j])
                 if j + 1 < len(offers[node]):
                     heapq.heappush(frontier, (-(tree.score[node] + values[node][j + 1]), node, j + 1))
-            if tree.size == lo or round_ == budget - 1 or tree.size >= limit:
+            if tree.size == lo or round_ == depth - 1 or tree.size >= limit:
                 return lo
             logits = self.draft.model.head(self._run(tree, lo)).float().cpu()  # [size - lo, V]
             for node, row in zip(range(lo, tree.size), logits):
@@ -129,11 +144,11 @@ class DraftModel(Drafter):
 
     def _run(self, tree: _Tree, lo: int) -> torch.Tensor:
         """Run nodes [lo, size) through the draft model (attending to their ancestors); their hidden states."""
-        device, hi = self.draft.device, tree.size
+        hi = tree.size
         mask = tree_mask(tree.parents)[lo:hi, :hi]
-        positions = torch.tensor(depths(tree.parents)[lo:hi], device=device) + tree.base
-        return self.draft.model(torch.tensor(tree.tokens[lo:hi], device=device), positions, self.cache,
-                                tree.base + lo, tree_mask=mask.to(device), logits=False)
+        positions = torch.tensor(depths(tree.parents)[lo:hi]) + tree.base
+        batch = ForwardBatch.contiguous(torch.tensor(tree.tokens[lo:hi]), positions, tree.base + lo, mask, logits=False)
+        return self.draft.model(batch, tree.cache).hidden
 
 
 @dataclass(slots=True)
@@ -145,6 +160,7 @@ class _Tree:
     q_rows: list[torch.Tensor | None]  # the distribution each node was drawn from (None: argmax)
     score: list[float]  # cumulative draft log-probability of each node's path
     base: int
+    cache: KVCache  # the request's draft-model store
 
     @property
     def size(self) -> int:

@@ -24,7 +24,7 @@ import torch
 from forerun.drafters.base import Drafter, Sequence, room
 from forerun.drafters.registry import register
 from forerun.drafters.tries import Trie
-from forerun.types import Draft, Extra
+from forerun.types import Draft, Extra, Scores
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +35,15 @@ class LookaheadOptions:
     pool_from_prompt: bool = True  # seed the pool with the prompt's n-grams
 
 
+@dataclass(eq=False)
+class LookaheadState:
+    """One request's window and pool (both start from its prompt)."""
+
+    pool: dict[int, OrderedDict[tuple[int, ...], None]]  # first token -> continuations, most recent last
+    levels: list[list[int]]  # [levels][W] the window, oldest level first
+    seen: int  # tokens of the sequence whose n-grams are in the pool
+
+
 @register("lookahead")
 class Lookahead(Drafter):
     def __init__(self, target, spec):
@@ -42,47 +51,46 @@ class Lookahead(Drafter):
         self.opts = LookaheadOptions(**spec.option_values({f.name: f.default for f in fields(LookaheadOptions)}))
         if self.opts.window < 1 or self.opts.ngram < 2 or self.opts.candidates < 1:
             raise ValueError("lookahead needs window >= 1, ngram >= 2 and candidates >= 1")
-        self.pool: dict[int, OrderedDict[tuple[int, ...], None]] = {}  # first token -> continuations
-        self.levels: list[list[int]] = []  # [levels][W] the window, oldest level first
-        self.seen = 0  # tokens of the sequence whose n-grams are in the pool
 
-    def begin(self, seq: Sequence) -> None:
-        self.pool, self.seen = {}, 0
+    def begin(self, seq: Sequence) -> LookaheadState:
         w = self.opts.window
-        self.levels = [(seq.tokens * w)[-w:]]  # the paper starts from tokens of the prompt
+        state = LookaheadState(pool={}, levels=[(seq.tokens * w)[-w:]], seen=0)  # the paper starts from the prompt
         if self.opts.pool_from_prompt:
-            self._add_text(seq.tokens)
-        self.seen = len(seq.tokens)
+            self._add_text(state, seq.tokens)
+        state.seen = len(seq.tokens)
+        return state
 
-    def propose(self, seq: Sequence, budget: int) -> Draft:
+    def propose(self, seq: Sequence, depth: int) -> Draft:
+        state: LookaheadState = seq.draft_state
         trie = Trie(seq.root)
-        for gram in list(self.pool.get(seq.root, ()))[-self.opts.candidates:]:
+        for gram in list(state.pool.get(seq.root, ()))[-self.opts.candidates:]:
             trie.add(gram)
         space = room(seq)
         tree = trie.pruned(min(len(trie.tokens), space) - 1)
-        window = self._window(tree.size)
+        window = self._window(state, tree.size)
         if window is not None and tree.size + window.tokens.shape[0] > space:
-            window = None  # near the end of the cache: verify only
+            window = None  # near the end of the room: verify only
         return Draft(tokens=tree.tokens, parents=tree.parents, extra=window)
 
-    def observe(self, seq: Sequence, draft: Draft, verdict, logits: torch.Tensor) -> None:
-        self._add_text(seq.tokens[max(self.seen - self.opts.ngram + 1, 0):])
-        self.seen = len(seq.tokens)
+    def observe(self, seq: Sequence, draft: Draft, verdict, scores: Scores) -> None:
+        state: LookaheadState = seq.draft_state
+        self._add_text(state, seq.tokens[max(state.seen - self.opts.ngram + 1, 0):])
+        state.seen = len(seq.tokens)
         if draft.extra is None:
             return
         w = self.opts.window
-        new = logits[-w:].argmax(-1).tolist()  # the last level's predictions: one position further
-        if len(self.levels) == self.opts.ngram - 1:
+        new = scores.logits[-w:].argmax(-1).tolist()  # the last level's predictions: one position further
+        if len(state.levels) == self.opts.ngram - 1:
             for i in range(w):
-                self._add(tuple(level[i] for level in self.levels) + (new[i],))
-            self.levels = self.levels[1:]
-        self.levels.append(new)
+                self._add(state, tuple(level[i] for level in state.levels) + (new[i],))
+            state.levels = state.levels[1:]
+        state.levels.append(new)
 
-    def _window(self, tree_nodes: int) -> Extra | None:
+    def _window(self, state: LookaheadState, tree_nodes: int) -> Extra | None:
         """The lookahead branch as extra nodes: level-major, column-minor."""
-        w, levels = self.opts.window, len(self.levels)
+        w, levels = self.opts.window, len(state.levels)
         m = w * levels
-        tokens = torch.tensor([t for level in self.levels for t in level])
+        tokens = torch.tensor([t for level in state.levels for t in level])
         col = torch.arange(m) % w
         lvl = torch.arange(m) // w
         mask = torch.zeros(m, tree_nodes + m, dtype=torch.bool)
@@ -92,14 +100,14 @@ class Lookahead(Drafter):
         mask[:, tree_nodes:] = sees_level0 | own_column
         return Extra(tokens=tokens, depths=col + lvl + 1, mask=mask)
 
-    def _add_text(self, tokens: list[int]) -> None:
+    def _add_text(self, state: LookaheadState, tokens: list[int]) -> None:
         n = self.opts.ngram
         for i in range(len(tokens) - n + 1):
-            self._add(tuple(tokens[i:i + n]))
+            self._add(state, tuple(tokens[i:i + n]))
 
-    def _add(self, gram: tuple[int, ...]) -> None:
+    def _add(self, state: LookaheadState, gram: tuple[int, ...]) -> None:
         """Most recent last; each first token keeps a bounded, de-duplicated list."""
-        grams = self.pool.setdefault(gram[0], OrderedDict())
+        grams = state.pool.setdefault(gram[0], OrderedDict())
         grams.pop(gram[1:], None)
         grams[gram[1:]] = None
         if len(grams) > 4 * self.opts.candidates:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from forerun.drafters.base import Drafter, Sequence, chain, root_only
+from forerun.drafters.base import Drafter, Sequence, chain, room, root_only
 from forerun.drafters.registry import register
 from forerun.types import Draft
 
@@ -27,6 +27,7 @@ def lookup(tokens: np.ndarray, n_max: int, n_min: int, k: int) -> list[int]:
 
 @register("pld")
 class PromptLookup(Drafter):
-    def propose(self, seq: Sequence, budget: int) -> Draft:
-        found = lookup(np.asarray(seq.tokens), self.spec.ngram_max, self.spec.ngram_min, budget)
+    def propose(self, seq: Sequence, depth: int) -> Draft:
+        length = min(depth, room(seq) - 1)
+        found = lookup(np.asarray(seq.tokens), self.spec.ngram_max, self.spec.ngram_min, length)
         return chain(seq, found) if found else root_only(seq)

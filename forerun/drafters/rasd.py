@@ -20,10 +20,11 @@ import dataclasses
 import torch
 
 from forerun.drafters.base import Drafter, Sequence, room
-from forerun.drafters.draft_model import DraftModel
+from forerun.drafters.draft_model import DraftCache, DraftModel
 from forerun.drafters.registry import register
 from forerun.drafters.retrieval import RETRIEVAL_OPTIONS, RetrievalOptions, checked_datastore, retrieve
 from forerun.drafters.tries import prune
+from forerun.models.batch import ForwardBatch
 from forerun.sampling import target_probs
 from forerun.tree import depths, tree_mask
 from forerun.types import Draft
@@ -31,6 +32,8 @@ from forerun.types import Draft
 
 @register("rasd")
 class RetrievalAugmented(Drafter):
+    drafts_with_model = True
+
     def __init__(self, target, spec, draft=None):
         super().__init__(target, spec)
         ours = tuple((k, v) for k, v in spec.options if k in RETRIEVAL_OPTIONS)
@@ -41,11 +44,11 @@ class RetrievalAugmented(Drafter):
             raise ValueError("method 'rasd' needs a draft model (--draft-model PATH) and a datastore")
         self.model = DraftModel(target, dataclasses.replace(spec, method="draft", options=theirs), draft=draft)
 
-    def begin(self, seq: Sequence) -> None:
-        self.model.begin(seq)
+    def begin(self, seq: Sequence) -> DraftCache:
+        return self.model.begin(seq)
 
-    def propose(self, seq: Sequence, budget: int) -> Draft:
-        tree = self.model.propose(seq, budget)
+    def propose(self, seq: Sequence, depth: int) -> Draft:
+        tree = self.model.propose(seq, depth)
         trie = retrieve(self.store, seq, self.opts)
         keep = min(self.opts.budget, room(seq) - tree.size - 1)
         if len(trie.tokens) == 1 or keep < 1:
@@ -54,24 +57,20 @@ class RetrievalAugmented(Drafter):
         retrieved = prune(candidates, keep, self._draft_scores(seq, candidates, tree.size))
         return fuse(tree, retrieved, seq.params.greedy)
 
-    def observe(self, seq, draft, verdict, logits) -> None:
-        self.model.observe(seq, draft, verdict, logits)
-
     @torch.inference_mode()
     def _draft_scores(self, seq: Sequence, trie: Draft, model_nodes: int) -> list[float]:
         """Each trie node's cumulative draft-model probability, from one draft forward over the trie
         (its root again first, for the root's distribution). It runs at cache slots past the model
         tree's, which the draft model never reuses."""
         rt, params = self.model.draft, seq.params
-        base, parents, device = len(seq.tokens) - 1, trie.parents, rt.device
+        base, parents = len(seq.tokens) - 1, trie.parents
         n, tokens = len(parents), trie.tokens.tolist()
         mask = torch.cat([torch.zeros(n, model_nodes, dtype=torch.bool), tree_mask(parents)], dim=1)
         # Column 0 is the model tree's root, whose K/V the draft model wrote at slot `base`; every trie
         # node sees the root there, not the root copy's own entry (which would count it twice).
         mask[:, 0], mask[:, model_nodes] = True, False
-        logits = rt.model(trie.tokens.to(device),
-                          torch.tensor(depths(parents), device=device) + base, self.model.cache,
-                          base + model_nodes, tree_mask=mask.to(device)).float().cpu()
+        batch = ForwardBatch.contiguous(trie.tokens, torch.tensor(depths(parents)) + base, base + model_nodes, mask)
+        logits = rt.model(batch, seq.draft_state.cache).logits.cpu()
         probs = torch.softmax(logits, -1) if params.greedy else target_probs(logits, params)
         score = [1.0] * n
         for i in range(1, n):

@@ -5,7 +5,8 @@ right after t. Verification computes the target's logits at every draft node, re
 included, so each step refreshes the rows of every token in the tree for free ("recycling" the
 candidates a plain decoder would throw away). A draft is a breadth-first walk of a static tree
 shape: node (parent, rank r) gets token successors[token(parent), r]. The matrix lives on the
-drafter, so it persists across requests: 49152 x 8 int32 = 1.5 MB for SmolLM2's vocabulary.
+drafter, so it persists across requests and is shared by every sequence of a batch: 49152 x 8 int32
+= 1.5 MB for SmolLM2's vocabulary.
 Drafts are deterministic (q is None), which both verifiers accept exactly.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from forerun.drafters.base import Drafter, Sequence, room
 from forerun.drafters.registry import register
 from forerun.drafters.tree_shape import RANK_PRIOR, grow_shape
-from forerun.types import Draft, Verdict
+from forerun.types import Draft, Scores, Verdict
 
 
 @dataclass(frozen=True)  # not slotted: the class attributes are the defaults
@@ -45,8 +46,8 @@ class TokenRecycling(Drafter):
         self.successors = np.full((target.model.args.vocab_size, opts.k), -1, dtype=np.int32)  # [V, k]
         self.shape = grow_shape(lambda depth, rank: RANK_PRIOR[rank], opts.nodes, opts.depth, opts.k)
 
-    def propose(self, seq: Sequence, budget: int) -> Draft:
-        shape = self.shape.cut(room(seq), budget)
+    def propose(self, seq: Sequence, depth: int) -> Draft:
+        shape = self.shape.cut(room(seq), depth)
         tokens, parents = [seq.root], [-1]
         placed = {0: 0}  # shape node -> draft node; nodes under an unknown successor are dropped
         for i in range(1, shape.size):
@@ -59,6 +60,6 @@ class TokenRecycling(Drafter):
                 tokens.append(token), parents.append(parent)
         return Draft(tokens=torch.tensor(tokens), parents=parents)
 
-    def observe(self, seq: Sequence, draft: Draft, verdict: Verdict, logits: torch.Tensor) -> None:
-        top = torch.topk(logits[: draft.size], self.k, dim=-1).indices  # [N, k]
+    def observe(self, seq: Sequence, draft: Draft, verdict: Verdict, scores: Scores) -> None:
+        top = torch.topk(scores.logits[: draft.size], self.k, dim=-1).indices  # [N, k]
         self.successors[draft.tokens.numpy()] = top.to(torch.int32).cpu().numpy()

@@ -70,7 +70,7 @@ class Retrieval(Drafter):
         self.opts = RetrievalOptions.from_spec(spec, "retrieval")
         self.store = checked_datastore(target, self.opts)
 
-    def propose(self, seq: Sequence, budget: int) -> Draft:
+    def propose(self, seq: Sequence, depth: int) -> Draft:
         trie = retrieve(self.store, seq, self.opts)
         if len(trie.tokens) == 1:
             return root_only(seq)

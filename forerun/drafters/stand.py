@@ -26,7 +26,7 @@ from forerun.drafters.registry import register
 from forerun.drafters.tree_shape import RANK_PRIOR, grow_shape, sibling_ranks
 from forerun.sampling import gumbel_top_k
 from forerun.tree import depths
-from forerun.types import Draft, Verdict
+from forerun.types import Draft, Scores, Verdict
 
 PRIOR_TRIALS = 4.0  # pseudo-counts behind RANK_PRIOR before any acceptance has been seen
 
@@ -104,8 +104,8 @@ class Stand(Drafter):
 
     # --- drafting ---------------------------------------------------------------------------------
 
-    def propose(self, seq: Sequence, budget: int) -> Draft:
-        shape = self.shape.cut(room(seq), budget)
+    def propose(self, seq: Sequence, depth: int) -> Draft:
+        shape = self.shape.cut(room(seq), depth)
         n = self.opts.n
         tokens, parents, q_rows = [seq.root], [-1], [None]
         contexts = [seq.tokens[-n:]]
@@ -151,8 +151,8 @@ class Stand(Drafter):
 
     # --- learning from verification ---------------------------------------------------------------
 
-    def observe(self, seq: Sequence, draft: Draft, verdict: Verdict, logits: torch.Tensor) -> None:
-        self._remember(seq, draft, verdict, logits)
+    def observe(self, seq: Sequence, draft: Draft, verdict: Verdict, scores: Scores) -> None:
+        self._remember(seq, draft, verdict, scores.logits)
         self._count_acceptance(draft, verdict)
         self.steps += 1
         if self.steps % self.opts.reshape_every == 0:

@@ -1,5 +1,5 @@
-// Native float32 kernels for decoding steps on AVX2 CPUs: block-quantized linear layers
-// (y[M, N] = x[M, K] W^T for the few rows of a draft tree), a fused attention step and RMSNorm.
+// Native float32 kernels on AVX2 CPUs: block-quantized linear layers (y[M, N] = x[M, K] W^T for the
+// rows of a forward), attention for the rows of many sequences over a shared KV pool, and RMSNorm.
 //
 // W is stored as llama.cpp stores it: blocks of 32 inputs, each with a float16 scale d (and, for q4,
 // a float16 offset m), so W = d * q + m with q in [0, 16) (q4) or W = d * q with q in [-127, 127] (q8).
@@ -7,12 +7,14 @@
 // weights: 4.5 or 8.5 bits each instead of 32 (float32) or 16 (bfloat16).
 //
 // Every output element is summed in the same order whatever M is and whichever rows share its tile,
-// so a row's result never depends on the batch it came in (speculative verification relies on this).
+// so a row's result never depends on the batch it came in: speculative verification, batching many
+// sequences, chunked prompts and recomputation after preemption all rely on this.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <type_traits>
 #include <vector>
@@ -50,21 +52,6 @@ inline __m256 reduce8(const __m256 v[8]) {
 struct Group {
   __m256 w[4];
 };
-
-// q4 layout: byte j of a group holds q[j] in its low nibble and q[j + 16] in its high nibble.
-inline Group unpack_q4(const uint8_t* codes, float d, float m) {
-  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes));
-  const __m128i nib = _mm_set1_epi8(0x0F);
-  const __m128i lo = _mm_and_si128(raw, nib);
-  const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), nib);
-  const __m256 vd = _mm256_set1_ps(d), vm = _mm256_set1_ps(m);
-  Group g;
-  g.w[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), vd, vm);
-  g.w[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), vd, vm);
-  g.w[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), vd, vm);
-  g.w[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), vd, vm);
-  return g;
-}
 
 inline Group unpack_q8(const int8_t* codes, float d) {
   const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes));
@@ -219,29 +206,6 @@ torch::Tensor q8_linear(const torch::Tensor& x, const torch::Tensor& codes, cons
   return out;
 }
 
-// The float32 weights [N, K] the blocks stand for, for a dense GEMM over many rows (a long prompt).
-torch::Tensor dequantize(const torch::Tensor& codes, const torch::Tensor& scales, const c10::optional<torch::Tensor>& mins) {
-  const bool q4 = mins.has_value();
-  const int64_t N = codes.size(0), K = q4 ? codes.size(1) * 2 : codes.size(1), groups = K / kGroup;
-  auto out = torch::empty({N, K}, torch::dtype(torch::kFloat32));
-  float* op = out.data_ptr<float>();
-  const at::Half* sp = scales.data_ptr<at::Half>();
-  const at::Half* mp = q4 ? mins->data_ptr<at::Half>() : nullptr;
-  const uint8_t* q4p = q4 ? codes.data_ptr<uint8_t>() : nullptr;
-  const int8_t* q8p = q4 ? nullptr : codes.data_ptr<int8_t>();
-  at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      for (int64_t g = 0; g < groups; ++g) {
-        const int64_t i = n * groups + g;
-        const Group w = q4 ? unpack_q4(q4p + i * 16, half_to_float(sp[i]), half_to_float(mp[i]))
-                           : unpack_q8(q8p + i * kGroup, half_to_float(sp[i]));
-        for (int j = 0; j < 4; ++j) _mm256_storeu_ps(op + i * kGroup + 8 * j, w.w[j]);
-      }
-    }
-  });
-  return out;
-}
-
 // Decoding-step helpers: one small call each instead of the half-dozen tensor ops PyTorch dispatches,
 // which at one token a step cost more than the arithmetic. Rows are independent, as above.
 
@@ -293,113 +257,182 @@ inline void rotate(float* x, const float* cos, const float* sin, int64_t hd) {
   }
 }
 
-// Scores of one query against eight consecutive keys (rows of k, hd floats apart): one accumulator
-// per key over the head's dims, then reduce8, so a key's score is the same arithmetic in any lane.
-inline __m256 score8(const float* q, const float* k, int64_t hd) {
+// Scores of one query against eight keys (k[j]: the key of lane j, hd floats): one accumulator per
+// key over the head's dims, then reduce8, so a key's score is the same arithmetic in any lane and
+// wherever its slot lies in the pool.
+inline __m256 score8(const float* q, const float* const k[8], int64_t hd) {
   __m256 s[8];
   for (int j = 0; j < 8; ++j) s[j] = _mm256_setzero_ps();
   for (int64_t i = 0; i < hd; i += 8) {
     const __m256 qi = _mm256_loadu_ps(q + i);
-    for (int j = 0; j < 8; ++j) s[j] = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k + j * hd + i), s[j]);
+    for (int j = 0; j < 8; ++j) s[j] = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k[j] + i), s[j]);
   }
   return reduce8(s);
 }
 
-// acc[0 .. 8W) += sum over keys l in [l0, l1) of p[l] * v[l, 0 .. 8W), in key order, skipping
+// acc[0 .. 8W) += sum over keys l in [l0, l1) of p[l] * v[slot[l], 0 .. 8W), in key order, skipping
 // zero weights; returns the weights' running sum, also in key order.
 template <int W>
-inline float weigh_values(const float* p, const float* v, int64_t hd, int64_t l0, int64_t l1, float* acc, float sum) {
+inline float weigh_values(const float* p, const float* v, const int64_t* slot, int64_t hd, int64_t l0, int64_t l1,
+                          float* acc, float sum) {
   __m256 a[W];
   for (int j = 0; j < W; ++j) a[j] = _mm256_loadu_ps(acc + 8 * j);
   for (int64_t l = l0; l < l1; ++l) {
     if (p[l] == 0.f) continue;
     sum += p[l];
     const __m256 w = _mm256_set1_ps(p[l]);
-    for (int j = 0; j < W; ++j) a[j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + l * hd + 8 * j), a[j]);
+    const float* vl = v + slot[l] * hd;
+    for (int j = 0; j < W; ++j) a[j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vl + 8 * j), a[j]);
   }
   for (int j = 0; j < W; ++j) _mm256_storeu_ps(acc + 8 * j, a[j]);
   return sum;
 }
 
 // weigh_values for a slice of `width` vectors (1 to 8): each width its own unrolled loop.
-inline float weigh_slice(int64_t width, const float* p, const float* v, int64_t hd, int64_t l0, int64_t l1,
-                         float* acc, float sum) {
+inline float weigh_slice(int64_t width, const float* p, const float* v, const int64_t* slot, int64_t hd, int64_t l0,
+                         int64_t l1, float* acc, float sum) {
   switch (width) {
-    case 8: return weigh_values<8>(p, v, hd, l0, l1, acc, sum);
-    case 7: return weigh_values<7>(p, v, hd, l0, l1, acc, sum);
-    case 6: return weigh_values<6>(p, v, hd, l0, l1, acc, sum);
-    case 5: return weigh_values<5>(p, v, hd, l0, l1, acc, sum);
-    case 4: return weigh_values<4>(p, v, hd, l0, l1, acc, sum);
-    case 3: return weigh_values<3>(p, v, hd, l0, l1, acc, sum);
-    case 2: return weigh_values<2>(p, v, hd, l0, l1, acc, sum);
-    default: return weigh_values<1>(p, v, hd, l0, l1, acc, sum);
+    case 8: return weigh_values<8>(p, v, slot, hd, l0, l1, acc, sum);
+    case 7: return weigh_values<7>(p, v, slot, hd, l0, l1, acc, sum);
+    case 6: return weigh_values<6>(p, v, slot, hd, l0, l1, acc, sum);
+    case 5: return weigh_values<5>(p, v, slot, hd, l0, l1, acc, sum);
+    case 4: return weigh_values<4>(p, v, slot, hd, l0, l1, acc, sum);
+    case 3: return weigh_values<3>(p, v, slot, hd, l0, l1, acc, sum);
+    case 2: return weigh_values<2>(p, v, slot, hd, l0, l1, acc, sum);
+    default: return weigh_values<1>(p, v, slot, hd, l0, l1, acc, sum);
   }
 }
 
-// One attention step for T new tokens, from the fused projection qkv [T, (H + 2 KV) * hd]:
-// rotate q and k (cos, sin: [T, hd]), write k and v into this layer's cache (k_cache, v_cache:
-// [KV, max_len, hd]) at slots [start, start + T), then attend over slots [0, start + T), where
-// visible (optional bool [T, start + T]) says which keys each query sees. Returns [T, H * hd].
-torch::Tensor attention_step(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
-                             torch::Tensor& k_cache, torch::Tensor& v_cache, int64_t start, int64_t heads,
-                             const c10::optional<torch::Tensor>& visible, double scale) {
-  const int64_t T = qkv.size(0), KV = k_cache.size(0), max_len = k_cache.size(1), hd = k_cache.size(2);
-  const int64_t L = start + T, width = (heads + 2 * KV) * hd, group = heads / KV;
-  TORCH_CHECK(qkv.is_contiguous() && qkv.scalar_type() == torch::kFloat32 && qkv.size(1) == width, "qkv: [T, (H + 2 KV) hd] float32");
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && hd % 8 == 0 && hd <= 256, "caches: contiguous [KV, max_len, hd]");
-  TORCH_CHECK(L <= max_len, "KV cache overflow: need ", L, " slots, have ", max_len);
-  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.numel() == T * hd, "cos, sin: [T, hd]");
-  const bool* mp = visible ? visible->data_ptr<bool>() : nullptr;
-  TORCH_CHECK(!visible || (visible->is_contiguous() && visible->size(0) == T && visible->size(1) == L), "mask: [T, L]");
-  const float *in = qkv.data_ptr<float>(), *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
-  float *kc = k_cache.data_ptr<float>(), *vc = v_cache.data_ptr<float>();
-  auto q = torch::empty({T, heads * hd}, qkv.options());
-  float* qp = q.data_ptr<float>();
-  for (int64_t t = 0; t < T; ++t) {
-    const float* row = in + t * width;
-    std::copy(row, row + heads * hd, qp + t * heads * hd);
-    for (int64_t h = 0; h < heads; ++h) rotate(qp + (t * heads + h) * hd, cp + t * hd, sp + t * hd, hd);
-    for (int64_t h = 0; h < KV; ++h) {
-      float* k = kc + (h * max_len + start + t) * hd;
-      std::copy(row + (heads + h) * hd, row + (heads + h + 1) * hd, k);
-      rotate(k, cp + t * hd, sp + t * hd, hd);
-      std::copy(row + (heads + KV + h) * hd, row + (heads + KV + h + 1) * hd, vc + (h * max_len + start + t) * hd);
+// The rows of one forward over many sequences and the keys each row sees, checked and indexed once
+// per forward (every layer reuses it). Sequence b owns rows [row_start[b], row_start[b + 1]) and
+// keys ctx_slots[ctx_start[b] .. ctx_start[b + 1]): its cached prefix, then its own rows, as pool
+// slots. Its mask, if any, is a [T_b, K_b] block of `mask` at mask_start[b] over its last K_b keys
+// (earlier keys are visible to all its rows); without one (mask_start[b] < 0) its rows are causal.
+struct Batch {
+  torch::Tensor write_slots, row_start, ctx_slots, ctx_start, mask, mask_start, mask_cols;
+  std::vector<int64_t> row_seq;  // [R]: the sequence of each row
+  std::vector<int64_t> row_keys;  // [R]: keys [0, row_keys[r]) of its sequence hold every key row r sees
+
+  Batch(torch::Tensor write_slots_, torch::Tensor row_start_, torch::Tensor ctx_slots_, torch::Tensor ctx_start_,
+        torch::Tensor mask_, torch::Tensor mask_start_, torch::Tensor mask_cols_)
+      : write_slots(write_slots_.contiguous()), row_start(row_start_.contiguous()), ctx_slots(ctx_slots_.contiguous()),
+        ctx_start(ctx_start_.contiguous()), mask(mask_.contiguous()), mask_start(mask_start_.contiguous()),
+        mask_cols(mask_cols_.contiguous()) {
+    for (const auto* t : {&write_slots, &row_start, &ctx_slots, &ctx_start, &mask_start, &mask_cols})
+      TORCH_CHECK(t->scalar_type() == torch::kInt64 && t->dim() == 1 && t->device().is_cpu(), "batch index tensors: 1-D int64 on the CPU");
+    TORCH_CHECK(mask.scalar_type() == torch::kBool, "mask: bool");
+    const int64_t B = row_start.size(0) - 1, R = write_slots.size(0);
+    TORCH_CHECK(B >= 0 && ctx_start.size(0) == B + 1 && mask_start.size(0) == B && mask_cols.size(0) == B, "one entry per sequence");
+    const int64_t *rs = row_start.data_ptr<int64_t>(), *cs = ctx_start.data_ptr<int64_t>();
+    const int64_t *ms = mask_start.data_ptr<int64_t>(), *mc = mask_cols.data_ptr<int64_t>();
+    const bool* mp = mask.data_ptr<bool>();
+    TORCH_CHECK(rs[0] == 0 && rs[B] == R && cs[0] == 0 && cs[B] == ctx_slots.size(0), "row and key ranges cover the batch");
+    row_seq.resize(R), row_keys.resize(R);
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t T = rs[b + 1] - rs[b], L = cs[b + 1] - cs[b], K = mc[b];
+      TORCH_CHECK(T >= 1 && L >= T, "sequence ", b, ": ", T, " rows and ", L, " keys");
+      TORCH_CHECK(ms[b] < 0 || (K >= 1 && K <= L && ms[b] + T * K <= mask.numel()), "sequence ", b, ": mask out of range");
+      for (int64_t t = 0; t < T; ++t) {
+        int64_t keys = L - T + t + 1;  // causal: the prefix and rows up to its own
+        if (ms[b] >= 0) {
+          const bool* row = mp + ms[b] + t * K;
+          int64_t last = K - 1;
+          while (last >= 0 && !row[last]) --last;
+          keys = L - K + last + 1;
+        }
+        TORCH_CHECK(keys >= 1, "sequence ", b, ", row ", t, " sees no key");
+        row_seq[rs[b] + t] = b, row_keys[rs[b] + t] = keys;
+      }
     }
   }
-  auto out = torch::empty({T, heads * hd}, qkv.options());
+
+  int64_t sequences() const { return row_start.size(0) - 1; }
+};
+
+// Attention for every row of a Batch, from the fused projection qkv [R, (H + 2 KV) * hd]: rotate q and
+// k (cos, sin: [R, hd]), write each row's k and v into this layer's pool (k_cache, v_cache: [KV, S, hd])
+// at its write slot, then attend over its sequence's keys. Returns [R, H * hd].
+//
+// A row's result is the same arithmetic whatever else is in the batch and wherever its keys lie in
+// the pool (keys are summed in key order, masked keys skipped), so batched decoding equals decoding
+// alone bit for bit, and a tree node equals the same token decoded plainly.
+torch::Tensor batch_attention(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
+                              torch::Tensor& k_cache, torch::Tensor& v_cache, const Batch& batch, int64_t heads,
+                              double scale) {
+  const int64_t R = qkv.size(0), KV = k_cache.size(0), S = k_cache.size(1), hd = k_cache.size(2);
+  const int64_t width = (heads + 2 * KV) * hd, group = heads / KV;
+  TORCH_CHECK(qkv.is_contiguous() && qkv.scalar_type() == torch::kFloat32 && qkv.size(1) == width, "qkv: [R, (H + 2 KV) hd] float32");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && hd % 8 == 0 && hd <= 256, "pool: contiguous [KV, S, hd]");
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.numel() == R * hd && sin.numel() == R * hd, "cos, sin: [R, hd]");
+  TORCH_CHECK(batch.write_slots.size(0) == R, "one write slot per row");
+  const int64_t* ws = batch.write_slots.data_ptr<int64_t>();
+  for (int64_t r = 0; r < R; ++r) TORCH_CHECK(ws[r] >= 0 && ws[r] < S, "write slot ", ws[r], " outside the pool's ", S);
+  const int64_t *rs = batch.row_start.data_ptr<int64_t>(), *cs = batch.ctx_start.data_ptr<int64_t>();
+  const int64_t *ctx = batch.ctx_slots.data_ptr<int64_t>(), *ms = batch.mask_start.data_ptr<int64_t>();
+  const int64_t* mc = batch.mask_cols.data_ptr<int64_t>();
+  const bool* mp = batch.mask.data_ptr<bool>();
+  const float *in = qkv.data_ptr<float>(), *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
+  float *kc = k_cache.data_ptr<float>(), *vc = v_cache.data_ptr<float>();
+  auto q = torch::empty({R, heads * hd}, qkv.options());
+  float* qp = q.data_ptr<float>();
+  at::parallel_for(0, R, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* row = in + r * width;
+      std::copy(row, row + heads * hd, qp + r * heads * hd);
+      for (int64_t h = 0; h < heads; ++h) rotate(qp + (r * heads + h) * hd, cp + r * hd, sp + r * hd, hd);
+      for (int64_t h = 0; h < KV; ++h) {
+        float* k = kc + (h * S + ws[r]) * hd;
+        std::copy(row + (heads + h) * hd, row + (heads + h + 1) * hd, k);
+        rotate(k, cp + r * hd, sp + r * hd, hd);
+        std::copy(row + (heads + KV + h) * hd, row + (heads + KV + h + 1) * hd, vc + (h * S + ws[r]) * hd);
+      }
+    }
+  });
+  // Keys a query of sequence b, token t sees: all but the last K_b to everyone, those by the mask
+  // (or causally when there is none).
+  auto visible = [&](int64_t b, int64_t t, int64_t l) {
+    const int64_t T = rs[b + 1] - rs[b], L = cs[b + 1] - cs[b];
+    if (ms[b] < 0) return l <= L - T + t;
+    const int64_t first = L - mc[b];
+    return l < first || mp[ms[b] + t * mc[b] + (l - first)];
+  };
+  // Tasks: the queries of one sequence that share a kv head (T_b tokens x `group` heads) go in chunks
+  // of up to 8, so each chunk reads that head's keys and values once, not once per query.
+  constexpr int64_t chunk = 8;
+  std::vector<std::array<int64_t, 3>> tasks;  // (sequence, kv head, first query of the chunk)
+  for (int64_t b = 0; b < batch.sequences(); ++b)
+    for (int64_t h = 0; h < KV; ++h)
+      for (int64_t i = 0; i < (rs[b + 1] - rs[b]) * group; i += chunk) tasks.push_back({b, h, i});
+  auto out = torch::empty({R, heads * hd}, qkv.options());
   float* op = out.data_ptr<float>();
-  // The queries that share a kv head (T tokens x `group` heads) go in chunks of up to 8, so each
-  // chunk reads that head's keys and values once (from L2 or L3 at long contexts), not once per query.
-  const int64_t padded = (L + 7) / 8 * 8, per_head = T * group, chunk = 8;
-  const int64_t chunks = (per_head + chunk - 1) / chunk;
   constexpr int64_t kBlock = 32;  // keys per pass over the chunk's queries when weighting values
-  at::parallel_for(0, KV * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> p(chunk * padded), acc(chunk * hd), total(chunk);
-    std::vector<float> tail(8 * hd, 0.f);  // the last keys as a full block (lanes past L are masked)
+  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> p, acc(chunk * hd), total(chunk);
+    const std::vector<float> zeros(hd, 0.f);  // the key of a lane past the last key (masked anyway)
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t kvh = task / chunks, q0 = (task % chunks) * chunk, nq = std::min(chunk, per_head - q0);
-      const float *kh = kc + kvh * max_len * hd, *vh = vc + kvh * max_len * hd;
-      // Query j of the chunk: token t, head kvh * group + g; its row of q and of the output.
-      auto row = [&](int64_t j) { const int64_t i = q0 + j; return (i / group) * heads + kvh * group + i % group; };
-      // Scores, eight keys at a time: one accumulator per key over the head's dims, then reduce8. A
-      // key's score is the same arithmetic wherever its slot falls, so it never depends on the batch.
-      __m256 top[8];
+      const auto [b, kvh, q0] = tasks[task];
+      const int64_t T = rs[b + 1] - rs[b], nq = std::min(chunk, T * group - q0);
+      const int64_t* keys = ctx + cs[b];
+      const float *kh = kc + kvh * S * hd, *vh = vc + kvh * S * hd;
+      // Query j of the chunk: token t of the sequence, head kvh * group + g; its row of q and of the output.
+      auto token = [&](int64_t j) { return (q0 + j) / group; };
+      auto row = [&](int64_t j) { return (rs[b] + token(j)) * heads + kvh * group + (q0 + j) % group; };
+      int64_t L = 0;  // keys any query of the chunk sees lie below this
+      for (int64_t j = 0; j < nq; ++j) L = std::max(L, batch.row_keys[rs[b] + token(j)]);
+      const int64_t padded = (L + 7) / 8 * 8;
+      if (static_cast<int64_t>(p.size()) < chunk * padded) p.resize(chunk * padded);
+      // Scores, eight keys at a time, each key's the same arithmetic wherever its slot lies.
+      __m256 top[chunk];
       for (int64_t j = 0; j < nq; ++j) top[j] = _mm256_set1_ps(-INFINITY);
-      for (int64_t l0 = 0; l0 < padded; l0 += 8) {  // a block of keys, for every query of the chunk
-        const int live = static_cast<int>(std::min<int64_t>(8, L - l0));
-        const float* k0 = kh + l0 * hd;
-        if (live < 8) {
-          std::copy(k0, k0 + live * hd, tail.begin());
-          k0 = tail.data();
-        }
+      for (int64_t l0 = 0; l0 < padded; l0 += 8) {
+        const float* k8[8];
+        for (int k = 0; k < 8; ++k) k8[k] = l0 + k < L ? kh + keys[l0 + k] * hd : zeros.data();
         for (int64_t j = 0; j < nq; ++j) {
-          const int64_t th = row(j);
-          const float* qr = qp + th * hd;
-          const bool* vis = mp ? mp + (th / heads) * L + l0 : nullptr;
+          const int64_t t = token(j);
           float* pj = p.data() + j * padded + l0;
-          _mm256_storeu_ps(pj, _mm256_mul_ps(score8(qr, k0, hd), _mm256_set1_ps(static_cast<float>(scale))));
+          _mm256_storeu_ps(pj, _mm256_mul_ps(score8(qp + row(j) * hd, k8, hd), _mm256_set1_ps(static_cast<float>(scale))));
           for (int k = 0; k < 8; ++k)
-            if (k >= live || (vis && !vis[k])) pj[k] = -INFINITY;
+            if (l0 + k >= L || !visible(b, t, l0 + k)) pj[k] = -INFINITY;
           top[j] = _mm256_max_ps(top[j], _mm256_loadu_ps(pj));
         }
       }
@@ -410,9 +443,8 @@ torch::Tensor attention_step(const torch::Tensor& qkv, const torch::Tensor& cos,
       }
       // Values: per query, accumulators over the dims in slices of 64 (eight registers) that take the
       // keys in key order, block after block, with the softmax denominator summed in key order too.
-      // Masked keys weigh exactly 0 and are skipped: a tree node's ancestors sit at other slots than
-      // in plain decoding, with masked keys between them, and skipping zeros keeps every sum the one
-      // plain decoding computes.
+      // Masked keys weigh exactly 0 and are skipped, so a tree node, whose ancestors lie among masked
+      // keys, sums exactly what plain decoding sums.
       std::fill(acc.begin(), acc.end(), 0.f);
       std::fill(total.begin(), total.end(), 0.f);
       for (int64_t b0 = 0; b0 < L; b0 += kBlock) {
@@ -421,8 +453,7 @@ torch::Tensor attention_step(const torch::Tensor& qkv, const torch::Tensor& cos,
           const float* pj = p.data() + j * padded;
           for (int64_t i0 = 0; i0 < hd; i0 += 64) {
             float* aj = acc.data() + j * hd + i0;
-            const float* v = vh + i0;
-            const float sum = weigh_slice(std::min<int64_t>(64, hd - i0) / 8, pj, v, hd, b0, b1, aj, total[j]);
+            const float sum = weigh_slice(std::min<int64_t>(64, hd - i0) / 8, pj, vh + i0, keys, hd, b0, b1, aj, total[j]);
             if (i0 == 0) total[j] = sum;
           }
         }
@@ -445,10 +476,10 @@ struct Q4 {
 
 torch::Tensor q4_attention_block(const torch::Tensor& x, const torch::Tensor& norm, double eps, const Q4& qkv,
                                  const Q4& o, const torch::Tensor& cos, const torch::Tensor& sin,
-                                 torch::Tensor& k_cache, torch::Tensor& v_cache, int64_t start, int64_t heads,
-                                 const c10::optional<torch::Tensor>& visible, double scale) {
+                                 torch::Tensor& k_cache, torch::Tensor& v_cache, const Batch& batch, int64_t heads,
+                                 double scale) {
   const auto h = q4_linear(rms_norm(x, norm, eps), qkv.codes, qkv.scales, qkv.mins);
-  const auto attn = attention_step(h, cos, sin, k_cache, v_cache, start, heads, visible, scale);
+  const auto attn = batch_attention(h, cos, sin, k_cache, v_cache, batch, heads, scale);
   return x + q4_linear(attn, o.codes, o.scales, o.mins);
 }
 
@@ -475,11 +506,13 @@ torch::Tensor q4_mlp_block(const torch::Tensor& x, const torch::Tensor& norm, do
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<Q4>(m, "Q4", pybind11::module_local()).def(pybind11::init<torch::Tensor, torch::Tensor, torch::Tensor>());
+  pybind11::class_<Batch>(m, "Batch", pybind11::module_local())
+      .def(pybind11::init<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor,
+                          torch::Tensor>());
   m.def("q4_attention_block", &q4_attention_block, "x + o(attention(rope(qkv(rms_norm(x))))) for a q4 layer");
   m.def("q4_mlp_block", &q4_mlp_block, "x + down(silu(gate) * up) of rms_norm(x) for a q4 layer");
   m.def("rms_norm", &rms_norm, "x * rsqrt(mean(x^2) + eps) * weight over the last dim, float32");
-  m.def("attention_step", &attention_step, "rope, cache write and attention for a few new tokens, float32");
-  m.def("dequantize", &dequantize, "float32 [N, K] weights of q4 (with mins) or q8 (without) blocks");
+  m.def("batch_attention", &batch_attention, "rope, pool write and attention for the rows of many sequences, float32");
   m.def("q4_linear", &q4_linear, "x[M, K] @ W^T for 4-bit W with per-32 float16 scale and offset");
   m.def("q8_linear", &q8_linear, "x[M, K] @ W^T for 8-bit W with per-32 float16 scale");
 }

@@ -1,20 +1,21 @@
 """Any Hugging Face causal LM through transformers: the slower fallback for architectures the native
 runtime (forerun.models.llama) does not implement, such as GPT-2, Phi or Gemma.
 
-It keeps the contract the decoding loop relies on (one forward over a token tree at explicit
-positions; a cache that keeps the accepted path on commit) on top of transformers' own modules:
+It keeps the contract of a forward (forerun.models.batch.ForwardBatch: the rows of many sequences,
+their K/V written at explicit slots of a store, each attending to its own sequence's slots) on top
+of transformers' own modules, one sequence at a time:
 
-- the tree goes in as a custom 4D attention mask (0 where a token sees a key, the dtype's minimum
+- the sequence's cached keys and values are gathered from the store into a fresh DynamicCache, and
+  its new rows run with a custom 4D attention mask (0 where a row sees a key, the dtype's minimum
   elsewhere), which transformers passes through to its attention unchanged;
-- the cache is transformers' DynamicCache. It holds exactly the committed tokens: a forward appends
-  the tree, and commit keeps the accepted nodes' entries and drops the rest.
+- the K/V transformers appends for the new rows are written back to the store at their slots.
 
-What it costs and what it lacks, against the native runtime: transformers' per-step Python and
-allocation overhead (a DynamicCache grows by concatenation), no fused CPU kernels, no q4, and no
-partial forwards, so `layer-skip` and `del` (which run the target's first layers) are unavailable.
-Models whose logits are more than head(final hidden state) (Gemma 2's soft-capping, for one) give
-slightly different drafts from a `draft` model of that kind, never different verified output.
-Models with sliding-window attention are refused: a custom mask would silently drop the window.
+What it costs and what it lacks, against the native runtime: a per-sequence forward and a copy of
+each sequence's cached K/V every step, transformers' Python overhead, no fused CPU kernels, no q4,
+and no partial forwards, so `layer-skip` and `del` (which run the target's first layers) are
+unavailable. Models whose logits are more than head(final hidden state) (Gemma 2's soft-capping, for
+one) give slightly different drafts from a `draft` model of that kind, never different verified
+output. Models with sliding-window attention are refused: a custom mask would silently drop the window.
 """
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from forerun.cache import KVCache
+from forerun.models.batch import ForwardBatch, ForwardOutput
 from forerun.models.llama import CausalLM
 
 
@@ -33,47 +36,23 @@ class AdapterArgs:
     arch: str
     vocab_size: int
     num_layers: int
+    num_kv_heads: int
+    head_dim: int
     max_position_embeddings: int
 
 
-class AdapterCache:
-    """A transformers DynamicCache that holds the committed sequence, slots [0, length)."""
+def _recording_cache():
+    """A DynamicCache that also keeps what each layer appends (the new rows' K/V)."""
+    from transformers import DynamicCache
 
-    def __init__(self, max_len: int):
-        from transformers import DynamicCache
+    class Recording(DynamicCache):
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            self.appended[layer_idx] = (key_states, value_states)
+            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
-        self.hf = DynamicCache()
-        self.max_len = max_len
-
-    @property
-    def length(self) -> int:
-        return self.hf.get_seq_length()
-
-    def _keep(self, index: Tensor | slice) -> None:
-        for layer in self.hf.layers:
-            if getattr(layer, "keys", None) is not None and layer.keys.numel():
-                layer.keys, layer.values = layer.keys[:, :, index], layer.values[:, :, index]
-
-    def prepare(self, start: int, new: int) -> None:
-        """Before a forward of `new` tokens at slot `start`: drop whatever lies past `start`."""
-        if start > self.length:
-            raise ValueError(f"a forward at slot {start}, but the cache holds only {self.length} tokens")
-        if start + new > self.max_len:
-            raise ValueError(f"KV cache overflow: need {start + new} slots, have {self.max_len}")
-        if start < self.length:
-            self._keep(slice(0, start))
-
-    def commit(self, start: int, path: Tensor) -> None:
-        """Keep the accepted nodes `path` ([A] indices relative to `start`) as slots [start, start + A)."""
-        n, path = path.shape[0], path.cpu()
-        if torch.equal(path, torch.arange(n)):  # a prefix of the tree: only the rest goes
-            if start + n < self.length:
-                self._keep(slice(0, start + n))
-            return
-        keep = torch.cat([torch.arange(start), path + start])
-        device = next((layer.keys.device for layer in self.hf.layers if getattr(layer, "keys", None) is not None),
-                      torch.device("cpu"))
-        self._keep(keep.to(device))
+    cache = Recording()
+    cache.appended = {}
+    return cache
 
 
 class HFAdapter(CausalLM):
@@ -86,10 +65,13 @@ class HFAdapter(CausalLM):
             raise ValueError(f"{type(hf_model).__name__} uses sliding-window attention, which the "
                              "transformers adapter cannot express in a tree mask")
         self.hf = hf_model.eval()
+        heads = config.num_attention_heads
         self.args = AdapterArgs(
             arch=f"transformers:{type(hf_model).__name__}",
             vocab_size=config.vocab_size,
             num_layers=config.num_hidden_layers,
+            num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
             max_position_embeddings=getattr(config, "max_position_embeddings", None) or 2048,
         )
         self.embed = hf_model.get_input_embeddings().weight
@@ -105,28 +87,36 @@ class HFAdapter(CausalLM):
     def pack_for_cpu(self) -> bool:
         return False
 
-    def new_cache(self, max_len: int) -> AdapterCache:
-        return AdapterCache(max_len)
+    def new_cache(self, slots: int) -> KVCache:
+        a = self.args
+        return KVCache(a.num_layers, a.num_kv_heads, a.head_dim, slots, self.dtype, self.device)
 
-    def forward(self, tokens: Tensor, positions: Tensor, cache: AdapterCache, start: int,
-                tree_mask: Tensor | None = None, num_layers: int | None = None, logits: bool = True,
-                prefill: bool = False) -> Tensor:
-        """As Transformer.forward: [T, vocab] float32 logits, or [T, hidden] final-normed states."""
-        if num_layers is not None:
+    def forward(self, batch: ForwardBatch, kv: KVCache, num_layers: int | None = None,
+                keep_layers: tuple[int, ...] = ()) -> ForwardOutput:
+        if num_layers is not None or keep_layers:
             raise ValueError("partial forwards (layer-skip, del) need a model the native runtime runs "
                              f"(Llama, Mistral, Qwen2/3), not {self.args.arch}")
-        T = tokens.shape[0]
-        cache.prepare(start, T)
-        if tree_mask is None:
-            tree_mask = torch.ones(T, T, dtype=torch.bool).tril()
-        # tree_mask covers the last K slots ending at start + T (K > T: nodes of earlier forwards)
-        visible = torch.cat([torch.ones(T, start + T - tree_mask.shape[1], dtype=torch.bool), tree_mask.cpu()], dim=1)
+        hidden = torch.cat([self._sequence(batch, b, kv) for b in range(batch.sequences)])
+        rows = hidden[batch.logit_rows.to(self.device)]
+        return ForwardOutput(logits=self.head(rows).float(), hidden=hidden, layers={})
+
+    def _sequence(self, batch: ForwardBatch, b: int, kv: KVCache) -> Tensor:
+        """Sequence b's rows through the HF model; their final hidden states [T, D]."""
+        rows, keys = batch.rows_of(b), batch.keys_of(b).to(self.device)
+        T = rows.stop - rows.start
+        cache = _recording_cache()
+        for layer in range(self.args.num_layers):  # the cached prefix, as transformers expects it
+            cache.update(kv.k[layer][:, keys[:-T]][None], kv.v[layer][:, keys[:-T]][None], layer)
+        visible = batch.full_mask(b)
         additive = torch.zeros(visible.shape, dtype=self.dtype).masked_fill_(~visible, torch.finfo(self.dtype).min)
-        inputs = dict(input_ids=tokens[None].to(self.device), position_ids=positions[None].to(self.device),
-                      attention_mask=additive[None, None].to(self.device), use_cache=True, **{self._cache_arg: cache.hf})
-        if not logits:
-            return self.hf.base_model(**inputs).last_hidden_state[0]
-        return self.hf(**inputs).logits[0].float()
+        out = self.hf.base_model(input_ids=batch.tokens[rows][None].to(self.device),
+                                 position_ids=batch.positions[rows][None].to(self.device),
+                                 attention_mask=additive[None, None].to(self.device), use_cache=True,
+                                 **{self._cache_arg: cache})
+        for layer, (k, v) in cache.appended.items():  # the new rows' K/V, to their slots
+            kv.k[layer][:, keys[-T:]] = k[0].to(kv.k.dtype)
+            kv.v[layer][:, keys[-T:]] = v[0].to(kv.v.dtype)
+        return out.last_hidden_state[0]
 
 
 def load_adapter(path: str, dtype: torch.dtype, device: torch.device) -> HFAdapter:

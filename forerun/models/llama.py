@@ -1,8 +1,11 @@
 """The Llama family (Llama 2/3, SmolLM/SmolLM2, Mistral, Qwen2/2.5, Qwen3) in plain PyTorch.
 
-One forward serves prefill, autoregressive steps and token-tree verification: every token carries
-an explicit position, K/V are written into a static cache at explicit slots, and an optional tree
-mask says which of the new tokens each new token may see (the committed prefix is always visible).
+One forward (forerun.models.batch.ForwardBatch) serves prompt chunks, autoregressive steps and
+token-tree verification of many sequences at once: every row carries an explicit position, its K/V
+are written into a shared KV store at an explicit slot, and it attends to its own sequence's slots.
+
+On the CPU in float32 every row is computed by kernels whose arithmetic does not depend on the other
+rows of the forward (forerun.kernels), so a sequence's output is the same alone or in any batch.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from forerun import kernels
 from forerun.cache import KVCache
 from forerun.models import quant
 from forerun.models.args import ModelArgs, RopeScaling
+from forerun.models.batch import ForwardBatch, ForwardOutput
 
 
 class Linear(nn.Module):
@@ -24,6 +28,8 @@ class Linear(nn.Module):
     - a oneDNN pre-packed float32 copy: on AVX2 CPUs it runs a 1..32-row GEMM at close to memory
       bandwidth, while the default BLAS path is 1.5-2x slower for the 2..16 rows a draft tree has;
     - GGUF-style blocks (q4 or q8, forerun.models.quant) run by a native kernel, 4.5 or 8.5 bits a weight.
+
+    Both compute each output row independently of the other rows (the packed GEMM after one fix, below).
     """
 
     def __init__(self, weight: Tensor, bias: Tensor | None = None):
@@ -32,8 +38,10 @@ class Linear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.packed: Tensor | None = None
         self.quant: quant.QuantWeight | None = None
+        self.pack_tried = False
 
     def pack_for_cpu(self) -> bool:
+        self.pack_tried = True
         if self.weight.device.type != "cpu" or self.weight.dtype != torch.float32 or self.quant is not None:
             return False
         try:
@@ -51,11 +59,18 @@ class Linear(nn.Module):
         self.packed = None
         return True
 
-    def forward(self, x: Tensor, dense: bool = False) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         if self.quant is not None:
-            y = quant.linear(x, self.quant, dense)
+            y = quant.linear(x, self.quant)
             return y if self.bias is None else y + self.bias
+        if self.packed is None and not self.pack_tried and x.device.type == "cpu":
+            self.pack_for_cpu()  # float32 on the CPU always runs packed: the row-independent path
         if self.packed is not None:
+            if x.shape[0] == 1:
+                # oneDNN runs one row through a GEMV whose sums (for some shapes, e.g. 1536 inputs) are
+                # rounded differently from the GEMM it runs for two or more rows; a duplicated row keeps
+                # a row's result independent of how many rows share the call.
+                return torch.ops.mkldnn._linear_pointwise(x.expand(2, -1), self.packed, self.bias, "none", [], "")[:1]
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
 
@@ -98,8 +113,32 @@ def _llama3_scale(inv_freq: Tensor, rs: RopeScaling) -> Tensor:
     return torch.where(in_band, blended, scaled)
 
 
+class RopeTable:
+    """cos and sin of every position's rotary angles, computed on the CPU in fixed chunks of positions
+    as they are first needed and never recomputed, so a position's values never depend on which
+    positions share a forward (a vectorized cos may round a tensor's last elements differently)."""
+
+    CHUNK = 1024
+
+    def __init__(self, inv_freq: Tensor):
+        self.inv_freq = inv_freq.cpu()  # [head_dim / 2] float32
+        self.cos = self.sin = self.inv_freq.new_zeros(0, 2 * inv_freq.shape[0])  # [positions, head_dim]
+
+    def lookup(self, positions: Tensor, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+        """[R, head_dim] cos and sin at `positions`, contiguous, on `device`."""
+        positions = positions.cpu()
+        top = int(positions.max()) + 1
+        while self.cos.shape[0] < top:
+            first = self.cos.shape[0]
+            pos = torch.arange(first, first + self.CHUNK, dtype=self.inv_freq.dtype)
+            angles = pos[:, None] * self.inv_freq[None, :]
+            angles = torch.cat((angles, angles), dim=-1)
+            self.cos, self.sin = torch.cat([self.cos, angles.cos()]), torch.cat([self.sin, angles.sin()])
+        return self.cos[positions].to(device, dtype), self.sin[positions].to(device, dtype)
+
+
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x: [T, heads, head_dim]; cos, sin: [T, 1, head_dim] (the half-split layout HF uses)."""
+    """x: [R, heads, head_dim]; cos, sin: [R, 1, head_dim] (the half-split layout HF uses)."""
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
@@ -118,58 +157,73 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(w["post_attention_layernorm.weight"], args.rms_norm_eps)
         self.q_norm = RMSNorm(w["q_norm.weight"], args.rms_norm_eps) if args.qk_norm else None
         self.k_norm = RMSNorm(w["k_norm.weight"], args.rms_norm_eps) if args.qk_norm else None
-        # What the native attention step handles (no q/k norm; head sizes its vector loops cover).
-        self.fusable = not args.qk_norm and args.head_dim % 8 == 0 and args.head_dim <= 256
+        # What the native attention handles: head sizes its vector loops cover.
+        self.fusable = args.head_dim % 8 == 0 and args.head_dim <= 256
         self.q4_halves: tuple | None = None  # native handles of qkv, o, gate_up, down (bind_q4)
 
     def bind_q4(self) -> None:
-        """After quantization: run decoding steps as two native calls (attention half, MLP half)."""
+        """After quantization: run each layer as two native calls (attention half, MLP half)."""
         native = kernels.cpu_kernels()
         linears = (self.qkv, self.o, self.gate_up, self.down)
-        if native is None or not self.fusable or any(m.quant is None or m.bias is not None for m in linears):
+        if native is None or not self.fusable or self.q_norm is not None \
+                or any(m.quant is None or m.bias is not None for m in linears):
             return
         self.q4_halves = tuple(native.Q4(m.quant.codes, m.quant.scales, m.quant.mins) for m in linears)
 
-    def forward(self, x: Tensor, layer: int, cache: KVCache, start: int, cos: Tensor, sin: Tensor,
-                mask: Tensor | None, dense: bool) -> Tensor:
-        if self.q4_halves is not None and not dense:
-            return self._q4_step(x, layer, cache, start, cos, sin, mask)
-        qkv = self.qkv(self.attn_norm(x), dense)
-        native = kernels.for_tensor(x) if self.fusable and not dense else None
-        if native is not None:  # a decoding step: few tokens, where each tensor op's fixed cost dominates
-            T, hd = x.shape[0], self.args.head_dim
-            out = native.attention_step(qkv, cos.view(T, hd), sin.view(T, hd), cache.k[layer], cache.v[layer],
-                                        start, self.args.num_heads, mask, hd ** -0.5)
+    def forward(self, x: Tensor, layer: int, kv: KVCache, batch: ForwardBatch, cos: Tensor, sin: Tensor) -> Tensor:
+        if self.q4_halves is not None:
+            return self._q4_layer(x, layer, kv, batch, cos, sin)
+        qkv = self._qk_normed(self.qkv(self.attn_norm(x)))
+        native = kernels.for_tensor(x) if self.fusable else None
+        if native is not None:
+            out = native.batch_attention(qkv, cos, sin, kv.k[layer], kv.v[layer], batch.native(),
+                                         self.args.num_heads, self.args.head_dim ** -0.5)
         else:
-            out = self._attention(qkv, layer, cache, start, cos, sin, mask)
-        x = x + self.o(out, dense)
-        gate, up = self.gate_up(self.mlp_norm(x), dense).chunk(2, dim=-1)
-        return x + self.down(F.silu(gate) * up, dense)
+            out = self._attention(qkv, layer, kv, batch, cos, sin)
+        x = x + self.o(out)
+        gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, dim=-1)
+        return x + self.down(F.silu(gate) * up)
 
-    def _q4_step(self, x: Tensor, layer: int, cache: KVCache, start: int, cos: Tensor, sin: Tensor,
-                 mask: Tensor | None) -> Tensor:
+    def _q4_layer(self, x: Tensor, layer: int, kv: KVCache, batch: ForwardBatch, cos: Tensor, sin: Tensor) -> Tensor:
         native, (qkv, o, gate_up, down) = kernels.cpu_kernels(), self.q4_halves
-        T, hd, eps = x.shape[0], self.args.head_dim, self.args.rms_norm_eps
-        x = native.q4_attention_block(x.contiguous(), self.attn_norm.weight, eps, qkv, o, cos.view(T, hd),
-                                      sin.view(T, hd), cache.k[layer], cache.v[layer], start,
-                                      self.args.num_heads, mask, hd ** -0.5)
+        eps = self.args.rms_norm_eps
+        x = native.q4_attention_block(x.contiguous(), self.attn_norm.weight, eps, qkv, o, cos, sin, kv.k[layer],
+                                      kv.v[layer], batch.native(), self.args.num_heads, self.args.head_dim ** -0.5)
         return native.q4_mlp_block(x, self.mlp_norm.weight, eps, gate_up, down)
 
-    def _attention(self, qkv: Tensor, layer: int, cache: KVCache, start: int, cos: Tensor, sin: Tensor,
-                   mask: Tensor | None) -> Tensor:  # [T, heads * head_dim]
-        a, T = self.args, qkv.shape[0]
+    def _qk_normed(self, qkv: Tensor) -> Tensor:
+        """qkv with Qwen3's per-head RMSNorm applied to q and k (unchanged for other models)."""
+        if self.q_norm is None:
+            return qkv
+        a, R = self.args, qkv.shape[0]
+        q, k, v = qkv.split([a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim, a.num_kv_heads * a.head_dim], -1)
+        q = self.q_norm(q.reshape(R * a.num_heads, a.head_dim).contiguous()).view(R, -1)
+        k = self.k_norm(k.reshape(R * a.num_kv_heads, a.head_dim).contiguous()).view(R, -1)
+        return torch.cat([q, k, v], dim=-1)
+
+    def _attention(self, qkv: Tensor, layer: int, kv: KVCache, batch: ForwardBatch, cos: Tensor,
+                   sin: Tensor) -> Tensor:  # [R, heads * head_dim]
+        """PyTorch attention (CUDA, half precision, or no native kernels): each sequence's rows run
+        SDPA over its keys gathered from the store."""
+        a, R = self.args, qkv.shape[0]
         q_size, kv_size = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
         qk, v = qkv.split([q_size + kv_size, kv_size], dim=-1)
-        qk = qk.view(T, a.num_heads + a.num_kv_heads, a.head_dim)
-        if self.q_norm is not None:
-            qk = torch.cat([self.q_norm(qk[:, :a.num_heads]), self.k_norm(qk[:, a.num_heads:])], dim=1)
-        q, k = apply_rope(qk, cos, sin).split([a.num_heads, a.num_kv_heads], dim=1)  # one rotation for both
-        keys, values = cache.write(layer, start, k, v.view(T, a.num_kv_heads, a.head_dim))
-        out = F.scaled_dot_product_attention(
-            q.transpose(0, 1).unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0),
-            attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=a.num_heads != a.num_kv_heads,
-        )  # [1, heads, T, head_dim]
-        return out[0].transpose(0, 1).reshape(T, q_size)
+        qk = apply_rope(qk.reshape(R, a.num_heads + a.num_kv_heads, a.head_dim), cos[:, None], sin[:, None])
+        q, k = qk.split([a.num_heads, a.num_kv_heads], dim=1)
+        slots = batch.write_slots.to(qkv.device)
+        kv.k[layer].index_copy_(1, slots, k.transpose(0, 1).to(kv.k.dtype))
+        kv.v[layer].index_copy_(1, slots, v.reshape(R, a.num_kv_heads, a.head_dim).transpose(0, 1).to(kv.v.dtype))
+        out = torch.empty(R, a.num_heads, a.head_dim, dtype=qkv.dtype, device=qkv.device)
+        for b in range(batch.sequences):
+            rows, keys = batch.rows_of(b), batch.keys_of(b).to(qkv.device)
+            causal_prompt = batch.masks[b] is None and keys.shape[0] == rows.stop - rows.start
+            mask = None if causal_prompt else batch.full_mask(b).to(qkv.device)
+            out[rows] = F.scaled_dot_product_attention(
+                q[rows].transpose(0, 1)[None], kv.k[layer][:, keys][None], kv.v[layer][:, keys][None],
+                attn_mask=mask, is_causal=causal_prompt and rows.stop - rows.start > 1,
+                enable_gqa=a.num_heads != a.num_kv_heads,
+            )[0].transpose(0, 1)
+        return out.reshape(R, q_size)
 
 
 class CausalLM(nn.Module):
@@ -200,7 +254,7 @@ class Transformer(CausalLM):
         self.norm = RMSNorm(weights["model.norm.weight"], args.rms_norm_eps)
         head = weights["model.embed_tokens.weight"] if args.tie_word_embeddings else weights["lm_head.weight"]
         self.head = Linear(head)
-        self.register_buffer("inv_freq", rope_frequencies(args), persistent=False)
+        self.rope = RopeTable(rope_frequencies(args))
 
     @property
     def quantization(self) -> str | None:
@@ -230,55 +284,30 @@ class Transformer(CausalLM):
             layer.bind_q4()
         return True
 
-    def new_cache(self, max_len: int) -> KVCache:
+    def new_cache(self, slots: int) -> KVCache:
         a = self.args
-        return KVCache(a.num_layers, a.num_kv_heads, a.head_dim, max_len, self.dtype, self.device)
+        return KVCache(a.num_layers, a.num_kv_heads, a.head_dim, slots, self.dtype, self.device)
 
     def forward(
         self,
-        tokens: Tensor,  # [T] token ids
-        positions: Tensor,  # [T] rotary positions
-        cache: KVCache,
-        start: int,  # cache slot of tokens[0]; slots [0, start) hold the committed prefix
-        tree_mask: Tensor | None = None,  # [T, K] bool over the K slots ending at start + T; None = causal
+        batch: ForwardBatch,
+        kv: KVCache,  # the store every row's K/V go into, at batch.write_slots
         num_layers: int | None = None,  # run only the first k layers (self-speculation)
-        logits: bool = True,
-        prefill: bool = False,  # a prompt: quantized layers may take the faster, differently rounded GEMM
-    ) -> Tensor:  # [T, vocab] float32 logits, or [T, hidden] final-normed states
-        x = F.embedding(tokens, self.embed)
-        angles = positions.to(self.inv_freq.dtype)[:, None] * self.inv_freq[None, :]
-        angles = torch.cat((angles, angles), dim=-1)[:, None, :]  # [T, 1, head_dim]
-        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-        if prefill and start == 0 and tree_mask is None and self.args.sliding_window is None:
-            mask = None  # a prompt from the first slot: SDPA's own causal kernel, faster than a mask
-        else:
-            mask = self._attention_mask(positions, start, tree_mask, cache)
+        keep_layers: tuple[int, ...] = (),  # also return the residual stream after these numbers of layers
+    ) -> ForwardOutput:
+        x = F.embedding(batch.tokens.to(self.device), self.embed)
+        cos, sin = self.rope.lookup(batch.positions, x.dtype, x.device)
+        if self.args.sliding_window is not None:
+            batch = batch.windowed(self.args.sliding_window)
+        kept = {}
         for i, layer in enumerate(self.layers[:num_layers]):
-            x = layer(x, i, cache, start, cos, sin, mask, prefill)
-        x = self.norm(x)
-        if not logits:
-            return x
-        return self.head(x.to(self.head.weight.dtype) if self.head.quant is None else x, prefill).float()
-
-    def _attention_mask(self, positions: Tensor, start: int, tree_mask: Tensor | None,
-                        cache: KVCache) -> Tensor | None:
-        """Slots before the tree mask's columns are the committed prefix, visible to every token."""
-        T, device = positions.shape[0], positions.device
-        window = self.args.sliding_window
-        if T == 1 and tree_mask is None and (window is None or start < window):
-            return None  # one token sees the whole prefix
-        if tree_mask is None:
-            tree_mask = torch.ones(T, T, dtype=torch.bool, device=device).tril()
-        visible = start + T - tree_mask.shape[1]
-        prefix = torch.ones(T, visible, dtype=torch.bool, device=device)
-        mask = torch.cat([prefix, tree_mask.to(device)], dim=1)  # [T, start + T]
-        if window is not None:
-            # Keys at known positions: the prefix (slot == position) and the new tokens themselves.
-            # Earlier tree nodes (a tree grown over several forwards) lie a tree's depth back at most.
-            prefix_pos = torch.arange(visible, device=device)
-            mask[:, :visible] &= (positions[:, None] - prefix_pos[None, :]) < window
-            mask[:, -T:] &= (positions[:, None] - positions[None, :]) < window
-        return mask
+            x = layer(x, i, kv, batch, cos, sin)
+            if i + 1 in keep_layers:
+                kept[i + 1] = x
+        hidden = self.norm(x)
+        rows = hidden[batch.logit_rows.to(self.device)]
+        logits = self.head(rows.to(self.head.weight.dtype) if self.head.quant is None else rows).float()
+        return ForwardOutput(logits=logits, hidden=hidden, layers=kept)
 
 
 def _layer_weights(weights: dict[str, Tensor], i: int) -> dict[str, Tensor]:

@@ -72,18 +72,14 @@ def dequantize(w: QuantWeight) -> Tensor:
     return (q * w.scales.float()[..., None]).view(n, k)
 
 
-def linear(x: Tensor, w: QuantWeight, dense: bool = False) -> Tensor:
+def linear(x: Tensor, w: QuantWeight) -> Tensor:
     """x [..., K] float32 -> [..., N] float32, on the native kernel when it is available. The q4
-    kernel rounds x to 8 bits per block of 32 (llama.cpp's Q8_1; block sums stay exact).
-
-    dense=True dequantizes W and runs one BLAS GEMM instead: much faster for hundreds of rows (a
-    prompt), but rounded differently, so decoding steps, whose rows must not depend on how many
-    rows share the call, never use it."""
+    kernel rounds x to 8 bits per block of 32 (llama.cpp's Q8_1; block sums stay exact). Every row is
+    computed alone, whatever the number of rows: prompt chunks and decoding steps of any batch give a
+    row the same result, which exact batching and recomputation after preemption rely on."""
     kernels = cpu_kernels()
     if kernels is None:
         return F.linear(x, dequantize(w))
-    if dense:
-        return F.linear(x, kernels.dequantize(w.codes, w.scales, w.mins))
     rows = x.reshape(-1, x.shape[-1]).contiguous()
     if w.kind == "q4":
         y = kernels.q4_linear(rows, w.codes, w.scales, w.mins)

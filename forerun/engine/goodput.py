@@ -1,0 +1,307 @@
+"""The goodput policy (SpecConfig.budget = "goodput"; "cost" is its earlier name): how much of every
+sequence's draft a batched step verifies, after SmartSpec (Liu et al. 2024, arXiv 2406.14066).
+
+A verification forward costs time for every row it holds, accepted or not, and on a CPU whose
+forward is compute-bound the rows of all sequences in a batch add up. Each step the policy keeps the
+draft nodes that maximise the batch's expected tokens per second (its goodput),
+
+    (tokens the step emits for sure + sum of the kept nodes' acceptance odds) / seconds(rows),
+
+from two running measurements:
+
+- RowCost: seconds of one step as a function of the rows of its forward, from what steps of each
+  size took (the engine keeps one: it is the model's and the machine's).
+- NodeOdds: for every position in a tree, named by its path of sibling ranks ((0,) is the root's
+  first child, (0, 1) that child's second child), the fraction of the steps it was on the accepted
+  path (one per SpecConfig, kept across requests). A sequence's odds are scaled by how its own drafts
+  fared against them so far (Sequence.accepted_ratio): prompt lookup on a summary accepts more
+  than on a chat.
+
+Nodes enter best odds first, across all sequences (ancestors and earlier siblings before
+descendants and later ones); extra nodes (lookahead's window) ride along with a sequence's first
+node. Keeping none is a plain step. Under a load where rows cost more than they are likely to return,
+every sequence goes plain by itself. Before drafting, the same rule sets the depth of the drafters
+that pay a forward per drafted token (Drafter.drafts_with_model), so drafting no one will verify is
+not paid for.
+
+Positions the policy stops verifying are re-measured now and then with a whole tree (a check) for
+one sequence of that SpecConfig: after CHECK_EVERY steps, then twice as long each time, up to every
+CHECK_MAX steps.
+
+Exactness. Greedy verification accepts the target's own tokens from any tree, so any cut is exact.
+At temperature > 0 a cut may only depend on what was known before the step's random draws: that
+holds for deterministic drafts (q is None: the tree is a function of the context), so those are cut;
+a tree whose tokens were sampled (q given) is verified whole, its depth set before it is drawn.
+"""
+from __future__ import annotations
+
+import bisect
+import itertools
+import statistics
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from forerun.drafters.tree_shape import sibling_ranks
+from forerun.types import Draft, Extra, Verdict
+
+
+class RowCost:
+    """Seconds per step as a function of the rows verified, from the recent steps of each row count.
+
+    A row count's value is the low median of its last KEEP steps, so one slow step (a new shape's
+    first run allocates and picks kernels; the machine was busy) is outvoted by the next. Between
+    measured row counts the cost is interpolated (and never falls as rows grow); past the widest,
+    it grows along the slope of a line fit to all of them. Interpolation matters on a GPU, where
+    the curve is a step (one row, then about 1.25x for anything from 2 to 128 rows on an H200) that
+    a single line would read as a steady cost per row."""
+
+    KEEP = 5
+
+    def __init__(self) -> None:
+        self.steps: dict[int, deque[float]] = {}  # rows -> seconds of its last KEEP steps
+
+    @property
+    def seconds(self) -> dict[int, float]:
+        return {rows: statistics.median_low(s) for rows, s in self.steps.items()}
+
+    def record(self, rows: int, seconds: float) -> None:
+        self.steps.setdefault(rows, deque(maxlen=self.KEEP)).append(seconds)
+
+    def line(self) -> tuple[float, float] | None:
+        """(a, b) with seconds ~ a + b * rows by weighted least squares; None until two row counts
+        are known. The slope is kept >= 0 and the cost of one row > 0."""
+        return self._fit(self.seconds) if len(self.steps) >= 2 else None
+
+    def _fit(self, seconds: dict[int, float]) -> tuple[float, float]:
+        points = [(rows, secs, len(self.steps[rows])) for rows, secs in seconds.items()]
+        total = sum(w for _, _, w in points)
+        mx = sum(x * w for x, _, w in points) / total
+        my = sum(y * w for _, y, w in points) / total
+        sxx = sum(w * (x - mx) ** 2 for x, _, w in points)
+        b = max(sum(w * (x - mx) * (y - my) for x, y, w in points) / sxx, 0.0)
+        a = my - b * mx
+        floor = min(y for _, y, _ in points) * 1e-3
+        if a + b <= floor:  # a noisy fit through the origin: keep one row's cost positive
+            a = floor - b
+        return a, b
+
+    def curve(self) -> Callable[[int], float] | None:
+        """seconds(rows) for any row count; None until two row counts are known."""
+        if len(self.steps) < 2:
+            return None
+        rows, seconds = sorted(self.steps), self.seconds
+        ys = list(itertools.accumulate((seconds[r] for r in rows), max))
+        slope = self._fit(seconds)[1]
+
+        def at(n: int) -> float:
+            i = bisect.bisect_left(rows, n)
+            if i < len(rows) and rows[i] == n:
+                return ys[i]
+            if i == 0:
+                return ys[0]
+            if i == len(rows):
+                return ys[-1] + slope * (n - rows[-1])
+            x0, x1 = rows[i - 1], rows[i]
+            return ys[i - 1] + (ys[i] - ys[i - 1]) * (n - x0) / (x1 - x0)
+
+        return at
+
+
+class NodeOdds:
+    """Running chance that a tree position (a path of sibling ranks) is on the accepted path."""
+
+    MIN_WEIGHT = 0.05  # a plain average over the first 20 visits, then a running mean
+    UNSEEN = 0.5  # an unseen position: this fraction of its parent's odds
+
+    def __init__(self) -> None:
+        self.odds: dict[tuple[int, ...], float] = {}
+        self.visits: dict[tuple[int, ...], int] = {}
+
+    def estimate(self, paths: list[tuple[int, ...]], parents: list[int]) -> list[float]:
+        """Odds per node (root 1.0), made monotone: no node above its parent or an earlier sibling."""
+        out: list[float] = []
+        last_child: dict[int, int] = {}
+        for i, (path, parent) in enumerate(zip(paths, parents)):
+            if parent < 0:
+                out.append(1.0)
+                continue
+            p = min(self.odds.get(path, self.UNSEEN * out[parent]), out[parent])
+            if parent in last_child:
+                p = min(p, out[last_child[parent]])
+            last_child[parent] = i
+            out.append(p)
+        return out
+
+    def record(self, paths: list[tuple[int, ...]], accepted: set[int]) -> None:
+        for i, path in enumerate(paths[1:], 1):
+            n = self.visits.get(path, 0) + 1
+            w = max(1.0 / n, self.MIN_WEIGHT)
+            self.visits[path] = n
+            self.odds[path] = (1 - w) * self.odds.get(path, 0.0) + w * (i in accepted)
+
+
+def rank_paths(parents: list[int]) -> list[tuple[int, ...]]:
+    """Each node's path of sibling ranks from the root (the root's is ())."""
+    ranks, out = sibling_ranks(parents), []
+    for i, p in enumerate(parents):
+        out.append(() if p < 0 else out[p] + (ranks[i],))
+    return out
+
+
+def keep_nodes(draft: Draft, keep: list[int]) -> Draft:
+    """The draft restricted to `keep` (sorted node indices, root included, closed under parents)."""
+    index = {old: new for new, old in enumerate(keep)}
+    parents = [-1 if draft.parents[i] < 0 else index[draft.parents[i]] for i in keep]
+    if len(keep) == 1:
+        return Draft(tokens=draft.tokens[:1], parents=parents)  # a plain step: no extra nodes either
+    rows = torch.tensor(keep)
+    extra = draft.extra
+    if extra is not None:
+        columns = torch.cat([rows, torch.arange(draft.size, draft.rows)])
+        extra = Extra(tokens=extra.tokens, depths=extra.depths, mask=extra.mask[:, columns])
+    q = None if draft.q is None else draft.q[rows]
+    return Draft(tokens=draft.tokens[rows], parents=parents, q=q, extra=extra)
+
+
+def best_cut(odds: list[tuple[float, int]], sure_tokens: float, sure_rows: int, extra_rows: dict[int, int],
+             cost: Callable[[int], float]) -> int:
+    """How many of the candidate nodes (odds, owner), best odds first, to verify: the k that maximises
+    (sure_tokens + their odds) / cost(sure_rows + k + the extra rows of every owner with a kept node).
+    A tie goes to more nodes: their logits also teach the drafters."""
+    best_k, best_rate = 0, sure_tokens / cost(sure_rows)
+    tokens, rows, started = sure_tokens, sure_rows, set()
+    for k, (p, owner) in enumerate(odds, 1):
+        tokens += p
+        rows += 1
+        if owner not in started:
+            started.add(owner)
+            rows += extra_rows.get(owner, 0)
+        rate = tokens / cost(rows)
+        if rate >= best_rate:
+            best_k, best_rate = k, rate
+    return best_k
+
+
+class CheckSchedule:
+    """When a SpecConfig's next whole tree is due: after CHECK_EVERY steps, then doubling."""
+
+    CHECK_EVERY = 16
+    CHECK_MAX = 256
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.interval = self.CHECK_EVERY
+        self.next_check = self.CHECK_EVERY
+
+    def due(self) -> bool:
+        """Whether this step verifies one whole tree (counts the step)."""
+        self.steps += 1
+        if self.steps < self.next_check:
+            return False
+        self.next_check = self.steps + self.interval
+        self.interval = min(2 * self.interval, self.CHECK_MAX)
+        return True
+
+
+@dataclass(eq=False)
+class SpecOdds:
+    """What the policy keeps per SpecConfig across requests."""
+
+    odds: NodeOdds
+    checks: CheckSchedule
+
+
+@dataclass(eq=False)
+class Entry:
+    """One sequence's draft as the policy sees it."""
+
+    draft: Draft
+    memory: SpecOdds
+    ratio: float  # the sequence's accepted_ratio
+    cuttable: bool  # greedy, or a deterministic draft
+    checked: bool = False  # this step's check of its SpecConfig: verified whole
+
+
+class Goodput:
+    def __init__(self) -> None:
+        self.cost = RowCost()
+        self._memory: dict[object, SpecOdds] = {}
+
+    def memory(self, spec) -> SpecOdds:
+        if spec not in self._memory:
+            self._memory[spec] = SpecOdds(NodeOdds(), CheckSchedule())
+        return self._memory[spec]
+
+    def due_checks(self, specs) -> set:
+        """The SpecConfigs (each with a sequence in this step) whose check is due: one of their
+        sequences drafts to its full depth and is verified whole. Counts the step for each."""
+        return {spec for spec in specs if self.memory(spec).checks.due()}
+
+    def depths(self, chains: list[tuple[object, float, int, bool]], sure_rows: int, sure_tokens: float) -> list[int]:
+        """Before drafting: how deep each of the (spec, accepted_ratio, max depth, checked) sequences
+        should draft, from the odds of a chain's positions; a checked one drafts its full depth.
+        sure_rows and sure_tokens count the step's rows and certain tokens besides these sequences'
+        drafts (their roots included)."""
+        cost = self.cost.curve()
+        if cost is None:
+            return [depth for _, _, depth, _ in chains]
+        candidates = []
+        for owner, (spec, ratio, depth, checked) in enumerate(chains):
+            if checked:
+                sure_rows += depth
+                continue
+            chain = list(range(-1, depth))
+            odds = self.memory(spec).odds.estimate(rank_paths(chain), chain)
+            candidates += [(min(1.0, ratio * p), owner) for p in odds[1:]]
+        candidates.sort(key=lambda c: -c[0])  # stable: a chain's positions stay in order
+        out = [depth if checked else 0 for _, _, depth, checked in chains]
+        for _, owner in candidates[:best_cut(candidates, sure_tokens, sure_rows, {}, cost)]:
+            out[owner] += 1
+        return out
+
+    def cut(self, entries: list[Entry], sure_rows: int, sure_tokens: float) -> list[Draft]:
+        """After drafting: each entry's draft as the step should verify it. sure_rows and sure_tokens
+        count the step's rows and certain tokens besides these drafts' nodes (their roots included)."""
+        cost = self.cost.curve()
+        if cost is None:  # first measure the rows without drafts, then with them
+            if sure_rows not in self.cost.steps:
+                return [keep_nodes(e.draft, [0]) if e.cuttable else e.draft for e in entries]
+            return [e.draft for e in entries]
+        candidates, extra_rows, orders = [], {}, []
+        for owner, e in enumerate(entries):
+            if not e.cuttable or e.checked:
+                sure_rows += e.draft.rows - 1
+                orders.append(None)
+                continue
+            odds = e.memory.odds.estimate(rank_paths(e.draft.parents), e.draft.parents)
+            odds = [min(1.0, e.ratio * p) for p in odds]
+            order = sorted(range(1, e.draft.size), key=lambda i: (-odds[i], i))
+            orders.append(order)
+            candidates += [(odds[i], owner) for i in order]
+            extra_rows[owner] = e.draft.rows - e.draft.size
+        candidates.sort(key=lambda c: -c[0])  # stable: each owner's nodes stay in their order
+        kept = [0] * len(entries)
+        for _, owner in candidates[:best_cut(candidates, sure_tokens, sure_rows, extra_rows, cost)]:
+            kept[owner] += 1
+        out = []
+        for e, order, k in zip(entries, orders, kept):
+            whole = order is None or 0 < k == e.draft.size - 1  # (no node kept: no extra nodes either)
+            out.append(e.draft if whole else keep_nodes(e.draft, sorted([0] + order[:k])))
+        return out
+
+    def record(self, rows: int, seconds: float) -> None:
+        self.cost.record(rows, seconds)
+
+    def learn(self, spec, draft: Draft, verdict: Verdict) -> float:
+        """After a sequence's draft was verified: update its SpecConfig's odds; returns the accepted
+        tokens the odds expected (before this update), for the sequence's accepted_ratio."""
+        if draft.size == 1:
+            return 0.0
+        memory = self.memory(spec)
+        paths = rank_paths(draft.parents)
+        expected = sum(memory.odds.estimate(paths, draft.parents)[1:])
+        memory.odds.record(paths, set(verdict.path))
+        return expected
