@@ -6,7 +6,7 @@ import json
 import sys
 
 from forerun.bench.cli import add_bench_parser
-from forerun.config import SamplingParams, SpecConfig
+from forerun.config import EngineConfig, SamplingParams, SpecConfig
 from forerun.retrieval.cli import add_datastore_parser
 
 
@@ -16,6 +16,14 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--quant", choices=["q4"], default=None,
                    help="q4: GGUF-style 4-bit block weights and an 8-bit head on native CPU kernels (float32 only)")
+    p.add_argument("--kv-cache-tokens", type=int, default=None,
+                   help="KV pool size in tokens (default: a quarter of free memory, at most 32 full contexts)")
+    p.add_argument("--max-num-seqs", type=int, default=EngineConfig().max_num_seqs,
+                   help="sequences decoding at once (default: %(default)s)")
+    p.add_argument("--max-step-tokens", type=int, default=EngineConfig().max_step_tokens,
+                   help="prompt tokens a step may compute beside decoding (default: %(default)s)")
+    p.add_argument("--no-prefix-caching", action="store_true",
+                   help="do not reuse the KV of prompt blocks computed by earlier requests")
 
 
 def _decode_args(p: argparse.ArgumentParser) -> None:
@@ -25,9 +33,10 @@ def _decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tree-width", type=int, default=1, help="--method draft: children per tree node")
     p.add_argument("--guard", action="store_true",
                    help="take plain steps while speculation measures slower per token (same output)")
-    p.add_argument("--budget", choices=["fixed", "cost"], default="fixed",
-                   help="cost: cut each draft tree to the nodes worth verifying, from measured step costs "
-                        "and acceptance per tree position (same output)")
+    p.add_argument("--budget", choices=["fixed", "goodput", "cost"], default="fixed",
+                   help="goodput: verify of each draft the nodes worth their rows for the whole batch, from "
+                        "measured step costs and acceptance per tree position (same output; 'cost' is its "
+                        "earlier name)")
     p.add_argument("--exit-layer", type=int, default=None, help="--method layer-skip: layers the drafter runs")
     p.add_argument("--opt", action="append", default=[], metavar="NAME=VALUE",
                    help="a method-specific option (repeatable), e.g. --opt datastore=DS")
@@ -38,6 +47,7 @@ def _decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("-n", "--n", type=int, default=1, help="samples of the prompt, from one prefill (default: 1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,7 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def sampling_params(a: argparse.Namespace) -> SamplingParams:
     return SamplingParams(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed,
-                          max_new_tokens=a.max_new_tokens, stop=tuple(a.stop), ignore_eos=a.ignore_eos)
+                          max_new_tokens=a.max_new_tokens, stop=tuple(a.stop), ignore_eos=a.ignore_eos, n=a.n)
+
+
+def engine_config(a: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(kv_cache_tokens=a.kv_cache_tokens, max_num_seqs=a.max_num_seqs,
+                        max_step_tokens=a.max_step_tokens, prefix_caching=not a.no_prefix_caching)
 
 
 def spec_config(a: argparse.Namespace) -> SpecConfig:
@@ -91,7 +106,7 @@ def _options(pairs: list[str]) -> dict[str, str]:
 
 def _llm(a: argparse.Namespace):
     from forerun.llm import LLM
-    return LLM(a.model, dtype=a.dtype, device=a.device, quant=a.quant)
+    return LLM(a.model, dtype=a.dtype, device=a.device, quant=a.quant, engine=engine_config(a))
 
 
 def _read_prompt(a: argparse.Namespace) -> str:
@@ -109,21 +124,35 @@ def _read_prompt(a: argparse.Namespace) -> str:
 
 def cmd_generate(a: argparse.Namespace) -> int:
     params, spec, prompt = sampling_params(a), spec_config(a), _read_prompt(a)
+    engine_config(a)  # bad engine limits fail here, before the model loads
     llm = _llm(a)
     ids = llm.encode(prompt, chat=a.chat)
     if a.json:
         print(json.dumps(llm.generate_ids(ids, params, spec).to_dict(), ensure_ascii=False))
         return 0
+    if params.n > 1:  # the samples decode together; each is printed whole
+        out = llm.generate_ids(ids, params, spec)
+        for i, sample in enumerate(out.samples):
+            print(f"--- sample {i} ---\n{sample.text}")
+            _print_stats(spec, sample)
+        return 0
     out = llm.generate_ids(ids, params, spec, on_text=lambda t: print(t, end="", flush=True))
-    s = out.stats
-    print(f"\n\n[{spec.method}] {s.new_tokens} tokens in {s.wall_s:.2f}s = {s.tokens_per_s:.1f} tok/s, "
-          f"{s.target_forwards} target forwards, tau {s.mean_accepted:.2f}, finish: {out.finish_reason}",
-          file=sys.stderr)
+    print()
+    _print_stats(spec, out)
     return 0
+
+
+def _print_stats(spec: SpecConfig, out) -> None:
+    s = out.stats
+    print(f"\n[{spec.method}] {s.new_tokens} tokens in {s.wall_s:.2f}s = {s.tokens_per_s:.1f} tok/s, "
+          f"{s.target_forwards} target forwards, tau {s.mean_accepted:.2f}, first token after {s.ttft_s:.2f}s, "
+          f"finish: {out.finish_reason}", file=sys.stderr)
 
 
 def cmd_chat(a: argparse.Namespace) -> int:
     params, spec = sampling_params(a), spec_config(a)
+    if params.n > 1:
+        raise ValueError("chat answers one sample a turn: leave -n at 1")
     llm = _llm(a)
     messages: list[dict] = []
     print("forerun chat: empty line or Ctrl-D to quit, /reset to start over.", file=sys.stderr)

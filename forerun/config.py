@@ -113,6 +113,7 @@ class EngineConfig:
     max_num_seqs: int = 64  # sequences decoding at once
     max_step_tokens: int = 256  # pending prompt tokens one step may compute beside its decoding rows
     max_draft_rows: int = 256  # rows (tree plus extra) one sequence's verification may hold
+    prefix_caching: bool = True  # reuse the KV of token blocks an earlier sequence computed
 
     def __post_init__(self) -> None:
         if self.kv_cache_tokens is not None and self.kv_cache_tokens < self.block_size:

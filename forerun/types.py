@@ -27,6 +27,9 @@ class Draft:
     q: Tensor | None = None  # [N, V] float; row i = the distribution node i was drawn from;
     # None means every node was chosen deterministically (a point mass on its token)
     extra: Extra | None = None  # nodes run in the same forward, outside the tree
+    # What the drafter knows of this draft's quality (prompt lookup: the matched n-gram's length); the
+    # goodput policy keeps acceptance odds per key. Hashable; None: nothing.
+    key: object = None
 
     @property
     def size(self) -> int:

@@ -14,17 +14,19 @@ from forerun.tree import children
 from forerun.types import Draft, Verdict
 
 
-def verify(draft: Draft, logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> Verdict:
-    """The verifier a sequence's sampling asks for. logits: [N, V], the target's at every tree node."""
+def verify(draft: Draft, logits: Tensor, params: SamplingParams, generator: torch.Generator | None,
+           best: list[int] | None = None) -> Verdict:
+    """The verifier a sequence's sampling asks for. logits: [N, V], the target's at every tree node;
+    best, if given, their argmax (a batch computes it for all its rows at once)."""
     if params.greedy:
-        return verify_greedy(draft, logits)
+        return verify_greedy(draft, logits, best)
     return verify_stochastic(draft, target_probs(logits.cpu(), params), generator)
 
 
-def verify_greedy(draft: Draft, logits: Tensor) -> Verdict:
+def verify_greedy(draft: Draft, logits: Tensor, best: list[int] | None = None) -> Verdict:
     """Exact match: accept the child whose token is the target's argmax at its parent.
-    logits: [N, V]. The output equals plain greedy decoding token for token."""
-    best = logits.argmax(dim=-1).tolist()  # [N]
+    logits: [N, V] (or best, their argmax). The output equals plain greedy decoding token for token."""
+    best = logits.argmax(dim=-1).tolist() if best is None else best  # [N]
     tokens = draft.tokens.tolist()
     kids = children(draft.parents)
     path, node = [0], 0

@@ -164,6 +164,32 @@ def test_n_samples_are_independent_draws():
         assert_distributed_as(same_seed[:, 0] * E2E_VOCAB + same_seed[:, 1], joint, "negative control")
 
 
+@pytest.mark.parametrize("spec", [
+    SpecConfig(method="layer-skip", num_draft=2, max_draft=2, adaptive=False),
+    SpecConfig(method="draft", tree_width=2, num_draft=2, max_draft=2, adaptive=False),
+], ids=["chain", "tree-2-wide"])
+def test_batched_sampling_follows_the_target(spec):
+    """Hundreds of seeded requests decoded together, 32 per forward, each drafting a chain (the
+    target's first layers) or a two-wide tree (another model), verified by recursive rejection
+    sampling: the first two tokens follow the target's joint law."""
+    target = flat_runtime(seed=3)
+    llm = LLM(runtime=target, engine=EngineConfig(max_num_seqs=32))
+    if spec.method == "draft":
+        llm._drafters[spec] = DraftModel(target, spec, draft=flat_runtime(seed=4))
+    forwards = Forwards(llm.engine)
+    rids = [llm.engine.add_request(E2E_PROMPT, SamplingParams(temperature=1.0, max_new_tokens=2, ignore_eos=True,
+                                                              seed=t), spec) for t in range(1500)]
+    done = {}
+    while llm.engine.has_unfinished():
+        for out in llm.engine.step():
+            if out.finished:
+                done[out.request_id] = out.generations[0]
+    assert max(n for n, _ in forwards.seen) == 32
+    assert sum(done[r].stats.target_forwards for r in rids) < 1.9 * len(rids), "drafts were hardly ever accepted"
+    pairs = torch.tensor([done[r].token_ids for r in rids])
+    assert_distributed_as(pairs[:, 0] * E2E_VOCAB + pairs[:, 1], exact_first_two(target).flatten(), spec.method)
+
+
 @pytest.mark.parametrize("method", ["ar", "pld", "draft"])
 def test_seeded_samples_do_not_depend_on_the_batch(draft_runtime, method):
     """A seeded request gives the same tokens alone and among other (unseeded) requests."""

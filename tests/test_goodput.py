@@ -88,6 +88,23 @@ def test_cost_curve_interpolates_a_step_and_extrapolates_the_line():
     assert best_size(odds, linear(a, b), 0) < 31
 
 
+def test_odds_per_context_once_trusted_and_optimistic_before():
+    """A context (draft key, previous step) gets its own odds after TRUST visits; before that, no
+    less than the unseen prior, so a promising context is tried rather than judged by the others."""
+    odds = NodeOdds()
+    chain = [-1, 0]
+    for _ in range(20):
+        odds.record(rank_paths(chain), {0}, (1, "none"))  # 1-gram matches: never accepted
+    for _ in range(3):
+        odds.record(rank_paths(chain), {0, 1}, (3, "all"))
+    assert odds.estimate(rank_paths(chain), chain, (1, "none"))[1] == 0  # trusted: its own odds
+    assert odds.estimate(rank_paths(chain), chain, (3, "all"))[1] == 0.5  # untrusted: the prior
+    assert 0 < odds.estimate(rank_paths(chain), chain)[1] < 0.2  # over all contexts (a running mean)
+    for _ in range(NodeOdds.TRUST):
+        odds.record(rank_paths(chain), {0, 1}, (3, "all"))
+    assert odds.estimate(rank_paths(chain), chain, (3, "all"))[1] == 1.0
+
+
 def test_odds_are_monotone_and_keyed_by_rank_paths():
     paths = rank_paths(TREE)
     assert paths == [(), (0,), (1,), (0, 0), (0, 1), (0, 0, 0)]
@@ -187,15 +204,17 @@ def test_depths_for_model_drafters_fall_to_plain_under_load():
     chain_spec = SpecConfig(method="layer-skip", budget="goodput")
     odds = policy.memory(chain_spec).odds
     for accepted in [{0, 1, 2}] * 10 + [{0}]:  # the first two positions accepted 10 times in 11
-        odds.record(rank_paths([-1, 0, 1, 2]), accepted)
-    assert policy.depths([(chain_spec, 1.0, 3, False)], 1, 1.0) == [2]  # the third position never pays
+        odds.record(rank_paths([-1, 0, 1, 2]), accepted, (None, "plain"))
+    assert policy.depths([(chain_spec, 1.0, 3, False, "plain")], 1, 1.0) == [2]  # the third position never pays
     policy.cost.record(64, 1.0 + 0.05 * 64)
-    loaded = policy.depths([(chain_spec, 1.0, 3, False)] * 2, 64, 64.0)
+    loaded = policy.depths([(chain_spec, 1.0, 3, False, "plain")] * 2, 64, 64.0)
     assert loaded == [2, 2]  # odds near 1 still pay on this line...
     steep = learned_policy(line=(0.0, 1.0))
     steep.memory(chain_spec).odds = odds
-    assert steep.depths([(chain_spec, 1.0, 3, False)] * 2, 64, 64.0) == [0, 0]  # ...and nothing does on this one
-    assert steep.depths([(chain_spec, 1.0, 3, True), (chain_spec, 1.0, 3, False)], 64, 64.0) == [3, 0]  # a check
+    plain = (chain_spec, 1.0, 3, False, "plain")
+    assert steep.depths([plain] * 2, 64, 64.0) == [0, 0]  # ...and nothing does on this one
+    checked = (chain_spec, 1.0, 3, True, "plain")
+    assert steep.depths([checked, plain], 64, 64.0) == [3, 0]  # but a check drafts its full depth
 
 
 @pytest.fixture(scope="module")
@@ -209,17 +228,27 @@ def llm():
 def test_cut_trees_match_ar(llm, tmp_path, monkeypatch, method, line):
     """With a fixed steep cost line most trees are cut to a few nodes (and some steps go plain); with
     the measured line whatever the machine says. Either way the output is `ar`'s, alone and batched."""
-    sizes = []
-    cut = Goodput.cut
+    sizes = []  # (size drafted, size verified), and (depth offered + 1, depth planned + 1) before drafting
+    cut, depths = Goodput.cut, Goodput.depths
+
+    def steep(policy):
+        if line is not None:
+            policy.cost.curve = lambda: lambda rows: line[0] + line[1] * rows
 
     def spy(self, entries, sure_rows, sure_tokens):
-        if line is not None:
-            self.cost.curve = lambda: lambda rows: line[0] + line[1] * rows
+        steep(self)
         out = cut(self, entries, sure_rows, sure_tokens)
         sizes.extend((e.draft.size, d.size) for e, d in zip(entries, out))
         return out
 
+    def spy_depths(self, chains, sure_rows, sure_tokens):
+        steep(self)
+        out = depths(self, chains, sure_rows, sure_tokens)
+        sizes.extend((chain[2] + 1, 1) for chain, planned in zip(chains, out) if planned == 0)
+        return out
+
     monkeypatch.setattr(Goodput, "cut", spy)
+    monkeypatch.setattr(Goodput, "depths", spy_depths)
     options = {"datastore": datastore_for(llm, tmp_path)} if method in ("retrieval", "rasd") else {}
     spec = SpecConfig(method=method, budget="goodput", tree_width=2 if method in ("draft", "rasd") else 1,
                       options=options)

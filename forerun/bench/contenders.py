@@ -86,6 +86,10 @@ class ForerunContender:
         self.name, self.llm, self.spec, self.label = name, llm, spec, label
 
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> Output:
+        # Contenders share an engine per weights: a prompt another contender (or an earlier turn) left
+        # in the prefix cache would be prefilled for free. Every generation starts cold, as each
+        # peer's does.
+        self.llm.engine.reset_prefix_cache()
         gen = self.llm.generate_ids(prompt_ids, params, self.spec)
         s = gen.stats
         return Output(token_ids=gen.token_ids, target_forwards=s.target_forwards, draft_s=s.draft_s,

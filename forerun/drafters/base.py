@@ -36,6 +36,8 @@ class Drafter(ABC):
     # the drafter picks its own length each step (DEL): it is offered SpecConfig.max_draft, not the
     # adaptive DraftLength (the guard and the goodput policy still cap it)
     plans_length: bool = False
+    # its drafts carry a Draft.key (how good it thinks they are), by which the goodput policy keeps odds
+    keyed: bool = False
 
     def __init__(self, target, spec: SpecConfig):
         self.target = target  # forerun.models.runtime.Runtime

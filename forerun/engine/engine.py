@@ -35,6 +35,7 @@ from forerun.types import Draft, Generation, Scores, Verdict
 from forerun.verify import verify
 
 FREE_MEMORY_SHARE = 0.25  # of free memory the KV pool takes by default
+RATIO_DECAY = 0.8  # per verified draft, of a sequence's accepted and expected draft tokens
 MAX_DEFAULT_CONTEXTS = 32  # ... but no more than this many full contexts
 
 
@@ -75,7 +76,7 @@ class Engine:
         self.model = runtime.model
         self.config = config or EngineConfig()
         slots = self.config.kv_cache_tokens or default_kv_tokens(self.model, runtime.context_length)
-        self.pool = KVPool(self.model.new_cache(slots), self.config.block_size)
+        self.pool = KVPool(self.model.new_cache(slots), self.config.block_size, self.config.prefix_caching)
         self.scheduler = Scheduler(self.pool, self.config)
         self.goodput = Goodput()
         self.drafters: dict[SpecConfig, Drafter] = {}  # one per SpecConfig, kept across requests
@@ -143,6 +144,11 @@ class Engine:
         """Give back a sequence from prefilled()."""
         self._release(seq, "abort")
 
+    def reset_prefix_cache(self) -> int:
+        """Drop the prefix cache's unreferenced blocks (for measurements that must start cold);
+        returns how many blocks were dropped."""
+        return self.pool.clear_cache()
+
     def drafter(self, spec: SpecConfig) -> Drafter:
         if spec not in self.drafters:
             self.drafters[spec] = build_drafter(self.runtime, spec)
@@ -200,7 +206,8 @@ class Engine:
         forward_s = time.perf_counter() - forward_start
         verdicts, scores = self._verify(work, drafts, batch, out)
         seconds = self._commit(work, drafts, verdicts, scores, forward_s, start, batch.rows)
-        self.goodput.record(batch.rows, seconds)
+        if not any(w.chunk for w in work):  # a prompt chunk's rows cost unlike decoding rows
+            self.goodput.record(batch.rows, seconds)
         self.steps += 1
         return self._collect()
 
@@ -269,15 +276,18 @@ class Engine:
         return {first[spec] for spec in self.goodput.due_checks(first)}
 
     def _plan_depths(self, work: list[Work], decoding: list[int], depth: dict[int, int], checked: set[int]) -> None:
-        """The goodput policy sets the depth of drafters that pay a forward per drafted token."""
+        """Before drafting, the goodput policy sets the depth of drafters that pay a forward per drafted
+        token, and spares the others drafting where not even one node would pay."""
         planned = [i for i in decoding if work[i].seq.spec.goodput and depth[i]
-                   and self.drafter(work[i].seq.spec).drafts_with_model]
+                   and not self.drafter(work[i].seq.spec).keyed]  # a key is only known after drafting
         if not planned:
             return
         sure_rows = sum(w.chunk + w.decode for w in work)
-        chains = [(work[i].seq.spec, work[i].seq.accepted_ratio, depth[i], i in checked) for i in planned]
+        chains = [(work[i].seq.spec, work[i].seq.accepted_ratio, depth[i], i in checked, work[i].seq.last_draft)
+                  for i in planned]
         for i, d in zip(planned, self.goodput.depths(chains, sure_rows, float(len(decoding)))):
-            depth[i] = d
+            if d == 0 or self.drafter(work[i].seq.spec).drafts_with_model:
+                depth[i] = d
 
     def _cut(self, work: list[Work], drafts: dict[int, Draft], checked: set[int]) -> None:
         """The goodput policy's cut of every draft of a goodput SpecConfig, across the batch."""
@@ -290,13 +300,15 @@ class Engine:
         for i in policed:
             seq, draft = work[i].seq, drafts[i]
             entries.append(Entry(draft, self.goodput.memory(seq.spec), seq.accepted_ratio,
-                                 cuttable=seq.params.greedy or draft.q is None, checked=i in checked))
+                                 cuttable=seq.params.greedy or draft.q is None, checked=i in checked,
+                                 context=(draft.key, seq.last_draft)))
         for i, cut in zip(policed, self.goodput.cut(entries, sure_rows, float(len(drafts)))):
             drafts[i] = cut
 
     def _verify(self, work: list[Work], drafts: dict[int, Draft], batch, out: ForwardOutput
                 ) -> tuple[dict[int, Verdict], dict[int, Scores]]:
         verdicts, scores = {}, {}
+        best = out.logits.argmax(dim=-1).tolist()  # one call for every greedy sequence's rows
         row = 0  # into out.logits, which holds the decoding sequences' draft rows in order
         for i, w in enumerate(work):
             if i not in drafts:
@@ -305,10 +317,10 @@ class Engine:
             first = int(batch.row_start[i]) + w.chunk
             rows = slice(first, first + draft.rows)
             logits = out.logits[row:row + draft.rows]
-            row += draft.rows
             scores[i] = Scores(logits=logits, hidden=out.hidden[rows],
                                layers={k: v[rows] for k, v in out.layers.items()})
-            verdicts[i] = verify(draft, logits[:draft.size], seq.params, seq.generator)
+            verdicts[i] = verify(draft, logits[:draft.size], seq.params, seq.generator, best[row:row + draft.size])
+            row += draft.rows
         return verdicts, scores
 
     def _commit(self, work: list[Work], drafts: dict[int, Draft], verdicts: dict[int, Verdict],
@@ -330,9 +342,11 @@ class Engine:
             self.pool.register(seq)
             self.drafter(seq.spec).observe(seq, draft, verdict, scores[i])
             if seq.spec.goodput and draft.size > 1:
-                expected = self.goodput.learn(seq.spec, draft, verdict)
-                seq.draft_expected += expected
-                seq.draft_accepted += verdict.accepted
+                expected = self.goodput.learn(seq.spec, draft, verdict, (draft.key, seq.last_draft))
+                # recent drafts weigh most: acceptance comes in runs (a copied passage, a list)
+                seq.draft_expected = RATIO_DECAY * seq.draft_expected + expected
+                seq.draft_accepted = RATIO_DECAY * seq.draft_accepted + verdict.accepted
+            seq.last_draft = _outcome(draft, verdict)
             seq.stats.target_forwards += 1
             seq.stats.verify_s += forward_s
             seq.stats.accept_histogram[len(new)] += 1
@@ -399,6 +413,16 @@ class Engine:
                 del self.requests[request_id]
         self._outputs = {}
         return outputs
+
+
+def _outcome(draft: Draft, verdict: Verdict) -> str:
+    """How a step's draft went, for the next step's odds: "plain" (no draft), "all" (its deepest
+    path accepted), "some" or "none"."""
+    if draft.size == 1:
+        return "plain"
+    if verdict.accepted == 0:
+        return "none"
+    return "all" if verdict.accepted == max(depths(draft.parents)) else "some"
 
 
 def _generator(params: SamplingParams, index: int) -> torch.Generator | None:

@@ -111,16 +111,31 @@ class RowCost:
 
 
 class NodeOdds:
-    """Running chance that a tree position (a path of sibling ranks) is on the accepted path."""
+    """Running chance that a tree position (a path of sibling ranks) is on the accepted path, kept
+    over all drafts and per context: the drafter's key for its draft (Draft.key, e.g. how long a
+    match prompt lookup found) and how the sequence's previous step went (Sequence.last_draft), since
+    acceptance comes in runs. A context seen fewer than TRUST times at a position uses the position's
+    odds over all contexts."""
 
     MIN_WEIGHT = 0.05  # a plain average over the first 20 visits, then a running mean
     UNSEEN = 0.5  # an unseen position: this fraction of its parent's odds
+    TRUST = 8
 
     def __init__(self) -> None:
-        self.odds: dict[tuple[int, ...], float] = {}
-        self.visits: dict[tuple[int, ...], int] = {}
+        self.odds: dict[tuple[object, tuple[int, ...]], float] = {}  # (context or None, path) -> odds
+        self.visits: dict[tuple[object, tuple[int, ...]], int] = {}
 
-    def estimate(self, paths: list[tuple[int, ...]], parents: list[int]) -> list[float]:
+    def _odds(self, context: object, path: tuple[int, ...], unseen: float) -> float:
+        """A position's odds in a context; until the context is trusted there, no less than `unseen`
+        (so a new context is tried a few times rather than judged by the average of all others)."""
+        overall = self.odds.get((None, path))
+        if context is None:
+            return unseen if overall is None else overall
+        if self.visits.get((context, path), 0) >= self.TRUST:
+            return self.odds[context, path]
+        return unseen if overall is None else max(overall, unseen)
+
+    def estimate(self, paths: list[tuple[int, ...]], parents: list[int], context: object = None) -> list[float]:
         """Odds per node (root 1.0), made monotone: no node above its parent or an earlier sibling."""
         out: list[float] = []
         last_child: dict[int, int] = {}
@@ -128,19 +143,20 @@ class NodeOdds:
             if parent < 0:
                 out.append(1.0)
                 continue
-            p = min(self.odds.get(path, self.UNSEEN * out[parent]), out[parent])
+            p = min(self._odds(context, path, self.UNSEEN * out[parent]), out[parent])
             if parent in last_child:
                 p = min(p, out[last_child[parent]])
             last_child[parent] = i
             out.append(p)
         return out
 
-    def record(self, paths: list[tuple[int, ...]], accepted: set[int]) -> None:
+    def record(self, paths: list[tuple[int, ...]], accepted: set[int], context: object = None) -> None:
         for i, path in enumerate(paths[1:], 1):
-            n = self.visits.get(path, 0) + 1
-            w = max(1.0 / n, self.MIN_WEIGHT)
-            self.visits[path] = n
-            self.odds[path] = (1 - w) * self.odds.get(path, 0.0) + w * (i in accepted)
+            for key in ((None, path), (context, path)) if context is not None else ((None, path),):
+                n = self.visits.get(key, 0) + 1
+                w = max(1.0 / n, self.MIN_WEIGHT)
+                self.visits[key] = n
+                self.odds[key] = (1 - w) * self.odds.get(key, 0.0) + w * (i in accepted)
 
 
 def rank_paths(parents: list[int]) -> list[tuple[int, ...]]:
@@ -163,7 +179,7 @@ def keep_nodes(draft: Draft, keep: list[int]) -> Draft:
         columns = torch.cat([rows, torch.arange(draft.size, draft.rows)])
         extra = Extra(tokens=extra.tokens, depths=extra.depths, mask=extra.mask[:, columns])
     q = None if draft.q is None else draft.q[rows]
-    return Draft(tokens=draft.tokens[rows], parents=parents, q=q, extra=extra)
+    return Draft(tokens=draft.tokens[rows], parents=parents, q=q, extra=extra, key=draft.key)
 
 
 def best_cut(odds: list[tuple[float, int]], sure_tokens: float, sure_rows: int, extra_rows: dict[int, int],
@@ -223,6 +239,7 @@ class Entry:
     ratio: float  # the sequence's accepted_ratio
     cuttable: bool  # greedy, or a deterministic draft
     checked: bool = False  # this step's check of its SpecConfig: verified whole
+    context: object = None  # (draft.key, the sequence's last_draft): what its odds are kept under
 
 
 class Goodput:
@@ -240,24 +257,25 @@ class Goodput:
         sequences drafts to its full depth and is verified whole. Counts the step for each."""
         return {spec for spec in specs if self.memory(spec).checks.due()}
 
-    def depths(self, chains: list[tuple[object, float, int, bool]], sure_rows: int, sure_tokens: float) -> list[int]:
-        """Before drafting: how deep each of the (spec, accepted_ratio, max depth, checked) sequences
-        should draft, from the odds of a chain's positions; a checked one drafts its full depth.
-        sure_rows and sure_tokens count the step's rows and certain tokens besides these sequences'
-        drafts (their roots included)."""
+    def depths(self, chains: list[tuple[object, float, int, bool, object]], sure_rows: int,
+               sure_tokens: float) -> list[int]:
+        """Before drafting: how deep each sequence should draft, given (spec, accepted_ratio, max
+        depth, checked, how its previous step went), from the odds of a chain's positions; a checked
+        one drafts its full depth. sure_rows and sure_tokens count the step's rows and certain tokens
+        besides these sequences' drafts (their roots included)."""
         cost = self.cost.curve()
         if cost is None:
-            return [depth for _, _, depth, _ in chains]
+            return [chain[2] for chain in chains]
         candidates = []
-        for owner, (spec, ratio, depth, checked) in enumerate(chains):
+        for owner, (spec, ratio, depth, checked, state) in enumerate(chains):
             if checked:
                 sure_rows += depth
                 continue
             chain = list(range(-1, depth))
-            odds = self.memory(spec).odds.estimate(rank_paths(chain), chain)
+            odds = self.memory(spec).odds.estimate(rank_paths(chain), chain, (None, state))
             candidates += [(min(1.0, ratio * p), owner) for p in odds[1:]]
         candidates.sort(key=lambda c: -c[0])  # stable: a chain's positions stay in order
-        out = [depth if checked else 0 for _, _, depth, checked in chains]
+        out = [chain[2] if chain[3] else 0 for chain in chains]
         for _, owner in candidates[:best_cut(candidates, sure_tokens, sure_rows, {}, cost)]:
             out[owner] += 1
         return out
@@ -276,7 +294,7 @@ class Goodput:
                 sure_rows += e.draft.rows - 1
                 orders.append(None)
                 continue
-            odds = e.memory.odds.estimate(rank_paths(e.draft.parents), e.draft.parents)
+            odds = e.memory.odds.estimate(rank_paths(e.draft.parents), e.draft.parents, e.context)
             odds = [min(1.0, e.ratio * p) for p in odds]
             order = sorted(range(1, e.draft.size), key=lambda i: (-odds[i], i))
             orders.append(order)
@@ -295,13 +313,13 @@ class Goodput:
     def record(self, rows: int, seconds: float) -> None:
         self.cost.record(rows, seconds)
 
-    def learn(self, spec, draft: Draft, verdict: Verdict) -> float:
+    def learn(self, spec, draft: Draft, verdict: Verdict, context: object) -> float:
         """After a sequence's draft was verified: update its SpecConfig's odds; returns the accepted
         tokens the odds expected (before this update), for the sequence's accepted_ratio."""
         if draft.size == 1:
             return 0.0
         memory = self.memory(spec)
         paths = rank_paths(draft.parents)
-        expected = sum(memory.odds.estimate(paths, draft.parents)[1:])
-        memory.odds.record(paths, set(verdict.path))
+        expected = sum(memory.odds.estimate(paths, draft.parents, context)[1:])
+        memory.odds.record(paths, set(verdict.path), context)
         return expected

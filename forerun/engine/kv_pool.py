@@ -34,11 +34,12 @@ class PoolExhausted(RuntimeError):
 
 
 class KVPool:
-    def __init__(self, store: KVCache, block_size: int = 16):
+    def __init__(self, store: KVCache, block_size: int = 16, caching: bool = True):
         if block_size < 1 or store.slots < block_size:
             raise ValueError(f"a pool of {store.slots} slots cannot hold blocks of {block_size}")
         self.store = store
         self.block_size = block_size
+        self.caching = caching  # the prefix cache: off, blocks are only ever shared by forks
         self.num_blocks = store.slots // block_size
         self.refs = [0] * self.num_blocks
         self.free: deque[int] = deque(range(self.num_blocks))  # unreferenced and unregistered
@@ -165,7 +166,7 @@ class KVPool:
         the next step computes), and mark them cached. seq must hold no blocks. Returns the tokens
         found."""
         assert not seq.blocks, "match_prefix needs a sequence without blocks"
-        usable = (len(seq.tokens) - 1) // self.block_size
+        usable = (len(seq.tokens) - 1) // self.block_size if self.caching else 0
         self.queried_blocks += usable
         parent = 0
         for i in range(usable):
@@ -181,10 +182,19 @@ class KVPool:
         seq.cached = len(seq.blocks) * self.block_size
         return seq.cached
 
+    def clear_cache(self) -> int:
+        """Forget every registered block no sequence holds (they become free); returns how many."""
+        cleared = len(self.evictable)
+        while self.evictable:
+            block, _ = self.evictable.popitem(last=False)
+            self._unregister(block)
+            self.free.append(block)
+        return cleared
+
     def register(self, seq: Sequence) -> None:
         """Register seq's newly filled blocks (all their slots committed) under their content. A
         content already registered under another block keeps that block; seq's copy stays private."""
-        while len(seq.content_ids) < seq.cached // self.block_size:
+        while self.caching and len(seq.content_ids) < seq.cached // self.block_size:
             i = len(seq.content_ids)
             key = self._key(seq.content_ids[-1] if seq.content_ids else 0,
                             seq.tokens[i * self.block_size:(i + 1) * self.block_size])

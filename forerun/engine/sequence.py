@@ -44,7 +44,8 @@ class Sequence:
     draft_state: object = None  # the drafter's per-request state (Drafter.begin), dropped at the end
     length: object = None  # forerun.engine.draft_length.DraftLength
     room: int = 0  # draft nodes (tree plus extra) the next verification may hold, set each step
-    draft_accepted: float = 0.0  # draft tokens accepted under the goodput policy...
+    last_draft: str = "plain"  # how its previous step went: "plain", or its draft accepted "all", "some", "none"
+    draft_accepted: float = 0.0  # draft tokens accepted under the goodput policy (recent drafts weigh most)...
     draft_expected: float = 0.0  # ... and how many its odds expected of the same drafts
     stats: Stats = field(default_factory=Stats)
     arrival: float = 0.0
@@ -64,8 +65,8 @@ class Sequence:
 
     @property
     def accepted_ratio(self) -> float:
-        """How this sequence's drafts fare against its SpecConfig's odds (1 = as expected), with one
-        expected token of prior so a few steps do not swing it."""
+        """How this sequence's recent drafts fared against its SpecConfig's odds (1 = as expected), with
+        one expected token of prior so a single step does not swing it."""
         return (self.draft_accepted + 1.0) / (self.draft_expected + 1.0)
 
     @property
