@@ -205,15 +205,15 @@ def test_depths_for_model_drafters_fall_to_plain_under_load():
     odds = policy.memory(chain_spec).odds
     for accepted in [{0, 1, 2}] * 10 + [{0}]:  # the first two positions accepted 10 times in 11
         odds.record(rank_paths([-1, 0, 1, 2]), accepted, (None, "plain"))
-    assert policy.depths([(chain_spec, 1.0, 3, False, "plain")], 1, 1.0) == [2]  # the third position never pays
+    assert policy.depths([(chain_spec, 1.0, 3, False, "plain", False)], 1, 1.0) == [2]  # the third position never pays
     policy.cost.record(64, 1.0 + 0.05 * 64)
-    loaded = policy.depths([(chain_spec, 1.0, 3, False, "plain")] * 2, 64, 64.0)
+    loaded = policy.depths([(chain_spec, 1.0, 3, False, "plain", False)] * 2, 64, 64.0)
     assert loaded == [2, 2]  # odds near 1 still pay on this line...
     steep = learned_policy(line=(0.0, 1.0))
     steep.memory(chain_spec).odds = odds
-    plain = (chain_spec, 1.0, 3, False, "plain")
+    plain = (chain_spec, 1.0, 3, False, "plain", False)
     assert steep.depths([plain] * 2, 64, 64.0) == [0, 0]  # ...and nothing does on this one
-    checked = (chain_spec, 1.0, 3, True, "plain")
+    checked = (chain_spec, 1.0, 3, True, "plain", False)
     assert steep.depths([checked, plain], 64, 64.0) == [3, 0]  # but a check drafts its full depth
 
 

@@ -44,10 +44,35 @@ def test_q4_kernel_is_q4_weights_times_q8_activations():
 
 
 @needs_native
-def test_q8_kernel_matches_dequantized_matmul():
+def test_q8_kernel_is_q8_weights_times_q8_activations():
     w = quant.quantize_q8(torch.randn(40, 128))
     x = torch.randn(7, 128)
-    torch.testing.assert_close(quant.linear(x, w), x @ quant.dequantize(w).T, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(quant.linear(x, w), q8_rows(x) @ quant.dequantize(w).T, rtol=1e-5, atol=1e-4)
+
+
+@pytest.fixture
+def each_isa():
+    """Runs the test body once per q4/q8 kernel family the CPU has (AVX-512 VNNI, then AVX2)."""
+    isas = ["avx512", "avx2"] if native.use_avx512(True) else ["avx2"]
+    yield isas
+    native.use_avx512(True)
+
+
+@needs_native
+@pytest.mark.parametrize("kind", ["q4", "q8"])
+@pytest.mark.parametrize("n, k", [(40, 96), (17, 64), (960, 576), (576, 1536)])
+def test_vnni_and_avx2_kernels_give_the_same_bits(each_isa, kind, n, k):
+    """Both kernel families compute each output as the same chain of float operations over exact
+    integer block sums, so a CPU without AVX-512 decodes exactly as one with it."""
+    g = torch.Generator().manual_seed(n + k)
+    w = quant.QUANTIZERS[kind](torch.randn(n, k, generator=g))
+    x = torch.randn(21, k, generator=g)
+    results = []
+    for isa in each_isa:
+        native.use_avx512(isa == "avx512")
+        assert native.cpu_features() == isa
+        results.append(quant.linear(x, w))
+    assert all(torch.equal(r, results[0]) for r in results)
 
 
 @needs_native

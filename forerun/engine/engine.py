@@ -278,13 +278,12 @@ class Engine:
     def _plan_depths(self, work: list[Work], decoding: list[int], depth: dict[int, int], checked: set[int]) -> None:
         """Before drafting, the goodput policy sets the depth of drafters that pay a forward per drafted
         token, and spares the others drafting where not even one node would pay."""
-        planned = [i for i in decoding if work[i].seq.spec.goodput and depth[i]
-                   and not self.drafter(work[i].seq.spec).keyed]  # a key is only known after drafting
+        planned = [i for i in decoding if work[i].seq.spec.goodput and depth[i]]
         if not planned:
             return
         sure_rows = sum(w.chunk + w.decode for w in work)
-        chains = [(work[i].seq.spec, work[i].seq.accepted_ratio, depth[i], i in checked, work[i].seq.last_draft)
-                  for i in planned]
+        chains = [(work[i].seq.spec, work[i].seq.accepted_ratio, depth[i], i in checked, work[i].seq.last_draft,
+                   self.drafter(work[i].seq.spec).keyed) for i in planned]
         for i, d in zip(planned, self.goodput.depths(chains, sure_rows, float(len(decoding)))):
             if d == 0 or self.drafter(work[i].seq.spec).drafts_with_model:
                 depth[i] = d

@@ -150,6 +150,11 @@ class NodeOdds:
             out.append(p)
         return out
 
+    def best_first(self) -> float:
+        """The odds of a root's first child in the most favourable context seen."""
+        contexts = {c for c, path in self.visits if c is not None and path == (0,)}
+        return max([self._odds(c, (0,), self.UNSEEN) for c in contexts | {None}])
+
     def record(self, paths: list[tuple[int, ...]], accepted: set[int], context: object = None) -> None:
         for i, path in enumerate(paths[1:], 1):
             for key in ((None, path), (context, path)) if context is not None else ((None, path),):
@@ -257,28 +262,34 @@ class Goodput:
         sequences drafts to its full depth and is verified whole. Counts the step for each."""
         return {spec for spec in specs if self.memory(spec).checks.due()}
 
-    def depths(self, chains: list[tuple[object, float, int, bool, object]], sure_rows: int,
+    def depths(self, chains: list[tuple[object, float, int, bool, object, bool]], sure_rows: int,
                sure_tokens: float) -> list[int]:
         """Before drafting: how deep each sequence should draft, given (spec, accepted_ratio, max
-        depth, checked, how its previous step went), from the odds of a chain's positions; a checked
-        one drafts its full depth. sure_rows and sure_tokens count the step's rows and certain tokens
+        depth, checked, how its previous step went, whether its drafts carry a key), from the odds
+        of a chain's positions; a checked one drafts its full depth. A keyed drafter's context is
+        only known once it has drafted: it keeps its depth unless not even the first node of its
+        best context could pay. sure_rows and sure_tokens count the step's rows and certain tokens
         besides these sequences' drafts (their roots included)."""
         cost = self.cost.curve()
         if cost is None:
             return [chain[2] for chain in chains]
         candidates = []
-        for owner, (spec, ratio, depth, checked, state) in enumerate(chains):
+        for owner, (spec, ratio, depth, checked, state, keyed) in enumerate(chains):
             if checked:
                 sure_rows += depth
                 continue
+            odds = self.memory(spec).odds
+            if keyed:
+                candidates.append((min(1.0, ratio * odds.best_first()), owner))
+                continue
             chain = list(range(-1, depth))
-            odds = self.memory(spec).odds.estimate(rank_paths(chain), chain, (None, state))
-            candidates += [(min(1.0, ratio * p), owner) for p in odds[1:]]
+            positions = odds.estimate(rank_paths(chain), chain, (None, state))
+            candidates += [(min(1.0, ratio * p), owner) for p in positions[1:]]
         candidates.sort(key=lambda c: -c[0])  # stable: a chain's positions stay in order
         out = [chain[2] if chain[3] else 0 for chain in chains]
         for _, owner in candidates[:best_cut(candidates, sure_tokens, sure_rows, {}, cost)]:
             out[owner] += 1
-        return out
+        return [chain[2] if chain[5] and d else d for chain, d in zip(chains, out)]
 
     def cut(self, entries: list[Entry], sure_rows: int, sure_tokens: float) -> list[Draft]:
         """After drafting: each entry's draft as the step should verify it. sure_rows and sure_tokens

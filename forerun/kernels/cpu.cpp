@@ -1,5 +1,6 @@
 // Native float32 kernels on AVX2 CPUs: block-quantized linear layers (y[M, N] = x[M, K] W^T for the
-// rows of a forward), attention for the rows of many sequences over a shared KV pool, and RMSNorm.
+// rows of a forward; the q4 one also with AVX-512 VNNI where the CPU has it, same results), attention
+// for the rows of many sequences over a shared KV pool, and RMSNorm.
 //
 // W is stored as llama.cpp stores it: blocks of 32 inputs, each with a float16 scale d (and, for q4,
 // a float16 offset m), so W = d * q + m with q in [0, 16) (q4) or W = d * q with q in [-127, 127] (q8).
@@ -15,6 +16,8 @@
 
 #include <algorithm>
 #include <array>
+#include <cstdlib>
+#include <string>
 #include <cmath>
 #include <type_traits>
 #include <vector>
@@ -22,9 +25,6 @@
 namespace {
 
 constexpr int kGroup = 32;
-constexpr int kTile = 4;  // rows of x per pass over a weight row: 4 rows x 2 accumulators fit the registers
-
-inline float half_to_float(at::Half h) { return _cvtsh_ss(h.x); }
 
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -47,66 +47,6 @@ inline __m256 reduce8(const __m256 v[8]) {
   const __m256 t1 = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
   return _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31));
 }
-
-// One group of 32 dequantized weights as four vectors of 8.
-struct Group {
-  __m256 w[4];
-};
-
-inline Group unpack_q8(const int8_t* codes, float d) {
-  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes));
-  const __m128i lo = _mm256_castsi256_si128(raw), hi = _mm256_extracti128_si256(raw, 1);
-  const __m256 vd = _mm256_set1_ps(d);
-  Group g;
-  g.w[0] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo)), vd);
-  g.w[1] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8))), vd);
-  g.w[2] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi)), vd);
-  g.w[3] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8))), vd);
-  return g;
-}
-
-// Dot products of one weight row with R rows of x. Each row keeps two accumulators (even and odd
-// vectors of a group), the same for every R, so the summation order is fixed per output element.
-template <int R, typename Unpack>
-inline void dot_rows(const float* x, int64_t K, int64_t groups, Unpack unpack, float* out, int64_t ldo) {
-  __m256 acc[R][2];
-  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-  for (int64_t g = 0; g < groups; ++g) {
-    const Group w = unpack(g);
-    for (int r = 0; r < R; ++r) {
-      const float* xr = x + r * K + g * kGroup;
-      acc[r][0] = _mm256_fmadd_ps(w.w[0], _mm256_loadu_ps(xr), acc[r][0]);
-      acc[r][1] = _mm256_fmadd_ps(w.w[1], _mm256_loadu_ps(xr + 8), acc[r][1]);
-      acc[r][0] = _mm256_fmadd_ps(w.w[2], _mm256_loadu_ps(xr + 16), acc[r][0]);
-      acc[r][1] = _mm256_fmadd_ps(w.w[3], _mm256_loadu_ps(xr + 24), acc[r][1]);
-    }
-  }
-  for (int r = 0; r < R; ++r) out[r * ldo] = hsum(_mm256_add_ps(acc[r][0], acc[r][1]));
-}
-
-// Calls tile(R, r) for the rows of x in tiles of kTile, then one tile of the 1..3 rows left; R is a
-// std::integral_constant, so each tile size compiles to its own unrolled loop.
-template <typename Tile>
-inline void row_tiles(int64_t M, Tile tile) {
-  int64_t r = 0;
-  for (; r + kTile <= M; r += kTile) tile(std::integral_constant<int, kTile>{}, r);
-  switch (M - r) {
-    case 3: tile(std::integral_constant<int, 3>{}, r); break;
-    case 2: tile(std::integral_constant<int, 2>{}, r); break;
-    case 1: tile(std::integral_constant<int, 1>{}, r); break;
-    default: break;
-  }
-}
-
-void check_inputs(const torch::Tensor& x, const torch::Tensor& scales, int64_t n, int64_t k) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x: contiguous [M, K] float32");
-  TORCH_CHECK(x.size(1) == k && k % kGroup == 0, "x has ", x.size(1), " inputs; the weight has ", k);
-  TORCH_CHECK(scales.scalar_type() == torch::kHalf && scales.size(0) == n && scales.size(1) == k / kGroup,
-              "scales: [N, K / 32] float16");
-}
-
-// Rows of W per parallel task: big enough that waking a thread pays, small enough to share the work.
-constexpr int64_t kGrain = 16;
 
 // x rounded to 8 bits per block of 32 (as llama.cpp's Q8_1): x ~ dx * qx, plus each block's exact sum.
 struct Q8Rows {
@@ -136,74 +76,308 @@ Q8Rows quantize_rows(const float* x, int64_t M, int64_t K) {
   return r;
 }
 
-// sum_k W[n, k] x[r, k] = sum_g d_g dx_g (q_g . qx_g) + m_g sum(x_g): integer dot products, 32 a block.
+// ---- q4 x q8 ----------------------------------------------------------------------------------------
+//
+// One output element of a q4 layer, y[r, n] = sum_k W[n, k] x[r, k], with W = d q + m per block g of 32
+// inputs and x ~ dx qx (Q8Rows), is computed as
+//
+//   acc = 0; for g in order: acc = fma(float(I[g]), d[n, g] * dx[r, g], acc); acc = fma(m[n, g], sum_x[r, g], acc)
+//
+// where I[g] = sum over the block of q * qx is an exact integer. Every output element is this one chain,
+// whichever instructions compute it and whatever the other rows and columns of the call: the AVX-512 VNNI
+// kernel and the AVX2 kernel give the same bits, and a row's result never depends on its batch.
+//
+// The weights are repacked once (PackedQ4) so that the integer dot products run "vertically": a vector
+// holds 4 consecutive input bytes of each of 16 output columns, multiplied by the same 4 bytes of x
+// broadcast to every lane, so one instruction advances 16 (VNNI) or 8 (AVX2) outputs by 4 inputs and no
+// horizontal sum is needed.
+
+// q4 weights in blocks of 16 output columns: per (column block, input block of 32) 256 code bytes, chunk j
+// (0..3) holding, for each column c and byte b, input 4j + b in its low nibble and 16 + 4j + b in its high
+// nibble (the GGUF pairing of nibbles, the bytes regrouped by column); then 16 float16 scales and mins.
+struct PackedQ4 {
+  torch::Tensor codes;  // [N16 / 16, K / 32, 4, 16, 4] uint8
+  torch::Tensor scales, mins;  // [N16 / 16, K / 32, 16] float16
+  int64_t n, k;  // true output columns (N16 is n rounded up to 16), inputs
+};
+
+bool g_avx512 = false;  // AVX-512 VNNI kernels in use (cpu_features() decides, use_avx512() overrides)
+
 template <int R>
-inline void q4_dot_rows(const uint8_t* codes, const at::Half* d, const at::Half* m, const Q8Rows& xq, int64_t r0,
-                        int64_t K, float* out, int64_t ldo) {
-  const int64_t groups = K / kGroup;
-  const __m256i nib = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-  __m256 acc[R];
-  float offset[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps(), offset[r] = 0.f;
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512dq,f16c,fma")))
+void q4_tile_avx512(const PackedQ4& w, int64_t block, const Q8Rows& xq, int64_t r0, float* out, int64_t ldo) {
+  const int64_t groups = w.k / kGroup;
+  const uint8_t* codes = w.codes.data_ptr<uint8_t>() + block * groups * 256;
+  const at::Half* scales = w.scales.data_ptr<at::Half>() + block * groups * 16;
+  const at::Half* mins = w.mins.data_ptr<at::Half>() + block * groups * 16;
+  const __m512i nib = _mm512_set1_epi8(0x0F);
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
-    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + g * 16));
-    const __m256i qw = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), nib);  // q[0..31]
-    const float dg = half_to_float(d[g]), mg = half_to_float(m[g]);
+    __m512i wv[8];
+    for (int j = 0; j < 4; ++j) {
+      const __m512i v = _mm512_loadu_si512(codes + g * 256 + 64 * j);
+      wv[j] = _mm512_and_si512(v, nib);
+      wv[j + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+    }
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + g * 16)));
+    const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(mins + g * 16)));
     for (int r = 0; r < R; ++r) {
       const int64_t i = (r0 + r) * groups + g;
-      const __m256i qx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq.q.data() + i * kGroup));
-      const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(qw, qx), ones);
-      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(dg * xq.d[i]), acc[r]);
-      offset[r] += mg * xq.sum[i];
+      const int8_t* qx = xq.q.data() + i * kGroup;
+      __m512i dot = _mm512_setzero_si512();
+      for (int j = 0; j < 8; ++j)
+        dot = _mm512_dpbusd_epi32(dot, wv[j], _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(qx + 4 * j)));
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(d, _mm512_set1_ps(xq.d[i])), acc[r]);
+      acc[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(xq.sum[i]), acc[r]);
     }
   }
-  for (int r = 0; r < R; ++r) out[r * ldo] = hsum(acc[r]) + offset[r];
+  const int64_t live = std::min<int64_t>(16, w.n - block * 16);
+  const __mmask16 keep = static_cast<__mmask16>((1u << live) - 1);
+  for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(out + r * ldo + block * 16, keep, acc[r]);
+}
+
+// The same chain, 8 columns at a time: maddubs + madd give each lane the same 4-byte integer sums
+// (at most 2 * 15 * 127 per pair, far from int16's limit), so every output is bit for bit the VNNI one.
+template <int R>
+void q4_tile_avx2(const PackedQ4& w, int64_t block, const Q8Rows& xq, int64_t r0, float* out, int64_t ldo) {
+  const int64_t groups = w.k / kGroup;
+  const __m256i nib = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  const int64_t live = std::min<int64_t>(16, w.n - block * 16);
+  for (int half = 0; half < 2 && 8 * half < live; ++half) {
+    const uint8_t* codes = w.codes.data_ptr<uint8_t>() + block * groups * 256 + 32 * half;
+    const at::Half* scales = w.scales.data_ptr<at::Half>() + block * groups * 16 + 8 * half;
+    const at::Half* mins = w.mins.data_ptr<at::Half>() + block * groups * 16 + 8 * half;
+    __m256 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < groups; ++g) {
+      __m256i wv[8];
+      for (int j = 0; j < 4; ++j) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + g * 256 + 64 * j));
+        wv[j] = _mm256_and_si256(v, nib);
+        wv[j + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
+      }
+      const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + g * 16)));
+      const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mins + g * 16)));
+      for (int r = 0; r < R; ++r) {
+        const int64_t i = (r0 + r) * groups + g;
+        const int8_t* qx = xq.q.data() + i * kGroup;
+        __m256i dot = _mm256_setzero_si256();
+        for (int j = 0; j < 8; ++j) {
+          const __m256i x4 = _mm256_set1_epi32(*reinterpret_cast<const int32_t*>(qx + 4 * j));
+          dot = _mm256_add_epi32(dot, _mm256_madd_epi16(_mm256_maddubs_epi16(wv[j], x4), ones));
+        }
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(d, _mm256_set1_ps(xq.d[i])), acc[r]);
+        acc[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(xq.sum[i]), acc[r]);
+      }
+    }
+    const int64_t n = std::min<int64_t>(8, live - 8 * half);
+    for (int r = 0; r < R; ++r) {
+      float lanes[8];
+      _mm256_storeu_ps(lanes, acc[r]);
+      std::copy(lanes, lanes + n, out + r * ldo + block * 16 + 8 * half);
+    }
+  }
+}
+
+// Rows per register tile: the VNNI kernel keeps 8 weight vectors and R accumulators in its 32 registers.
+constexpr int kRowTile = 8;
+// Rows per panel of a long input (a prompt chunk): 64 rows of x (up to 100 KB quantized) stay in L2.
+constexpr int64_t kPanel = 64;
+
+template <int R>
+void q4_tile(const PackedQ4& w, int64_t block, const Q8Rows& xq, int64_t r0, float* out, int64_t ldo) {
+  if (g_avx512) {
+    q4_tile_avx512<R>(w, block, xq, r0, out, ldo);
+  } else {
+    q4_tile_avx2<R>(w, block, xq, r0, out, ldo);
+  }
+}
+
+// ---- q8 x q8 (the output head) -----------------------------------------------------------------------
+//
+// y[r, n] = acc after: acc = 0; for g in order: acc = fma(float(I[g]), d[n, g] * dx[r, g], acc), with I[g]
+// the exact integer dot product of the block's int8 weights and x's int8 codes. Weights repacked like
+// PackedQ4's but 8 chunks of (16 columns x 4 signed bytes) per block of 32 inputs.
+
+struct PackedQ8 {
+  torch::Tensor codes;  // [N16 / 16, K / 32, 8, 16, 4] int8
+  torch::Tensor scales;  // [N16 / 16, K / 32, 16] float16
+  torch::Tensor sums;  // [N16 / 16, K / 32, 16] int32: each block's sum of codes (the VNNI kernel's offset)
+  int64_t n, k;
+};
+
+// VNNI multiplies unsigned by signed bytes: x + 128 times w, less 128 times the sum of w.
+template <int R>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512dq,f16c,fma")))
+void q8_tile_avx512(const PackedQ8& w, int64_t block, const Q8Rows& xq, int64_t r0, float* out, int64_t ldo) {
+  const int64_t groups = w.k / kGroup;
+  const int8_t* codes = w.codes.data_ptr<int8_t>() + block * groups * 512;
+  const at::Half* scales = w.scales.data_ptr<at::Half>() + block * groups * 16;
+  const int32_t* sums = w.sums.data_ptr<int32_t>() + block * groups * 16;
+  const __m512i flip = _mm512_set1_epi32(static_cast<int32_t>(0x80808080u));
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512i wv[8];
+    for (int j = 0; j < 8; ++j) wv[j] = _mm512_loadu_si512(codes + g * 512 + 64 * j);
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + g * 16)));
+    const __m512i offset = _mm512_slli_epi32(_mm512_loadu_si512(sums + g * 16), 7);
+    for (int r = 0; r < R; ++r) {
+      const int64_t i = (r0 + r) * groups + g;
+      const int8_t* qx = xq.q.data() + i * kGroup;
+      __m512i dot = _mm512_setzero_si512();
+      for (int j = 0; j < 8; ++j) {
+        const __m512i x4 = _mm512_xor_si512(_mm512_set1_epi32(*reinterpret_cast<const int32_t*>(qx + 4 * j)), flip);
+        dot = _mm512_dpbusd_epi32(dot, x4, wv[j]);
+      }
+      dot = _mm512_sub_epi32(dot, offset);
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(d, _mm512_set1_ps(xq.d[i])), acc[r]);
+    }
+  }
+  const int64_t live = std::min<int64_t>(16, w.n - block * 16);
+  const __mmask16 keep = static_cast<__mmask16>((1u << live) - 1);
+  for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(out + r * ldo + block * 16, keep, acc[r]);
+}
+
+// AVX2: |w| times x with w's sign, so maddubs' pairs stay within int16 (2 * 127 * 127).
+template <int R>
+void q8_tile_avx2(const PackedQ8& w, int64_t block, const Q8Rows& xq, int64_t r0, float* out, int64_t ldo) {
+  const int64_t groups = w.k / kGroup;
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int64_t live = std::min<int64_t>(16, w.n - block * 16);
+  for (int half = 0; half < 2 && 8 * half < live; ++half) {
+    const int8_t* codes = w.codes.data_ptr<int8_t>() + block * groups * 512 + 32 * half;
+    const at::Half* scales = w.scales.data_ptr<at::Half>() + block * groups * 16 + 8 * half;
+    __m256 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < groups; ++g) {
+      __m256i wv[8], aw[8];
+      for (int j = 0; j < 8; ++j) {
+        wv[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + g * 512 + 64 * j));
+        aw[j] = _mm256_abs_epi8(wv[j]);
+      }
+      const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + g * 16)));
+      for (int r = 0; r < R; ++r) {
+        const int64_t i = (r0 + r) * groups + g;
+        const int8_t* qx = xq.q.data() + i * kGroup;
+        __m256i dot = _mm256_setzero_si256();
+        for (int j = 0; j < 8; ++j) {
+          const __m256i x4 = _mm256_set1_epi32(*reinterpret_cast<const int32_t*>(qx + 4 * j));
+          dot = _mm256_add_epi32(dot, _mm256_madd_epi16(_mm256_maddubs_epi16(aw[j], _mm256_sign_epi8(x4, wv[j])), ones));
+        }
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(d, _mm256_set1_ps(xq.d[i])), acc[r]);
+      }
+    }
+    const int64_t n = std::min<int64_t>(8, live - 8 * half);
+    for (int r = 0; r < R; ++r) {
+      float lanes[8];
+      _mm256_storeu_ps(lanes, acc[r]);
+      std::copy(lanes, lanes + n, out + r * ldo + block * 16 + 8 * half);
+    }
+  }
+}
+
+template <int R>
+void q8_tile(const PackedQ8& w, int64_t block, const Q8Rows& xq, int64_t r0, float* out, int64_t ldo) {
+  if (g_avx512) {
+    q8_tile_avx512<R>(w, block, xq, r0, out, ldo);
+  } else {
+    q8_tile_avx2<R>(w, block, xq, r0, out, ldo);
+  }
+}
+
+// Calls tile(R, r) over the M rows in register tiles of kRowTile, then one tile of the rows left; R is
+// a std::integral_constant, so each tile size compiles to its own unrolled loop.
+template <typename Tile>
+inline void register_tiles(int64_t M, Tile tile) {
+  int64_t r = 0;
+  for (; r + kRowTile <= M; r += kRowTile) tile(std::integral_constant<int, kRowTile>{}, r);
+  switch (M - r) {
+    case 7: tile(std::integral_constant<int, 7>{}, r); break;
+    case 6: tile(std::integral_constant<int, 6>{}, r); break;
+    case 5: tile(std::integral_constant<int, 5>{}, r); break;
+    case 4: tile(std::integral_constant<int, 4>{}, r); break;
+    case 3: tile(std::integral_constant<int, 3>{}, r); break;
+    case 2: tile(std::integral_constant<int, 2>{}, r); break;
+    case 1: tile(std::integral_constant<int, 1>{}, r); break;
+    default: break;
+  }
 }
 
 }  // namespace
 
 // Q4 weights times x rounded to Q8 blocks, as llama.cpp computes Q4_1 layers: the weights are exact,
 // the activations carry 8 bits per block of 32.
-torch::Tensor q4_linear(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scales,
-                        const torch::Tensor& mins) {
-  const int64_t M = x.size(0), N = codes.size(0), K = codes.size(1) * 2;
-  check_inputs(x, scales, N, K);
-  TORCH_CHECK(mins.sizes() == scales.sizes() && mins.scalar_type() == torch::kHalf, "mins: like scales");
-  auto out = torch::empty({M, N}, x.options());
-  const Q8Rows xq = quantize_rows(x.data_ptr<float>(), M, K);
-  const uint8_t* cp = codes.data_ptr<uint8_t>();
-  const at::Half* sp = scales.data_ptr<at::Half>();
-  const at::Half* mp = mins.data_ptr<at::Half>();
+torch::Tensor q4_linear(const torch::Tensor& x, const PackedQ4& w) {
+  const int64_t M = x.size(0);
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x: contiguous [M, K] float32");
+  TORCH_CHECK(x.size(1) == w.k, "x has ", x.size(1), " inputs; the weight has ", w.k);
+  auto out = torch::empty({M, w.n}, x.options());
+  const Q8Rows xq = quantize_rows(x.data_ptr<float>(), M, w.k);
   float* op = out.data_ptr<float>();
-  const int64_t groups = K / kGroup;
-  at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      const uint8_t* row = cp + n * (K / 2);
-      const at::Half *d = sp + n * groups, *m = mp + n * groups;
-      row_tiles(M, [&](auto R, int64_t r) { q4_dot_rows<decltype(R)::value>(row, d, m, xq, r, K, op + r * N + n, N); });
-    }
+  const int64_t blocks = w.codes.size(0);
+  // A panel of rows at a time: its quantized x stays in cache while every column block passes over it.
+  for (int64_t p0 = 0; p0 < M; p0 += kPanel) {
+    const int64_t rows = std::min(kPanel, M - p0);
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t block = begin; block < end; ++block)
+        register_tiles(rows, [&](auto R, int64_t r) {
+          q4_tile<decltype(R)::value>(w, block, xq, p0 + r, op + (p0 + r) * w.n, w.n);
+        });
+    });
+  }
+  return out;
+}
+
+// The output head: 8-bit weights times x rounded to Q8 blocks (llama.cpp's Q8_0 x Q8_0).
+torch::Tensor q8_linear(const torch::Tensor& x, const PackedQ8& w) {
+  const int64_t M = x.size(0);
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x: contiguous [M, K] float32");
+  TORCH_CHECK(x.size(1) == w.k, "x has ", x.size(1), " inputs; the weight has ", w.k);
+  auto out = torch::empty({M, w.n}, x.options());
+  const Q8Rows xq = quantize_rows(x.data_ptr<float>(), M, w.k);
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, w.codes.size(0), 4, [&](int64_t begin, int64_t end) {
+    for (int64_t block = begin; block < end; ++block)
+      register_tiles(M, [&](auto R, int64_t r) { q8_tile<decltype(R)::value>(w, block, xq, r, op + r * w.n, w.n); });
   });
   return out;
 }
 
-torch::Tensor q8_linear(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scales) {
-  const int64_t M = x.size(0), N = codes.size(0), K = codes.size(1);
-  check_inputs(x, scales, N, K);
-  auto out = torch::empty({M, N}, x.options());
-  const float* xp = x.data_ptr<float>();
-  const int8_t* cp = codes.data_ptr<int8_t>();
-  const at::Half* sp = scales.data_ptr<at::Half>();
-  float* op = out.data_ptr<float>();
-  const int64_t groups = K / kGroup;
-  at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      const int8_t* row = cp + n * K;
-      const at::Half* d = sp + n * groups;
-      auto unpack = [&](int64_t g) { return unpack_q8(row + g * kGroup, half_to_float(d[g])); };
-      row_tiles(M, [&](auto R, int64_t r) { dot_rows<decltype(R)::value>(xp + r * K, K, groups, unpack, op + r * N + n, N); });
-    }
-  });
-  return out;
+PackedQ8 pack_q8(const torch::Tensor& codes, const torch::Tensor& scales, const torch::Tensor& sums, int64_t n,
+                 int64_t k) {
+  TORCH_CHECK(codes.scalar_type() == torch::kInt8 && codes.dim() == 5 && codes.size(2) == 8 && codes.size(3) == 16 &&
+              codes.size(4) == 4 && codes.is_contiguous(), "codes: contiguous [N16 / 16, K / 32, 8, 16, 4] int8");
+  TORCH_CHECK(k % kGroup == 0 && codes.size(1) == k / kGroup && codes.size(0) * 16 >= n && codes.size(0) * 16 < n + 16,
+              "codes do not match ", n, " x ", k);
+  TORCH_CHECK(scales.scalar_type() == torch::kHalf && sums.scalar_type() == torch::kInt32 && scales.is_contiguous() &&
+              sums.is_contiguous() && scales.sizes() == sums.sizes() && scales.dim() == 3 &&
+              scales.size(0) == codes.size(0) && scales.size(1) == codes.size(1) && scales.size(2) == 16,
+              "scales (float16), sums (int32): contiguous [N16 / 16, K / 32, 16]");
+  return PackedQ8{codes, scales, sums, n, k};
+}
+
+PackedQ4 pack_q4(const torch::Tensor& codes, const torch::Tensor& scales, const torch::Tensor& mins, int64_t n,
+                 int64_t k) {
+  TORCH_CHECK(codes.scalar_type() == torch::kUInt8 && codes.dim() == 5 && codes.size(2) == 4 && codes.size(3) == 16 &&
+              codes.size(4) == 4 && codes.is_contiguous(), "codes: contiguous [N16 / 16, K / 32, 4, 16, 4] uint8");
+  TORCH_CHECK(k % kGroup == 0 && codes.size(1) == k / kGroup && codes.size(0) * 16 >= n && codes.size(0) * 16 < n + 16,
+              "codes do not match ", n, " x ", k);
+  for (const auto* t : {&scales, &mins})
+    TORCH_CHECK(t->scalar_type() == torch::kHalf && t->is_contiguous() && t->dim() == 3 && t->size(0) == codes.size(0) &&
+                t->size(1) == codes.size(1) && t->size(2) == 16, "scales, mins: contiguous [N16 / 16, K / 32, 16] float16");
+  return PackedQ4{codes, scales, mins, n, k};
+}
+
+// Which q4 kernels run: "avx512" (VNNI) where the CPU has AVX-512 F/BW/VL/VNNI, else "avx2".
+std::string cpu_features() { return g_avx512 ? "avx512" : "avx2"; }
+
+bool use_avx512(bool on) {
+  g_avx512 = on && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
+             __builtin_cpu_supports("avx512dq");
+  return g_avx512;
 }
 
 // Decoding-step helpers: one small call each instead of the half-dozen tensor ops PyTorch dispatches,
@@ -397,11 +571,13 @@ torch::Tensor batch_attention(const torch::Tensor& qkv, const torch::Tensor& cos
     return l < first || mp[ms[b] + t * mc[b] + (l - first)];
   };
   // Tasks: the queries of one sequence that share a kv head (T_b tokens x `group` heads) go in chunks
-  // of up to 8, so each chunk reads that head's keys and values once, not once per query.
+  // of up to 8, so each chunk reads that head's keys and values once, not once per query. Tasks run
+  // kv head by kv head, sequence after sequence: samples forked from one prompt read the same prefix
+  // slots one after another, while they are still in cache.
   constexpr int64_t chunk = 8;
   std::vector<std::array<int64_t, 3>> tasks;  // (sequence, kv head, first query of the chunk)
-  for (int64_t b = 0; b < batch.sequences(); ++b)
-    for (int64_t h = 0; h < KV; ++h)
+  for (int64_t h = 0; h < KV; ++h)
+    for (int64_t b = 0; b < batch.sequences(); ++b)
       for (int64_t i = 0; i < (rs[b + 1] - rs[b]) * group; i += chunk) tasks.push_back({b, h, i});
   auto out = torch::empty({R, heads * hd}, qkv.options());
   float* op = out.data_ptr<float>();
@@ -470,22 +646,18 @@ torch::Tensor batch_attention(const torch::Tensor& qkv, const torch::Tensor& cos
 
 // A q4 layer's two halves as one call each, so a decoding step dispatches 2 calls a layer rather
 // than about 20 (the same kernels as above; silu(gate) * up and the residual adds in place).
-struct Q4 {
-  torch::Tensor codes, scales, mins;
-};
-
-torch::Tensor q4_attention_block(const torch::Tensor& x, const torch::Tensor& norm, double eps, const Q4& qkv,
-                                 const Q4& o, const torch::Tensor& cos, const torch::Tensor& sin,
+torch::Tensor q4_attention_block(const torch::Tensor& x, const torch::Tensor& norm, double eps, const PackedQ4& qkv,
+                                 const PackedQ4& o, const torch::Tensor& cos, const torch::Tensor& sin,
                                  torch::Tensor& k_cache, torch::Tensor& v_cache, const Batch& batch, int64_t heads,
                                  double scale) {
-  const auto h = q4_linear(rms_norm(x, norm, eps), qkv.codes, qkv.scales, qkv.mins);
+  const auto h = q4_linear(rms_norm(x, norm, eps), qkv);
   const auto attn = batch_attention(h, cos, sin, k_cache, v_cache, batch, heads, scale);
-  return x + q4_linear(attn, o.codes, o.scales, o.mins);
+  return x + q4_linear(attn, o);
 }
 
-torch::Tensor q4_mlp_block(const torch::Tensor& x, const torch::Tensor& norm, double eps, const Q4& gate_up,
-                           const Q4& down) {
-  auto gu = q4_linear(rms_norm(x, norm, eps), gate_up.codes, gate_up.scales, gate_up.mins);
+torch::Tensor q4_mlp_block(const torch::Tensor& x, const torch::Tensor& norm, double eps, const PackedQ4& gate_up,
+                           const PackedQ4& down) {
+  auto gu = q4_linear(rms_norm(x, norm, eps), gate_up);
   const int64_t T = gu.size(0), F = gu.size(1) / 2;
   auto act = torch::empty({T, F}, x.options());
   const float* g = gu.data_ptr<float>();
@@ -501,11 +673,15 @@ torch::Tensor q4_mlp_block(const torch::Tensor& x, const torch::Tensor& norm, do
     }
     for (; i < F; ++i) at[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
   }
-  return x + q4_linear(act, down.codes, down.scales, down.mins);
+  return x + q4_linear(act, down);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  pybind11::class_<Q4>(m, "Q4", pybind11::module_local()).def(pybind11::init<torch::Tensor, torch::Tensor, torch::Tensor>());
+  use_avx512(std::getenv("FORERUN_NO_AVX512") == nullptr);
+  pybind11::class_<PackedQ4>(m, "PackedQ4", pybind11::module_local());
+  m.def("pack_q4", &pack_q4, "q4 weights in the kernels' layout (see PackedQ4)");
+  m.def("cpu_features", &cpu_features, "which q4 kernels run: avx512 (VNNI) or avx2");
+  m.def("use_avx512", &use_avx512, "turn the AVX-512 VNNI kernels on (where the CPU has them) or off; returns the state");
   pybind11::class_<Batch>(m, "Batch", pybind11::module_local())
       .def(pybind11::init<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor,
                           torch::Tensor>());
@@ -513,6 +689,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q4_mlp_block", &q4_mlp_block, "x + down(silu(gate) * up) of rms_norm(x) for a q4 layer");
   m.def("rms_norm", &rms_norm, "x * rsqrt(mean(x^2) + eps) * weight over the last dim, float32");
   m.def("batch_attention", &batch_attention, "rope, pool write and attention for the rows of many sequences, float32");
-  m.def("q4_linear", &q4_linear, "x[M, K] @ W^T for 4-bit W with per-32 float16 scale and offset");
-  m.def("q8_linear", &q8_linear, "x[M, K] @ W^T for 8-bit W with per-32 float16 scale");
+  m.def("q4_linear", &q4_linear, "x[M, K] @ W^T for 4-bit W (PackedQ4) with per-32 float16 scale and offset");
+  m.def("q8_linear", &q8_linear, "x[M, K] @ W^T for 8-bit W (PackedQ8) with per-32 float16 scale");
+  pybind11::class_<PackedQ8>(m, "PackedQ8", pybind11::module_local());
+  m.def("pack_q8", &pack_q8, "q8 weights in the kernels' layout (see PackedQ8)");
 }

@@ -168,7 +168,7 @@ class Block(nn.Module):
         if native is None or not self.fusable or self.q_norm is not None \
                 or any(m.quant is None or m.bias is not None for m in linears):
             return
-        self.q4_halves = tuple(native.Q4(m.quant.codes, m.quant.scales, m.quant.mins) for m in linears)
+        self.q4_halves = tuple(quant.packed_q4(m.quant) for m in linears)
 
     def forward(self, x: Tensor, layer: int, kv: KVCache, batch: ForwardBatch, cos: Tensor, sin: Tensor) -> Tensor:
         if self.q4_halves is not None:

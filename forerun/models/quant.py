@@ -9,7 +9,7 @@ float16 numbers already. For float checkpoints this is ordinary lossy round-to-n
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,7 @@ class QuantWeight:
     codes: Tensor  # q4: [N, K / 2] uint8, two codes a byte; q8: [N, K] int8
     scales: Tensor  # [N, K / 32] float16
     mins: Tensor | None  # [N, K / 32] float16 (q4 only)
+    native: object = field(default=None, repr=False)  # the kernels' repacked copy (packed_q4, packed_q8)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -72,6 +73,40 @@ def dequantize(w: QuantWeight) -> Tensor:
     return (q * w.scales.float()[..., None]).view(n, k)
 
 
+def packed_q4(w: QuantWeight):
+    """The native kernels' layout of a q4 weight, made once and kept on it: blocks of 16 output columns
+    (the last padded), each group of 32 inputs as 4 chunks of (16 columns x 4 bytes), a byte holding
+    input i in its low nibble and i + 16 in its high one (GGUF's pairing), then the block's scales and
+    mins. See PackedQ4 in kernels/cpu.cpp."""
+    if w.native is None:
+        n, k = w.shape
+        blocks, groups = -(-n // 16), k // GROUP
+        pad = blocks * 16 - n
+        codes = F.pad(w.codes.view(n, groups, 4, 4), (0, 0, 0, 0, 0, 0, 0, pad))  # [N16, G, j, b]
+        codes = codes.view(blocks, 16, groups, 4, 4).permute(0, 2, 3, 1, 4).contiguous()  # [block, G, j, c, b]
+        scales, mins = (F.pad(t, (0, 0, 0, pad)).view(blocks, 16, groups).transpose(1, 2).contiguous()
+                        for t in (w.scales, w.mins))
+        w.native = cpu_kernels().pack_q4(codes, scales, mins, n, k)
+    return w.native
+
+
+def packed_q8(w: QuantWeight):
+    """The native kernels' layout of a q8 weight (see PackedQ8 in kernels/cpu.cpp), made once: blocks of
+    16 output columns, each group of 32 inputs as 8 chunks of (16 columns x 4 bytes), then the
+    block's scales and the sums of its codes."""
+    if w.native is None:
+        n, k = w.shape
+        blocks, groups = -(-n // 16), k // GROUP
+        pad = blocks * 16 - n
+        codes = F.pad(w.codes.view(n, groups, 8, 4), (0, 0, 0, 0, 0, 0, 0, pad))  # [N16, G, j, b]
+        sums = codes.sum(dim=(2, 3), dtype=torch.int32)  # [N16, G]
+        codes = codes.view(blocks, 16, groups, 8, 4).permute(0, 2, 3, 1, 4).contiguous()  # [block, G, j, c, b]
+        scales, sums = (t.view(blocks, 16, groups).transpose(1, 2).contiguous()
+                        for t in (F.pad(w.scales, (0, 0, 0, pad)), sums))
+        w.native = cpu_kernels().pack_q8(codes, scales, sums, n, k)
+    return w.native
+
+
 def linear(x: Tensor, w: QuantWeight) -> Tensor:
     """x [..., K] float32 -> [..., N] float32, on the native kernel when it is available. The q4
     kernel rounds x to 8 bits per block of 32 (llama.cpp's Q8_1; block sums stay exact). Every row is
@@ -82,7 +117,7 @@ def linear(x: Tensor, w: QuantWeight) -> Tensor:
         return F.linear(x, dequantize(w))
     rows = x.reshape(-1, x.shape[-1]).contiguous()
     if w.kind == "q4":
-        y = kernels.q4_linear(rows, w.codes, w.scales, w.mins)
+        y = kernels.q4_linear(rows, packed_q4(w))
     else:
-        y = kernels.q8_linear(rows, w.codes, w.scales)
+        y = kernels.q8_linear(rows, packed_q8(w))
     return y.view(*x.shape[:-1], y.shape[-1])
