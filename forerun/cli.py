@@ -14,8 +14,10 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="HF model directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--quant", choices=["q4"], default=None,
-                   help="q4: GGUF-style 4-bit block weights and an 8-bit head on native CPU kernels (float32 only)")
+    p.add_argument("--quant", choices=["auto", "q4", "none"], default="auto",
+                   help="q4: GGUF-style 4-bit block weights and an 8-bit head on native CPU kernels (float32 "
+                        "only); none: dequantize to --dtype; auto (default): q4 for a Q4_1 GGUF such as the "
+                        "embedded model on the CPU in float32, none otherwise")
     p.add_argument("--kv-cache-tokens", type=int, default=None,
                    help="KV pool size in tokens (default: a quarter of free memory, at most 32 full contexts)")
     p.add_argument("--max-num-seqs", type=int, default=EngineConfig().max_num_seqs,

@@ -22,7 +22,7 @@ class LLM:
     are kept across calls, so what they learn persists)."""
 
     def __init__(self, model: str | None = None, dtype: str = "float32", device: str = "cpu",
-                 quant: str | None = None, runtime: Runtime | None = None, engine: EngineConfig | None = None):
+                 quant: str | None = "auto", runtime: Runtime | None = None, engine: EngineConfig | None = None):
         self.runtime = runtime or load(model, dtype=dtype, device=device, quant=quant)
         self.engine = Engine(self.runtime, engine)
 

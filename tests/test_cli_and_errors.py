@@ -23,7 +23,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def embedded():
-    return LLM()
+    return LLM(quant="none")  # the float32 dequantization (the default on this GGUF is q4)
 
 
 def test_generate_json_on_embedded_model():
@@ -46,6 +46,7 @@ def test_generate_json_on_embedded_model():
     (["--method", "draft"], "draft model"),
     (["--quant", "q4", "--dtype", "bfloat16"], "float32"),
     (["--budget", "auto"], "invalid choice: 'auto'"),
+    (["--quant", "q8"], "invalid choice: 'q8'"),
 ])
 def test_cli_bad_input_is_a_clear_error(args, message):
     proc = run_cli("generate", "hi", *args)

@@ -11,10 +11,12 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
+from forerun import kernels
 from forerun.models import embedded
 from forerun.models.args import ModelArgs
 from forerun.models.embedded import converted_gguf_dir, embedded_gguf_path, embedded_model_dir, resolve_model_dir
-from forerun.models.gguf import gguf_to_hf_dir
+from forerun.models.gguf import SOURCE_TYPES, gguf_to_hf_dir, projection_types
+from forerun.models.runtime import load, resolve_quant
 from forerun.models.tokenizer import Tokenizer
 from forerun.stream import TextStream
 
@@ -226,6 +228,28 @@ def test_synthetic_gguf_round_trip(tmp_path, arch):
     tok = Tokenizer.from_dir(out)
     assert tok.encode("ab ab") == [4, 6] and tok.decode([4, 6]) == "ab ab"
     assert tok.eos_token_ids == {1} and tok.bos_token_id == 0
+
+
+def test_quant_auto_is_q4_only_for_q4_1_ggufs_on_the_cpu(tmp_path, monkeypatch):
+    """auto runs a Q4_1 GGUF (the embedded model) on its own blocks, and dequantizes anything else:
+    float tensors, another dtype, `quant="none"`."""
+    monkeypatch.setenv("FORERUN_CACHE", str(tmp_path / "cache"))
+    tiny = _write_tiny_gguf(tmp_path / "tiny.gguf", "llama", _tiny_weights("llama"))
+    assert projection_types(tiny) == {"F32"}
+    assert load(str(tiny)).model.quantization is None
+    converted = next((tmp_path / "cache" / "gguf").iterdir())
+    assert json.loads((converted / SOURCE_TYPES).read_text()) == ["F32"]  # recorded at conversion
+
+    q4 = "q4" if kernels.cpu_kernels() is not None else None  # without kernels auto stays float
+    assert resolve_quant("auto", None, "float32", "cpu") == q4  # the embedded Q4_1 GGUF
+    assert resolve_quant("auto", None, "bfloat16", "cpu") is None
+    assert resolve_quant("auto", None, "float32", "cuda") is None
+    assert resolve_quant("none", None, "float32", "cpu") is None
+    assert resolve_quant(None, None, "float32", "cpu") is None
+    with pytest.raises(ValueError, match="unknown quant"):
+        load(quant="q8")
+    with pytest.raises(ValueError, match="float32"):
+        load(str(tmp_path / "never-converted.gguf"), dtype="bfloat16", quant="q4")  # before any file access
 
 
 def test_unsupported_gguf_is_rejected(tmp_path):

@@ -81,7 +81,32 @@ def gguf_to_hf_dir(gguf_path: str | Path, out_dir: str | Path) -> Path:
     _write_json(out_dir / "config.json", config)
     _write_json(out_dir / "generation_config.json", _generation_config(meta))
     tokenizer.save(out_dir)
+    _write_json(out_dir / SOURCE_TYPES, _projection_types(reader))
     return out_dir
+
+
+SOURCE_TYPES = "gguf_projection_types.json"  # beside a conversion: the GGUF block types it came from
+
+
+def projection_types(gguf_path: str | Path, converted: Path | None = None) -> set[str]:
+    """The GGUF block types of the file's transformer-block projections (e.g. {"Q4_1"}). Read from
+    the conversion's record when there is one (reading a GGUF's header parses its whole vocabulary:
+    seconds); else from the file, and recorded there."""
+    record = None if converted is None else Path(converted) / SOURCE_TYPES
+    if record is not None and record.is_file():
+        return set(json.loads(record.read_text()))
+    types = _projection_types(gguf.GGUFReader(gguf_path))
+    if record is not None:
+        try:
+            _write_json(record, types)
+        except OSError:  # a read-only cache still works, just slower to start
+            pass
+    return set(types)
+
+
+def _projection_types(reader: gguf.GGUFReader) -> list[str]:
+    return sorted({t.tensor_type.name for t in reader.tensors
+                   if t.name.startswith("blk.") and t.name.endswith(".weight") and len(t.shape) == 2})
 
 
 # -- metadata ------------------------------------------------------------------------------------

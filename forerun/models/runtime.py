@@ -42,7 +42,7 @@ def resolve_dtype(dtype: str) -> torch.dtype:
     return DTYPES[dtype]
 
 
-QUANTS = (None, "q4")
+QUANTS = ("auto", "none", None, "q4")
 
 
 def build(args: ModelArgs, weights: dict[str, torch.Tensor], dtype: torch.dtype,
@@ -58,27 +58,59 @@ def build(args: ModelArgs, weights: dict[str, torch.Tensor], dtype: torch.dtype,
     return model
 
 
-def check_quant(quant: str | None, dtype: str, device: str) -> None:
+def resolve_quant(quant: str | None, model: str | None, dtype: str, device: str,
+                  converted: Path | None = None) -> str | None:
+    """The quantization a load uses: "q4", or None (the weights in `dtype`).
+
+    "auto" (the default) is q4 where that changes nothing the file says: the weights come from a GGUF
+    whose block projections are Q4_1 (the embedded model is one), the model runs in float32 on the
+    CPU, and the native kernels build. q4 stores exactly those blocks (re-quantizing the dequantized
+    tensors recovers every one), so the file's own 4-bit model runs without a float detour.
+    "none" (or None) always dequantizes; "q4" quantizes any float checkpoint (lossy)."""
     if quant not in QUANTS:
-        raise ValueError(f"unknown quant {quant!r}; use q4 or leave it unset")
+        raise ValueError(f"unknown quant {quant!r}; use auto, q4 or none")
+    if quant == "auto":
+        if dtype != "float32" or device != "cpu" or not _q4_1_gguf(model, converted):
+            return None
+        from forerun import kernels
+
+        return "q4" if kernels.cpu_kernels() is not None else None
     if quant == "q4" and (dtype != "float32" or device != "cpu"):
         raise ValueError("quant q4 runs 4-bit block weights with float32 activations on the CPU: "
                          "use --dtype float32 --device cpu")
+    return "q4" if quant == "q4" else None
+
+
+def _q4_1_gguf(model: str | None, converted: Path | None) -> bool:
+    from forerun.models.embedded import embedded_gguf_path
+    from forerun.models.gguf import projection_types
+
+    try:
+        source = embedded_gguf_path() if model is None else Path(model).expanduser()
+    except FileNotFoundError:
+        return False
+    if source.suffix != ".gguf" or not source.is_file():
+        return False
+    return projection_types(source, converted) == {"Q4_1"}
 
 
 def load(model: str | None = None, dtype: str = "float32", device: str = "cpu",
-         quant: str | None = None) -> Runtime:
+         quant: str | None = "auto") -> Runtime:
     """Load a model by HF directory, .gguf file, or None for the embedded SmolLM2-135M-Instruct.
     quant="q4" keeps the block projections in 4 bits and the head in 8 (groups of 32), as a
-    Q4_1/Q8_0 GGUF has them, and runs them on native kernels (forerun.kernels)."""
+    Q4_1/Q8_0 GGUF has them, and runs them on native kernels (forerun.kernels); "auto" picks q4 for
+    a Q4_1 GGUF on the CPU in float32 (resolve_quant); "none" dequantizes."""
     from safetensors.torch import load_file
 
     from forerun.models.embedded import resolve_model_dir
     from forerun.models.tokenizer import Tokenizer
 
-    check_quant(quant, dtype, device)
+    if quant != "auto":  # checked before a GGUF conversion, which can take seconds
+        quant = resolve_quant(quant, model, dtype, device)
     torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
     path = Path(resolve_model_dir(model))
+    if quant == "auto":
+        quant = resolve_quant(quant, model, dtype, device, converted=path)
     config = json.loads((path / "config.json").read_text())
     if not native_arch(config):
         return _load_with_transformers(path, config, quant, torch_dtype, torch_device, model)
