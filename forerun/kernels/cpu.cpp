@@ -599,7 +599,12 @@ torch::Tensor batch_attention(const torch::Tensor& qkv, const torch::Tensor& cos
       if (static_cast<int64_t>(p.size()) < chunk * padded) p.resize(chunk * padded);
       // Scores, eight keys at a time, each key's the same arithmetic wherever its slot lies.
       __m256 top[chunk];
-      for (int64_t j = 0; j < nq; ++j) top[j] = _mm256_set1_ps(-INFINITY);
+      int64_t seen[chunk];  // keys below seen[j] are visible to query j without a look at the mask
+      for (int64_t j = 0; j < nq; ++j) {
+        top[j] = _mm256_set1_ps(-INFINITY);
+        const int64_t t = token(j), Tb = rs[b + 1] - rs[b], Lb = cs[b + 1] - cs[b];
+        seen[j] = std::min(L, ms[b] < 0 ? Lb - Tb + t + 1 : Lb - mc[b]);
+      }
       for (int64_t l0 = 0; l0 < padded; l0 += 8) {
         const float* k8[8];
         for (int k = 0; k < 8; ++k) k8[k] = l0 + k < L ? kh + keys[l0 + k] * hd : zeros.data();
@@ -607,8 +612,9 @@ torch::Tensor batch_attention(const torch::Tensor& qkv, const torch::Tensor& cos
           const int64_t t = token(j);
           float* pj = p.data() + j * padded + l0;
           _mm256_storeu_ps(pj, _mm256_mul_ps(score8(qp + row(j) * hd, k8, hd), _mm256_set1_ps(static_cast<float>(scale))));
-          for (int k = 0; k < 8; ++k)
-            if (l0 + k >= L || !visible(b, t, l0 + k)) pj[k] = -INFINITY;
+          if (l0 + 8 > seen[j])  // a block past the plainly visible keys: ask key by key
+            for (int k = 0; k < 8; ++k)
+              if (l0 + k >= L || !visible(b, t, l0 + k)) pj[k] = -INFINITY;
           top[j] = _mm256_max_ps(top[j], _mm256_loadu_ps(pj));
         }
       }
