@@ -136,6 +136,30 @@ def attend(qkv, cos, sin, k_pool, v_pool, segments, heads):
 
 
 @needs_native
+@pytest.mark.parametrize("hd", [64, 96, 32])
+def test_batch_attention_gives_the_same_bits_on_each_isa(each_isa, hd):
+    """The value weighting runs 16 dims a register with AVX-512 and 8 with AVX2, each dim's lane
+    taking the same multiply-adds in the same key order: a tree of 7 rows over 90 cached keys and a
+    causal prompt chunk give the same bits either way."""
+    g = torch.Generator().manual_seed(hd)
+    T, H, KV, prefix = 7, 9, 3, 90
+    L, S = prefix + T, prefix + T + 10
+    slots = torch.randperm(S, generator=g)[:L]
+    qkv = torch.randn(T, (H + 2 * KV) * hd, generator=g)
+    cos, sin = rope(torch.arange(prefix, L), hd)
+    k_pool, v_pool = torch.randn(KV, S, hd, generator=g), torch.randn(KV, S, hd, generator=g)
+    tokens = torch.zeros(T, dtype=torch.long)
+    results = []
+    for isa in each_isa:
+        native.use_avx512(isa == "avx512")
+        segments = [Segment(tokens, torch.arange(T), slots, random_tree_mask(T, seed=1)),
+                    Segment(tokens, torch.arange(T), slots[:T])]  # a prompt chunk from slot 0, causal
+        qkv2, cos2, sin2 = torch.cat([qkv, qkv]), torch.cat([cos, cos]), torch.cat([sin, sin])
+        results.append(attend(qkv2, cos2, sin2, k_pool.clone(), v_pool.clone(), segments, H))
+    assert all(torch.equal(r, results[0]) for r in results)
+
+
+@needs_native
 @pytest.mark.parametrize("T, H, KV, hd, prefix",
                          [(5, 6, 2, 16, 9), (12, 9, 3, 64, 70), (3, 4, 4, 96, 33), (1, 9, 3, 64, 100)])
 def test_batch_attention_matches_rope_pool_and_sdpa_with_a_tree_mask(T, H, KV, hd, prefix):
