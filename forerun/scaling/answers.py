@@ -11,6 +11,7 @@ _PATTERNS = (
     re.compile(r"answer is[:\s]*\**\s*(" + _NUMBER + ")", re.IGNORECASE),
 )
 _ANY_NUMBER = re.compile(_NUMBER)
+_FRAC = re.compile(r"\\[dt]?frac\{\s*(-?\d+)\s*\}\{\s*(\d+)\s*\}")
 
 
 def boxed(text: str) -> str | None:
@@ -30,8 +31,8 @@ def extract_answer(text: str) -> str | None:
     """The final numeric answer of a solution, normalized (see normalize_number); None if none."""
     inside = boxed(text)
     if inside is not None:
-        number = _ANY_NUMBER.search(inside)
-        return normalize_number(number.group()) if number else inside.strip() or None
+        plain = _FRAC.sub(r"\1/\2", inside).replace("\\$", "").replace("\\!", "").replace("\\,", "").strip()
+        return normalize_number(plain) or plain or None
     for pattern in _PATTERNS:
         found = pattern.findall(text)
         if found:
