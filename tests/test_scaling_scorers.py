@@ -123,6 +123,6 @@ def test_reward_model_from_a_local_directory(tmp_path, labels):
 def test_model_score_counts_and_rejects_empty(llm):
     account = Account()
     model = ModelScore(llm, account)
-    assert len(model([1, 2, 3], [4, 5])) == 2 and account.scored_tokens == 2
+    assert len(model([1, 2, 3], [4, 5])) == 2 and account.scored_tokens == 2 and account.score_forwards == 1
     with pytest.raises(ValueError, match="empty"):
         model([1, 2], [])

@@ -32,6 +32,7 @@ class ModelScore:
     def __call__(self, prompt_ids: list[int], continuation_ids: list[int]) -> list[float]:
         if not continuation_ids:
             raise ValueError("nothing to score: the continuation is empty")
+        self.account.score_forwards += 1
         self.account.scored_tokens += len(continuation_ids)
         return self.llm.score(list(prompt_ids), list(continuation_ids))
 

@@ -24,12 +24,13 @@ def markdown(results: dict, plots: list[str] = ()) -> str:
     if results.get("command"):
         lines += ["```", results["command"], "```", ""]
     lines += ["| strategy | n | accuracy | generated tok / q | prefill tok / q | target forwards / q | "
-              "engine steps / q | wall s / q |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+              "engine steps / q | score forwards / q | wall s / q |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     count = results["problems"]
     for r in results["runs"]:
         lines.append(f"| {r['strategy']} | {r['budget']} | {r['accuracy']:.3f} | "
                      f"{r['generated_tokens'] / count:.1f} | {r['prefill_tokens'] / count:.1f} | "
                      f"{r['target_forwards'] / count:.1f} | {r['engine_steps'] / count:.1f} | "
+                     f"{r['score_forwards'] / count:.1f} | "
                      f"{r['wall_s'] / count:.2f} |")
     cov = results.get("coverage")
     if cov:

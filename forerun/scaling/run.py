@@ -90,7 +90,8 @@ def _summary(name: str, n: int, questions: list[dict]) -> dict:
     return {"strategy": name, "budget": n, "accuracy": sum(q["correct"] for q in questions) / count,
             "generated_tokens": total.generated_tokens, "prefill_tokens": total.prefill_tokens,
             "target_forwards": total.target_forwards, "engine_steps": total.engine_steps,
-            "cached_tokens": total.cached_tokens, "scored_tokens": total.scored_tokens,
+            "cached_tokens": total.cached_tokens, "score_forwards": total.score_forwards,
+            "scored_tokens": total.scored_tokens,
             "wall_s": round(total.wall_s, 3), "generated_tokens_per_question": total.generated_tokens / count,
             "wall_s_per_question": round(total.wall_s / count, 4), "questions": questions}
 

@@ -45,7 +45,8 @@ class Account:
     target_forwards: int = 0  # per-sample verification forwards, summed over samples
     engine_steps: int = 0  # batched forwards the engine ran (many samples share one)
     requests: int = 0  # engine requests submitted (one per branch extended, n samples each)
-    scored_tokens: int = 0  # continuation tokens whose log-probabilities a scorer asked for
+    score_forwards: int = 0  # forwards run for scorers (LLM.score), outside the engine's steps
+    scored_tokens: int = 0  # continuation tokens those forwards scored (their prompts are not in prefill_tokens)
     wall_s: float = 0.0
 
     def add(self, other: "Account") -> None:
