@@ -107,12 +107,19 @@ def test_without_the_guard_shell_commands_still_cannot_write_outside():
     assert not os.path.exists(target)
 
 
+REMOUNT = ("import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+           "assert libc.mount(None, b'/', None, 32 | 4096, None) == 0, ctypes.get_errno()\n")
+
+
+def test_the_guard_refuses_native_calls_through_ctypes():
+    r = run_python(REMOUNT, FAST)
+    assert r.status == "failed" and "ctypes.dlopen is not allowed" in r.stderr
+
+
 @KERNEL
 def test_the_program_cannot_remount_the_file_system_writable():
-    code = ("import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
-            "assert libc.mount(None, b'/', None, 32 | 4096, None) == 0, ctypes.get_errno()\n")
-    r = run_python(code, Limits(cpu_s=2, wall_s=6, guard=False))
-    assert r.status == "failed" and "AssertionError" in r.stderr
+    r = run_python(REMOUNT, Limits(cpu_s=2, wall_s=6, guard=False))
+    assert r.status == "failed" and "AssertionError" in r.stderr  # mount() returned -1 (EPERM)
 
 
 def test_its_directory_is_removed_afterwards():

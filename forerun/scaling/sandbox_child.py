@@ -11,8 +11,9 @@ WORKDIR/program.py with WORKDIR as its working directory:
 3. a pids cgroup made by the parent, where it can make one, caps the process count (RLIMIT_NPROC
    does not bind root); rlimits: CPU seconds, address space, processes, file size, open files, no
    core dumps;
-4. a Python audit hook that refuses process creation and shell commands, and, where step 1 or 2
-   failed, network sockets and writes outside WORKDIR (audit hooks cannot be removed from Python).
+4. a Python audit hook that refuses process creation, shell commands and calls into native code
+   through ctypes, and, where step 1 or 2 failed, network sockets and writes outside WORKDIR (audit
+   hooks cannot be removed from Python).
 """
 from __future__ import annotations
 
@@ -113,8 +114,11 @@ def set_limits(limits: dict) -> None:
         resource.setrlimit(getattr(resource, name), (value, value))
 
 
-_PROCESS_EVENTS = ("os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty",
-                   "subprocess.Popen", "pty.spawn", "ctypes.dlopen", "os.kill", "os.killpg")
+# Process creation, signals, and every way into native code through ctypes (loading a library, looking
+# up a symbol, calling a function pointer): the sandbox's own ctypes calls are all made before the hook.
+_REFUSED_EVENTS = ("os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty", "subprocess.Popen",
+                   "pty.spawn", "os.kill", "os.killpg", "ctypes.dlopen", "ctypes.dlsym", "ctypes.dlsym/handle",
+                   "ctypes.call_function")
 
 
 def install_guard(workdir: str, status: dict) -> None:
@@ -124,7 +128,7 @@ def install_guard(workdir: str, status: dict) -> None:
     root = os.path.realpath(workdir) + os.sep
 
     def hook(event: str, args: tuple) -> None:
-        if event in _PROCESS_EVENTS:
+        if event in _REFUSED_EVENTS:
             raise PermissionError(f"sandbox: {event} is not allowed")
         if block_net and event in ("socket.__new__", "socket.connect", "socket.bind", "socket.getaddrinfo"):
             raise PermissionError(f"sandbox: no network ({event})")
