@@ -77,3 +77,14 @@ def test_a_beam_round_is_one_batch_and_a_seeded_run_repeats(runtime):
         runs.append(([c.text for c in out.candidates], out.chosen.text, calls))
         assert out.chosen is not None and all(n <= 2 for n in calls)
     assert runs[0] == runs[1]
+
+
+def test_a_questions_samples_do_not_depend_on_what_ran_before(runtime):
+    other = Query("other", tuple(range(5, 30)))
+    alone = _generator(runtime).extend(PROMPT, [(Branch(), 3)], None)[0]
+    gen = _generator(runtime)
+    gen.extend(other, [(Branch(), 2)], None)
+    after = gen.extend(PROMPT, [(Branch(), 3)], None)[0]
+    assert [b.token_ids for b in after] == [b.token_ids for b in alone]
+    again = gen.extend(PROMPT, [(Branch(), 3)], None)[0]  # a second call for the question draws anew
+    assert [b.token_ids for b in again] != [b.token_ids for b in alone]

@@ -9,6 +9,7 @@ from forerun.scaling.answers import extract_answer
 from forerun.scaling.run import solve
 from forerun.scaling.strategies import STRATEGIES, Solver, build_strategy
 from forerun.scaling.strategies.adaptive import leader_probability, settled
+from forerun.scaling.types import Query
 
 S = "\n\n"
 
@@ -80,7 +81,7 @@ def test_particles_weights_are_a_softmax_and_resampling_follows_the_rng():
     script = {"": ["a" + S, "b" + S, "c" + S], "a" + S: ["#### 1", "#### 2", "#### 3"]}
     scores = {"a" + S: 0.0, "b" + S: -50.0, "c" + S: -50.0, "a\n\n#### 1": -1.0, "a\n\n#### 2": -0.2,
               "a\n\n#### 3": -3.0}
-    s = solver(script, scores, max_steps=2, rng=np.random.default_rng(7))
+    s = solver(script, scores, max_steps=2, seed=7)
     out = solve(build_strategy("particles", temperature=1.0), s, "q", 3)
     first = out.notes["resampling"][0]
     assert first["weights"] == pytest.approx([1.0, 0.0, 0.0], abs=1e-9)
@@ -94,11 +95,11 @@ def test_particles_resample_with_the_seeded_rng_and_temperature():
               "c" + S: ["#### 3"] * 4, "d" + S: ["#### 4"] * 4}
     step = {"a" + S: -1.0, "b" + S: -2.0, "c" + S: -0.5, "d" + S: -1.5}
     final = {f"{k}#### {i}": -1.0 for i, k in enumerate(step, 1)}
-    s = solver(script, step | final, max_steps=2, rng=np.random.default_rng(3))
+    s = solver(script, step | final, max_steps=2, seed=3)
     out = solve(build_strategy("particles", temperature=0.5), s, "q", 4)
     x = np.array([-1.0, -2.0, -0.5, -1.5]) / 0.5
     expected_w = np.exp(x - x.max()) / np.exp(x - x.max()).sum()
-    expected_picks = np.random.default_rng(3).choice(4, size=4, p=expected_w)
+    expected_picks = np.random.default_rng([3, Query("q", ()).key]).choice(4, size=4, p=expected_w)
     first = out.notes["resampling"][0]
     assert first["weights"] == pytest.approx(expected_w.tolist(), abs=1e-6)
     assert first["picks"] == expected_picks.tolist()

@@ -97,8 +97,6 @@ def run_scale_command(a: argparse.Namespace) -> int:
 
 def run_scale(llm, task, problems, strategies, budgets, a: argparse.Namespace, spec=None) -> dict:
     """Evaluate `strategies` on an LLM (the CLI's work after loading; tests call it with a tiny model)."""
-    import numpy as np
-
     from forerun.scaling.generator import EngineGenerator
     from forerun.scaling.model import ModelScore
     from forerun.scaling.run import Run, evaluate
@@ -111,7 +109,7 @@ def run_scale(llm, task, problems, strategies, budgets, a: argparse.Namespace, s
     scorer = build_scorer(a.reward, ModelScore(llm, generator.account), a.reward_model) if a.reward else None
 
     def solver_for(strategy) -> Solver:
-        return Solver(generator, task.answer_of, scorer, a.delimiter, a.max_steps, np.random.default_rng(a.seed))
+        return Solver(generator, task.answer_of, scorer, a.delimiter, a.max_steps, a.seed)
 
     progress = None
     if not a.no_progress:

@@ -30,7 +30,8 @@ class Generator(Protocol):
 
 
 class EngineGenerator:
-    """A Generator on an LLM's engine. Sampling is seeded per call from `seed`, so a run repeats."""
+    """A Generator on an LLM's engine. Each request's seed derives from (seed, the question, how many
+    calls for that question came before), so a question's samples repeat whatever ran before it."""
 
     def __init__(self, llm, temperature: float = 0.7, top_p: float = 1.0, max_new_tokens: int = 256,
                  seed: int = 0, spec: SpecConfig | None = None, logprobs: bool = False, chat: bool | None = None):
@@ -40,7 +41,7 @@ class EngineGenerator:
         self.max_new_tokens, self.seed, self.logprobs, self.chat = max_new_tokens, seed, logprobs, chat
         self.spec = spec or SpecConfig(method="ar")
         self.account = Account()
-        self._calls = 0
+        self._calls: dict[int, int] = {}  # question key -> extend() calls so far
 
     @property
     def tokenizer(self):
@@ -58,9 +59,11 @@ class EngineGenerator:
         engine, start, steps = self.llm.engine, time.perf_counter(), self.llm.engine.steps
         limit = max_new_tokens or self.max_new_tokens
         ids = []
+        call = self._calls[query.key] = self._calls.get(query.key, 0) + 1
         try:
-            for branch, n in requests:
-                params = sampling_params(temperature=self.temperature, top_p=self.top_p, seed=self._next_seed(),
+            for i, (branch, n) in enumerate(requests):
+                seed = _seed(self.seed, query.key, call, i)
+                params = sampling_params(temperature=self.temperature, top_p=self.top_p, seed=seed,
                                          max_new_tokens=limit, stop=(stop,) if stop else (), n=n,
                                          logprobs=self.logprobs)
                 ids.append(engine.add_request(list(query.prompt_ids) + list(branch.token_ids), params, self.spec))
@@ -81,10 +84,6 @@ class EngineGenerator:
                     done[out.request_id] = out.generations
         return done
 
-    def _next_seed(self) -> int:
-        self._calls += 1
-        return int(np.random.SeedSequence([self.seed, self._calls]).generate_state(1, np.uint64)[0] % 2**63)
-
     def _grow(self, branch: Branch, g: Generation, stop: str | None) -> Branch:
         s = self.account
         s.generated_tokens += g.stats.new_tokens
@@ -101,3 +100,7 @@ class EngineGenerator:
             new_ids = tuple(self.tokenizer.encode(step, add_bos=False))
             return Branch(branch.token_ids + new_ids, branch.text + step, False, branch.steps + 1, logprobs)
         return Branch(branch.token_ids + tuple(g.token_ids), branch.text + g.text, True, branch.steps + 1, logprobs)
+
+
+def _seed(*entropy: int) -> int:
+    return int(np.random.SeedSequence(list(entropy)).generate_state(1, np.uint64)[0] % 2**63)

@@ -2,6 +2,7 @@
 solutions) it grows, and the account of what answering cost."""
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field, fields
 
 
@@ -11,6 +12,12 @@ class Query:
 
     question: str
     prompt_ids: tuple[int, ...]
+
+    @property
+    def key(self) -> int:
+        """A stable number for the question: random streams derive from it, so a question's samples do
+        not depend on which questions were answered before it (or in which process)."""
+        return int.from_bytes(hashlib.sha256(self.question.encode()).digest()[:8], "little")
 
 
 @dataclass(frozen=True, slots=True)

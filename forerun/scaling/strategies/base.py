@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -25,7 +25,11 @@ class Solver:
     scorer: Scorer | None = None
     delimiter: str = "\n\n"  # between steps, for step-level strategies
     max_steps: int = 8  # a step-level search finishes its branches on this step
-    rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))
+    seed: int = 0  # for the strategies' own randomness (resampling)
+
+    def rng(self, query: Query) -> np.random.Generator:
+        """The random stream for one question: from (seed, the question), whatever ran before."""
+        return np.random.default_rng([self.seed, query.key])
 
     def sample(self, query: Query, n: int) -> list[Branch]:
         """n whole solutions forked from one prefill of the prompt."""

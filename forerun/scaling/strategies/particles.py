@@ -25,7 +25,7 @@ class Particles:
         check_budget(n)
         particles: list[Branch] = [ROOT] * n
         score: dict[Branch, float] = {}
-        history = []
+        history, rng = [], solver.rng(query)
         while any(not p.finished for p in particles):
             copies = Counter(p for p in particles if not p.finished)  # in first-seen order
             last = max(p.steps for p in copies) + 1 >= solver.max_steps
@@ -34,7 +34,7 @@ class Particles:
             fresh = list(dict.fromkeys(p for p in particles if p not in score))
             score.update(zip(fresh, solver.score(query, fresh)))
             weights = softmax([score[p] for p in particles], self.temperature)
-            picks = solver.rng.choice(len(particles), size=n, p=weights)
+            picks = rng.choice(len(particles), size=n, p=weights)
             history.append({"weights": [round(float(w), 6) for w in weights], "picks": picks.tolist()})
             particles = [particles[i] for i in sorted(picks)]
         finished = list(dict.fromkeys(particles))
