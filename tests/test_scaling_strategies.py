@@ -178,3 +178,12 @@ def test_strategies_reject_bad_input():
     assert build_strategy("particles", temperature="0.5").temperature == 0.5  # CLI strings convert
     assert set(STRATEGIES) == {"sample", "vote", "best-of-n", "weighted-best-of-n", "beam", "particles", "astar",
                                "adaptive"}
+
+
+def test_astar_finishes_the_best_partial_when_the_budget_ends_first():
+    script = {"": ["x" + S, "y" + S], "y" + S: ["#### 4"]}
+    scores = {"x" + S: -0.5, "y" + S: -0.2, "y\n\n#### 4": -0.3}
+    s = solver(script, scores, max_steps=5)
+    out = solve(build_strategy("astar", branching=2), s, "q", 1)  # one expansion: the root
+    assert s.generator.calls[-1] == [("y" + S, 1, None)]  # y (mean step score -0.2) beats x
+    assert out.answer == "4" and out.notes["expanded"] == 1

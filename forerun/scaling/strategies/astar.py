@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 
 from forerun.scaling.strategies.base import Solver, best, check_budget
-from forerun.scaling.types import Branch, Candidate, Outcome, Query, ROOT
+from forerun.scaling.types import ROOT, Branch, Candidate, Outcome, Query
 
 
 @dataclass(frozen=True)
@@ -66,10 +66,10 @@ class AStar:
                     finished.append(solver.candidate(node.branch, node.score))
         if finished:
             return self._done(finished[best([c.score for c in finished])], finished, expanded, popped)
-        rest = sorted((entry for entry in frontier), key=lambda e: (e[0], e[1]))
-        if not rest:
+        if not frontier:
             return Outcome(None, finished, notes={"expanded": expanded, "popped": popped})
-        end = solver.generator.extend(query, [(rest[0][2].branch, 1)], None)[0][0]
+        # nothing finished within the budget: finish the best partial (the heap's top) in one go
+        end = solver.generator.extend(query, [(frontier[0][2].branch, 1)], None)[0][0]
         chosen = solver.candidate(end, solver.score(query, [end])[0])
         return self._done(chosen, finished + [chosen], expanded, popped)
 
