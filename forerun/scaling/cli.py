@@ -43,6 +43,10 @@ def add_scale_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=8, help="step-level strategies finish on this step")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences the engine decodes at once")
+    p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="spread questions over Ray actors, each with its own engine: a local Ray instance, or the "
+                        "cluster at ADDRESS (same seeds, same answers as one process; needs `pip install ray`)")
+    p.add_argument("--workers", type=int, default=2, help="Ray actors (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_scale_command)
     return p
@@ -77,39 +81,51 @@ def strategies_from_args(a: argparse.Namespace) -> list:
 
 
 def run_scale_command(a: argparse.Namespace) -> int:
-    from forerun.config import EngineConfig, SpecConfig
-    from forerun.llm import LLM
+    from forerun.scaling.report import markdown, write_results
     from forerun.scaling.tasks import build_task
 
     budgets, strategies = _budgets(a.n), strategies_from_args(a)
     task = build_task(a.task, a.data, a.count, a.seed)
     problems = task.problems(a.limit)
-    llm = LLM(a.model, dtype=a.dtype, device=a.device, quant=a.quant, engine=EngineConfig(max_num_seqs=a.max_num_seqs))
-    results = run_scale(llm, task, problems, strategies, budgets, a, SpecConfig(method=a.method))
-    results["command"] = "forerun " + shlex.join(sys.argv[1:])
-    from forerun.scaling.report import markdown, write_results
+    if a.ray is not None:
+        from forerun.scaling.distributed import evaluate_on_ray
 
+        results = evaluate_on_ray(a, len(problems), a.workers, None if a.ray == "local" else a.ray)
+    else:
+        results = run_scale(load_llm(a), task, problems, strategies, budgets, a)
+    results["settings"] = settings(a, strategies)
+    results["command"] = "forerun " + shlex.join(sys.argv[1:])
     paths = write_results(results, Path(a.out))
     print(markdown(results))
     print("wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)
     return 0
 
 
-def run_scale(llm, task, problems, strategies, budgets, a: argparse.Namespace, spec=None) -> dict:
-    """Evaluate `strategies` on an LLM (the CLI's work after loading; tests call it with a tiny model)."""
+def load_llm(a: argparse.Namespace):
+    from forerun.config import EngineConfig
+    from forerun.llm import LLM
+
+    return LLM(a.model, dtype=a.dtype, device=a.device, quant=a.quant, engine=EngineConfig(max_num_seqs=a.max_num_seqs))
+
+
+def solver_factory(llm, task, a: argparse.Namespace):
+    """strategy -> Solver: one generator (so one account) and one scorer for all of them."""
+    from forerun.config import SpecConfig
     from forerun.scaling.generator import EngineGenerator
     from forerun.scaling.model import ModelScore
-    from forerun.scaling.run import Run, evaluate
     from forerun.scaling.scorers import build_scorer
     from forerun.scaling.strategies import Solver
 
     needs_logprobs = a.reward in ("mean-logprob", "sum-logprob")
     generator = EngineGenerator(llm, temperature=a.temperature, top_p=a.top_p, max_new_tokens=a.max_new_tokens,
-                                seed=a.seed, spec=spec, logprobs=needs_logprobs)
+                                seed=a.seed, spec=SpecConfig(method=a.method), logprobs=needs_logprobs)
     scorer = build_scorer(a.reward, ModelScore(llm, generator.account), a.reward_model) if a.reward else None
+    return lambda strategy: Solver(generator, task.answer_of, scorer, a.delimiter, a.max_steps, a.seed)
 
-    def solver_for(strategy) -> Solver:
-        return Solver(generator, task.answer_of, scorer, a.delimiter, a.max_steps, a.seed)
+
+def run_scale(llm, task, problems, strategies, budgets, a: argparse.Namespace) -> dict:
+    """Evaluate `strategies` on an LLM in this process (tests call it with a tiny model)."""
+    from forerun.scaling.run import Run, evaluate
 
     progress = None
     if not a.no_progress:
@@ -118,9 +134,11 @@ def run_scale(llm, task, problems, strategies, budgets, a: argparse.Namespace, s
         def progress(items, desc):
             return tqdm(items, desc=desc, file=sys.stderr, leave=False)
 
-    results = evaluate(task, problems, [Run(s) for s in strategies], budgets, solver_for, progress)
-    results["settings"] = {"model": a.model or "embedded SmolLM2-135M-Instruct", "quant": a.quant,
-                           "temperature": a.temperature, "top_p": a.top_p, "max_new_tokens": a.max_new_tokens,
-                           "reward": a.reward, "delimiter": a.delimiter, "max_steps": a.max_steps, "seed": a.seed,
-                           "strategies": {s.name: repr(s) for s in strategies}}
-    return results
+    return evaluate(task, problems, [Run(s) for s in strategies], budgets, solver_factory(llm, task, a), progress)
+
+
+def settings(a: argparse.Namespace, strategies) -> dict:
+    return {"model": a.model or "embedded SmolLM2-135M-Instruct", "quant": a.quant, "method": a.method,
+            "temperature": a.temperature, "top_p": a.top_p, "max_new_tokens": a.max_new_tokens, "reward": a.reward,
+            "delimiter": a.delimiter, "max_steps": a.max_steps, "seed": a.seed, "ray": a.ray, "workers": a.workers,
+            "strategies": {s.name: repr(s) for s in strategies}}

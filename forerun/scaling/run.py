@@ -56,20 +56,32 @@ class Checker:
 def evaluate(task: Task, problems: list[Problem], runs: list[Run], budgets: list[int],
              solver_for: Callable[[Strategy], Solver], progress: Callable | None = None) -> dict:
     """Every run at every budget on every problem. `progress(iterable, desc)` wraps the loop (tqdm)."""
+    records = answer(task, problems, runs, budgets, solver_for, progress)
+    return assemble(task.name, len(problems), budgets, records)
+
+
+def answer(task: Task, problems: list[Problem], runs: list[Run], budgets: list[int],
+           solver_for: Callable[[Strategy], Solver], progress: Callable | None = None) -> list[tuple[str, int, list]]:
+    """(run name, budget, one record per problem) for every run and budget, in that order."""
     if not problems:
         raise ValueError("no problems to evaluate")
     if not budgets or min(budgets) < 1:
         raise ValueError(f"budgets must be >= 1, got {budgets}")
     check = Checker(task)
-    rows = []
+    records = []
     for run in runs:
         solver = solver_for(run.strategy)
         for n in budgets:
             items = problems if progress is None else progress(problems, f"{run.name} n={n}")
-            questions = [_question_record(p, solve(run.strategy, solver, p.question, n), check) for p in items]
-            rows.append(_summary(run.name, n, questions))
-    return {"task": task.name, "problems": len(problems), "budgets": budgets, "runs": rows,
-            "coverage": coverage_curve(rows)}
+            records.append((run.name, n, [_question_record(p, solve(run.strategy, solver, p.question, n), check)
+                                          for p in items]))
+    return records
+
+
+def assemble(task_name: str, count: int, budgets: list[int], records: list[tuple[str, int, list]]) -> dict:
+    """results.json's dict from answer()'s records (of one process, or merged from several)."""
+    rows = [_summary(name, n, questions) for name, n, questions in records]
+    return {"task": task_name, "problems": count, "budgets": budgets, "runs": rows, "coverage": coverage_curve(rows)}
 
 
 def _question_record(problem: Problem, outcome: Outcome, check: Checker) -> dict:
