@@ -68,6 +68,7 @@ def _accuracy_plot(plt, results: dict, path: Path) -> Path:
         for r in rows:
             ax.annotate(str(r["budget"]), (r["generated_tokens_per_question"], r["accuracy"]), fontsize=7)
     ax.set_xscale("log")
+    ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("generated tokens per question")
     ax.set_ylabel("accuracy")
     ax.set_title(f"{results['task']}: accuracy against tokens (labels: budget n)")
@@ -78,6 +79,7 @@ def _coverage_plot(plt, cov: dict, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(cov["k"], cov["pass_at_k"], marker="o")
     ax.set_xscale("log", base=2)
+    ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("k samples")
     ax.set_ylabel("coverage (pass@k)")
     ax.set_title(f"coverage from {cov['n']} samples per question")
