@@ -187,3 +187,18 @@ def test_astar_finishes_the_best_partial_when_the_budget_ends_first():
     out = solve(build_strategy("astar", branching=2), s, "q", 1)  # one expansion: the root
     assert s.generator.calls[-1] == [("y" + S, 1, None)]  # y (mean step score -0.2) beats x
     assert out.answer == "4" and out.notes["expanded"] == 1
+
+
+def test_without_any_extracted_answer_vote_and_weighted_fall_back():
+    texts = ["no", "none", "nothing"]
+    out = solve(build_strategy("vote"), solver({"": texts}), "q", 3)
+    assert out.answer is None and out.chosen.text == "no"
+    scores = {"no": -3.0, "none": -1.0, "nothing": -2.0}
+    out = solve(build_strategy("weighted-best-of-n"), solver({"": texts}, scores), "q", 3)
+    assert out.chosen.text == "none"  # no answer to weigh: the best-scored solution
+
+
+def test_beam_width_above_the_budget_is_cut_to_it():
+    script = {"": ["#### 1"]}
+    out = solve(build_strategy("beam", width=4), solver(script, {"#### 1": -1.0}), "q", 1)
+    assert out.notes["width"] == 1 and out.answer == "1"
