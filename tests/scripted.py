@@ -50,3 +50,24 @@ class ScriptedScorer:
     def score(self, query, branches):
         self.seen += [b.text for b in branches]
         return [self.scores[b.text] for b in branches]
+
+
+def tiny_llm():
+    """A tiny random Llama with the stub tokenizer (ids written as numbers), for runs in other processes."""
+    import dataclasses
+
+    from conftest import StubTokenizer, tiny_runtime
+
+    from forerun import LLM
+    from forerun.config import EngineConfig
+
+    rt = dataclasses.replace(tiny_runtime(seed=5), tokenizer=StubTokenizer())
+    return LLM(runtime=rt, engine=EngineConfig(kv_cache_tokens=8192))
+
+
+def digits_task(count: int = 5):
+    """Questions the stub tokenizer can encode (numbers), with numeric references."""
+    from forerun.scaling.tasks import NumericTask, Problem
+
+    return NumericTask("digits", [Problem(f"p{i}", " ".join(str(3 + i + j) for j in range(20)), str(7 + i))
+                                  for i in range(count)])
