@@ -105,3 +105,16 @@ def test_humaneval_runs_completions_in_the_sandbox():
     assert task.check(problem, "```python\n" + problem.code_prompt + solution + "```")  # a whole function
     assert not task.check(problem, "    return True\n")
     assert task.answer_of("```python\ndef f():  \n    return 1\n```") == "def f():\n    return 1"
+
+
+def test_coverage_curve_prefers_sample_and_falls_back_to_vote():
+    from forerun.scaling.run import coverage_curve
+
+    def row(strategy, n, correct):
+        return {"strategy": strategy, "budget": n, "questions": [{"candidates": [{"correct": c} for c in correct]}]}
+
+    rows = [row("vote", 4, [True, False, False, False]), row("beam", 8, [True] * 8)]
+    cov = coverage_curve(rows)
+    assert cov["from"] == "vote" and cov["pass_at_k"] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert coverage_curve(rows + [row("sample", 2, [False, False])])["from"] == "sample"
+    assert coverage_curve([row("beam", 8, [True] * 8)]) == {}

@@ -24,7 +24,7 @@ def llm():
 
 def test_vote_account_matches_its_candidates(llm):
     task = arithmetic(1, seed=0)
-    gen = EngineGenerator(llm, temperature=0.8, max_new_tokens=40, seed=0)
+    gen = EngineGenerator(llm, temperature=0.8, max_new_tokens=16, seed=0)
     out = solve(build_strategy("vote"), Solver(gen, task.answer_of), QUESTION, 4)
     prompt = len(gen.query(QUESTION).prompt_ids)
     a = out.account
@@ -34,16 +34,16 @@ def test_vote_account_matches_its_candidates(llm):
 
 
 def test_steps_keep_ids_and_text_in_agreement_and_a_round_is_one_batch(llm):
-    gen = EngineGenerator(llm, temperature=0.8, max_new_tokens=24, seed=1)
+    gen = EngineGenerator(llm, temperature=0.8, max_new_tokens=12, seed=1)
     query = gen.query(QUESTION)
-    for b in gen.extend(query, [(ROOT, 3)], "\n")[0]:
+    for b in gen.extend(query, [(ROOT, 2)], "\n")[0]:
         assert llm.tokenizer.decode(list(b.token_ids)) == b.text
         assert b.finished or b.text.endswith("\n")
     rounds = []
     extend = gen.extend
     gen.extend = lambda q, reqs, stop, m=None: rounds.append(len(reqs)) or extend(q, reqs, stop, m)
-    solver = Solver(gen, arithmetic(1).answer_of, PTrue(ModelScore(llm, gen.account)), delimiter="\n", max_steps=3)
-    out = solve(build_strategy("beam", width=2), solver, QUESTION, 4)
+    solver = Solver(gen, arithmetic(1).answer_of, PTrue(ModelScore(llm, gen.account)), delimiter="\n", max_steps=2)
+    out = solve(build_strategy("beam", width=2), solver, QUESTION, 2)
     assert rounds[0] == 1 and all(r <= 2 for r in rounds)  # each round: one call, one request per beam
     assert out.account.score_forwards > 0 and out.account.score_forwards % 2 == 0  # (A) and (B) per branch
     assert all(c.score <= 0 for c in out.candidates)

@@ -35,7 +35,7 @@ def markdown(results: dict, plots: list[str] = ()) -> str:
     cov = results.get("coverage")
     if cov:
         shown = [k for k in cov["k"] if k in (1, 2, 4, 8, 16, 32, 64) or k == cov["n"]]
-        lines += ["", f"Coverage from {cov['n']} samples per question (unbiased pass@k):", "",
+        lines += ["", f"Coverage from the {cov['n']} samples per question of `{cov['from']}` (unbiased pass@k):", "",
                   "| k | " + " | ".join(map(str, shown)) + " |", "|---|" + "---:|" * len(shown),
                   "| pass@k | " + " | ".join(f"{cov['pass_at_k'][k - 1]:.3f}" for k in shown) + " |"]
     lines += [""] + [f"![{name}]({name})" for name in plots]

@@ -108,13 +108,17 @@ def _summary(name: str, n: int, questions: list[dict]) -> dict:
             "wall_s_per_question": round(total.wall_s / count, 4), "questions": questions}
 
 
+IID_SAMPLES = ("sample", "vote")  # strategies whose candidates are n independent samples of the prompt
+
+
 def coverage_curve(rows: list[dict]) -> dict:
-    """pass@k for k = 1..N from the repeated-sampling run with the largest budget N (empty without one)."""
-    samples = [r for r in rows if r["strategy"] == "sample"]
+    """pass@k for k = 1..N from the largest-budget run whose candidates are N independent samples
+    (`sample`, else `vote`); empty without one."""
+    samples = [r for r in rows if r["strategy"] in IID_SAMPLES]
     if not samples:
         return {}
-    run = max(samples, key=lambda r: r["budget"])
+    run = max(samples, key=lambda r: (r["strategy"] == "sample", r["budget"]))
     counts = [(len(q["candidates"]), sum(c["correct"] for c in q["candidates"])) for q in run["questions"]]
     ks = list(range(1, run["budget"] + 1))
-    return {"n": run["budget"], "k": ks,
+    return {"from": run["strategy"], "n": run["budget"], "k": ks,
             "pass_at_k": [sum(pass_at_k(n, c, k) for n, c in counts) / len(counts) for k in ks]}
