@@ -1,0 +1,80 @@
+"""Final answers out of free text: GSM8K's `#### n`, LaTeX `\\boxed{...}`, "the answer is n", else the
+last number; numbers are compared by value (math-verify, when installed, also reads LaTeX forms)."""
+from __future__ import annotations
+
+import re
+from fractions import Fraction
+
+_NUMBER = r"-?\$?\d[\d,]*(?:\.\d+)?(?:/\d+)?"
+_PATTERNS = (
+    re.compile(r"####\s*(" + _NUMBER + ")"),
+    re.compile(r"answer is[:\s]*\**\s*(" + _NUMBER + ")", re.IGNORECASE),
+)
+_ANY_NUMBER = re.compile(_NUMBER)
+_FRAC = re.compile(r"\\[dt]?frac\{\s*(-?\d+)\s*\}\{\s*(\d+)\s*\}")
+
+
+def boxed(text: str) -> str | None:
+    """The contents of the last \\boxed{...}, braces balanced."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, i = 0, start + len("\\boxed{") - 1
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i + 1:j]
+    return None
+
+
+def extract_answer(text: str) -> str | None:
+    """The final numeric answer of a solution, normalized (see normalize_number); None if none."""
+    inside = boxed(text)
+    if inside is not None:
+        plain = _FRAC.sub(r"\1/\2", inside).replace("\\$", "").replace("\\!", "").replace("\\,", "").strip()
+        return normalize_number(plain) or plain or None
+    for pattern in _PATTERNS:
+        found = pattern.findall(text)
+        if found:
+            return normalize_number(found[-1])
+    numbers = _ANY_NUMBER.findall(text)
+    return normalize_number(numbers[-1]) if numbers else None
+
+
+def normalize_number(s: str) -> str | None:
+    """'1,234' -> '1234', '$5.00' -> '5', '3/4' -> '3/4', '0.50' -> '1/2'; None if not a number."""
+    s = s.replace(",", "").replace("$", "").strip().rstrip(".")
+    try:
+        value = Fraction(s)
+    except (ValueError, ZeroDivisionError):
+        return None
+    return str(value.numerator) if value.denominator == 1 else str(value)
+
+
+def same_number(predicted: str | None, reference: str) -> bool:
+    """predicted (an extracted answer) equals the reference answer by value."""
+    if predicted is None:
+        return False
+    a, b = normalize_number(predicted), normalize_number(reference)
+    if a is not None and b is not None:
+        return a == b
+    return _math_verify(predicted, reference)
+
+
+def _math_verify(predicted: str, reference: str) -> bool:
+    """math-verify's equivalence for non-numeric forms (fractions in LaTeX, expressions); False without it."""
+    try:
+        from math_verify import parse, verify
+    except ImportError:
+        return False
+    return bool(verify(parse(f"${reference}$"), parse(f"${predicted}$")))
+
+
+def reference_answer(gsm8k_answer: str) -> str:
+    """The number after '####' in a GSM8K answer field."""
+    if "####" not in gsm8k_answer:
+        raise ValueError(f"a GSM8K answer ends in '#### <number>'; got {gsm8k_answer[-60:]!r}")
+    number = normalize_number(gsm8k_answer.rsplit("####", 1)[1].strip())
+    if number is None:
+        raise ValueError(f"the GSM8K answer {gsm8k_answer.rsplit('####', 1)[1].strip()!r} is not a number")
+    return number

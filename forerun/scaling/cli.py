@@ -1,0 +1,144 @@
+"""`forerun scale`: arguments -> task, strategies, generator and scorer -> evaluate -> results.json,
+report.md and plots. Wired into forerun/cli.py with add_scale_parser(subparsers)."""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from forerun.scaling.scorers import SCORERS
+from forerun.scaling.strategies import STRATEGIES, build_strategy
+from forerun.scaling.tasks import TASKS
+
+
+def add_scale_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "scale", help="inference-time scaling: sample, vote, best-of-n, beam, particles, A*, adaptive",
+        description="Answer a task's questions with inference-time scaling strategies at several budgets and "
+                    "write results.json, report.md and plots into --out.")
+    p.add_argument("--task", required=True, choices=list(TASKS))
+    p.add_argument("--data", help="GSM8K-format JSONL (question, answer ending in '#### <number>') for --task gsm8k")
+    p.add_argument("--count", type=int, default=100, help="--task arith: problems generated (default: %(default)s)")
+    p.add_argument("--strategy", default="vote",
+                   help=f"comma-separated, from: {', '.join(STRATEGIES)} (default: %(default)s)")
+    p.add_argument("--n", default="16", help="budget(s), comma-separated, e.g. 1,4,8 (default: %(default)s)")
+    p.add_argument("--reward", choices=list(SCORERS), help="scorer for best-of-n, weighted-best-of-n, beam, "
+                   "particles, astar and adaptive's pruning")
+    p.add_argument("--reward-model", help="local Hugging Face sequence-classification directory for --reward reward")
+    p.add_argument("--opt", action="append", default=[], metavar="STRATEGY.NAME=VALUE",
+                   help="a strategy option (repeatable), e.g. beam.width=4, particles.temperature=0.5, "
+                        "adaptive.prune=-1.6")
+    p.add_argument("--limit", type=int, help="first N problems")
+    p.add_argument("--out", default="scale-out", help="output directory (default: %(default)s)")
+    p.add_argument("--model", help="HF model directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--quant", choices=["q4"], default=None)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--method", default="ar", help="speculative method for decoding (exact; default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--delimiter", default="\n\n", help="between solution steps (default: a blank line)")
+    p.add_argument("--max-steps", type=int, default=8, help="step-level strategies finish on this step")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences the engine decodes at once")
+    p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="spread questions over Ray actors, each with its own engine: a local Ray instance, or the "
+                        "cluster at ADDRESS (same seeds, same answers as one process; needs `pip install ray`)")
+    p.add_argument("--workers", type=int, default=2, help="Ray actors (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run_scale_command)
+    return p
+
+
+def _budgets(text: str) -> list[int]:
+    try:
+        budgets = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--n takes integers separated by commas, got {text!r}") from None
+    if not budgets or min(budgets) < 1:
+        raise ValueError(f"--n budgets must be >= 1, got {text!r}")
+    return budgets
+
+
+def strategies_from_args(a: argparse.Namespace) -> list:
+    names = [s.strip() for s in a.strategy.split(",") if s.strip()]
+    options: dict[str, dict[str, str]] = {name: {} for name in names}
+    for opt in a.opt:
+        key, eq, value = opt.partition("=")
+        strategy, dot, name = key.partition(".")
+        if not eq or not dot:
+            raise ValueError(f"--opt takes STRATEGY.NAME=VALUE, got {opt!r}")
+        if strategy not in options:
+            raise ValueError(f"--opt {opt!r} names a strategy not in --strategy")
+        options[strategy][name] = value
+    built = [build_strategy(name, **options[name]) for name in names]
+    needing = [s.name for s in built if s.needs_scorer or getattr(s, "prune", None) is not None]
+    if needing and not a.reward:
+        raise ValueError(f"{', '.join(needing)} need a scorer: give --reward ({', '.join(SCORERS)})")
+    return built
+
+
+def run_scale_command(a: argparse.Namespace) -> int:
+    from forerun.scaling.report import markdown, write_results
+    from forerun.scaling.tasks import build_task
+
+    budgets, strategies = _budgets(a.n), strategies_from_args(a)
+    task = build_task(a.task, a.data, a.count, a.seed)
+    problems = task.problems(a.limit)
+    if a.ray is not None:
+        from forerun.scaling.distributed import evaluate_on_ray
+
+        results = evaluate_on_ray(a, len(problems), a.workers, None if a.ray == "local" else a.ray)
+    else:
+        results = run_scale(load_llm(a), task, problems, strategies, budgets, a)
+    results["settings"] = settings(a, strategies)
+    results["command"] = "forerun " + shlex.join(sys.argv[1:])
+    paths = write_results(results, Path(a.out))
+    print(markdown(results))
+    print("wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)
+    return 0
+
+
+def load_llm(a: argparse.Namespace):
+    from forerun.config import EngineConfig
+    from forerun.llm import LLM
+
+    return LLM(a.model, dtype=a.dtype, device=a.device, quant=a.quant, engine=EngineConfig(max_num_seqs=a.max_num_seqs))
+
+
+def solver_factory(llm, task, a: argparse.Namespace):
+    """strategy -> Solver: one generator (so one account) and one scorer for all of them."""
+    from forerun.config import SpecConfig
+    from forerun.scaling.generator import EngineGenerator
+    from forerun.scaling.model import ModelScore
+    from forerun.scaling.scorers import build_scorer
+    from forerun.scaling.strategies import Solver
+
+    needs_logprobs = a.reward in ("mean-logprob", "sum-logprob")
+    generator = EngineGenerator(llm, temperature=a.temperature, top_p=a.top_p, max_new_tokens=a.max_new_tokens,
+                                seed=a.seed, spec=SpecConfig(method=a.method), logprobs=needs_logprobs)
+    scorer = build_scorer(a.reward, ModelScore(llm, generator.account), a.reward_model) if a.reward else None
+    return lambda strategy: Solver(generator, task.answer_of, scorer, a.delimiter, a.max_steps, a.seed)
+
+
+def run_scale(llm, task, problems, strategies, budgets, a: argparse.Namespace) -> dict:
+    """Evaluate `strategies` on an LLM in this process (tests call it with a tiny model)."""
+    from forerun.scaling.run import Run, evaluate
+
+    progress = None
+    if not a.no_progress:
+        from tqdm import tqdm
+
+        def progress(items, desc):
+            return tqdm(items, desc=desc, file=sys.stderr, leave=False)
+
+    return evaluate(task, problems, [Run(s) for s in strategies], budgets, solver_factory(llm, task, a), progress)
+
+
+def settings(a: argparse.Namespace, strategies) -> dict:
+    return {"model": a.model or "embedded SmolLM2-135M-Instruct", "quant": a.quant, "method": a.method,
+            "temperature": a.temperature, "top_p": a.top_p, "max_new_tokens": a.max_new_tokens, "reward": a.reward,
+            "delimiter": a.delimiter, "max_steps": a.max_steps, "seed": a.seed, "ray": a.ray, "workers": a.workers,
+            "strategies": {s.name: repr(s) for s in strategies}}

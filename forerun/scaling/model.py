@@ -1,0 +1,43 @@
+"""The engine's log-probability API, in one place: per-token log-probabilities of sampled tokens
+(SamplingParams.logprobs, Generation.logprobs) and LLM.score, which returns
+log p(continuation[j] | prompt + continuation[:j]) for every j from one forward that reuses cached
+prefix blocks."""
+from __future__ import annotations
+
+from forerun.config import SamplingParams
+from forerun.scaling.types import Account
+from forerun.types import Generation
+
+
+def sampling_params(logprobs: bool = False, **kw) -> SamplingParams:
+    """SamplingParams, asking for each sampled token's log-probability when `logprobs`."""
+    if logprobs:
+        kw["logprobs"] = 0
+    return SamplingParams(**kw)
+
+
+def token_logprobs(g: Generation) -> tuple[float, ...]:
+    """The raw model's log-probability of each sampled token of g."""
+    if g.logprobs is None:
+        raise ValueError("the generation carries no log-probabilities (ask with SamplingParams(logprobs=0))")
+    return tuple(t.logprob for t in g.logprobs)
+
+
+class ModelScore:
+    """log p(continuation | prompt) per token from an LLM, counted in an account."""
+
+    def __init__(self, llm, account: Account):
+        self.llm, self.account = llm, account
+
+    def __call__(self, prompt_ids: list[int], continuation_ids: list[int]) -> list[float]:
+        if not continuation_ids:
+            raise ValueError("nothing to score: the continuation is empty")
+        self.account.score_forwards += 1
+        self.account.scored_tokens += len(continuation_ids)
+        return self.llm.score(list(prompt_ids), list(continuation_ids))
+
+    def encode(self, text: str) -> list[int]:
+        return self.llm.tokenizer.encode(text, add_bos=False)
+
+    def prompt(self, text: str) -> list[int]:
+        return self.llm.encode(text)

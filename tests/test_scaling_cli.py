@@ -1,0 +1,69 @@
+"""`forerun scale`: bad arguments fail before a model loads; on a tiny model the run writes
+results.json, report.md and plots with the account per strategy and budget."""
+import dataclasses
+import json
+from collections import Counter
+
+import pytest
+from conftest import StubTokenizer, tiny_runtime
+
+from forerun import LLM
+from forerun.cli import build_parser, main
+from forerun.config import EngineConfig
+from forerun.scaling.cli import run_scale, strategies_from_args
+from forerun.scaling.report import write_results
+from forerun.scaling.tasks import NumericTask, Problem
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--strategy", "nope"], "unknown strategy"),
+    (["--strategy", "best-of-n"], "need a scorer"),
+    (["--n", "0"], "budgets must be >= 1"),
+    (["--n", "a,b"], "integers"),
+    (["--opt", "beam.width=2"], "not in --strategy"),
+    (["--strategy", "beam", "--reward", "ptrue", "--opt", "beam.depth=2"], "no option 'depth'"),
+    (["--task", "humaneval", "--data", "x.jsonl"], "--data"),
+    (["--task", "gsm8k", "--data", "/nonexistent.jsonl"], "no GSM8K file"),
+])
+def test_bad_arguments_fail_before_the_model_loads(argv, message, capsys):
+    base = ["scale", "--task", "arith"] if "--task" not in argv else ["scale"]
+    assert main(base + argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unknown_task_is_an_argparse_error():
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["scale", "--task", "mmlu"])
+
+
+def test_a_run_on_a_tiny_model_writes_results_report_and_plots(tmp_path):
+    rt = dataclasses.replace(tiny_runtime(seed=5), tokenizer=StubTokenizer())
+    llm = LLM(runtime=rt, engine=EngineConfig(kv_cache_tokens=8192))
+    task = NumericTask("digits", [Problem(f"p{i}", " ".join(str(3 + i + j) for j in range(20)), str(7 + i))
+                                  for i in range(3)])
+    args = build_parser().parse_args(["scale", "--task", "arith", "--strategy", "sample,vote,adaptive",
+                                      "--n", "1,4", "--max-new-tokens", "5", "--temperature", "1.0",
+                                      "--no-progress", "--opt", "adaptive.wave=2"])
+    results = run_scale(llm, task, task.problems(), strategies_from_args(args), [1, 4], args)
+    results["command"] = "test"
+    paths = write_results(results, tmp_path)
+    assert {p.name for p in paths} == {"results.json", "report.md", "accuracy_vs_tokens.png", "coverage.png"}
+    saved = json.loads((tmp_path / "results.json").read_text())
+    runs = {(r["strategy"], r["budget"]): r for r in saved["runs"]}
+    assert set(runs) == {(s, n) for s in ("sample", "vote", "adaptive") for n in (1, 4)}
+    vote = runs["vote", 4]
+    assert vote["generated_tokens"] == 3 * 4 * 5  # no EOS in a tiny model: every sample runs to the limit
+    # the sample runs before left each 20-token prompt's full block in the prefix cache: per question 3
+    # tokens are computed (the last is the first decode row), the parent finds 16, the 3 forks share 20
+    assert vote["prefill_tokens"] == 3 * (20 - 16 - 1)
+    assert vote["cached_tokens"] == 3 * (16 + 3 * 20)
+    assert runs["sample", 1]["prefill_tokens"] == 3 * (20 - 1)  # the first run found nothing cached
+    for key in ("accuracy", "target_forwards", "wall_s", "engine_steps"):
+        assert key in vote
+    q = vote["questions"][0]
+    assert len(q["candidates"]) == 4 and {"answer", "correct", "text", "tokens"} <= set(q["candidates"][0])
+    votes = Counter(c["answer"] for c in q["candidates"] if c["answer"] is not None)
+    assert votes[q["answer"]] == max(votes.values())  # the vote's answer is a most frequent one
+    correct = [[c["correct"] for c in q["candidates"]] for q in runs["sample", 4]["questions"]]
+    assert saved["coverage"]["pass_at_k"][-1] == pytest.approx(sum(any(c) for c in correct) / 3)
+    assert "| vote | 4 |" in (tmp_path / "report.md").read_text()
