@@ -23,6 +23,7 @@ def _top_p(logits: Tensor, top_p: float) -> Tensor:
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
     cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
     drop_sorted = (cum - torch.softmax(sorted_logits, dim=-1)) >= top_p  # mass before this token
+    drop_sorted[..., 0] = False  # rounding can leave the top token a little mass before it
     drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 

@@ -103,3 +103,8 @@ def metric(url: str, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.split()[1])
     raise KeyError(name)
+
+
+def sse_payloads(lines) -> list[str]:
+    """The `data:` payloads of a server-sent event stream, in order."""
+    return [line[len("data:"):].strip() for line in lines if line.startswith("data:")]

@@ -9,6 +9,7 @@ from forerun.serve.errors import APIError, bad_request
 from forerun.serve.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields, Speculation
 
 MAX_PROMPTS = 64  # prompts in one completions request
+GREEDY_BELOW = 1e-5  # a temperature this low is greedy decoding (dividing logits by it overflows)
 
 
 def check_model(requested: str | None, served: str) -> None:
@@ -72,7 +73,8 @@ def max_new_tokens(asked: int | None, prompt_len: int, context: int) -> int:
 def sampling_params(body: SamplingFields, max_tokens: int, logprobs: int | None, vocab_size: int) -> SamplingParams:
     stop_ids = list(body.stop_token_ids or ())
     check_token_ids(stop_ids, vocab_size, "stop_token_ids")
-    fields = dict(temperature=1.0 if body.temperature is None else body.temperature,
+    temperature = 1.0 if body.temperature is None else body.temperature
+    fields = dict(temperature=temperature if temperature >= GREEDY_BELOW else 0.0,
                   top_p=1.0 if body.top_p is None else body.top_p,
                   top_k=max(body.top_k or 0, 0), seed=body.seed, max_new_tokens=max_tokens,
                   stop=body.stop_strings(), ignore_eos=body.ignore_eos, n=body.n,

@@ -1,0 +1,281 @@
+"""`forerun serve` through the official openai client, against real server processes: a tiny random
+model (fast, real tokenizer) for the API surface and errors, the embedded q4 model for equality with
+`forerun generate` and losslessness through speculation; plus in-process checks of loading and
+in-stream failures."""
+import json
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, settings
+from schemathesis.checks import not_a_server_error
+
+from helpers_serve import REPO, ServerProcess, metric, sse_payloads, tiny_model_dir
+
+KEY = "test-key"
+MESSAGES = [{"role": "user", "content": "Write a short poem about the sea."}]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return tiny_model_dir(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="module")
+def server(tiny_dir, tmp_path_factory):
+    proc = ServerProcess("--model", str(tiny_dir), "--served-model-name", "tiny", "--api-key", KEY,
+                         "--method", "pld", "--kv-cache-tokens", "16384", "--max-num-seqs", "32",
+                         log=tmp_path_factory.mktemp("logs") / "tiny.log")
+    try:
+        yield proc.wait_ready()
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+def greedy_chat(client, **kw):
+    return client.chat.completions.create(model="tiny", messages=MESSAGES, temperature=0, **kw)
+
+
+# -- the API surface ----------------------------------------------------------------------------------
+
+def test_models_and_health(server, client):
+    assert httpx.get(server.url + "/health").status_code == 200
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["tiny"]
+
+
+def test_completion_and_its_usage(client):
+    out = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=12, temperature=0)
+    choice = out.choices[0]
+    assert out.object == "text_completion" and choice.index == 0 and choice.text
+    assert choice.finish_reason in ("stop", "length")
+    prompt_ids = httpx.post(str(client.base_url).replace("/v1/", "/tokenize"), json={"prompt": "Once upon a time"},
+                            headers={"Authorization": f"Bearer {KEY}"}).json()["tokens"]
+    assert out.usage.prompt_tokens == len(prompt_ids)
+    assert 0 < out.usage.completion_tokens <= 12
+    assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
+    stats = out.model_extra["forerun"]
+    assert stats["method"] == "pld" and stats["choices"][0]["new_tokens"] == out.usage.completion_tokens
+    assert stats["choices"][0]["target_forwards"] >= 1 and stats["choices"][0]["tau"] >= 1
+
+
+def test_chat_streamed_equals_unstreamed(client):
+    whole = greedy_chat(client, max_tokens=20)
+    chunks = list(greedy_chat(client, max_tokens=20, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
+    reasons = [c.choices[0].finish_reason for c in chunks]
+    assert reasons[-1] == whole.choices[0].finish_reason and not any(reasons[:-1])
+    assert {c.id for c in chunks} == {chunks[0].id} and all(c.object == "chat.completion.chunk" for c in chunks)
+
+
+def test_completion_streamed_equals_unstreamed(client):
+    args = dict(model="tiny", prompt="The weather today", max_tokens=16, temperature=0)
+    whole = client.completions.create(**args).choices[0]
+    chunks = list(client.completions.create(stream=True, **args))
+    assert "".join(c.choices[0].text for c in chunks) == whole.text
+    assert [c.choices[0].finish_reason for c in chunks][-1] == whole.finish_reason
+
+
+def test_n3_choices_are_interleaved_and_finish_last(client):
+    out = client.chat.completions.create(model="tiny", messages=MESSAGES, n=3, temperature=1.0, seed=3,
+                                         max_tokens=12)
+    assert sorted(c.index for c in out.choices) == [0, 1, 2]
+    assert len({c.message.content for c in out.choices}) > 1  # three samples, not one copied
+    chunks = list(client.chat.completions.create(model="tiny", messages=MESSAGES, n=3, temperature=1.0, seed=3,
+                                                 max_tokens=12, stream=True))
+    order = [c.choices[0].index for c in chunks]
+    last = {i: max(j for j, k in enumerate(order) if k == i) for i in range(3)}
+    assert min(last.values()) > min(order.index(i) for i in (1, 2))  # a later choice streams before 0 ends
+    for j, c in enumerate(chunks):
+        assert bool(c.choices[0].finish_reason) == (j == last[c.choices[0].index])
+    texts = ["".join(c.choices[0].delta.content or "" for c in chunks if c.choices[0].index == i) for i in range(3)]
+    assert texts == [c.message.content for c in sorted(out.choices, key=lambda c: c.index)]
+
+
+def test_several_prompts_and_token_ids(client):
+    out = client.completions.create(model="tiny", prompt=["Hello", "Goodbye"], n=2, max_tokens=6, temperature=0)
+    assert [c.index for c in out.choices] == [0, 1, 2, 3]
+    assert out.choices[0].text == out.choices[1].text != out.choices[2].text == out.choices[3].text
+    ids = httpx.post(str(client.base_url).replace("/v1/", "/tokenize"), json={"prompt": "Hello"},
+                     headers={"Authorization": f"Bearer {KEY}"}).json()["tokens"]
+    by_ids = client.completions.create(model="tiny", prompt=ids, max_tokens=6, temperature=0)
+    assert by_ids.choices[0].text == out.choices[0].text
+
+
+def test_stop_strings(client):
+    full = greedy_chat(client, max_tokens=24).choices[0].message.content
+    words = full.split()
+    stop = words[len(words) // 2]
+    before = full[:full.index(stop)]
+    out = greedy_chat(client, max_tokens=24, stop=[stop, "\x00never"]).choices[0]
+    assert (out.message.content, out.finish_reason) == (before, "stop")
+    kept = greedy_chat(client, max_tokens=24, stop=stop, extra_body={"include_stop_str_in_output": True})
+    assert kept.choices[0].message.content == before + stop
+    streamed = "".join(c.choices[0].delta.content or "" for c in greedy_chat(client, max_tokens=24, stop=stop,
+                                                                              stream=True))
+    assert streamed == before
+
+
+def test_stop_token_ids_and_ignore_eos(client):
+    vocab = 49152
+    out = greedy_chat(client, max_tokens=8, extra_body={"stop_token_ids": list(range(vocab))}).choices[0]
+    assert (out.message.content, out.finish_reason) == ("", "stop")
+    full = greedy_chat(client, max_tokens=24, extra_body={"ignore_eos": True})
+    assert full.usage.completion_tokens == 24 and full.choices[0].finish_reason == "length"
+    half = greedy_chat(client, max_tokens=24, extra_body={"stop_token_ids": list(range(vocab // 2))})
+    assert full.choices[0].message.content.startswith(half.choices[0].message.content)
+    assert half.choices[0].finish_reason == "stop" and half.usage.completion_tokens < 24
+
+
+def test_seed_reproducibility(client):
+    def sample(seed):
+        return client.completions.create(model="tiny", prompt="Tell me a story", max_tokens=16, temperature=0.9,
+                                         top_p=0.95, seed=seed, extra_body={"top_k": 50}).choices[0].text
+    assert sample(7) == sample(7)
+    assert sample(7) != sample(8)
+
+
+def test_include_usage_chunk(client):
+    args = dict(model="tiny", messages=MESSAGES, n=2, max_tokens=8, seed=1)
+    whole = client.chat.completions.create(**args)
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **args))
+    *body, last = chunks
+    assert last.choices == [] and all(c.usage is None and len(c.choices) == 1 for c in body)
+    assert last.usage == whole.usage  # the same seed draws the same tokens
+
+
+def test_sse_ends_with_done(server):
+    with httpx.stream("POST", server.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                      json={"prompt": "Hi", "max_tokens": 5, "stream": True}, timeout=60) as r:
+        payloads = sse_payloads(r.iter_lines())
+    assert payloads[-1] == "[DONE]" and all(json.loads(p)["choices"] for p in payloads[:-1])
+
+
+def test_echo(client):
+    out = client.completions.create(model="tiny", prompt="Echo this", max_tokens=4, temperature=0, echo=True)
+    assert out.choices[0].text.startswith("Echo this") and len(out.choices[0].text) > len("Echo this")
+
+
+def test_speculation_per_request_is_lossless(client):
+    texts = {}
+    for spec in ({"method": "ar"}, {"method": "pld", "num_draft": 3}, "pld", {"budget": "goodput"}):
+        out = greedy_chat(client, max_tokens=24, extra_body={"speculation": spec})
+        texts[json.dumps(spec)] = out.choices[0].message.content
+        method = spec if isinstance(spec, str) else spec.get("method", "pld")
+        assert out.model_extra["forerun"]["method"] == method
+    assert len(set(texts.values())) == 1, texts
+
+
+def test_tokenize_detokenize(server):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    ids = httpx.post(server.url + "/tokenize", json={"prompt": "hello world"}, headers=headers).json()
+    assert ids["count"] == len(ids["tokens"]) > 0 and ids["max_model_len"] == 256
+    text = httpx.post(server.url + "/detokenize", json={"tokens": ids["tokens"]}, headers=headers).json()
+    assert text["prompt"].strip() == "hello world"
+    chat = httpx.post(server.url + "/tokenize", json={"messages": MESSAGES}, headers=headers).json()
+    assert chat["count"] > ids["count"]
+
+
+# -- errors -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(temperature=-1), "temperature"),
+    (dict(n=0), "n"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(max_tokens=10_000), "context"),
+    (dict(stop=[""]), "stop"),
+    (dict(presence_penalty=0.5), "presence_penalty"),
+    (dict(extra_body={"speculation": {"method": "telepathy"}}), "telepathy"),
+    (dict(extra_body={"speculation": {"num_draft": 9, "max_draft": 4}}), "num_draft"),
+    (dict(extra_body={"stop_token_ids": [-3]}), "stop_token_ids"),
+    (dict(top_logprobs=3), "logprobs"),
+])
+def test_invalid_parameters_are_400(client, kw, message):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=MESSAGES, **kw)
+    assert message in str(e.value)
+    assert e.value.body["type"] == "invalid_request_error"
+
+
+def test_prompt_longer_than_context_is_400(client):
+    with pytest.raises(openai.BadRequestError, match="context"):
+        client.completions.create(model="tiny", prompt=[5] * 300, max_tokens=4)
+    with pytest.raises(openai.BadRequestError, match="empty"):
+        client.completions.create(model="tiny", prompt=[], max_tokens=4)
+    with pytest.raises(openai.BadRequestError, match="token ids"):
+        client.completions.create(model="tiny", prompt=[10**9], max_tokens=4)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="tiny", messages=[], max_tokens=4)
+
+
+def test_wrong_or_missing_key_is_401(server):
+    for key in ("wrong", ""):
+        bad = openai.OpenAI(base_url=server.url + "/v1", api_key=key or "-", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            bad.models.list()
+    assert httpx.post(server.url + "/v1/completions", json={"prompt": "x"}).status_code == 401
+    assert httpx.get(server.url + "/health").status_code == 200  # health and metrics stay open
+
+
+def test_unknown_model_is_404(client):
+    with pytest.raises(openai.NotFoundError, match="nope"):
+        client.completions.create(model="nope", prompt="x", max_tokens=2)
+
+
+def test_oversized_body_is_413(client):
+    with pytest.raises(openai.APIStatusError) as e:
+        client.completions.create(model="tiny", prompt="x" * (5 * 2**20), max_tokens=2)
+    assert e.value.status_code == 413 and "larger" in str(e.value)
+
+
+def test_malformed_json_is_400(server):
+    r = httpx.post(server.url + "/v1/completions", content=b"{not json", timeout=10,
+                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+    r = httpx.get(server.url + "/v1/nothing-here", headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 404 and "error" in r.json()
+
+
+# -- metrics ------------------------------------------------------------------------------------------
+
+def test_metrics(server, client):
+    greedy_chat(client, max_tokens=8, extra_body={"speculation": {"method": "pld"}})
+    text = httpx.get(server.url + "/metrics").text
+    for name in ("forerun:requests_total", "forerun:num_seqs_running", "forerun:num_seqs_waiting",
+                 "forerun:kv_cache_usage_perc", "forerun:prefix_cache_hit_rate",
+                 "forerun:time_to_first_token_seconds_bucket", "forerun:time_per_output_token_seconds_bucket",
+                 "forerun:e2e_request_latency_seconds_bucket", "forerun:spec_decode_num_drafts_total",
+                 "forerun:spec_decode_num_draft_tokens_total", "forerun:spec_decode_num_accepted_tokens_total",
+                 "forerun:spec_decode_num_accepted_tokens_per_pos_total"):
+        assert name in text, name
+    assert 'forerun:requests_total{route="/v1/chat/completions",status="200"}' in text
+    assert metric(server.url, "forerun:num_seqs_running") == 0
+    assert metric(server.url, "forerun:kv_cache_used_blocks") == 0
+
+
+# -- fuzzing ------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def api_schema(server):
+    schema = schemathesis.openapi.from_url(server.url + "/openapi.json")
+    return schema
+
+
+fuzzed = schemathesis.pytest.from_fixture("api_schema")
+
+
+@fuzzed.parametrize()
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+def test_fuzzed_requests_never_get_a_5xx(case):
+    case.call_and_validate(headers={"Authorization": f"Bearer {KEY}"}, checks=[not_a_server_error], timeout=60)
