@@ -3,6 +3,7 @@ model (fast, real tokenizer) for the API surface and errors, the embedded q4 mod
 `forerun generate` and losslessness through speculation; plus in-process checks of loading and
 in-stream failures."""
 import json
+import signal
 import subprocess
 import sys
 import threading
@@ -279,3 +280,176 @@ fuzzed = schemathesis.pytest.from_fixture("api_schema")
 @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
 def test_fuzzed_requests_never_get_a_5xx(case):
     case.call_and_validate(headers={"Authorization": f"Bearer {KEY}"}, checks=[not_a_server_error], timeout=60)
+
+
+# -- in-process: loading and failures -----------------------------------------------------------------
+
+def _wait_healthy(c, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while c.get("/health").status_code != 200:
+        assert time.monotonic() < deadline, "never became healthy"
+        time.sleep(0.05)
+
+
+def test_503_while_loading(tiny_dir):
+    from fastapi.testclient import TestClient
+
+    from forerun.engine.engine import Engine
+    from forerun.models.runtime import load
+    from forerun.serve.app import ServeConfig, create_app
+
+    gate = threading.Event()
+
+    def slow_load():
+        assert gate.wait(60)
+        return Engine(load(str(tiny_dir)))
+
+    with TestClient(create_app(slow_load, ServeConfig("tiny"))) as c:
+        for path in ("/health", "/v1/models"):
+            r = c.get(path)
+            assert r.status_code == 503 and "loading" in r.json()["error"]["message"]
+        assert c.post("/v1/completions", json={"prompt": "hi"}).status_code == 503
+        gate.set()
+        _wait_healthy(c)
+        assert c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}).status_code == 200
+
+
+def test_failure_inside_a_stream_sends_an_error_chunk_then_done(tiny_dir):
+    from fastapi.testclient import TestClient
+
+    from forerun.engine.engine import Engine
+    from forerun.models.runtime import load
+    from forerun.serve.app import ServeConfig, create_app
+
+    class FailsOnce(Engine):
+        """An engine whose fourth step raises, once."""
+
+        failed = False
+
+        def step(self):
+            if self.steps == 3 and not self.failed:
+                self.failed = True
+                raise RuntimeError("injected failure")
+            return super().step()
+
+    body = {"messages": MESSAGES, "max_tokens": 40, "stream": True, "ignore_eos": True, "speculation": "ar"}
+    with TestClient(create_app(lambda: FailsOnce(load(str(tiny_dir))), ServeConfig("tiny"))) as c:
+        _wait_healthy(c)
+        with c.stream("POST", "/v1/chat/completions", json=body) as r:
+            payloads = sse_payloads(r.iter_lines())
+        assert r.status_code == 200 and payloads[-1] == "[DONE]"
+        error = json.loads(payloads[-2])["error"]
+        assert "injected failure" in error["message"] and error["type"] == "internal_error"
+        assert len(payloads) >= 4  # the role chunk and content before the failure
+        again = c.post("/v1/chat/completions", json={**body, "stream": False})  # the server goes on serving
+        assert again.status_code == 200 and again.json()["usage"]["completion_tokens"] == 40
+        assert 'finish_reason="error"' in c.get("/metrics").text
+
+
+# -- the embedded model, q4 ---------------------------------------------------------------------------
+
+SUMMARY = "Summarize: The cat sat on the mat. The cat was happy because the mat was warm and soft."
+
+
+@pytest.fixture(scope="module")
+def q4_server(tmp_path_factory):
+    proc = ServerProcess("--quant", "q4", "--method", "pld", "--max-num-seqs", "16",
+                         log=tmp_path_factory.mktemp("logs") / "q4.log")
+    try:
+        yield proc.wait_ready()
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="module")
+def q4_client(q4_server):
+    return openai.OpenAI(base_url=q4_server.url + "/v1", api_key="none", max_retries=0, timeout=300)
+
+
+def test_greedy_chat_equals_forerun_generate(q4_client):
+    prompt = "Name three primary colors."
+    proc = subprocess.run([sys.executable, "-m", "forerun", "generate", prompt, "--json", "--quant", "q4",
+                           "--method", "ar", "--max-new-tokens", "32"], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    ref = json.loads(proc.stdout)
+    out = q4_client.chat.completions.create(model="SmolLM2-135M-Instruct", temperature=0, max_tokens=32,
+                                            messages=[{"role": "user", "content": prompt}])
+    assert out.choices[0].message.content == ref["text"]
+    assert out.usage.completion_tokens == len(ref["token_ids"])
+
+
+def test_speculation_is_lossless_through_the_server(q4_client):
+    def text(speculation, stream=False):
+        args = dict(model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": SUMMARY}], temperature=0,
+                    max_tokens=32, extra_body={"speculation": speculation, "ignore_eos": True})
+        if stream:
+            return "".join(c.choices[0].delta.content or "" for c in q4_client.chat.completions.create(stream=True,
+                                                                                                      **args))
+        out = q4_client.chat.completions.create(**args)
+        return out.choices[0].message.content, out.model_extra["forerun"]["choices"][0]["tau"]
+
+    ref, tau = text("ar")
+    assert tau == 1.0
+    accepted = False
+    for spec in ("pld", {"method": "layer-skip", "exit_layer": 20}, "recycle", {"method": "pld", "budget": "goodput"}):
+        got, tau = text(spec)
+        assert got == ref, spec
+        accepted |= tau > 1.0
+    assert accepted  # some method did speculate
+    assert text("pld", stream=True) == ref
+
+
+def _idle(url: str, aborted_before: float, timeout: float = 20) -> float:
+    """Seconds until the server is idle with every KV block back, after one more abort."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if metric(url, "forerun:num_seqs_running") == 0 and metric(url, "forerun:kv_cache_used_blocks") == 0 \
+                and _aborts(url) > aborted_before:
+            return time.monotonic() - start
+        time.sleep(0.1)
+    raise AssertionError("the aborted request kept running or kept its KV blocks")
+
+
+def _aborts(url: str) -> float:
+    text = httpx.get(url + "/metrics").text
+    prefix = 'forerun:request_samples_finished_total{finish_reason="abort"}'
+    line = next((x for x in text.splitlines() if x.startswith(prefix)), None)
+    return float(line.split()[1]) if line else 0.0
+
+
+LONG = {"model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "Tell me a long story."}],
+        "max_tokens": 1000, "ignore_eos": True, "temperature": 0}
+
+
+def test_a_disconnected_stream_is_aborted(q4_server):
+    before = _aborts(q4_server.url)
+    with httpx.stream("POST", q4_server.url + "/v1/chat/completions", json={**LONG, "stream": True}, timeout=60) as r:
+        lines = r.iter_lines()
+        for _ in range(6):  # a few chunks in, the client goes away
+            next(lines)
+    _idle(q4_server.url, before)
+
+
+def test_a_disconnected_plain_request_is_aborted(q4_server):
+    before = _aborts(q4_server.url)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(q4_server.url + "/v1/chat/completions", json=LONG, timeout=1.5)
+    _idle(q4_server.url, before)
+
+
+def test_sigterm_drains_requests_in_flight(q4_server):
+    """Runs last of the q4 tests: it stops their server."""
+    with httpx.stream("POST", q4_server.url + "/v1/chat/completions", timeout=120,
+                      json={**LONG, "max_tokens": 40, "stream": True}) as r:
+        lines = r.iter_lines()
+        first = [next(lines) for _ in range(4)]
+        q4_server.proc.send_signal(signal.SIGTERM)
+        payloads = sse_payloads(first + list(lines))
+    assert payloads[-1] == "[DONE]"
+    chunks = [json.loads(p) for p in payloads[:-1]]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert sum(1 for c in chunks if c["choices"][0]["delta"].get("content")) > 4
+    assert q4_server.proc.wait(60) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it has shut down
+    log = q4_server.log()
+    assert "Application shutdown complete" in log and "Traceback" not in log

@@ -170,6 +170,11 @@ class _Api:
         rq.check_model(model, self.config.model_name)
         return self.worker.engine
 
+    def _model(self, model: str | None) -> tuple[object, int, int]:
+        """(tokenizer, context length, vocabulary size) of the served model."""
+        engine = self._engine(model)
+        return engine.runtime.tokenizer, engine.runtime.context_length, engine.model.args.vocab_size
+
     async def health(self) -> Response:
         try:
             self.worker.check_ready()
@@ -184,8 +189,7 @@ class _Api:
             "max_model_len": engine.runtime.context_length}]}
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
-        engine = self._engine(body.model)
-        tokenizer, context, vocab = engine.runtime.tokenizer, engine.runtime.context_length, engine.model.args.vocab_size
+        tokenizer, context, vocab = self._model(body.model)
         prompts = rq.completion_prompts(body.prompt, tokenizer, vocab)
         logprobs = rq.completion_logprobs(body)
         params = [rq.sampling_params(body, rq.max_new_tokens(body.max_tokens, len(p), context), logprobs, vocab)
@@ -209,8 +213,7 @@ class _Api:
                                      forerun=rs.forerun_stats(job.spec, generations)))
 
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
-        engine = self._engine(body.model)
-        tokenizer, context, vocab = engine.runtime.tokenizer, engine.runtime.context_length, engine.model.args.vocab_size
+        tokenizer, context, vocab = self._model(body.model)
         prompt = rq.chat_prompt(body.messages, tokenizer)
         asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         logprobs = rq.chat_logprobs(body)
@@ -272,7 +275,8 @@ def _data(chunk: dict) -> str:
     return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
 
 
-def _usage_extra(body, job: _Job) -> dict:
+def _usage_extra(body) -> dict:
+    """OpenAI sends `usage: null` in every chunk but the last when usage was asked for."""
     return {"usage": None} if body.include_usage else {}
 
 
@@ -284,7 +288,7 @@ def _usage_chunk(envelope: rs.Envelope, job: _Job) -> dict:
 
 async def _completion_chunks(job: _Job, body: CompletionRequest, envelope: rs.Envelope, echoes: list[str],
                              text_of: rs.TokenText) -> AsyncIterator[dict]:
-    extra = _usage_extra(body, job)
+    extra = _usage_extra(body)
     offsets = {}  # choice -> characters streamed so far (logprobs' text_offset)
     for i in range(len(job.prompts) * job.n):
         offsets[i] = len(echoes[i // job.n])
@@ -307,7 +311,7 @@ async def _completion_chunks(job: _Job, body: CompletionRequest, envelope: rs.En
 
 async def _chat_chunks(job: _Job, body: ChatCompletionRequest, envelope: rs.Envelope,
                        text_of: rs.TokenText) -> AsyncIterator[dict]:
-    extra = _usage_extra(body, job)
+    extra = _usage_extra(body)
     for i in range(job.n):
         yield envelope([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                          "finish_reason": None}], **extra)
