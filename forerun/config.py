@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+MAX_LOGPROBS = 20  # most likely alternatives a generated token can carry
+
 
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
@@ -18,6 +20,10 @@ class SamplingParams:
     n: int = 1  # samples of the prompt: one prefill, then n sequences sharing its KV (forked)
     stop_token_ids: tuple[int, ...] = ()  # end a sample like EOS does (finish "stop"), even with ignore_eos
     include_stop_str_in_output: bool = False  # keep the stop string that ended a sample in its text
+    # None: off. k >= 0: every generated token carries its log-probability under the model's own
+    # distribution (log-softmax of the logits, before temperature, top-k and top-p), and the k most
+    # likely tokens with theirs.
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -35,6 +41,8 @@ class SamplingParams:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.n < 1:
             raise ValueError(f"n must be >= 1, got {self.n}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be between 0 and {MAX_LOGPROBS}, got {self.logprobs}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
 

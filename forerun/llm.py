@@ -43,6 +43,10 @@ class LLM:
         Engine.release() gives it back."""
         return self.engine.prefilled(prompt_ids, params, spec)
 
+    def score(self, prompt_ids: list[int], continuation_ids: list[int]) -> list[float]:
+        """log p(continuation_ids[j] | prompt_ids + continuation_ids[:j]) for every j, in one forward."""
+        return self.engine.score(prompt_ids, continuation_ids)
+
     def encode(self, prompt: Prompt, chat: bool | None = None) -> list[int]:
         """Token ids for a prompt. chat=None applies the chat template when the model has one."""
         tok = self.tokenizer

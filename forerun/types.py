@@ -52,6 +52,16 @@ class Scores:
 
 
 @dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model (before temperature, top-k, top-p), and
+    the most likely tokens at its position with theirs, most likely first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Verdict:
     path: list[int]  # accepted node indices, starting with the root 0
     next_token: int  # drawn from the target after the path: a correction or a bonus token
@@ -118,10 +128,14 @@ class Generation:
     finish_reason: str  # "eos", "stop", "length" or "abort"
     stats: Stats
     samples: tuple[Generation, ...] = ()
+    logprobs: list[TokenLogprob] | None = None  # aligned with token_ids, when SamplingParams.logprobs is set
 
     def to_dict(self) -> dict:
         out = {"text": self.text, "token_ids": self.token_ids, "finish_reason": self.finish_reason,
                "stats": self.stats.to_dict()}
+        if self.logprobs is not None:
+            out["logprobs"] = [{"token_id": t.token_id, "logprob": t.logprob, "top": [list(x) for x in t.top]}
+                               for t in self.logprobs]
         if self.samples:
             out["samples"] = [s.to_dict() for s in self.samples]
         return out

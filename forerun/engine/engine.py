@@ -28,10 +28,10 @@ from forerun.engine.goodput import Entry, Goodput
 from forerun.engine.kv_pool import KVPool
 from forerun.engine.scheduler import Scheduler, Work
 from forerun.engine.sequence import Sequence, Status
-from forerun.models.batch import ForwardOutput
+from forerun.models.batch import ForwardBatch, ForwardOutput, Segment
 from forerun.stream import TextStream
 from forerun.tree import depths
-from forerun.types import Draft, Generation, Scores, Verdict
+from forerun.types import Draft, Generation, Scores, TokenLogprob, Verdict
 from forerun.verify import verify
 
 FREE_MEMORY_SHARE = 0.25  # of free memory the KV pool takes by default
@@ -47,6 +47,7 @@ class SampleOutput:
     token_ids: list[int]  # new ids (after EOS, stop strings and the token limit are applied)
     text: str  # new text, when the request streams text (held back while it may start a stop string)
     finish_reason: str | None  # set on the sample's last output: "eos", "stop", "length"
+    logprobs: list[TokenLogprob] | None = None  # aligned with token_ids, when the request asks
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +140,35 @@ class Engine:
         seq.cached += work.chunk
         seq.draft_state, seq.begun = self.drafter(spec).begin(seq), True
         return seq
+
+    @torch.inference_mode()
+    def score(self, prompt_ids: list[int], continuation_ids: list[int]) -> list[float]:
+        """log p(continuation_ids[j] | prompt_ids + continuation_ids[:j]) under the model, for every j:
+        one forward outside the schedule. The prompt's cached blocks are reused, and the blocks this
+        computes stay in the prefix cache for requests (or scores) that share them."""
+        if not prompt_ids or not continuation_ids:
+            raise ValueError("score needs a non-empty prompt and continuation")
+        tokens = list(prompt_ids) + list(continuation_ids)
+        self._check(tokens[:-1], SamplingParams(max_new_tokens=1))
+        if max(continuation_ids) >= self.model.args.vocab_size or min(continuation_ids) < 0:
+            raise ValueError(f"token ids must lie in [0, {self.model.args.vocab_size})")
+        request = Request("", list(prompt_ids), SamplingParams(), SpecConfig(), False, time.perf_counter())
+        seq = self._sequence(request, 0, list(prompt_ids), None)
+        self.pool.match_prefix(seq)  # within the prompt: the rows that predict the continuation run
+        seq.tokens = tokens
+        try:
+            if not self.pool.reserve(seq, len(tokens)):
+                raise ValueError("the KV pool has no room to score this now")
+            first = seq.cached
+            rows = Segment(torch.tensor(tokens[first:]), torch.arange(first, len(tokens)),
+                           seq.slots(0, len(tokens)), logits_from=len(prompt_ids) - 1 - first)
+            out = self.model(ForwardBatch.pack([rows]), self.pool.store)
+            seq.cached = len(tokens)
+            self.pool.register(seq)
+            logp = torch.log_softmax(out.logits[: len(continuation_ids)].float(), dim=-1)
+            return logp.gather(1, torch.tensor(continuation_ids, device=logp.device)[:, None])[:, 0].tolist()
+        finally:
+            self.pool.free_sequence(seq)
 
     def release(self, seq: Sequence) -> None:
         """Give back a sequence from prefilled()."""
@@ -337,6 +367,8 @@ class Engine:
             self.pool.commit(seq, verdict.path)
             new = draft.tokens[verdict.path[1:]].tolist() + [verdict.next_token]
             seq.tokens.extend(new)
+            logprobs = None if seq.params.logprobs is None else token_logprobs(
+                scores[i].logits[verdict.path], new, seq.params.logprobs)
             self.pool.trim(seq, seq.cached)
             self.pool.register(seq)
             self.drafter(seq.spec).observe(seq, draft, verdict, scores[i])
@@ -353,7 +385,7 @@ class Engine:
             seq.stats.verify_s += forward_s
             seq.stats.accept_histogram[len(new)] += 1
             finished_steps.append((seq, draft, verdict, len(new), w.chunk))
-            self._emit(seq, new)
+            self._emit(seq, new, logprobs)
         seconds = time.perf_counter() - start
         for seq, draft, verdict, emitted, chunk in finished_steps:
             share = None if chunk else seconds * draft.rows / total_rows  # a prefill's time is not drafting's
@@ -362,7 +394,7 @@ class Engine:
 
     # -- outputs --------------------------------------------------------------------------------------
 
-    def _emit(self, seq: Sequence, new: list[int]) -> None:
+    def _emit(self, seq: Sequence, new: list[int], logprobs: list[TokenLogprob] | None) -> None:
         """Apply the token limit, EOS and stop strings to a step's new tokens; finish seq if done."""
         params = seq.params
         new = new[: params.max_new_tokens - len(seq.output)]
@@ -384,18 +416,23 @@ class Engine:
             before = len(seq.output) - len(new)
             new = new[: max(seq.stream.cut_ids - before, 0)]
             seq.output = seq.output[: seq.stream.cut_ids]
+        if logprobs is not None:
+            logprobs = logprobs[: len(new)]
+            seq.logprobs.extend(logprobs)
+            del seq.logprobs[len(seq.output):]
         final = seq.stream.final_text(seq.output) if reason is not None else None  # flushes held-back text
         text = "".join(seq.text)
         seq.text.clear()
         if new or text or reason:
-            self._outputs.setdefault(seq.request_id, []).append(SampleOutput(seq.index, new, text, reason))
+            self._outputs.setdefault(seq.request_id, []).append(SampleOutput(seq.index, new, text, reason, logprobs))
         if reason is not None:
             self._finish(seq, reason, final)
 
     def _finish(self, seq: Sequence, reason: str, text: str) -> None:
         seq.stats.new_tokens = len(seq.output)
         seq.stats.wall_s = time.perf_counter() - seq.arrival
-        generation = Generation(text=text, token_ids=list(seq.output), finish_reason=reason, stats=seq.stats)
+        generation = Generation(text=text, token_ids=list(seq.output), finish_reason=reason, stats=seq.stats,
+                                logprobs=None if seq.params.logprobs is None else list(seq.logprobs))
         self.requests[seq.request_id].done[seq.index] = generation
         self._release(seq, reason)
 
@@ -417,6 +454,17 @@ class Engine:
                 del self.requests[request_id]
         self._outputs = {}
         return outputs
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], top: int) -> list[TokenLogprob]:
+    """Each token's log-probability under the logits row before it (row j predicts tokens[j]), with
+    the `top` most likely tokens of that row."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logp.gather(1, torch.tensor(tokens, device=logp.device)[:, None])[:, 0].tolist()
+    if top == 0:
+        return [TokenLogprob(t, lp) for t, lp in zip(tokens, chosen)]
+    values, ids = logp.topk(top, dim=-1)
+    return [TokenLogprob(t, lp, tuple(zip(i, v))) for t, lp, i, v in zip(tokens, chosen, ids.tolist(), values.tolist())]
 
 
 def _outcome(draft: Draft, verdict: Verdict) -> str:

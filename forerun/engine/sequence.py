@@ -50,6 +50,7 @@ class Sequence:
     stats: Stats = field(default_factory=Stats)
     arrival: float = 0.0
     output: list[int] = field(default_factory=list)  # ids emitted so far (EOS, limits, stops applied)
+    logprobs: list = field(default_factory=list)  # TokenLogprob per output id, when the request asks
     stream: object = None  # forerun.stream.TextStream: stop strings, and text when it streams
     text: list[str] = field(default_factory=list)  # streamed text not yet handed out
     finish_reason: str | None = None

@@ -1,0 +1,106 @@
+"""Token log-probabilities of generated tokens, and LLM.score: both agree with one plain forward over
+the whole text, whatever method decoded it, alone or in a batch, and follow stop and EOS cuts."""
+import math
+
+import pytest
+import torch
+
+from conftest import tiny_runtime
+from helpers_parity import single_thread  # noqa: F401  (a fixture)
+from test_equivalence import PROMPTS
+
+from forerun import LLM, SamplingParams, SpecConfig
+from forerun.models.batch import ForwardBatch
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def full_logprobs(runtime, tokens: list[int]) -> torch.Tensor:
+    """[len(tokens), V]: log-softmax of every row of one causal forward in a cache of its own."""
+    model = runtime.model
+    out = model(ForwardBatch.contiguous(torch.tensor(tokens), torch.arange(len(tokens)), 0),
+                model.new_cache(len(tokens)))
+    return torch.log_softmax(out.logits.float(), dim=-1)
+
+
+@pytest.mark.parametrize("method", ["ar", "pld"])
+def test_logprobs_match_one_forward_over_the_text(method):
+    runtime = tiny_runtime(seed=3)
+    llm = LLM(runtime=runtime)
+    params = SamplingParams(max_new_tokens=20, ignore_eos=True, logprobs=3)
+    outs = llm.generate_batch_ids([PROMPTS[0], PROMPTS[1]], params, SpecConfig(method=method))
+    for prompt, out in zip([PROMPTS[0], PROMPTS[1]], outs):
+        assert len(out.logprobs) == len(out.token_ids) == 20
+        ref = full_logprobs(runtime, prompt + out.token_ids)[len(prompt) - 1:-1]
+        for j, (tok, lp) in enumerate(zip(out.token_ids, out.logprobs)):
+            assert lp.token_id == tok
+            assert lp.logprob == pytest.approx(ref[j, tok].item(), abs=1e-4)
+            values, ids = ref[j].topk(3)
+            assert [t for t, _ in lp.top] == ids.tolist()
+            assert [v for _, v in lp.top] == pytest.approx(values.tolist(), abs=1e-4)
+            assert lp.top[0][0] == tok  # greedy: the chosen token is the most likely one
+        # score() of the same continuation gives the same numbers
+        assert llm.score(prompt, out.token_ids) == pytest.approx([lp.logprob for lp in out.logprobs], abs=1e-4)
+
+
+def test_logprobs_off_by_default_and_zero_means_the_chosen_token_only():
+    llm = LLM(runtime=tiny_runtime(seed=3))
+    plain = llm.generate_batch_ids([PROMPTS[2]], SamplingParams(max_new_tokens=6, ignore_eos=True))[0]
+    assert plain.logprobs is None
+    chosen = llm.generate_batch_ids([PROMPTS[2]], SamplingParams(max_new_tokens=6, ignore_eos=True, logprobs=0))[0]
+    assert [lp.top for lp in chosen.logprobs] == [()] * 6
+    assert all(lp.logprob <= 0 for lp in chosen.logprobs)
+
+
+def test_sampled_tokens_carry_the_models_raw_logprob():
+    """At temperature 0.7 the reported number is the raw model's, not the tempered distribution's."""
+    runtime = tiny_runtime(seed=3)
+    llm = LLM(runtime=runtime)
+    params = SamplingParams(temperature=0.7, top_k=5, seed=11, max_new_tokens=12, ignore_eos=True, logprobs=2)
+    out = llm.generate_batch_ids([PROMPTS[0]], params, SpecConfig(method="pld"))[0]
+    ref = full_logprobs(runtime, PROMPTS[0] + out.token_ids)[len(PROMPTS[0]) - 1:-1]
+    got = [lp.logprob for lp in out.logprobs]
+    assert got == pytest.approx([ref[j, t].item() for j, t in enumerate(out.token_ids)], abs=1e-4)
+
+
+def test_n_samples_each_carry_their_own_logprobs():
+    runtime = tiny_runtime(seed=3)
+    llm = LLM(runtime=runtime)
+    params = SamplingParams(temperature=1.0, seed=5, n=3, max_new_tokens=8, ignore_eos=True, logprobs=0)
+    out = llm.generate_batch_ids([PROMPTS[1]], params)[0]
+    for sample in out.samples:
+        ref = full_logprobs(runtime, PROMPTS[1] + sample.token_ids)[len(PROMPTS[1]) - 1:-1]
+        assert [lp.logprob for lp in sample.logprobs] == pytest.approx(
+            [ref[j, t].item() for j, t in enumerate(sample.token_ids)], abs=1e-4)
+
+
+def test_logprobs_follow_the_stop_and_eos_cuts():
+    """On the embedded model (q4): a stop string and EOS cut the ids, and the logprobs with them."""
+    llm = LLM(quant="q4")
+    count = llm.encode("Count from 1 to 20, separated by commas.")
+    out = llm.generate_ids(count, SamplingParams(max_new_tokens=64, stop=("5",), logprobs=1), SpecConfig(method="pld"))
+    assert out.finish_reason == "stop" and "5" not in out.text
+    assert [lp.token_id for lp in out.logprobs] == out.token_ids
+    short = llm.encode("Say hi.")
+    out = llm.generate_ids(short, SamplingParams(max_new_tokens=64, logprobs=0), SpecConfig(method="pld"))
+    assert out.finish_reason == "eos" and len(out.logprobs) == len(out.token_ids)
+
+
+def test_score_reuses_cached_blocks_and_checks_input():
+    llm = LLM(runtime=tiny_runtime(seed=3))
+    prompt = list(range(5, 60))
+    cont = [7, 8, 9, 10]
+    first = llm.score(prompt, cont)
+    assert len(first) == 4 and all(x <= 0 and math.isfinite(x) for x in first)
+    hits = llm.engine.pool.hit_blocks
+    assert llm.score(prompt, cont) == pytest.approx(first, abs=1e-5)
+    assert llm.engine.pool.hit_blocks > hits  # the prompt's full blocks came from the prefix cache
+    assert llm.engine.pool.used == 0  # nothing held afterwards
+    with pytest.raises(ValueError):
+        llm.score(prompt, [])
+    with pytest.raises(ValueError):
+        llm.score([], cont)
+    with pytest.raises(ValueError):
+        llm.score(prompt, [10 ** 6])
+    with pytest.raises(ValueError):
+        SamplingParams(logprobs=21)
