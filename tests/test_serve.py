@@ -166,6 +166,39 @@ def test_sse_ends_with_done(server):
 def test_echo(client):
     out = client.completions.create(model="tiny", prompt="Echo this", max_tokens=4, temperature=0, echo=True)
     assert out.choices[0].text.startswith("Echo this") and len(out.choices[0].text) > len("Echo this")
+    with pytest.raises(openai.BadRequestError, match="echo"):  # the prompt's own logprobs are not computed
+        client.completions.create(model="tiny", prompt="Echo this", max_tokens=4, echo=True, logprobs=1)
+
+
+def test_completion_logprobs(client):
+    out = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=10, temperature=0,
+                                    logprobs=3).choices[0]
+    lp = out.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 10
+    for token, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert value <= 0 and 1 <= len(top) <= 3
+        assert value == pytest.approx(max(top.values()), abs=1e-5)  # greedy picks the most likely token
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+
+
+def test_chat_logprobs_streamed_and_not(client):
+    args = dict(model="tiny", messages=MESSAGES, max_tokens=10, logprobs=True, top_logprobs=2, temperature=0,
+                extra_body={"ignore_eos": True})
+    whole = client.chat.completions.create(**args).choices[0].logprobs.content
+    assert len(whole) == 10
+    for entry in whole:
+        assert [t.token for t in entry.top_logprobs][0] == entry.token and len(entry.top_logprobs) == 2
+        assert entry.logprob == pytest.approx(entry.top_logprobs[0].logprob, abs=1e-5)
+        assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob
+        assert bytes(entry.bytes).decode("utf-8", "replace") == entry.token
+    streamed = [e for c in client.chat.completions.create(stream=True, **args) if c.choices[0].logprobs
+                for e in c.choices[0].logprobs.content]
+    assert [e.token for e in streamed] == [e.token for e in whole]
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in whole], abs=1e-5)
+    sampled = client.chat.completions.create(**{**args, "temperature": 1.0, "seed": 5}).choices[0].logprobs.content
+    assert all(e.logprob <= e.top_logprobs[0].logprob + 1e-6 for e in sampled)  # raw distribution, not tempered
+    plain = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=4, temperature=0)
+    assert plain.choices[0].logprobs is None
 
 
 def test_speculation_per_request_is_lossless(client):
@@ -201,6 +234,7 @@ def test_tokenize_detokenize(server):
     (dict(extra_body={"speculation": {"num_draft": 9, "max_draft": 4}}), "num_draft"),
     (dict(extra_body={"stop_token_ids": [-3]}), "stop_token_ids"),
     (dict(top_logprobs=3), "logprobs"),
+    (dict(logprobs=True, top_logprobs=21), "top_logprobs"),
 ])
 def test_invalid_parameters_are_400(client, kw, message):
     with pytest.raises(openai.BadRequestError) as e:

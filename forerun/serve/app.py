@@ -298,7 +298,7 @@ async def _completion_chunks(job: _Job, body: CompletionRequest, envelope: rs.En
     async for p, out in job.events():
         for s in out.samples:
             i = p * job.n + s.index
-            entries = getattr(s, "logprobs", None)
+            entries = s.logprobs
             if not (s.text or s.finish_reason or entries):
                 continue
             logprobs = None if body.logprobs is None else rs.completion_logprobs(entries or [], text_of, offsets[i])
@@ -317,7 +317,7 @@ async def _chat_chunks(job: _Job, body: ChatCompletionRequest, envelope: rs.Enve
                          "finish_reason": None}], **extra)
     async for _, out in job.events():
         for s in out.samples:
-            entries = getattr(s, "logprobs", None)
+            entries = s.logprobs
             if not (s.text or s.finish_reason or entries):
                 continue
             delta = {"content": s.text} if s.text else {}

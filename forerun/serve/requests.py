@@ -78,15 +78,12 @@ def sampling_params(body: SamplingFields, max_tokens: int, logprobs: int | None,
                   top_p=1.0 if body.top_p is None else body.top_p,
                   top_k=max(body.top_k or 0, 0), seed=body.seed, max_new_tokens=max_tokens,
                   stop=body.stop_strings(), ignore_eos=body.ignore_eos, n=body.n,
-                  stop_token_ids=tuple(stop_ids), include_stop_str_in_output=body.include_stop_str_in_output)
-    if logprobs is not None:
-        fields["logprobs"] = logprobs
+                  stop_token_ids=tuple(stop_ids), include_stop_str_in_output=body.include_stop_str_in_output,
+                  logprobs=logprobs)
     try:
         return SamplingParams(**fields)
     except ValueError as e:
         raise bad_request(str(e)) from None
-    except TypeError:  # an engine built without per-token log-probabilities
-        raise bad_request("logprobs are not supported by this build of forerun", param="logprobs") from None
 
 
 def completion_logprobs(body: CompletionRequest) -> int | None:
