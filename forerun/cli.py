@@ -8,7 +8,7 @@ import sys
 from forerun.bench.cli import add_bench_parser
 from forerun.config import EngineConfig, SamplingParams, SpecConfig
 from forerun.retrieval.cli import add_datastore_parser
-from forerun.serve.cli import add_serve_parser
+from forerun.serve.cli import add_serve_parsers
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_parser(sub)
     add_datastore_parser(sub)
-    add_serve_parser(sub)
+    add_serve_parsers(sub)
     return parser
 
 

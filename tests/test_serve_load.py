@@ -3,12 +3,14 @@
 across rounds."""
 import asyncio
 import json
+import subprocess
+import sys
 import time
 
 import httpx
 import pytest
 
-from helpers_serve import ServerProcess, metric, sse_payloads, tiny_model_dir
+from helpers_serve import REPO, ServerProcess, metric, sse_payloads, tiny_model_dir
 
 CLIENTS = 32
 PROMPTS = ["Tell me about the sea.", "What is two plus two?", "Write a haiku.", "Describe a cat."]
@@ -16,7 +18,7 @@ PROMPTS = ["Tell me about the sea.", "What is two plus two?", "Write a haiku.", 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    model = tiny_model_dir(tmp_path_factory.mktemp("tiny-model"))
+    model = tiny_model_dir(tmp_path_factory.mktemp("tiny-model"), context=1024)
     proc = ServerProcess("--model", str(model), "--served-model-name", "tiny", "--method", "pld",
                          "--kv-cache-tokens", "32768", "--max-num-seqs", "64",
                          log=tmp_path_factory.mktemp("logs") / "load.log")
@@ -142,3 +144,20 @@ def test_python_heap_stays_flat_across_rounds(tmp_path):
         finally:
             tracemalloc.stop()
     assert growth < 1 * 2**20, growth
+
+
+def test_bench_serve_measures_the_server(server, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "forerun", "bench-serve", "--base-url", server.url, "--model", "tiny",
+                           "--num-prompts", "6", "--max-tokens", "8", "--concurrency", "1,3", "--goodput", "ttft:60000",
+                           "tpot:0.001", "--extra-body", '{"ignore_eos": true}', "--out", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert [run["load"]["concurrency"] for run in result["runs"]] == [1, 3]
+    for run in result["runs"]:
+        assert (run["completed"], run["failed"], run["output_tokens"]) == (6, 0, 48)
+        assert run["output_throughput"] == pytest.approx(48 / run["duration_s"], rel=0.01)
+        assert 0 < run["ttft_ms"]["p50"] <= run["e2e_ms"]["p50"] and run["tpot_ms"]["p99"] >= run["tpot_ms"]["p50"]
+        assert run["goodput"] == 0  # no request meets a TPOT of one microsecond
+    assert "| concurrency 3 | 6 | 0 |" in (tmp_path / "report.md").read_text()
+    assert (tmp_path / "latency-vs-load.png").stat().st_size > 10_000

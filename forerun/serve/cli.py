@@ -1,5 +1,6 @@
-"""`forerun serve`: arguments -> EngineConfig, SpecConfig, ServeConfig -> uvicorn. Wired into
-forerun/cli.py by add_serve_parser(subparsers).
+"""`forerun serve`: arguments -> EngineConfig, SpecConfig, ServeConfig -> uvicorn; and `forerun
+bench-serve`, its load generator (forerun.bench.serving). Wired into forerun/cli.py by
+add_serve_parsers(subparsers).
 
 The speculation flags repeat `forerun generate`'s (forerun/cli.py's _decode_args also holds sampling
 flags, which a server takes per request); their values go through the same spec_config()."""
@@ -10,6 +11,12 @@ import logging
 import sys
 
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+
+
+def add_serve_parsers(subparsers) -> None:
+    """`forerun serve` and `forerun bench-serve` (a separate command: `forerun bench` has its own flags)."""
+    add_serve_parser(subparsers)
+    add_bench_serve_parser(subparsers)
 
 
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
@@ -94,3 +101,72 @@ def cmd_serve(a: argparse.Namespace) -> int:
         print(f"forerun serve: error: the model failed to load: {failed}", file=sys.stderr)
         return 1
     return 0 if server.started else 1
+
+
+def add_bench_serve_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "bench-serve", help="load an OpenAI-compatible server and measure latency and throughput",
+        description="Stream chat completions of Spec-Bench questions to any OpenAI-compatible server at given "
+                    "concurrencies or request rates; report throughput, TTFT/TPOT/ITL/E2E percentiles and "
+                    "goodput, and write results.json, report.md and latency-vs-load.png into --out.")
+    p.add_argument("--base-url", default="http://127.0.0.1:8000", help="the server's root (default: %(default)s)")
+    p.add_argument("--model", help="model name to send (default: none; the server's own)")
+    p.add_argument("--dataset", help="Spec-Bench-format JSONL, e.g. ../shared/data/spec_bench/question.jsonl "
+                                     "(default: the built-in prompt set)")
+    p.add_argument("--categories", help="only these categories, comma-separated")
+    p.add_argument("--num-prompts", type=int, default=32, help="requests per load level (default: %(default)s)")
+    p.add_argument("--max-tokens", type=int, default=64, help="(default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.0, help="(default: greedy)")
+    p.add_argument("--concurrency", help="comma-separated client counts, e.g. 1,4,16 (default: 1)")
+    p.add_argument("--request-rate", help="comma-separated request rates per second, e.g. 0.5,2,inf")
+    p.add_argument("--arrival", choices=["poisson", "fixed"], default="poisson",
+                   help="arrivals at a request rate (default: %(default)s)")
+    p.add_argument("--goodput", nargs="*", default=[], metavar="NAME:MS",
+                   help="SLOs for goodput, e.g. --goodput ttft:500 tpot:50 (names: ttft, tpot, e2e)")
+    p.add_argument("--api-key", help="sent as `Authorization: Bearer KEY`")
+    p.add_argument("--extra-body", default="{}",
+                   help='JSON merged into every request, e.g. \'{"speculation": {"method": "ar"}}\'')
+    p.add_argument("--label", default="", help="names the server in the report")
+    p.add_argument("--warmup", type=int, default=1, help="unmeasured requests before each level (default: 1)")
+    p.add_argument("--seed", type=int, default=0, help="prompt order and Poisson arrivals (default: 0)")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per request (default: %(default)s)")
+    p.add_argument("--out", default="bench-serve-out", help="output directory (default: %(default)s)")
+    p.set_defaults(func=cmd_bench_serve)
+    return p
+
+
+def cmd_bench_serve(a: argparse.Namespace) -> int:
+    import json
+    import random
+    import shlex
+    from pathlib import Path
+
+    from forerun.bench.contenders import parse_list
+    from forerun.bench.datasets import load_questions
+    from forerun.bench.serving import ServeBenchOptions, parse_loads, parse_slos, run_serve_bench, write_outputs
+
+    try:
+        import httpx  # noqa: F401
+    except ImportError:
+        raise ValueError("forerun bench-serve needs httpx: pip install 'forerun[serve]'") from None
+    try:
+        extra = json.loads(a.extra_body)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--extra-body is not JSON: {e}") from None
+    if not isinstance(extra, dict):
+        raise ValueError("--extra-body must be a JSON object")
+    if a.num_prompts < 1 or a.max_tokens < 1 or a.warmup < 0:
+        raise ValueError("--num-prompts and --max-tokens must be >= 1, --warmup >= 0")
+    questions = load_questions(a.dataset, parse_list(a.categories) or None)
+    random.Random(a.seed).shuffle(questions)  # Spec-Bench's file runs category by category
+    options = ServeBenchOptions(
+        base_url=a.base_url, model=a.model, questions=tuple(questions),
+        loads=parse_loads(a.concurrency, a.request_rate), num_prompts=a.num_prompts, max_tokens=a.max_tokens,
+        temperature=a.temperature, arrival=a.arrival, slos_ms=parse_slos(a.goodput), api_key=a.api_key,
+        extra_body=tuple(extra.items()), warmup=a.warmup, seed=a.seed, timeout_s=a.timeout, label=a.label,
+        command="forerun " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["bench-serve"] else shlex.join(sys.argv))
+    result = run_serve_bench(options, log=lambda msg: print(msg, file=sys.stderr))
+    paths = write_outputs(result, Path(a.out))
+    print((Path(a.out) / "report.md").read_text())
+    print("wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)
+    return 0 if all(run["completed"] for run in result["runs"]) else 1
