@@ -380,6 +380,28 @@ def test_failure_inside_a_stream_sends_an_error_chunk_then_done(tiny_dir):
         assert 'finish_reason="error"' in c.get("/metrics").text
 
 
+def test_default_max_tokens_fits_the_kv_pool(tiny_dir):
+    """Without max_tokens a chat may run to the end of the context, but no further than a small
+    pool can hold for its n samples; a request the pool can never hold is a 400."""
+    from fastapi.testclient import TestClient
+
+    from forerun.config import EngineConfig
+    from forerun.engine.engine import Engine
+    from forerun.models.runtime import load
+    from forerun.serve.app import ServeConfig, create_app
+
+    app = create_app(lambda: Engine(load(str(tiny_dir)), EngineConfig(kv_cache_tokens=320)), ServeConfig("tiny"))
+    with TestClient(app) as c:
+        _wait_healthy(c)
+        body = {"messages": MESSAGES, "n": 2, "ignore_eos": True, "temperature": 0}
+        r = c.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        usage = r.json()["usage"]
+        assert usage["prompt_tokens"] + usage["completion_tokens"] // 2 < 256  # cut by the pool, not the context
+        r = c.post("/v1/chat/completions", json={**body, "max_tokens": 200})
+        assert r.status_code == 400 and "KV" in r.json()["error"]["message"]
+
+
 # -- the embedded model, q4 ---------------------------------------------------------------------------
 
 SUMMARY = "Summarize: The cat sat on the mat. The cat was happy because the mat was warm and soft."

@@ -58,8 +58,8 @@ def create_app(load: Callable[[], Engine], config: ServeConfig,
                   version="0.1.0", lifespan=lifespan)
     app.state.worker, app.state.metrics, app.state.config = worker, metrics, config
     install_error_handlers(app)
-    app.add_middleware(CountRequests, metrics=metrics)
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
+    app.add_middleware(CountRequests, metrics=metrics)  # the outermost: it also counts the 413s
     api = _Api(worker, config)
     auth = [Depends(_api_key_check(config.api_key))]
 
@@ -170,10 +170,11 @@ class _Api:
         rq.check_model(model, self.config.model_name)
         return self.worker.engine
 
-    def _model(self, model: str | None) -> tuple[object, int, int]:
-        """(tokenizer, context length, vocabulary size) of the served model."""
+    def _model(self, model: str | None) -> tuple[object, int, int, object]:
+        """(tokenizer, context length, vocabulary size, KV pool) of the served model: fixed at load,
+        so the event loop may read them beside the engine thread."""
         engine = self._engine(model)
-        return engine.runtime.tokenizer, engine.runtime.context_length, engine.model.args.vocab_size
+        return engine.runtime.tokenizer, engine.runtime.context_length, engine.model.args.vocab_size, engine.pool
 
     async def health(self) -> Response:
         try:
@@ -189,11 +190,11 @@ class _Api:
             "max_model_len": engine.runtime.context_length}]}
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
-        tokenizer, context, vocab = self._model(body.model)
+        tokenizer, context, vocab, pool = self._model(body.model)
         prompts = rq.completion_prompts(body.prompt, tokenizer, vocab)
         logprobs = rq.completion_logprobs(body)
-        params = [rq.sampling_params(body, rq.max_new_tokens(body.max_tokens, len(p), context), logprobs, vocab)
-                  for p in prompts]
+        params = [rq.sampling_params(body, rq.max_new_tokens(body.max_tokens, len(p), context, body.n, pool),
+                                     logprobs, vocab) for p in prompts]
         job = _Job(self.worker, prompts, params, rq.request_spec(body.speculation, self.config.spec))
         await job.start(stream_text=body.stream)
         envelope = rs.Envelope("cmpl", "text_completion", self.config.model_name)
@@ -213,11 +214,12 @@ class _Api:
                                      forerun=rs.forerun_stats(job.spec, generations)))
 
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
-        tokenizer, context, vocab = self._model(body.model)
+        tokenizer, context, vocab, pool = self._model(body.model)
         prompt = rq.chat_prompt(body.messages, tokenizer)
         asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         logprobs = rq.chat_logprobs(body)
-        params = rq.sampling_params(body, rq.max_new_tokens(asked, len(prompt), context), logprobs, vocab)
+        limit = rq.max_new_tokens(asked, len(prompt), context, body.n, pool)
+        params = rq.sampling_params(body, limit, logprobs, vocab)
         job = _Job(self.worker, [prompt], [params], rq.request_spec(body.speculation, self.config.spec))
         await job.start(stream_text=body.stream)
         envelope = rs.Envelope("chatcmpl", "chat.completion", self.config.model_name)

@@ -55,15 +55,17 @@ def chat_prompt(messages: list[ChatMessage], tokenizer) -> list[int]:
     return tokenizer.encode(text, add_bos=False)
 
 
-def max_new_tokens(asked: int | None, prompt_len: int, context: int) -> int:
-    """The token limit: as asked, else what the context leaves. A prompt that leaves no room, or a
-    limit past the context, is a 400 (as vLLM answers), not a silently shortened answer."""
+def max_new_tokens(asked: int | None, prompt_len: int, context: int, n: int, pool) -> int:
+    """The token limit: as asked, else what the context leaves and the KV pool (forerun.engine.kv_pool,
+    whose size is fixed) can hold for n samples at once. A prompt that leaves no room, or a limit past
+    the context, is a 400 (as vLLM answers), not a silently shortened answer."""
     if prompt_len >= context:
         raise bad_request(f"the prompt has {prompt_len} tokens; this model's context holds {context} "
                           "(prompt and completion together)", param="messages")
     room = context - prompt_len
-    if asked is None:
-        return room
+    if asked is None:  # as the engine counts: the prompt's blocks, and per sample its own plus one
+        blocks = (pool.num_blocks - pool.blocks_for(prompt_len)) // n - 1
+        return max(min(room, blocks * pool.block_size), 1)
     if asked > room:
         raise bad_request(f"this model's context holds {context} tokens; the prompt has {prompt_len}, so at most "
                           f"{room} can be generated, but {asked} were asked for", param="max_tokens")
