@@ -509,3 +509,17 @@ def test_sigterm_drains_requests_in_flight(q4_server):
     assert q4_server.proc.wait(60) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it has shut down
     log = q4_server.log()
     assert "Application shutdown complete" in log and "Traceback" not in log
+
+
+@pytest.mark.parametrize("args, status, message", [
+    (["--method", "nonsense"], 2, "unknown method"),
+    (["--quant", "q4", "--dtype", "bfloat16"], 2, "float32"),
+    (["--model", "/no/such/model"], 1, "does not exist"),
+])
+def test_serve_bad_flags_are_clear_errors(args, status, message, tmp_path):
+    proc = ServerProcess(*args, log=tmp_path / "bad.log")
+    assert proc.proc.wait(120) == status
+    log = proc.log()
+    proc.stop()
+    assert "forerun serve: error:" in log or "forerun: error:" in log
+    assert message in log and "Traceback" not in log

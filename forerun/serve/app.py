@@ -41,11 +41,12 @@ class ServeConfig:
 
 
 def create_app(load: Callable[[], Engine], config: ServeConfig,
-               on_load_failure: Callable[[str], None] | None = None) -> FastAPI:
+               on_failure: Callable[[str], None] | None = None) -> FastAPI:
     """An app whose engine thread starts with the app's lifespan and calls load() first; until it
-    returns, every model endpoint and /health answer 503."""
+    returns, every model endpoint and /health answer 503. on_failure(reason) is called if the engine
+    can no longer serve (load() raised, or the engine thread failed)."""
     metrics = Metrics()
-    worker = EngineWorker(load, metrics, on_load_failure)
+    worker = EngineWorker(load, metrics, on_failure)
     metrics.watch_engine(lambda: worker.snapshot)
 
     @asynccontextmanager

@@ -88,17 +88,16 @@ def cmd_serve(a: argparse.Namespace) -> int:
         engine.drafter(spec)  # a bad draft model or option fails now, not at the first request
         return engine
 
-    def load_failed(reason: str) -> None:
+    def failed(reason: str) -> None:  # the engine cannot serve: exit (a supervisor may restart it)
         if server is not None:
             server.should_exit = True
 
-    app = create_app(load, ServeConfig(served_name(a), spec, a.api_key), on_load_failure=load_failed)
+    app = create_app(load, ServeConfig(served_name(a), spec, a.api_key), on_failure=failed)
     server = uvicorn.Server(uvicorn.Config(app, host=a.host, port=a.port, log_level=a.log_level,
                                            timeout_graceful_shutdown=None))
     server.run()
-    failed = app.state.worker.failed
-    if failed is not None:
-        print(f"forerun serve: error: the model failed to load: {failed}", file=sys.stderr)
+    if app.state.worker.failed is not None:
+        print(f"forerun serve: error: {app.state.worker.failed}", file=sys.stderr)
         return 1
     return 0 if server.started else 1
 

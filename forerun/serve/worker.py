@@ -96,22 +96,28 @@ class _Stop:
 
 @dataclass(slots=True)
 class _Live:
-    """A running request's timing, for the latency histograms."""
+    """A request in flight: where its outputs go, and its timing for the latency histograms."""
 
     stream: RequestStream
     spec: SpecConfig
+    samples: int  # n
     arrival: float
+    finished: int = 0  # samples finished
     first_token: float | None = None  # of any sample
     sample_first: dict[int, float] = field(default_factory=dict)  # sample index -> its first token's time
     sample_tokens: dict[int, int] = field(default_factory=dict)  # sample index -> tokens so far
 
+    @property
+    def unfinished(self) -> int:
+        return self.samples - self.finished
+
 
 class EngineWorker:
     def __init__(self, load: Callable[[], Engine], metrics: Metrics,
-                 on_load_failure: Callable[[str], None] | None = None):
+                 on_failure: Callable[[str], None] | None = None):
         self._load = load
         self._metrics = metrics
-        self._on_load_failure = on_load_failure
+        self._on_failure = on_failure
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._live: dict[str, _Live] = {}
         self._thread = threading.Thread(target=self._main, name="forerun-engine", daemon=True)
@@ -128,10 +134,11 @@ class EngineWorker:
 
     def check_ready(self) -> None:
         if self.failed is not None:
-            raise unavailable(f"the model failed to load: {self.failed}")
-        if not self.ready.is_set() or not self._thread.is_alive():
-            raise unavailable("the model is loading" if self._thread.is_alive() or not self.ready.is_set()
-                              else "the engine has stopped")
+            raise unavailable(self.failed)
+        if not self.ready.is_set():
+            raise unavailable("the model is loading")
+        if not self._thread.is_alive():
+            raise unavailable("the engine has stopped")
 
     async def submit(self, prompt_ids: list[int], params: SamplingParams, spec: SpecConfig,
                      request_id: str, stream_text: bool, outputs: asyncio.Queue) -> None:
@@ -157,20 +164,33 @@ class EngineWorker:
         try:
             self.engine = self._load()
         except Exception as e:  # noqa: BLE001  (any load error is reported, and the server exits)
-            log.exception("loading the model failed")
-            self.failed = f"{type(e).__name__}: {e}"
-            if self._on_load_failure is not None:
-                self._on_load_failure(self.failed)
+            if isinstance(e, (ValueError, FileNotFoundError)):  # a bad path or setting: the message says it all
+                log.error("loading the model failed: %s", e)
+            else:
+                log.exception("loading the model failed")
+            self.failed = f"the model failed to load: {type(e).__name__}: {e}"
+            if self._on_failure is not None:
+                self._on_failure(self.failed)
             return
         self._publish()
         self.ready.set()
         log.info("engine ready")
+        try:
+            self._loop()
+        except Exception as e:  # noqa: BLE001  (a bug here must not leave requests waiting forever)
+            log.exception("the engine thread failed")
+            self.failed = f"the engine thread failed: {type(e).__name__}: {e}"
+            self._fail_live(APIError(500, self.failed, type="internal_error"))
+            if self._on_failure is not None:
+                self._on_failure(self.failed)
+        self._refuse_late_commands()
+
+    def _loop(self) -> None:
         while not (self._stopping and not self.engine.has_unfinished()):
             self._take_commands(wait=not self.engine.has_unfinished() and not self._stopping)
             if self.engine.has_unfinished():
                 self._step()
             self._publish()
-        self._refuse_late_commands()
 
     def _take_commands(self, wait: bool) -> None:
         try:
@@ -189,8 +209,9 @@ class EngineWorker:
             self._add(command)
         elif isinstance(command, _Abort):
             self.engine.abort(command.request_id)
-            if self._live.pop(command.request_id, None) is not None:
-                self._metrics.finished.labels("abort").inc()
+            live = self._live.pop(command.request_id, None)
+            if live is not None:
+                self._metrics.finished.labels("abort").inc(live.unfinished)
         elif isinstance(command, _Stop):
             self._stopping = True
 
@@ -212,7 +233,7 @@ class EngineWorker:
             log.exception("adding request %s failed", stream.request_id)
             stream.settle(APIError(500, f"the engine could not take the request: {e}", type="internal_error"))
             return
-        self._live[stream.request_id] = _Live(stream, add.spec, time.perf_counter())
+        self._live[stream.request_id] = _Live(stream, add.spec, add.params.n, time.perf_counter())
         stream.settle(None)
 
     def _step(self) -> None:
@@ -220,11 +241,7 @@ class EngineWorker:
             outputs = self.engine.step()
         except Exception as e:  # noqa: BLE001  (fail the requests in flight, keep serving)
             log.exception("engine step failed")
-            for request_id, live in self._live.items():
-                self.engine.abort(request_id)
-                live.stream.put(APIError(500, f"the engine failed: {type(e).__name__}: {e}", type="internal_error"))
-                self._metrics.finished.labels("error").inc()
-            self._live.clear()
+            self._fail_live(APIError(500, f"the engine failed: {type(e).__name__}: {e}", type="internal_error"))
             return
         now = time.perf_counter()
         for out in outputs:
@@ -237,6 +254,14 @@ class EngineWorker:
                 self._metrics.observe_finished(live.spec, out.generations, now - live.arrival)
             live.stream.put(out)
 
+    def _fail_live(self, error: APIError) -> None:
+        """Abort every request in flight and hand each the error."""
+        for request_id, live in self._live.items():
+            self.engine.abort(request_id)
+            live.stream.put(error)
+            self._metrics.finished.labels("error").inc(live.unfinished)
+        self._live.clear()
+
     def _time(self, live: _Live, out: RequestOutput, now: float) -> None:
         for sample in out.samples:
             i = sample.index
@@ -246,8 +271,10 @@ class EngineWorker:
                     live.first_token = now
                     self._metrics.ttft.observe(now - live.arrival)
             live.sample_tokens[i] = live.sample_tokens.get(i, 0) + len(sample.token_ids)
-            if sample.finish_reason is not None and live.sample_tokens[i] > 1:
-                self._metrics.tpot.observe((now - live.sample_first[i]) / (live.sample_tokens[i] - 1))
+            if sample.finish_reason is not None:
+                live.finished += 1
+                if live.sample_tokens[i] > 1:
+                    self._metrics.tpot.observe((now - live.sample_first[i]) / (live.sample_tokens[i] - 1))
 
     def _publish(self) -> None:
         engine = self.engine
