@@ -84,8 +84,8 @@ class RequestResult:
 def run_serve_bench(options: ServeBenchOptions, log=print) -> dict:
     """Every load in turn against the server; returns the results (as written to results.json)."""
     runs = []
-    for load in options.loads:
-        results, seconds = asyncio.run(_run(options, load))
+    for level, load in enumerate(options.loads):
+        results, seconds = asyncio.run(_run(options, load, level))
         summary = summarize(results, seconds, dict(options.slos_ms))
         runs.append({"load": asdict(load), "label": load.label, **summary})
         log(f"{load.label}: {summary['completed']} done, {summary['failed']} failed, "
@@ -97,16 +97,22 @@ def run_serve_bench(options: ServeBenchOptions, log=print) -> dict:
             "extra_body": dict(options.extra_body), "runs": runs}
 
 
-async def _run(options: ServeBenchOptions, load: Load) -> tuple[list[RequestResult], float]:
+async def _run(options: ServeBenchOptions, load: Load, level: int) -> tuple[list[RequestResult], float]:
+    """One load level. Each level asks the next questions of the list (wrapping around), and warm-up
+    requests come from its end, so that a prompt seen before does not find its KV in a server's
+    prefix cache while the list lasts."""
     import httpx
 
-    prompts = [options.questions[i % len(options.questions)].turns[0] for i in range(options.num_prompts)]
+    questions = options.questions
+    first = level * options.num_prompts
+    prompts = [questions[(first + i) % len(questions)].turns[0] for i in range(options.num_prompts)]
+    warmups = [questions[-1 - i % len(questions)].turns[0] for i in range(options.warmup)]
     headers = {"Authorization": f"Bearer {options.api_key}"} if options.api_key else {}
     limits = httpx.Limits(max_connections=max(load.concurrency or 0, 64), max_keepalive_connections=64)
     async with httpx.AsyncClient(base_url=options.base_url.rstrip("/") + "/v1", headers=headers, limits=limits,
                                  timeout=options.timeout_s) as http:
-        for i in range(options.warmup):
-            await _request(http, options, prompts[i % len(prompts)], i, time.perf_counter())
+        for i, prompt in enumerate(warmups):
+            await _request(http, options, prompt, i, time.perf_counter())
         begin = time.perf_counter()
         if load.concurrency is not None:
             results = await _at_concurrency(http, options, prompts, load.concurrency, begin)
