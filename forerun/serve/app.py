@@ -23,13 +23,17 @@ from forerun.serve import responses as rs
 from forerun.serve.errors import APIError, error_response, install_error_handlers
 from forerun.serve.limits import BodyLimit, CountRequests
 from forerun.serve.metrics import Metrics
-from forerun.serve.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from forerun.serve.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ErrorResponse,
+                                    TokenizeRequest)
 from forerun.serve.worker import EngineWorker
 from forerun.types import Generation
 
 log = logging.getLogger("forerun.serve")
 
 MAX_BODY_BYTES = 4 * 2**20
+ERRORS = {status: {"model": ErrorResponse, "description": what} for status, what in (
+    (400, "invalid parameters, or a prompt longer than the context"), (401, "a missing or wrong API key"),
+    (404, "an unknown model"), (413, "a request body over the limit"), (503, "the model is loading"))}
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,11 +71,13 @@ def create_app(load: Callable[[], Engine], config: ServeConfig,
     app.get("/health", summary="200 once the model is loaded, 503 before")(api.health)
     app.get("/metrics", summary="Prometheus metrics")(lambda: Response(generate_latest(metrics.registry),
                                                                        media_type=CONTENT_TYPE_LATEST))
-    app.get("/v1/models", dependencies=auth)(api.models)
-    app.post("/v1/completions", dependencies=auth)(api.completions)
-    app.post("/v1/chat/completions", dependencies=auth)(api.chat_completions)
-    app.post("/tokenize", dependencies=auth)(api.tokenize)
-    app.post("/detokenize", dependencies=auth)(api.detokenize)
+    app.get("/v1/models", dependencies=auth, responses=ERRORS)(api.models)
+    app.post("/v1/completions", dependencies=auth, responses=ERRORS,
+             summary="OpenAI completions (SSE when stream is true)")(api.completions)
+    app.post("/v1/chat/completions", dependencies=auth, responses=ERRORS,
+             summary="OpenAI chat completions (SSE when stream is true)")(api.chat_completions)
+    app.post("/tokenize", dependencies=auth, responses=ERRORS)(api.tokenize)
+    app.post("/detokenize", dependencies=auth, responses=ERRORS)(api.detokenize)
     return app
 
 
