@@ -65,12 +65,11 @@ def create_app(load: Callable[[], Engine], config: ServeConfig,
     install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
     app.add_middleware(CountRequests, metrics=metrics)  # the outermost: it also counts the 413s
-    api = _Api(worker, config)
+    api = _Api(worker, metrics, config)
     auth = [Depends(_api_key_check(config.api_key))]
 
     app.get("/health", summary="200 once the model is loaded, 503 before")(api.health)
-    app.get("/metrics", summary="Prometheus metrics")(lambda: Response(generate_latest(metrics.registry),
-                                                                       media_type=CONTENT_TYPE_LATEST))
+    app.get("/metrics", summary="Prometheus metrics")(api.metrics_text)
     app.get("/v1/models", dependencies=auth, responses=ERRORS)(api.models)
     app.post("/v1/completions", dependencies=auth, responses=ERRORS,
              summary="OpenAI completions (SSE when stream is true)")(api.completions)
@@ -169,8 +168,8 @@ async def _disconnected(request: Request) -> None:
 
 
 class _Api:
-    def __init__(self, worker: EngineWorker, config: ServeConfig):
-        self.worker, self.config = worker, config
+    def __init__(self, worker: EngineWorker, metrics: Metrics, config: ServeConfig):
+        self.worker, self.metrics, self.config = worker, metrics, config
 
     def _engine(self, model: str | None = None) -> Engine:
         self.worker.check_ready()
@@ -189,6 +188,9 @@ class _Api:
         except APIError as e:
             return error_response(e)
         return JSONResponse({"status": "ok"})
+
+    async def metrics_text(self) -> Response:
+        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def models(self) -> dict:
         engine = self._engine()

@@ -10,11 +10,11 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, disable_cre
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from forerun.config import SpecConfig
+from forerun.serve.responses import finish_reason
 from forerun.types import Generation
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                    20.0, 40.0, 80.0, 160.0)
-FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}  # engine -> OpenAI
 
 
 class Metrics:
@@ -57,7 +57,7 @@ class Metrics:
         self.prompt_tokens.inc(generations[0].stats.prompt_tokens)
         method = spec.method if not spec.goodput else f"{spec.method}+goodput"
         for g in generations:
-            self.finished.labels(FINISH_REASONS.get(g.finish_reason, g.finish_reason)).inc()
+            self.finished.labels(finish_reason(g.finish_reason)).inc()
             self.generation_tokens.inc(len(g.token_ids))
             s = g.stats
             self.num_drafts.labels(method).inc(s.drafts)

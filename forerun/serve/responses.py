@@ -5,9 +5,9 @@ import time
 import uuid
 
 from forerun.config import SpecConfig
-from forerun.serve.metrics import FINISH_REASONS
 from forerun.types import Generation
 
+FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}  # the engine's -> OpenAI's
 MIN_LOGPROB = -9999.0  # JSON has no -inf; a token the model rules out is reported at this floor
 
 
