@@ -272,6 +272,9 @@ def test_oversized_body_is_413(client):
     with pytest.raises(openai.APIStatusError) as e:
         client.completions.create(model="tiny", prompt="x" * (5 * 2**20), max_tokens=2)
     assert e.value.status_code == 413 and "larger" in str(e.value)
+    chunked = httpx.post(str(client.base_url) + "completions", headers={"Authorization": f"Bearer {KEY}"},
+                         content=(b"x" * 2**20 for _ in range(6)), timeout=60)  # no Content-Length
+    assert chunked.status_code == 413 and chunked.json()["error"]["code"] == "request_too_large"
 
 
 def test_malformed_json_is_400(server):
@@ -400,6 +403,27 @@ def test_default_max_tokens_fits_the_kv_pool(tiny_dir):
         assert usage["prompt_tokens"] + usage["completion_tokens"] // 2 < 256  # cut by the pool, not the context
         r = c.post("/v1/chat/completions", json={**body, "max_tokens": 200})
         assert r.status_code == 400 and "KV" in r.json()["error"]["message"]
+
+
+def test_speculation_configurations_are_bounded(tiny_dir):
+    """Each distinct speculation configuration keeps a drafter for the engine's life: a client may
+    not create them without end."""
+    from fastapi.testclient import TestClient
+
+    from forerun.engine.engine import Engine
+    from forerun.models.runtime import load
+    from forerun.serve.app import ServeConfig, create_app
+    from forerun.serve.worker import MAX_SPEC_CONFIGS
+
+    with TestClient(create_app(lambda: Engine(load(str(tiny_dir))), ServeConfig("tiny"))) as c:
+        _wait_healthy(c)
+        codes = [c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 1, "speculation": {
+            "method": "pld", "num_draft": 1 + i % 16, "ngram_max": 1 + i // 16}}).status_code
+            for i in range(MAX_SPEC_CONFIGS + 1)]
+        assert codes == [200] * MAX_SPEC_CONFIGS + [400]
+        again = c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 1, "speculation": {
+            "method": "pld", "num_draft": 1, "ngram_max": 1}})
+        assert again.status_code == 200  # one seen before is reused
 
 
 # -- the embedded model, q4 ---------------------------------------------------------------------------

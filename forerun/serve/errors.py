@@ -57,7 +57,8 @@ def _http_error(request: Request, e: HTTPException) -> JSONResponse:
     phrase = HTTPStatus(e.status_code).phrase if e.status_code in HTTPStatus._value2member_map_ else "error"
     message = e.detail if isinstance(e.detail, str) else phrase
     kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-    response = error_response(APIError(e.status_code, message, type=kind))
+    code = "request_too_large" if e.status_code == 413 else None  # a chunked body past the limit (limits.py)
+    response = error_response(APIError(e.status_code, message, type=kind, code=code))
     for key, value in (e.headers or {}).items():
         response.headers[key] = value
     return response
