@@ -171,16 +171,11 @@ class _Api:
     def __init__(self, worker: EngineWorker, metrics: Metrics, config: ServeConfig):
         self.worker, self.metrics, self.config = worker, metrics, config
 
-    def _engine(self, model: str | None = None) -> Engine:
+    def _served(self, model: str | None = None) -> rq.Served:
+        """The served model's facts, once it is ready and `model` names it."""
         self.worker.check_ready()
         rq.check_model(model, self.config.model_name)
-        return self.worker.engine
-
-    def _model(self, model: str | None) -> tuple[object, int, int, object]:
-        """(tokenizer, context length, vocabulary size, KV pool) of the served model: fixed at load,
-        so the event loop may read them beside the engine thread."""
-        engine = self._engine(model)
-        return engine.runtime.tokenizer, engine.runtime.context_length, engine.model.args.vocab_size, engine.pool
+        return rq.Served.of(self.worker.engine)
 
     async def health(self) -> Response:
         try:
@@ -193,17 +188,17 @@ class _Api:
         return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def models(self) -> dict:
-        engine = self._engine()
         return {"object": "list", "data": [{
             "id": self.config.model_name, "object": "model", "created": 0, "owned_by": "forerun",
-            "max_model_len": engine.runtime.context_length}]}
+            "max_model_len": self._served().context}]}
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
-        tokenizer, context, vocab, pool = self._model(body.model)
-        prompts = rq.completion_prompts(body.prompt, tokenizer, vocab)
+        served = self._served(body.model)
+        tokenizer = served.tokenizer
+        prompts = rq.completion_prompts(body.prompt, served)
         logprobs = rq.completion_logprobs(body)
-        params = [rq.sampling_params(body, rq.max_new_tokens(body.max_tokens, len(p), context, body.n, pool),
-                                     logprobs, vocab) for p in prompts]
+        params = [rq.sampling_params(body, rq.max_new_tokens(body.max_tokens, len(p), body.n, served), logprobs,
+                                     served) for p in prompts]
         job = _Job(self.worker, prompts, params, rq.request_spec(body.speculation, self.config.spec))
         await job.start(stream_text=body.stream)
         envelope = rs.Envelope("cmpl", "text_completion", self.config.model_name)
@@ -223,16 +218,15 @@ class _Api:
                                      forerun=rs.forerun_stats(job.spec, generations)))
 
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
-        tokenizer, context, vocab, pool = self._model(body.model)
-        prompt = rq.chat_prompt(body.messages, tokenizer)
+        served = self._served(body.model)
+        prompt = rq.chat_prompt(body.messages, served.tokenizer)
         asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         logprobs = rq.chat_logprobs(body)
-        limit = rq.max_new_tokens(asked, len(prompt), context, body.n, pool)
-        params = rq.sampling_params(body, limit, logprobs, vocab)
+        params = rq.sampling_params(body, rq.max_new_tokens(asked, len(prompt), body.n, served), logprobs, served)
         job = _Job(self.worker, [prompt], [params], rq.request_spec(body.speculation, self.config.spec))
         await job.start(stream_text=body.stream)
         envelope = rs.Envelope("chatcmpl", "chat.completion", self.config.model_name)
-        text_of = rs.TokenText(tokenizer)
+        text_of = rs.TokenText(served.tokenizer)
         if body.stream:
             envelope.object = "chat.completion.chunk"
             return _sse(job, _chat_chunks(job, body, envelope, text_of))
@@ -244,18 +238,17 @@ class _Api:
                                      forerun=rs.forerun_stats(job.spec, generations)))
 
     async def tokenize(self, body: TokenizeRequest) -> dict:
-        engine = self._engine(body.model)
-        tokenizer = engine.runtime.tokenizer
+        served = self._served(body.model)
         if body.messages is not None:
-            ids = rq.chat_prompt(body.messages, tokenizer)
+            ids = rq.chat_prompt(body.messages, served.tokenizer)
         else:
-            ids = tokenizer.encode(body.prompt, add_bos=None if body.add_special_tokens else False)
-        return {"tokens": ids, "count": len(ids), "max_model_len": engine.runtime.context_length}
+            ids = served.tokenizer.encode(body.prompt, add_bos=None if body.add_special_tokens else False)
+        return {"tokens": ids, "count": len(ids), "max_model_len": served.context}
 
     async def detokenize(self, body: DetokenizeRequest) -> dict:
-        engine = self._engine(body.model)
-        rq.check_token_ids(body.tokens, engine.model.args.vocab_size, "tokens")
-        return {"prompt": engine.runtime.tokenizer.decode(body.tokens)}
+        served = self._served(body.model)
+        rq.check_token_ids(body.tokens, served.vocab_size, "tokens")
+        return {"prompt": served.tokenizer.decode(body.tokens)}
 
 
 # -- streaming ----------------------------------------------------------------------------------------

@@ -3,13 +3,32 @@ Every problem is an APIError (400 or 404) raised before anything is queued."""
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 
 from forerun.config import SamplingParams, SpecConfig
+from forerun.engine.engine import Engine
+from forerun.engine.kv_pool import KVPool
 from forerun.serve.errors import APIError, bad_request
 from forerun.serve.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields, Speculation
 
 MAX_PROMPTS = 64  # prompts in one completions request
 GREEDY_BELOW = 1e-5  # a temperature this low is greedy decoding (dividing logits by it overflows)
+
+
+@dataclass(frozen=True, slots=True)
+class Served:
+    """What the checks need of the served model. All of it is fixed once the model has loaded, so
+    the event loop reads it beside the engine thread."""
+
+    tokenizer: object  # forerun.models.tokenizer.Tokenizer
+    context: int  # tokens, prompt and completion together
+    vocab_size: int
+    pool: KVPool  # only its size is read: num_blocks, block_size
+
+    @classmethod
+    def of(cls, engine: Engine) -> "Served":
+        return cls(engine.runtime.tokenizer, engine.runtime.context_length, engine.model.args.vocab_size,
+                   engine.pool)
 
 
 def check_model(requested: str | None, served: str) -> None:
@@ -18,10 +37,10 @@ def check_model(requested: str | None, served: str) -> None:
                        param="model", code="model_not_found")
 
 
-def completion_prompts(prompt: str | list, tokenizer, vocab_size: int) -> list[list[int]]:
+def completion_prompts(prompt: str | list, served: Served) -> list[list[int]]:
     """Token ids of each prompt: a string, strings, token ids, or lists of token ids."""
     if isinstance(prompt, str):
-        return [tokenizer.encode(prompt)]
+        return [served.tokenizer.encode(prompt)]
     if not prompt:
         raise bad_request("prompt is empty", param="prompt")
     if len(prompt) > MAX_PROMPTS and not isinstance(prompt[0], int):
@@ -29,11 +48,11 @@ def completion_prompts(prompt: str | list, tokenizer, vocab_size: int) -> list[l
     if isinstance(prompt[0], int):
         prompts = [list(prompt)]
     elif isinstance(prompt[0], str):
-        prompts = [tokenizer.encode(p) for p in prompt]
+        prompts = [served.tokenizer.encode(p) for p in prompt]
     else:
         prompts = [list(p) for p in prompt]
     for ids in prompts:
-        check_token_ids(ids, vocab_size, "prompt")
+        check_token_ids(ids, served.vocab_size, "prompt")
     return prompts
 
 
@@ -55,10 +74,11 @@ def chat_prompt(messages: list[ChatMessage], tokenizer) -> list[int]:
     return tokenizer.encode(text, add_bos=False)
 
 
-def max_new_tokens(asked: int | None, prompt_len: int, context: int, n: int, pool) -> int:
+def max_new_tokens(asked: int | None, prompt_len: int, n: int, served: Served) -> int:
     """The token limit: as asked, else what the context leaves and the KV pool (forerun.engine.kv_pool,
     whose size is fixed) can hold for n samples at once. A prompt that leaves no room, or a limit past
     the context, is a 400 (as vLLM answers), not a silently shortened answer."""
+    context, pool = served.context, served.pool
     if prompt_len >= context:
         raise bad_request(f"the prompt has {prompt_len} tokens; this model's context holds {context} "
                           "(prompt and completion together)", param="messages")
@@ -72,9 +92,9 @@ def max_new_tokens(asked: int | None, prompt_len: int, context: int, n: int, poo
     return asked
 
 
-def sampling_params(body: SamplingFields, max_tokens: int, logprobs: int | None, vocab_size: int) -> SamplingParams:
+def sampling_params(body: SamplingFields, max_tokens: int, logprobs: int | None, served: Served) -> SamplingParams:
     stop_ids = list(body.stop_token_ids or ())
-    check_token_ids(stop_ids, vocab_size, "stop_token_ids")
+    check_token_ids(stop_ids, served.vocab_size, "stop_token_ids")
     temperature = 1.0 if body.temperature is None else body.temperature
     fields = dict(temperature=temperature if temperature >= GREEDY_BELOW else 0.0,
                   top_p=1.0 if body.top_p is None else body.top_p,
