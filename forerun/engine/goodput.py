@@ -15,7 +15,9 @@ from two running measurements:
   first child, (0, 1) that child's second child), the fraction of the steps it was on the accepted
   path (one per SpecConfig, kept across requests). A sequence's odds are scaled by how its own drafts
   fared against them so far (Sequence.accepted_ratio): prompt lookup on a summary accepts more
-  than on a chat.
+  than on a chat. Odds are also kept per context: the drafter's key for its draft (prompt lookup:
+  the matched n-gram's length) and how the sequence's previous draft went, since acceptance comes
+  in runs. A drafter with keys is asked to draft only when its best context could pay.
 
 Nodes enter best odds first, across all sequences (ancestors and earlier siblings before
 descendants and later ones); extra nodes (lookahead's window) ride along with a sequence's first
