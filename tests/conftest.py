@@ -151,6 +151,20 @@ def cycle_runtime(seed: int = 0, quantized: bool = False) -> tuple[Runtime, list
     return rt, cycle
 
 
+def cycle_case(kind: str, seed: int, tmp_path_factory, tokenizer=None) -> tuple[Runtime, list[int], list[int], str]:
+    """(runtime, cycle, prompt, datastore directory) for a module fixture over kind "float32" or "q4":
+    the cycle model (with `tokenizer`, if given), a prompt that has gone round the cycle once, and a
+    datastore holding the cycle twice. q4 is skipped off the CPU."""
+    if kind == "q4" and DEVICE != "cpu":
+        pytest.skip("q4 is a CPU format")
+    runtime, cycle = cycle_runtime(seed=seed, quantized=kind == "q4")
+    if tokenizer is not None:
+        runtime = Runtime(model=runtime.model, tokenizer=tokenizer, name=f"{runtime.name}-{kind}")
+    store = tmp_path_factory.mktemp("datastore")
+    build([cycle + cycle], fingerprint_of(runtime)).save(store)
+    return runtime, cycle, cycle + cycle[:4], str(store)
+
+
 def continuations_datastore(runtime: Runtime, path, prompts, max_new_tokens: int = 40) -> str:
     """A datastore (saved at `path`) of each prompt followed by its greedy continuation, plus random
     documents that make retrieval propose wrong branches too; returns the directory as a string."""

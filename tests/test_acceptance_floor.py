@@ -11,12 +11,11 @@ forward on average: proposing nothing gives 1, proposing a single token at most 
 """
 import pytest
 
-from conftest import DEVICE, cycle_runtime
+from conftest import cycle_case
 from helpers_parity import single_thread  # noqa: F401  (a fixture)
 from forerun import LLM, SamplingParams, SpecConfig
 from forerun.drafters.draft_model import DraftModel
 from forerun.drafters.rasd import RetrievalAugmented
-from forerun.retrieval.datastore import build, fingerprint_of
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -29,15 +28,10 @@ PARAMS = SamplingParams(max_new_tokens=40, ignore_eos=True)
 @pytest.fixture(scope="module", params=["float32", "q4"])
 def world(request, tmp_path_factory):
     """(runtime, prompt, ar's output, datastore directory)."""
-    if request.param == "q4" and DEVICE != "cpu":
-        pytest.skip("q4 is a CPU format")
-    runtime, cycle = cycle_runtime(seed=1, quantized=request.param == "q4")
-    prompt = cycle + cycle[:4]
-    store = tmp_path_factory.mktemp("datastore")
-    build([cycle + cycle], fingerprint_of(runtime)).save(store)
+    runtime, cycle, prompt, store = cycle_case(request.param, 1, tmp_path_factory)
     ar = LLM(runtime=runtime).generate_ids(prompt, PARAMS, SpecConfig()).token_ids
     assert ar == (cycle[4:] + cycle)[:PARAMS.max_new_tokens]  # the model follows its cycle
-    return runtime, prompt, ar, str(store)
+    return runtime, prompt, ar, store
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -9,13 +9,11 @@ that runs through the EOS; the step's token count in stats.accept_histogram show
 """
 import pytest
 
-from conftest import DEVICE, StubTokenizer, cycle_runtime
+from conftest import StubTokenizer, cycle_case, cycle_runtime
 from helpers_parity import single_thread  # noqa: F401  (a fixture)
 from forerun import LLM, SamplingParams, SpecConfig
 from forerun.drafters.draft_model import DraftModel
 from forerun.drafters.rasd import RetrievalAugmented
-from forerun.models.runtime import Runtime
-from forerun.retrieval.datastore import build, fingerprint_of
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -28,15 +26,11 @@ IGNORING = SamplingParams(max_new_tokens=40, ignore_eos=True)
 @pytest.fixture(scope="module", params=["float32", "q4"])
 def world(request, tmp_path_factory):
     """(runtime with the stub tokenizer, prompt, EOS id, datastore directory)."""
-    if request.param == "q4" and DEVICE != "cpu":
-        pytest.skip("q4 is a CPU format")
-    rt, cycle = cycle_runtime(seed=0, quantized=request.param == "q4")
-    prompt = cycle + cycle[:4]
-    eos = cycle[4 + EOS_AT]
-    runtime = Runtime(model=rt.model, tokenizer=StubTokenizer([eos]), name=f"{rt.name}-{request.param}")
-    store = tmp_path_factory.mktemp("datastore")
-    build([cycle + cycle], fingerprint_of(runtime)).save(store)
-    return runtime, prompt, eos, str(store)
+    seed = 0
+    eos = cycle_runtime(seed=seed)[1][4 + EOS_AT]  # the cycle depends on the seed alone
+    runtime, cycle, prompt, store = cycle_case(request.param, seed, tmp_path_factory, StubTokenizer([eos]))
+    assert cycle[4 + EOS_AT] == eos
+    return runtime, prompt, eos, store
 
 
 def llm_for(world, method: str) -> tuple[LLM, SpecConfig]:
