@@ -30,7 +30,7 @@ def tiny_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(tiny_dir, tmp_path_factory):
     proc = ServerProcess("--model", str(tiny_dir), "--served-model-name", "tiny", "--api-key", KEY,
-                         "--method", "pld", "--kv-cache-tokens", "16384", "--max-num-seqs", "32",
+                         "--method", "pld", "--kv-cache-tokens", "16384", "--max-num-seqs", "8",
                          log=tmp_path_factory.mktemp("logs") / "tiny.log")
     try:
         yield proc.wait_ready()
