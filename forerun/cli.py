@@ -9,6 +9,7 @@ from forerun.bench.cli import add_bench_parser
 from forerun.config import EngineConfig, SamplingParams, SpecConfig
 from forerun.retrieval.cli import add_datastore_parser
 from forerun.scaling.cli import add_scale_parser
+from forerun.serve.cli import add_serve_parsers
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -75,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_parser(sub)
     add_datastore_parser(sub)
     add_scale_parser(sub)
+    add_serve_parsers(sub)
     return parser
 
 

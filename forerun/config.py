@@ -18,6 +18,8 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     n: int = 1  # samples of the prompt: one prefill, then n sequences sharing its KV (forked)
+    stop_token_ids: tuple[int, ...] = ()  # end a sample like EOS does (finish "stop"), even with ignore_eos
+    include_stop_str_in_output: bool = False  # keep the stop string that ended a sample in its text
     # None: off. k >= 0: every generated token carries its log-probability under the model's own
     # distribution (log-softmax of the logits, before temperature, top-k and top-p), and the k most
     # likely tokens with theirs.
@@ -28,6 +30,7 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         else:
             object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         if not self.temperature >= 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:

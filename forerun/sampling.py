@@ -33,7 +33,9 @@ def _top_p(logits: Tensor, top_p: float) -> Tensor:
         if k == vocab or bool((before[..., -1] >= top_p).all()):
             break
         k = min(8 * k, vocab)
-    kept = torch.where(before < top_p, logits.gather(-1, order), float("-inf"))
+    keep = before < top_p
+    keep[..., 0] = True  # the most likely token, even for a top_p too small to compare (5e-324 is 0 in float32)
+    kept = torch.where(keep, logits.gather(-1, order), float("-inf"))
     return torch.full_like(logits, float("-inf")).scatter(-1, order, kept)
 
 

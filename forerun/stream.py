@@ -9,8 +9,10 @@ class TextStream:
     means a stop string appeared. Text that may still turn into a stop string, or that ends in an
     incomplete UTF-8 character (U+FFFD), is held back until it is settled."""
 
-    def __init__(self, tokenizer, stop: tuple[str, ...], on_text: Callable[[str], None] | None):
+    def __init__(self, tokenizer, stop: tuple[str, ...], on_text: Callable[[str], None] | None,
+                 include_stop: bool = False):
         self.tokenizer, self.stop, self.on_text = tokenizer, stop, on_text
+        self.include_stop = include_stop  # the text ends after the stop string rather than before it
         self.ids: list[int] = []
         self.emitted = 0  # characters of text already streamed
         self.stopped = False
@@ -22,10 +24,12 @@ class TextStream:
             return False
         self.ids.extend(new)
         text = self.tokenizer.decode(self.ids)
-        hit = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
-        if hit >= 0:
-            self.stopped, self.cut_text = True, text[:hit]
-            self.cut_ids = self._ids_covering(hit)
+        hits = [(i, -len(s), s) for s, i in ((s, text.find(s)) for s in self.stop) if i >= 0]
+        if hits:
+            at, _, stop = min(hits)  # the earliest; of several starting there, the longest
+            end = at + len(stop) if self.include_stop else at
+            self.stopped, self.cut_text = True, text[:end]
+            self.cut_ids = self._ids_covering(end)
             self._emit(self.cut_text)
             return True
         # Hold back a possible stop-string prefix and an incomplete UTF-8 character.

@@ -82,6 +82,8 @@ class Stats:
     target_forwards: int = 0  # verification forwards this sample took part in (each emits tokens)
     prefill_tokens: int = 0  # tokens whose K/V this sample computed before its steps (prompt, recompute)
     cached_tokens: int = 0  # prompt tokens found in the prefix cache or shared by a fork, not computed
+    drafts: int = 0  # verification forwards that checked at least one draft token
+    draft_tokens: int = 0  # draft tokens (tree nodes below the root) those forwards checked
     draft_s: float = 0.0
     verify_s: float = 0.0
     wall_s: float = 0.0  # from the request's arrival to its last token
@@ -104,6 +106,8 @@ class Stats:
             "target_forwards": self.target_forwards,
             "prefill_tokens": self.prefill_tokens,
             "cached_tokens": self.cached_tokens,
+            "drafts": self.drafts,
+            "draft_tokens": self.draft_tokens,
             "mean_accepted": round(self.mean_accepted, 4),
             "wall_s": round(self.wall_s, 4),
             "ttft_s": round(self.ttft_s, 4),

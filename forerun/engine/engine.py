@@ -215,7 +215,7 @@ class Engine:
         seq.length = DraftLength(spec, guard)
         seq.stats.prompt_tokens = len(request.prompt_ids)
         on_text = (lambda text, s=seq: s.text.append(text)) if request.stream_text else None
-        seq.stream = TextStream(self.runtime.tokenizer, params.stop, on_text)
+        seq.stream = TextStream(self.runtime.tokenizer, params.stop, on_text, params.include_stop_str_in_output)
         return seq
 
     # -- the step -------------------------------------------------------------------------------------
@@ -379,6 +379,9 @@ class Engine:
                 seq.draft_accepted = RATIO_DECAY * seq.draft_accepted + verdict.accepted
             seq.last_draft = _outcome(draft, verdict)
             seq.stats.target_forwards += 1
+            if draft.size > 1:
+                seq.stats.drafts += 1
+                seq.stats.draft_tokens += draft.size - 1
             seq.stats.verify_s += forward_s
             seq.stats.accept_histogram[len(new)] += 1
             finished_steps.append((seq, draft, verdict, len(new), w.chunk))
@@ -396,9 +399,11 @@ class Engine:
         params = seq.params
         new = new[: params.max_new_tokens - len(seq.output)]
         reason = None
-        eos_at = next((j for j, t in enumerate(new) if t in seq.eos_ids), None)
-        if eos_at is not None and not params.ignore_eos:
-            new, reason = new[:eos_at], "eos"
+        ends = seq.eos_ids if not params.ignore_eos else frozenset()
+        end_at = next((j for j, t in enumerate(new) if t in ends or t in params.stop_token_ids), None)
+        if end_at is not None:
+            reason = "eos" if new[end_at] in ends else "stop"
+            new = new[:end_at]
         if not seq.output and new:
             seq.stats.ttft_s = time.perf_counter() - seq.arrival
         seq.output.extend(new)

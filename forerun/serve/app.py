@@ -1,0 +1,332 @@
+"""The FastAPI app: OpenAI's completions and chat completions over the engine thread, plus models,
+health, metrics, tokenize and detokenize. create_app() needs no socket: tests drive it in-process,
+`forerun serve` runs it under uvicorn."""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from forerun.config import SamplingParams, SpecConfig
+from forerun.engine.engine import Engine, RequestOutput
+from forerun.serve import requests as rq
+from forerun.serve import responses as rs
+from forerun.serve.errors import APIError, error_response, install_error_handlers
+from forerun.serve.limits import BodyLimit, CountRequests
+from forerun.serve.metrics import Metrics
+from forerun.serve.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ErrorResponse,
+                                    TokenizeRequest)
+from forerun.serve.worker import EngineWorker
+from forerun.types import Generation
+
+log = logging.getLogger("forerun.serve")
+
+MAX_BODY_BYTES = 4 * 2**20
+ERRORS = {status: {"model": ErrorResponse, "description": what} for status, what in (
+    (400, "invalid parameters, or a prompt longer than the context"), (401, "a missing or wrong API key"),
+    (404, "an unknown model"), (413, "a request body over the limit"), (503, "the model is loading"))}
+
+
+@dataclass(frozen=True, slots=True)
+class ServeConfig:
+    model_name: str  # the name clients send as `model`
+    spec: SpecConfig = field(default_factory=SpecConfig)  # the default speculation; requests may override it
+    api_key: str | None = None  # required as `Authorization: Bearer KEY` on /v1, /tokenize, /detokenize
+    max_body_bytes: int = MAX_BODY_BYTES
+
+
+def create_app(load: Callable[[], Engine], config: ServeConfig,
+               on_failure: Callable[[str], None] | None = None) -> FastAPI:
+    """An app whose engine thread starts with the app's lifespan and calls load() first; until it
+    returns, every model endpoint and /health answer 503. on_failure(reason) is called if the engine
+    can no longer serve (load() raised, or the engine thread failed)."""
+    metrics = Metrics()
+    worker = EngineWorker(load, metrics, on_failure)
+    metrics.watch_engine(lambda: worker.snapshot)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        worker.start()
+        yield
+        await asyncio.to_thread(worker.stop)  # uvicorn has let the requests in flight finish first
+
+    app = FastAPI(title="forerun", summary="OpenAI-compatible server with exact speculative decoding",
+                  version="0.1.0", lifespan=lifespan)
+    app.state.worker, app.state.metrics, app.state.config = worker, metrics, config
+    install_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
+    app.add_middleware(CountRequests, metrics=metrics)  # the outermost: it also counts the 413s
+    api = _Api(worker, metrics, config)
+    auth = [Depends(_api_key_check(config.api_key))]
+
+    app.get("/health", summary="200 once the model is loaded, 503 before")(api.health)
+    app.get("/metrics", summary="Prometheus metrics")(api.metrics_text)
+    app.get("/v1/models", dependencies=auth, responses=ERRORS)(api.models)
+    app.post("/v1/completions", dependencies=auth, responses=ERRORS,
+             summary="OpenAI completions (SSE when stream is true)")(api.completions)
+    app.post("/v1/chat/completions", dependencies=auth, responses=ERRORS,
+             summary="OpenAI chat completions (SSE when stream is true)")(api.chat_completions)
+    app.post("/tokenize", dependencies=auth, responses=ERRORS)(api.tokenize)
+    app.post("/detokenize", dependencies=auth, responses=ERRORS)(api.detokenize)
+    return app
+
+
+def _api_key_check(key: str | None):
+    bearer = HTTPBearer(auto_error=False)
+
+    def check(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        if key is None:
+            return
+        given = credentials.credentials if credentials is not None else ""
+        if not hmac.compare_digest(given.encode(), key.encode()):
+            raise APIError(401, "missing or incorrect API key (send `Authorization: Bearer KEY`)",
+                           code="invalid_api_key")
+    return check
+
+
+class _Job:
+    """The engine requests of one HTTP request: one per prompt, each of n samples. Choice index =
+    prompt index * n + sample index. Whatever has not finished when the job ends (a disconnect, an
+    error) is aborted, which frees its KV at once."""
+
+    def __init__(self, worker: EngineWorker, prompts: list[list[int]], params: list[SamplingParams],
+                 spec: SpecConfig):
+        self.worker, self.prompts, self.params, self.spec = worker, prompts, params, spec
+        self.n = params[0].n
+        base = rs.new_id("req")
+        self.ids = [f"{base}-{i}" for i in range(len(prompts))]
+        self.prompt_of = {rid: i for i, rid in enumerate(self.ids)}
+        self.outputs: asyncio.Queue = asyncio.Queue()
+        self.unfinished: set[str] = set()
+        self.generations: dict[int, tuple[Generation, ...]] = {}
+
+    async def start(self, stream_text: bool) -> None:
+        submits = [self.worker.submit(ids, p, self.spec, rid, stream_text, self.outputs)
+                   for ids, p, rid in zip(self.prompts, self.params, self.ids)]
+        results = await asyncio.gather(*submits, return_exceptions=True)
+        self.unfinished = {rid for rid, r in zip(self.ids, results) if r is None}
+        error = next((r for r in results if r is not None), None)
+        if error is not None:
+            self.abort()
+            raise error
+
+    async def events(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """(prompt index, output) until every request finished."""
+        while self.unfinished:
+            item = await self.outputs.get()
+            if isinstance(item, BaseException):
+                raise item
+            if item.finished:
+                self.unfinished.discard(item.request_id)
+                self.generations[self.prompt_of[item.request_id]] = item.generations
+            yield self.prompt_of[item.request_id], item
+
+    async def finish(self, request: Request) -> list[Generation]:
+        """Every choice's generation, in index order; aborts if the client goes away first."""
+        async def drain():
+            async for _ in self.events():
+                pass
+
+        done, gone = asyncio.ensure_future(drain()), asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait({done, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not done.done():
+                done.cancel()
+                self.abort()
+        if not done.cancelled():
+            done.result()  # raises the engine's error, if any
+        return self.choices()
+
+    def choices(self) -> list[Generation]:
+        return [g for i in range(len(self.prompts)) for g in self.generations.get(i, ())]
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(p) for p in self.prompts)
+
+    def abort(self) -> None:
+        for rid in self.unfinished:
+            self.worker.abort(rid)
+        self.unfinished.clear()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client closes the connection (the body has been read by then)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+class _Api:
+    def __init__(self, worker: EngineWorker, metrics: Metrics, config: ServeConfig):
+        self.worker, self.metrics, self.config = worker, metrics, config
+
+    def _served(self, model: str | None = None) -> rq.Served:
+        """The served model's facts, once it is ready and `model` names it."""
+        self.worker.check_ready()
+        rq.check_model(model, self.config.model_name)
+        return rq.Served.of(self.worker.engine)
+
+    async def health(self) -> Response:
+        try:
+            self.worker.check_ready()
+        except APIError as e:
+            return error_response(e)
+        return JSONResponse({"status": "ok"})
+
+    async def metrics_text(self) -> Response:
+        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def models(self) -> dict:
+        return {"object": "list", "data": [{
+            "id": self.config.model_name, "object": "model", "created": 0, "owned_by": "forerun",
+            "max_model_len": self._served().context}]}
+
+    async def completions(self, body: CompletionRequest, request: Request) -> Response:
+        served = self._served(body.model)
+        tokenizer = served.tokenizer
+        prompts = rq.completion_prompts(body.prompt, served)
+        logprobs = rq.completion_logprobs(body)
+        params = [rq.sampling_params(body, rq.max_new_tokens(body.max_tokens, len(p), body.n, served), logprobs,
+                                     served) for p in prompts]
+        job = _Job(self.worker, prompts, params, rq.request_spec(body.speculation, self.config.spec))
+        await job.start(stream_text=body.stream)
+        envelope = rs.Envelope("cmpl", "text_completion", self.config.model_name)
+        echoes = [tokenizer.decode(p) if body.echo else "" for p in prompts]
+        text_of = rs.TokenText(tokenizer)
+        if body.stream:
+            return _sse(job, _completion_chunks(job, body, envelope, echoes, text_of))
+        generations = await job.finish(request)
+        choices = []
+        for i, g in enumerate(generations):
+            echo = echoes[i // job.n]
+            choices.append({"index": i, "text": echo + g.text,
+                            "logprobs": None if logprobs is None else rs.completion_logprobs(g.logprobs, text_of,
+                                                                                              len(echo)),
+                            "finish_reason": rs.finish_reason(g.finish_reason)})
+        return JSONResponse(envelope(choices, usage=rs.usage(job.prompt_tokens, generations),
+                                     forerun=rs.forerun_stats(job.spec, generations)))
+
+    async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
+        served = self._served(body.model)
+        prompt = rq.chat_prompt(body.messages, served.tokenizer)
+        asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        logprobs = rq.chat_logprobs(body)
+        params = rq.sampling_params(body, rq.max_new_tokens(asked, len(prompt), body.n, served), logprobs, served)
+        job = _Job(self.worker, [prompt], [params], rq.request_spec(body.speculation, self.config.spec))
+        await job.start(stream_text=body.stream)
+        envelope = rs.Envelope("chatcmpl", "chat.completion", self.config.model_name)
+        text_of = rs.TokenText(served.tokenizer)
+        if body.stream:
+            envelope.object = "chat.completion.chunk"
+            return _sse(job, _chat_chunks(job, body, envelope, text_of))
+        generations = await job.finish(request)
+        choices = [{"index": i, "message": {"role": "assistant", "content": g.text},
+                    "logprobs": None if logprobs is None else rs.chat_logprobs(g.logprobs, text_of),
+                    "finish_reason": rs.finish_reason(g.finish_reason)} for i, g in enumerate(generations)]
+        return JSONResponse(envelope(choices, usage=rs.usage(job.prompt_tokens, generations),
+                                     forerun=rs.forerun_stats(job.spec, generations)))
+
+    async def tokenize(self, body: TokenizeRequest) -> dict:
+        served = self._served(body.model)
+        if body.messages is not None:
+            ids = rq.chat_prompt(body.messages, served.tokenizer)
+        else:
+            ids = served.tokenizer.encode(body.prompt, add_bos=None if body.add_special_tokens else False)
+        return {"tokens": ids, "count": len(ids), "max_model_len": served.context}
+
+    async def detokenize(self, body: DetokenizeRequest) -> dict:
+        served = self._served(body.model)
+        rq.check_token_ids(body.tokens, served.vocab_size, "tokens")
+        return {"prompt": served.tokenizer.decode(body.tokens)}
+
+
+# -- streaming ----------------------------------------------------------------------------------------
+
+def _sse(job: _Job, chunks: AsyncIterator[dict]) -> StreamingResponse:
+    """Server-sent events: `data: {chunk}` lines, an error chunk if the request fails midway, and
+    `data: [DONE]` at the end in every case. A client that disconnects cancels the generator, whose
+    `finally` aborts what has not finished."""
+    async def events():
+        try:
+            try:
+                async for chunk in chunks:
+                    yield _data(chunk)
+            except APIError as e:
+                yield _data(e.body())
+            except Exception as e:  # noqa: BLE001  (the stream has started: report in-band, never crash)
+                log.exception("stream failed")
+                yield _data(APIError(500, f"internal error: {type(e).__name__}: {e}", type="internal_error").body())
+            yield "data: [DONE]\n\n"
+        finally:
+            job.abort()
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _data(chunk: dict) -> str:
+    return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+
+
+def _usage_extra(body) -> dict:
+    """OpenAI sends `usage: null` in every chunk but the last when usage was asked for."""
+    return {"usage": None} if body.include_usage else {}
+
+
+def _usage_chunk(envelope: rs.Envelope, job: _Job) -> dict:
+    generations = job.choices()
+    return envelope([], usage=rs.usage(job.prompt_tokens, generations),
+                    forerun=rs.forerun_stats(job.spec, generations))
+
+
+async def _completion_chunks(job: _Job, body: CompletionRequest, envelope: rs.Envelope, echoes: list[str],
+                             text_of: rs.TokenText) -> AsyncIterator[dict]:
+    extra = _usage_extra(body)
+    offsets = {}  # choice -> characters streamed so far (logprobs' text_offset)
+    for i in range(len(job.prompts) * job.n):
+        offsets[i] = len(echoes[i // job.n])
+        if echoes[i // job.n]:
+            yield envelope([{"index": i, "text": echoes[i // job.n], "logprobs": None, "finish_reason": None}],
+                           **extra)
+    async for p, out in job.events():
+        for s in out.samples:
+            i = p * job.n + s.index
+            entries = s.logprobs
+            if not (s.text or s.finish_reason or entries):
+                continue
+            logprobs = None if body.logprobs is None else rs.completion_logprobs(entries or [], text_of, offsets[i])
+            offsets[i] += len(s.text)
+            yield envelope([{"index": i, "text": s.text, "logprobs": logprobs,
+                             "finish_reason": rs.finish_reason(s.finish_reason)}], **extra)
+    if body.include_usage:
+        yield _usage_chunk(envelope, job)
+
+
+async def _chat_chunks(job: _Job, body: ChatCompletionRequest, envelope: rs.Envelope,
+                       text_of: rs.TokenText) -> AsyncIterator[dict]:
+    extra = _usage_extra(body)
+    for i in range(job.n):
+        yield envelope([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                         "finish_reason": None}], **extra)
+    async for _, out in job.events():
+        for s in out.samples:
+            entries = s.logprobs
+            if not (s.text or s.finish_reason or entries):
+                continue
+            delta = {"content": s.text} if s.text else {}
+            logprobs = rs.chat_logprobs(entries or [], text_of) if body.logprobs else None
+            yield envelope([{"index": s.index, "delta": delta, "logprobs": logprobs,
+                             "finish_reason": rs.finish_reason(s.finish_reason)}], **extra)
+    if body.include_usage:
+        yield _usage_chunk(envelope, job)

@@ -1,0 +1,172 @@
+"""`forerun serve`: arguments -> EngineConfig, SpecConfig, ServeConfig -> uvicorn; and `forerun
+bench-serve`, its load generator (forerun.bench.serving). Wired into forerun/cli.py by
+add_serve_parsers(subparsers).
+
+The speculation flags repeat `forerun generate`'s (forerun/cli.py's _decode_args also holds sampling
+flags, which a server takes per request); their values go through the same spec_config()."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+
+
+def add_serve_parsers(subparsers) -> None:
+    """`forerun serve` and `forerun bench-serve` (a separate command: `forerun bench` has its own flags)."""
+    add_serve_parser(subparsers)
+    add_bench_serve_parser(subparsers)
+
+
+def add_serve_parser(subparsers) -> argparse.ArgumentParser:
+    from forerun.cli import _model_args  # here, not at the top: forerun.cli imports this module
+
+    p = subparsers.add_parser(
+        "serve", help="serve an OpenAI-compatible HTTP API (completions, chat, models, metrics)",
+        description="An OpenAI-compatible server on the batched engine, with exact speculative decoding. "
+                    "Requests may override the speculation with a `speculation` object in extra_body.")
+    _model_args(p)
+    _speculation_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
+    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on the API routes")
+    p.add_argument("--served-model-name", default=None,
+                   help="the model name clients send (default: --model as given, or SmolLM2-135M-Instruct)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=cmd_serve)
+    return p
+
+
+def _speculation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", default="pld", help="default speculation method: ar, pld, draft, layer-skip, ... "
+                                                    "(default: pld)")
+    p.add_argument("--draft-model", help="draft model for --method draft (HF directory or .gguf)")
+    p.add_argument("--num-draft", type=int, default=None, help="draft tokens per step (fixes the length)")
+    p.add_argument("--tree-width", type=int, default=1, help="--method draft: children per tree node")
+    p.add_argument("--guard", action="store_true",
+                   help="take plain steps while speculation measures slower per token (same output)")
+    p.add_argument("--budget", choices=["fixed", "goodput", "cost"], default="fixed",
+                   help="goodput: verify of each draft the nodes worth their rows for the whole batch")
+    p.add_argument("--exit-layer", type=int, default=None, help="--method layer-skip: layers the drafter runs")
+    p.add_argument("--opt", action="append", default=[], metavar="NAME=VALUE",
+                   help="a method-specific option (repeatable), e.g. --opt datastore=DS")
+
+
+def served_name(a: argparse.Namespace) -> str:
+    return a.served_model_name or a.model or EMBEDDED_NAME
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    try:
+        import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
+        import uvicorn
+    except ImportError as e:
+        raise ValueError(f"forerun serve needs {e.name}: pip install 'forerun[serve]'") from None
+
+    from forerun.cli import engine_config, spec_config
+    from forerun.models.runtime import resolve_quant
+    from forerun.serve.app import ServeConfig, create_app
+
+    spec, limits = spec_config(a), engine_config(a)  # bad flags fail here, before anything loads
+    if a.quant != "auto":  # auto needs the model file, read when it loads
+        resolve_quant(a.quant, a.model, a.dtype, a.device)
+    if not 0 <= a.port < 65536:
+        raise ValueError(f"--port must be in [0, 65535], got {a.port}")
+    logging.basicConfig(level=getattr(logging, a.log_level.upper()), format="%(levelname)s:     %(name)s: %(message)s")
+    server: uvicorn.Server | None = None
+
+    def load():
+        from forerun.engine.engine import Engine
+        from forerun.models.runtime import load as load_runtime
+
+        logging.getLogger("forerun.serve").info("loading %s", a.model or f"{EMBEDDED_NAME} (embedded)")
+        runtime = load_runtime(a.model, dtype=a.dtype, device=a.device, quant=a.quant)
+        if runtime.tokenizer is None:
+            raise ValueError("serving needs a model with a tokenizer")
+        engine = Engine(runtime, limits)
+        engine.drafter(spec)  # a bad draft model or option fails now, not at the first request
+        return engine
+
+    def failed(reason: str) -> None:  # the engine cannot serve: exit (a supervisor may restart it)
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(load, ServeConfig(served_name(a), spec, a.api_key), on_failure=failed)
+    server = uvicorn.Server(uvicorn.Config(app, host=a.host, port=a.port, log_level=a.log_level,
+                                           timeout_graceful_shutdown=None))
+    server.run()
+    if app.state.worker.failed is not None:
+        print(f"forerun serve: error: {app.state.worker.failed}", file=sys.stderr)
+        return 1
+    return 0 if server.started else 1
+
+
+def add_bench_serve_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "bench-serve", help="load an OpenAI-compatible server and measure latency and throughput",
+        description="Stream chat completions of Spec-Bench questions to any OpenAI-compatible server at given "
+                    "concurrencies or request rates; report throughput, TTFT/TPOT/ITL/E2E percentiles and "
+                    "goodput, and write results.json, report.md and latency-vs-load.png into --out.")
+    p.add_argument("--base-url", default="http://127.0.0.1:8000", help="the server's root (default: %(default)s)")
+    p.add_argument("--model", help="model name to send (default: none; the server's own)")
+    p.add_argument("--dataset", help="Spec-Bench-format JSONL, e.g. ../shared/data/spec_bench/question.jsonl "
+                                     "(default: the built-in prompt set)")
+    p.add_argument("--categories", help="only these categories, comma-separated")
+    p.add_argument("--num-prompts", type=int, default=32, help="requests per load level (default: %(default)s)")
+    p.add_argument("--max-tokens", type=int, default=64, help="(default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.0, help="(default: greedy)")
+    p.add_argument("--concurrency", help="comma-separated client counts, e.g. 1,4,16 (default: 1)")
+    p.add_argument("--request-rate", help="comma-separated request rates per second, e.g. 0.5,2,inf")
+    p.add_argument("--arrival", choices=["poisson", "fixed"], default="poisson",
+                   help="arrivals at a request rate (default: %(default)s)")
+    p.add_argument("--goodput", nargs="*", default=[], metavar="NAME:MS",
+                   help="SLOs for goodput, e.g. --goodput ttft:500 tpot:50 (names: ttft, tpot, e2e)")
+    p.add_argument("--api-key", help="sent as `Authorization: Bearer KEY`")
+    p.add_argument("--extra-body", default="{}",
+                   help='JSON merged into every request, e.g. \'{"speculation": {"method": "ar"}}\'')
+    p.add_argument("--label", default="", help="names the server in the report")
+    p.add_argument("--warmup", type=int, default=1, help="unmeasured requests before each level (default: 1)")
+    p.add_argument("--seed", type=int, default=0, help="prompt order and Poisson arrivals (default: 0)")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per request (default: %(default)s)")
+    p.add_argument("--out", default="bench-serve-out", help="output directory (default: %(default)s)")
+    p.set_defaults(func=cmd_bench_serve)
+    return p
+
+
+def cmd_bench_serve(a: argparse.Namespace) -> int:
+    import json
+    import random
+    import shlex
+    from pathlib import Path
+
+    from forerun.bench.contenders import parse_list
+    from forerun.bench.datasets import load_questions
+    from forerun.bench.serving import ServeBenchOptions, parse_loads, parse_slos, run_serve_bench, write_outputs
+
+    try:
+        import httpx  # noqa: F401
+    except ImportError:
+        raise ValueError("forerun bench-serve needs httpx: pip install 'forerun[serve]'") from None
+    try:
+        extra = json.loads(a.extra_body)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--extra-body is not JSON: {e}") from None
+    if not isinstance(extra, dict):
+        raise ValueError("--extra-body must be a JSON object")
+    if a.num_prompts < 1 or a.max_tokens < 1 or a.warmup < 0:
+        raise ValueError("--num-prompts and --max-tokens must be >= 1, --warmup >= 0")
+    questions = load_questions(a.dataset, parse_list(a.categories) or None)
+    random.Random(a.seed).shuffle(questions)  # Spec-Bench's file runs category by category
+    options = ServeBenchOptions(
+        base_url=a.base_url, model=a.model, questions=tuple(questions),
+        loads=parse_loads(a.concurrency, a.request_rate), num_prompts=a.num_prompts, max_tokens=a.max_tokens,
+        temperature=a.temperature, arrival=a.arrival, slos_ms=parse_slos(a.goodput), api_key=a.api_key,
+        extra_body=tuple(extra.items()), warmup=a.warmup, seed=a.seed, timeout_s=a.timeout, label=a.label,
+        command="forerun " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["bench-serve"] else shlex.join(sys.argv))
+    result = run_serve_bench(options, log=lambda msg: print(msg, file=sys.stderr))
+    paths = write_outputs(result, Path(a.out))
+    print((Path(a.out) / "report.md").read_text())
+    print("wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)
+    return 0 if all(run["completed"] for run in result["runs"]) else 1

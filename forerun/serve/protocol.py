@@ -1,0 +1,148 @@
+"""The OpenAI request bodies the server accepts, as pydantic models. Fields a client may send that
+forerun does not use are ignored (pydantic's default), as vLLM does; fields that would change the
+output in a way forerun cannot honour (penalties, logit bias) are rejected rather than ignored."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field, model_validator
+
+MAX_SEED = 2**63 - 1
+MAX_LOGPROBS = 20
+MAX_N = 128
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class Speculation(BaseModel):
+    """Overrides the server's speculative decoding for one request (in `extra_body`). A draft model
+    or method options that name files come only from the server's own flags."""
+
+    method: str | None = None
+    num_draft: int | None = Field(None, ge=1, le=64)
+    max_draft: int | None = Field(None, ge=1, le=64)
+    adaptive: bool | None = None
+    budget: Literal["fixed", "goodput", "cost"] | None = None
+    guard: bool | None = None
+    exit_layer: int | None = Field(None, ge=1)
+    tree_width: int | None = Field(None, ge=1, le=8)
+    ngram_min: int | None = Field(None, ge=1, le=16)
+    ngram_max: int | None = Field(None, ge=1, le=16)
+
+
+class SamplingFields(BaseModel):
+    """Fields completions and chat share."""
+
+    model: str | None = None
+    temperature: float | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: int = Field(1, ge=1, le=MAX_N)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    # extras (vLLM's names), sent through the client's extra_body
+    top_k: int | None = Field(None, ge=-1)  # -1 or 0: off
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    stop_token_ids: list[int] | None = None
+    speculation: Speculation | str | None = None
+
+    @model_validator(mode="after")
+    def _no_penalties(self):
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                raise ValueError(f"{name} is not supported by forerun (speculative decoding verifies against the "
+                                 "unpenalized distribution); leave it at 0")
+        if self.logit_bias:
+            raise ValueError("logit_bias is not supported by forerun")
+        return self
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream and self.stream_options is not None and self.stream_options.include_usage
+
+    def stop_strings(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
+
+
+class TextPart(BaseModel):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    role: str
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        parts = []
+        for part in self.content:
+            if part.type != "text" or part.text is None:
+                raise ValueError(f"message content of type {part.type!r} is not supported; send text parts")
+            parts.append(part.text)
+        return "".join(parts)
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self):
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+
+class TokenizeRequest(BaseModel):
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give either prompt or messages")
+        return self
+
+
+class DetokenizeRequest(BaseModel):
+    model: str | None = None
+    tokens: list[int]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error body, which every error of the server has."""
+
+    error: ErrorDetail

@@ -1,0 +1,143 @@
+"""From an OpenAI request body to what the engine takes: prompt ids, SamplingParams, SpecConfig.
+Every problem is an APIError (400 or 404) raised before anything is queued."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from forerun.config import SamplingParams, SpecConfig
+from forerun.engine.engine import Engine
+from forerun.engine.kv_pool import KVPool
+from forerun.serve.errors import APIError, bad_request
+from forerun.serve.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields, Speculation
+
+MAX_PROMPTS = 64  # prompts in one completions request
+GREEDY_BELOW = 1e-5  # a temperature this low is greedy decoding (dividing logits by it overflows)
+
+
+@dataclass(frozen=True, slots=True)
+class Served:
+    """What the checks need of the served model. All of it is fixed once the model has loaded, so
+    the event loop reads it beside the engine thread."""
+
+    tokenizer: object  # forerun.models.tokenizer.Tokenizer
+    context: int  # tokens, prompt and completion together
+    vocab_size: int
+    pool: KVPool  # only its size is read: num_blocks, block_size
+
+    @classmethod
+    def of(cls, engine: Engine) -> "Served":
+        return cls(engine.runtime.tokenizer, engine.runtime.context_length, engine.model.args.vocab_size,
+                   engine.pool)
+
+
+def check_model(requested: str | None, served: str) -> None:
+    if requested is not None and requested != served:
+        raise APIError(404, f"the model `{requested}` does not exist; this server serves `{served}`",
+                       param="model", code="model_not_found")
+
+
+def completion_prompts(prompt: str | list, served: Served) -> list[list[int]]:
+    """Token ids of each prompt: a string, strings, token ids, or lists of token ids."""
+    if isinstance(prompt, str):
+        return [served.tokenizer.encode(prompt)]
+    if not prompt:
+        raise bad_request("prompt is empty", param="prompt")
+    if len(prompt) > MAX_PROMPTS and not isinstance(prompt[0], int):
+        raise bad_request(f"at most {MAX_PROMPTS} prompts per request", param="prompt")
+    if isinstance(prompt[0], int):
+        prompts = [list(prompt)]
+    elif isinstance(prompt[0], str):
+        prompts = [served.tokenizer.encode(p) for p in prompt]
+    else:
+        prompts = [list(p) for p in prompt]
+    for ids in prompts:
+        check_token_ids(ids, served.vocab_size, "prompt")
+    return prompts
+
+
+def check_token_ids(ids: list[int], vocab_size: int, param: str) -> None:
+    if any(not 0 <= t < vocab_size for t in ids):
+        raise bad_request(f"{param}: token ids must lie in [0, {vocab_size})", param=param)
+
+
+def chat_prompt(messages: list[ChatMessage], tokenizer) -> list[int]:
+    """The model's chat template over `messages`, ending with the assistant's turn, as token ids
+    (what LLM.encode does for chat messages, so the server and `forerun generate` agree)."""
+    try:
+        turns = [{"role": m.role, "content": m.text()} for m in messages]
+        text = tokenizer.apply_chat_template(turns)
+    except ValueError as e:
+        raise bad_request(str(e), param="messages") from None
+    except Exception as e:  # noqa: BLE001  (a template's own raise_exception or a render error)
+        raise bad_request(f"the chat template cannot render these messages: {e}", param="messages") from None
+    return tokenizer.encode(text, add_bos=False)
+
+
+def max_new_tokens(asked: int | None, prompt_len: int, n: int, served: Served) -> int:
+    """The token limit: as asked, else what the context leaves and the KV pool (forerun.engine.kv_pool,
+    whose size is fixed) can hold for n samples at once. A prompt that leaves no room, or a limit past
+    the context, is a 400 (as vLLM answers), not a silently shortened answer."""
+    context, pool = served.context, served.pool
+    if prompt_len >= context:
+        raise bad_request(f"the prompt has {prompt_len} tokens; this model's context holds {context} "
+                          "(prompt and completion together)", param="messages")
+    room = context - prompt_len
+    if asked is None:  # as the engine counts: the prompt's blocks, and per sample its own plus one
+        blocks = (pool.num_blocks - pool.blocks_for(prompt_len)) // n - 1
+        return max(min(room, blocks * pool.block_size), 1)
+    if asked > room:
+        raise bad_request(f"this model's context holds {context} tokens; the prompt has {prompt_len}, so at most "
+                          f"{room} can be generated, but {asked} were asked for", param="max_tokens")
+    return asked
+
+
+def sampling_params(body: SamplingFields, max_tokens: int, logprobs: int | None, served: Served) -> SamplingParams:
+    stop_ids = list(body.stop_token_ids or ())
+    check_token_ids(stop_ids, served.vocab_size, "stop_token_ids")
+    temperature = 1.0 if body.temperature is None else body.temperature
+    fields = dict(temperature=temperature if temperature >= GREEDY_BELOW else 0.0,
+                  top_p=1.0 if body.top_p is None else body.top_p,
+                  top_k=max(body.top_k or 0, 0), seed=body.seed, max_new_tokens=max_tokens,
+                  stop=body.stop_strings(), ignore_eos=body.ignore_eos, n=body.n,
+                  stop_token_ids=tuple(stop_ids), include_stop_str_in_output=body.include_stop_str_in_output,
+                  logprobs=logprobs)
+    try:
+        return SamplingParams(**fields)
+    except ValueError as e:
+        raise bad_request(str(e)) from None
+
+
+def completion_logprobs(body: CompletionRequest) -> int | None:
+    if body.logprobs is not None and body.echo:
+        raise bad_request("echo with logprobs needs the prompt's log-probabilities, which forerun does not "
+                          "compute; ask for one or the other", param="echo")
+    return body.logprobs
+
+
+def chat_logprobs(body: ChatCompletionRequest) -> int | None:
+    return (body.top_logprobs or 0) if body.logprobs else None
+
+
+def request_spec(asked: Speculation | str | None, default: SpecConfig) -> SpecConfig:
+    """The server's SpecConfig, overridden by the request's `speculation` (a method name, or an
+    object of SpecConfig fields). Another method than the server's keeps only the server's draft model."""
+    from forerun.drafters.registry import methods
+
+    if asked is None:
+        return default
+    if isinstance(asked, str):
+        asked = Speculation(method=asked)
+    fields = asked.model_dump(exclude_none=True)
+    method = fields.pop("method", default.method)
+    if method not in methods():
+        raise bad_request(f"unknown speculation method {method!r}; choose one of {', '.join(methods())}",
+                          param="speculation.method")
+    base = default if method == default.method else SpecConfig(method=method, draft_model=default.draft_model)
+    if "num_draft" in fields:  # a length asked for is kept, as `--num-draft` keeps it
+        fields.setdefault("adaptive", False)
+        fields.setdefault("max_draft", max(fields["num_draft"], base.max_draft))
+    try:
+        return dataclasses.replace(base, **fields)
+    except ValueError as e:
+        raise bad_request(f"speculation: {e}", param="speculation") from None

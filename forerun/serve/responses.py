@@ -1,0 +1,84 @@
+"""OpenAI response bodies and stream chunks, as plain dicts (the JSON the client parses)."""
+from __future__ import annotations
+
+import time
+import uuid
+
+from forerun.config import SpecConfig
+from forerun.types import Generation
+
+FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}  # the engine's -> OpenAI's
+MIN_LOGPROB = -9999.0  # JSON has no -inf; a token the model rules out is reported at this floor
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def finish_reason(engine_reason: str | None) -> str | None:
+    return None if engine_reason is None else FINISH_REASONS.get(engine_reason, engine_reason)
+
+
+class Envelope:
+    """The fields every response and chunk of one request shares."""
+
+    def __init__(self, prefix: str, obj: str, model: str):
+        self.id, self.object, self.model = new_id(prefix), obj, model
+        self.created = int(time.time())
+
+    def __call__(self, choices: list[dict], **extra) -> dict:
+        return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
+                "choices": choices, **extra}
+
+
+def usage(prompt_tokens: int, generations: list[Generation]) -> dict:
+    completion = sum(len(g.token_ids) for g in generations)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+            "total_tokens": prompt_tokens + completion}
+
+
+def forerun_stats(spec: SpecConfig, generations: list[Generation]) -> dict:
+    """forerun's own account of each choice (tau = mean_accepted, target forwards, timings), in an
+    extra field that OpenAI clients ignore."""
+    return {"method": spec.method, "budget": spec.budget,
+            "choices": [{"index": i, "tau": round(g.stats.mean_accepted, 4), **g.stats.to_dict()}
+                        for i, g in enumerate(generations)]}
+
+
+class TokenText:
+    """Token ids -> their text one by one, cached (logprobs name every token and its alternatives)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.cache: dict[int, str] = {}
+
+    def __call__(self, token_id: int) -> str:
+        if token_id not in self.cache:
+            self.cache[token_id] = self.tokenizer.decode([token_id], skip_special=False)
+        return self.cache[token_id]
+
+
+def _value(logprob: float) -> float:
+    return max(float(logprob), MIN_LOGPROB)
+
+
+def completion_logprobs(entries, text_of: TokenText, offset: int = 0) -> dict:
+    """The legacy completions shape: parallel lists, offsets into the choice's text."""
+    tokens, values, tops, offsets = [], [], [], []
+    for e in entries:
+        text = text_of(e.token_id)
+        tokens.append(text)
+        values.append(_value(e.logprob))
+        tops.append({text_of(t): _value(lp) for t, lp in e.top})
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+
+
+def chat_logprobs(entries, text_of: TokenText) -> dict:
+    def one(token_id: int, logprob: float) -> dict:
+        text = text_of(token_id)
+        return {"token": text, "logprob": _value(logprob), "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [{**one(e.token_id, e.logprob), "top_logprobs": [one(t, lp) for t, lp in e.top]}
+                        for e in entries]}

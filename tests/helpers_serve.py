@@ -1,0 +1,110 @@
+"""Helpers for the server tests: a tiny model directory a server process can load, and a server
+process on a free loopback port that is always stopped."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from safetensors.torch import save_file
+
+from conftest import random_weights, tiny_args
+
+REPO = Path(__file__).resolve().parents[1]
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
+
+
+def tiny_model_dir(path: Path, context: int = 256, seed: int = 0) -> Path:
+    """A random two-layer Llama with the embedded model's tokenizer (real text, a chat template,
+    EOS ids), saved as a Hugging Face directory: a server starts on it in a second."""
+    from forerun.models.embedded import embedded_model_dir
+
+    source = embedded_model_dir()
+    vocab = json.loads((source / "config.json").read_text())["vocab_size"]
+    args = tiny_args(layers=2, vocab_size=vocab, max_position_embeddings=context)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(random_weights(args, seed), str(path / "model.safetensors"))
+    config = {"architectures": ["LlamaForCausalLM"], "vocab_size": vocab, "hidden_size": args.hidden_size,
+              "intermediate_size": args.intermediate_size, "num_hidden_layers": args.num_layers,
+              "num_attention_heads": args.num_heads, "num_key_value_heads": args.num_kv_heads,
+              "head_dim": args.head_dim, "rms_norm_eps": args.rms_norm_eps, "rope_theta": args.rope_theta,
+              "max_position_embeddings": context, "tie_word_embeddings": False}
+    (path / "config.json").write_text(json.dumps(config))
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copy(source / name, path / name)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`python -m forerun serve ARGS` on a free loopback port, stopped by stop() (SIGTERM, then kill)."""
+
+    def __init__(self, *args: str, log: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log
+        self._log = open(log, "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "forerun", "serve", "--port", str(self.port), *args],
+                                     cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, env=os.environ.copy())
+
+    def wait_ready(self, timeout: float = 300) -> "ServerProcess":
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=5).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise TimeoutError(f"the server was not ready after {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def stop(self, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+    def rss_bytes(self) -> int:
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS")
+
+
+def metric(url: str, name: str) -> float:
+    """One unlabeled sample's value from /metrics."""
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise KeyError(name)
+
+
+def sse_payloads(lines) -> list[str]:
+    """The `data:` payloads of a server-sent event stream, in order."""
+    return [line[len("data:"):].strip() for line in lines if line.startswith("data:")]

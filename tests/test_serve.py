@@ -1,0 +1,552 @@
+"""`forerun serve` through the official openai client, against real server processes: a tiny random
+model (fast, real tokenizer) for the API surface and errors, the embedded q4 model for equality with
+`forerun generate` and losslessness through speculation; plus in-process checks of loading and
+in-stream failures."""
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, settings
+from schemathesis.checks import not_a_server_error
+
+from helpers_serve import REPO, ServerProcess, metric, sse_payloads, tiny_model_dir
+
+KEY = "test-key"
+MESSAGES = [{"role": "user", "content": "Write a short poem about the sea."}]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return tiny_model_dir(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="module")
+def server(tiny_dir, tmp_path_factory):
+    proc = ServerProcess("--model", str(tiny_dir), "--served-model-name", "tiny", "--api-key", KEY,
+                         "--method", "pld", "--kv-cache-tokens", "16384", "--max-num-seqs", "8",
+                         log=tmp_path_factory.mktemp("logs") / "tiny.log")
+    try:
+        yield proc.wait_ready()
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+def greedy_chat(client, **kw):
+    return client.chat.completions.create(model="tiny", messages=MESSAGES, temperature=0, **kw)
+
+
+# -- the API surface ----------------------------------------------------------------------------------
+
+def test_models_and_health(server, client):
+    assert httpx.get(server.url + "/health").status_code == 200
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["tiny"]
+
+
+def test_completion_and_its_usage(client):
+    out = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=12, temperature=0)
+    choice = out.choices[0]
+    assert out.object == "text_completion" and choice.index == 0 and choice.text
+    assert choice.finish_reason in ("stop", "length")
+    prompt_ids = httpx.post(str(client.base_url).replace("/v1/", "/tokenize"), json={"prompt": "Once upon a time"},
+                            headers={"Authorization": f"Bearer {KEY}"}).json()["tokens"]
+    assert out.usage.prompt_tokens == len(prompt_ids)
+    assert 0 < out.usage.completion_tokens <= 12
+    assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
+    stats = out.model_extra["forerun"]
+    assert stats["method"] == "pld" and stats["choices"][0]["new_tokens"] == out.usage.completion_tokens
+    assert stats["choices"][0]["target_forwards"] >= 1 and stats["choices"][0]["tau"] >= 1
+
+
+def test_chat_streamed_equals_unstreamed(client):
+    whole = greedy_chat(client, max_tokens=20)
+    chunks = list(greedy_chat(client, max_tokens=20, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
+    reasons = [c.choices[0].finish_reason for c in chunks]
+    assert reasons[-1] == whole.choices[0].finish_reason and not any(reasons[:-1])
+    assert {c.id for c in chunks} == {chunks[0].id} and all(c.object == "chat.completion.chunk" for c in chunks)
+
+
+def test_completion_streamed_equals_unstreamed(client):
+    args = dict(model="tiny", prompt="The weather today", max_tokens=16, temperature=0)
+    whole = client.completions.create(**args).choices[0]
+    chunks = list(client.completions.create(stream=True, **args))
+    assert "".join(c.choices[0].text for c in chunks) == whole.text
+    assert [c.choices[0].finish_reason for c in chunks][-1] == whole.finish_reason
+
+
+def test_n3_choices_are_interleaved_and_finish_last(client):
+    out = client.chat.completions.create(model="tiny", messages=MESSAGES, n=3, temperature=1.0, seed=3,
+                                         max_tokens=12)
+    assert sorted(c.index for c in out.choices) == [0, 1, 2]
+    assert len({c.message.content for c in out.choices}) > 1  # three samples, not one copied
+    chunks = list(client.chat.completions.create(model="tiny", messages=MESSAGES, n=3, temperature=1.0, seed=3,
+                                                 max_tokens=12, stream=True))
+    order = [c.choices[0].index for c in chunks]
+    last = {i: max(j for j, k in enumerate(order) if k == i) for i in range(3)}
+    content = [c.choices[0].index for c in chunks if c.choices[0].delta.content]
+    assert content.index(1) < len(content) - 1 - content[::-1].index(0)  # 1 streams before 0 has ended
+    for j, c in enumerate(chunks):
+        assert bool(c.choices[0].finish_reason) == (j == last[c.choices[0].index])
+    texts = ["".join(c.choices[0].delta.content or "" for c in chunks if c.choices[0].index == i) for i in range(3)]
+    assert texts == [c.message.content for c in sorted(out.choices, key=lambda c: c.index)]
+
+
+def test_several_prompts_and_token_ids(client):
+    out = client.completions.create(model="tiny", prompt=["Hello", "Goodbye"], n=2, max_tokens=6, temperature=0)
+    assert [c.index for c in out.choices] == [0, 1, 2, 3]
+    assert out.choices[0].text == out.choices[1].text != out.choices[2].text == out.choices[3].text
+    ids = httpx.post(str(client.base_url).replace("/v1/", "/tokenize"), json={"prompt": "Hello"},
+                     headers={"Authorization": f"Bearer {KEY}"}).json()["tokens"]
+    by_ids = client.completions.create(model="tiny", prompt=ids, max_tokens=6, temperature=0)
+    assert by_ids.choices[0].text == out.choices[0].text
+
+
+def test_stop_strings(client):
+    full = greedy_chat(client, max_tokens=24).choices[0].message.content
+    words = full.split()
+    stop = words[len(words) // 2]
+    before = full[:full.index(stop)]
+    out = greedy_chat(client, max_tokens=24, stop=[stop, "\x00never"]).choices[0]
+    assert (out.message.content, out.finish_reason) == (before, "stop")
+    kept = greedy_chat(client, max_tokens=24, stop=stop, extra_body={"include_stop_str_in_output": True})
+    assert kept.choices[0].message.content == before + stop
+    streamed = "".join(c.choices[0].delta.content or "" for c in greedy_chat(client, max_tokens=24, stop=stop,
+                                                                              stream=True))
+    assert streamed == before
+
+
+def test_stop_token_ids_and_ignore_eos(client):
+    vocab = 49152
+    out = greedy_chat(client, max_tokens=8, extra_body={"stop_token_ids": list(range(vocab))}).choices[0]
+    assert (out.message.content, out.finish_reason) == ("", "stop")
+    full = greedy_chat(client, max_tokens=24, extra_body={"ignore_eos": True})
+    assert full.usage.completion_tokens == 24 and full.choices[0].finish_reason == "length"
+    half = greedy_chat(client, max_tokens=24, extra_body={"stop_token_ids": list(range(vocab // 2))})
+    assert full.choices[0].message.content.startswith(half.choices[0].message.content)
+    assert half.choices[0].finish_reason == "stop" and half.usage.completion_tokens < 24
+
+
+def test_seed_reproducibility(client):
+    def sample(seed):
+        return client.completions.create(model="tiny", prompt="Tell me a story", max_tokens=16, temperature=0.9,
+                                         top_p=0.95, seed=seed, extra_body={"top_k": 50}).choices[0].text
+    assert sample(7) == sample(7)
+    assert sample(7) != sample(8)
+
+
+def test_include_usage_chunk(client):
+    args = dict(model="tiny", messages=MESSAGES, n=2, max_tokens=8, seed=1)
+    whole = client.chat.completions.create(**args)
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **args))
+    *body, last = chunks
+    assert last.choices == [] and all(c.usage is None and len(c.choices) == 1 for c in body)
+    assert last.usage == whole.usage  # the same seed draws the same tokens
+
+
+def test_sse_ends_with_done(server):
+    with httpx.stream("POST", server.url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                      json={"prompt": "Hi", "max_tokens": 5, "stream": True}, timeout=60) as r:
+        payloads = sse_payloads(r.iter_lines())
+    assert payloads[-1] == "[DONE]" and all(json.loads(p)["choices"] for p in payloads[:-1])
+
+
+def test_echo(client):
+    out = client.completions.create(model="tiny", prompt="Echo this", max_tokens=4, temperature=0, echo=True)
+    assert out.choices[0].text.startswith("Echo this") and len(out.choices[0].text) > len("Echo this")
+    with pytest.raises(openai.BadRequestError, match="echo"):  # the prompt's own logprobs are not computed
+        client.completions.create(model="tiny", prompt="Echo this", max_tokens=4, echo=True, logprobs=1)
+
+
+def test_completion_logprobs(client):
+    out = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=10, temperature=0,
+                                    logprobs=3).choices[0]
+    lp = out.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 10
+    for value, top in zip(lp.token_logprobs, lp.top_logprobs):
+        assert value <= 0 and 1 <= len(top) <= 3
+        assert value == pytest.approx(max(top.values()), abs=1e-5)  # greedy picks the most likely token
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+
+
+def test_chat_logprobs_streamed_and_not(client):
+    args = dict(model="tiny", messages=MESSAGES, max_tokens=10, logprobs=True, top_logprobs=2, temperature=0,
+                extra_body={"ignore_eos": True})
+    whole = client.chat.completions.create(**args).choices[0].logprobs.content
+    assert len(whole) == 10
+    for entry in whole:
+        assert [t.token for t in entry.top_logprobs][0] == entry.token and len(entry.top_logprobs) == 2
+        assert entry.logprob == pytest.approx(entry.top_logprobs[0].logprob, abs=1e-5)
+        assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob
+        assert bytes(entry.bytes).decode("utf-8", "replace") == entry.token
+    streamed = [e for c in client.chat.completions.create(stream=True, **args) if c.choices[0].logprobs
+                for e in c.choices[0].logprobs.content]
+    assert [e.token for e in streamed] == [e.token for e in whole]
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in whole], abs=1e-5)
+    hot = client.chat.completions.create(**{**args, "temperature": 2.0, "seed": 5}).choices[0].logprobs.content
+    first = [(t.token, t.logprob) for t in hot[0].top_logprobs]  # the model's own law, before temperature
+    assert [t for t, _ in first] == [t.token for t in whole[0].top_logprobs]
+    assert [v for _, v in first] == pytest.approx([t.logprob for t in whole[0].top_logprobs], abs=1e-5)
+    plain = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=4, temperature=0)
+    assert plain.choices[0].logprobs is None
+
+
+def test_speculation_per_request_is_lossless(client):
+    texts = {}
+    for spec in ({"method": "ar"}, {"method": "pld", "num_draft": 3}, "pld", {"budget": "goodput"}):
+        out = greedy_chat(client, max_tokens=24, extra_body={"speculation": spec})
+        texts[json.dumps(spec)] = out.choices[0].message.content
+        method = spec if isinstance(spec, str) else spec.get("method", "pld")
+        assert out.model_extra["forerun"]["method"] == method
+    assert len(set(texts.values())) == 1, texts
+
+
+def test_tokenize_detokenize(server):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    ids = httpx.post(server.url + "/tokenize", json={"prompt": "hello world"}, headers=headers).json()
+    assert ids["count"] == len(ids["tokens"]) > 0 and ids["max_model_len"] == 256
+    text = httpx.post(server.url + "/detokenize", json={"tokens": ids["tokens"]}, headers=headers).json()
+    assert text["prompt"].strip() == "hello world"
+    chat = httpx.post(server.url + "/tokenize", json={"messages": MESSAGES}, headers=headers).json()
+    assert chat["count"] > ids["count"]
+
+
+# -- errors -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(temperature=-1), "temperature"),
+    (dict(n=0), "n"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(max_tokens=10_000), "context"),
+    (dict(stop=[""]), "stop"),
+    (dict(presence_penalty=0.5), "presence_penalty"),
+    (dict(extra_body={"speculation": {"method": "telepathy"}}), "telepathy"),
+    (dict(extra_body={"speculation": {"num_draft": 9, "max_draft": 4}}), "num_draft"),
+    (dict(extra_body={"stop_token_ids": [-3]}), "stop_token_ids"),
+    (dict(top_logprobs=3), "logprobs"),
+    (dict(logprobs=True, top_logprobs=21), "top_logprobs"),
+])
+def test_invalid_parameters_are_400(client, kw, message):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=MESSAGES, **kw)
+    assert message in str(e.value)
+    assert e.value.body["type"] == "invalid_request_error"
+
+
+def test_prompt_longer_than_context_is_400(client):
+    with pytest.raises(openai.BadRequestError, match="context"):
+        client.completions.create(model="tiny", prompt=[5] * 300, max_tokens=4)
+    with pytest.raises(openai.BadRequestError, match="empty"):
+        client.completions.create(model="tiny", prompt=[], max_tokens=4)
+    with pytest.raises(openai.BadRequestError, match="token ids"):
+        client.completions.create(model="tiny", prompt=[10**9], max_tokens=4)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="tiny", messages=[], max_tokens=4)
+
+
+def test_wrong_or_missing_key_is_401(server):
+    for key in ("wrong", ""):
+        bad = openai.OpenAI(base_url=server.url + "/v1", api_key=key or "-", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            bad.models.list()
+    assert httpx.post(server.url + "/v1/completions", json={"prompt": "x"}).status_code == 401
+    assert httpx.get(server.url + "/health").status_code == 200  # health and metrics stay open
+
+
+def test_unknown_model_is_404(client):
+    with pytest.raises(openai.NotFoundError, match="nope"):
+        client.completions.create(model="nope", prompt="x", max_tokens=2)
+
+
+def test_oversized_body_is_413(client):
+    with pytest.raises(openai.APIStatusError) as e:
+        client.completions.create(model="tiny", prompt="x" * (5 * 2**20), max_tokens=2)
+    assert e.value.status_code == 413 and "larger" in str(e.value)
+    chunked = httpx.post(str(client.base_url) + "completions", headers={"Authorization": f"Bearer {KEY}"},
+                         content=(b"x" * 2**20 for _ in range(6)), timeout=60)  # no Content-Length
+    assert chunked.status_code == 413 and chunked.json()["error"]["code"] == "request_too_large"
+
+
+def test_malformed_json_is_400(server):
+    r = httpx.post(server.url + "/v1/completions", content=b"{not json", timeout=10,
+                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+    r = httpx.get(server.url + "/v1/nothing-here", headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 404 and "error" in r.json()
+
+
+# -- metrics ------------------------------------------------------------------------------------------
+
+def test_metrics(server, client):
+    greedy_chat(client, max_tokens=8, extra_body={"speculation": {"method": "pld"}})
+    text = httpx.get(server.url + "/metrics").text
+    for name in ("forerun:requests_total", "forerun:num_seqs_running", "forerun:num_seqs_waiting",
+                 "forerun:kv_cache_usage_perc", "forerun:prefix_cache_hit_rate",
+                 "forerun:time_to_first_token_seconds_bucket", "forerun:time_per_output_token_seconds_bucket",
+                 "forerun:e2e_request_latency_seconds_bucket", "forerun:spec_decode_num_drafts_total",
+                 "forerun:spec_decode_num_draft_tokens_total", "forerun:spec_decode_num_accepted_tokens_total",
+                 "forerun:spec_decode_num_accepted_tokens_per_pos_total"):
+        assert name in text, name
+    assert 'forerun:requests_total{route="/v1/chat/completions",status="200"}' in text
+    assert metric(server.url, "forerun:num_seqs_running") == 0
+    assert metric(server.url, "forerun:kv_cache_used_blocks") == 0
+
+
+# -- fuzzing ------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def api_schema(server):
+    schema = schemathesis.openapi.from_url(server.url + "/openapi.json")
+    return schema
+
+
+fuzzed = schemathesis.pytest.from_fixture("api_schema")
+
+
+@fuzzed.parametrize()
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+def test_fuzzed_requests_never_get_a_5xx(case):
+    case.call_and_validate(headers={"Authorization": f"Bearer {KEY}"}, checks=[not_a_server_error], timeout=60)
+
+
+# -- in-process: loading and failures -----------------------------------------------------------------
+
+def _wait_healthy(c, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while c.get("/health").status_code != 200:
+        assert time.monotonic() < deadline, "never became healthy"
+        time.sleep(0.05)
+
+
+def test_503_while_loading(tiny_dir):
+    from fastapi.testclient import TestClient
+
+    from forerun.engine.engine import Engine
+    from forerun.models.runtime import load
+    from forerun.serve.app import ServeConfig, create_app
+
+    gate = threading.Event()
+
+    def slow_load():
+        assert gate.wait(60)
+        return Engine(load(str(tiny_dir)))
+
+    with TestClient(create_app(slow_load, ServeConfig("tiny"))) as c:
+        for path in ("/health", "/v1/models"):
+            r = c.get(path)
+            assert r.status_code == 503 and "loading" in r.json()["error"]["message"]
+        assert c.post("/v1/completions", json={"prompt": "hi"}).status_code == 503
+        gate.set()
+        _wait_healthy(c)
+        assert c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}).status_code == 200
+
+
+def test_failure_inside_a_stream_sends_an_error_chunk_then_done(tiny_dir):
+    from fastapi.testclient import TestClient
+
+    from forerun.engine.engine import Engine
+    from forerun.models.runtime import load
+    from forerun.serve.app import ServeConfig, create_app
+
+    class FailsOnce(Engine):
+        """An engine whose fourth step raises, once."""
+
+        failed = False
+
+        def step(self):
+            if self.steps == 3 and not self.failed:
+                self.failed = True
+                raise RuntimeError("injected failure")
+            return super().step()
+
+    body = {"messages": MESSAGES, "max_tokens": 40, "stream": True, "ignore_eos": True, "speculation": "ar"}
+    with TestClient(create_app(lambda: FailsOnce(load(str(tiny_dir))), ServeConfig("tiny"))) as c:
+        _wait_healthy(c)
+        with c.stream("POST", "/v1/chat/completions", json=body) as r:
+            payloads = sse_payloads(r.iter_lines())
+        assert r.status_code == 200 and payloads[-1] == "[DONE]"
+        error = json.loads(payloads[-2])["error"]
+        assert "injected failure" in error["message"] and error["type"] == "internal_error"
+        assert len(payloads) >= 4  # the role chunk and content before the failure
+        again = c.post("/v1/chat/completions", json={**body, "stream": False})  # the server goes on serving
+        assert again.status_code == 200 and again.json()["usage"]["completion_tokens"] == 40
+        assert 'finish_reason="error"' in c.get("/metrics").text
+
+
+def test_default_max_tokens_fits_the_kv_pool(tiny_dir):
+    """Without max_tokens a chat may run to the end of the context, but no further than a small
+    pool can hold for its n samples; a request the pool can never hold is a 400."""
+    from fastapi.testclient import TestClient
+
+    from forerun.config import EngineConfig
+    from forerun.engine.engine import Engine
+    from forerun.models.runtime import load
+    from forerun.serve.app import ServeConfig, create_app
+
+    app = create_app(lambda: Engine(load(str(tiny_dir)), EngineConfig(kv_cache_tokens=320)), ServeConfig("tiny"))
+    with TestClient(app) as c:
+        _wait_healthy(c)
+        body = {"messages": MESSAGES, "n": 2, "ignore_eos": True, "temperature": 0}
+        r = c.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        usage = r.json()["usage"]
+        assert usage["prompt_tokens"] + usage["completion_tokens"] // 2 < 256  # cut by the pool, not the context
+        r = c.post("/v1/chat/completions", json={**body, "max_tokens": 200})
+        assert r.status_code == 400 and "KV" in r.json()["error"]["message"]
+
+
+def test_speculation_configurations_are_bounded(tiny_dir):
+    """Each distinct speculation configuration keeps a drafter for the engine's life: a client may
+    not create them without end."""
+    from fastapi.testclient import TestClient
+
+    from forerun.engine.engine import Engine
+    from forerun.models.runtime import load
+    from forerun.serve.app import ServeConfig, create_app
+    from forerun.serve.worker import MAX_SPEC_CONFIGS
+
+    with TestClient(create_app(lambda: Engine(load(str(tiny_dir))), ServeConfig("tiny"))) as c:
+        _wait_healthy(c)
+        codes = [c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 1, "speculation": {
+            "method": "pld", "num_draft": 1 + i % 16, "ngram_max": 1 + i // 16}}).status_code
+            for i in range(MAX_SPEC_CONFIGS + 1)]
+        assert codes == [200] * MAX_SPEC_CONFIGS + [400]
+        again = c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 1, "speculation": {
+            "method": "pld", "num_draft": 1, "ngram_max": 1}})
+        assert again.status_code == 200  # one seen before is reused
+
+
+# -- the embedded model, q4 ---------------------------------------------------------------------------
+
+SUMMARY = "Summarize: The cat sat on the mat. The cat was happy because the mat was warm and soft."
+
+
+@pytest.fixture(scope="module")
+def q4_server(tmp_path_factory):
+    proc = ServerProcess("--quant", "q4", "--method", "pld", "--max-num-seqs", "16",
+                         log=tmp_path_factory.mktemp("logs") / "q4.log")
+    try:
+        yield proc.wait_ready()
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="module")
+def q4_client(q4_server):
+    return openai.OpenAI(base_url=q4_server.url + "/v1", api_key="none", max_retries=0, timeout=300)
+
+
+def test_greedy_chat_equals_forerun_generate(q4_client):
+    prompt = "Name three primary colors."
+    proc = subprocess.run([sys.executable, "-m", "forerun", "generate", prompt, "--json", "--quant", "q4",
+                           "--method", "ar", "--max-new-tokens", "32"], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    ref = json.loads(proc.stdout)
+    out = q4_client.chat.completions.create(model="SmolLM2-135M-Instruct", temperature=0, max_tokens=32,
+                                            messages=[{"role": "user", "content": prompt}])
+    assert out.choices[0].message.content == ref["text"]
+    assert out.usage.completion_tokens == len(ref["token_ids"])
+
+
+def test_speculation_is_lossless_through_the_server(q4_client):
+    def text(speculation, stream=False):
+        args = dict(model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": SUMMARY}], temperature=0,
+                    max_tokens=32, extra_body={"speculation": speculation, "ignore_eos": True})
+        if stream:
+            return "".join(c.choices[0].delta.content or "" for c in q4_client.chat.completions.create(stream=True,
+                                                                                                      **args))
+        out = q4_client.chat.completions.create(**args)
+        return out.choices[0].message.content, out.model_extra["forerun"]["choices"][0]["tau"]
+
+    ref, tau = text("ar")
+    assert tau == 1.0
+    accepted = False
+    for spec in ("pld", {"method": "layer-skip", "exit_layer": 20}, "recycle", {"method": "pld", "budget": "goodput"}):
+        got, tau = text(spec)
+        assert got == ref, spec
+        accepted |= tau > 1.0
+    assert accepted  # some method did speculate
+    assert text("pld", stream=True) == ref
+
+
+def _idle(url: str, aborted_before: float, timeout: float = 20) -> float:
+    """Seconds until the server is idle with every KV block back, after one more abort."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if metric(url, "forerun:num_seqs_running") == 0 and metric(url, "forerun:kv_cache_used_blocks") == 0 \
+                and _aborts(url) > aborted_before:
+            return time.monotonic() - start
+        time.sleep(0.1)
+    raise AssertionError("the aborted request kept running or kept its KV blocks")
+
+
+def _aborts(url: str) -> float:
+    text = httpx.get(url + "/metrics").text
+    prefix = 'forerun:request_samples_finished_total{finish_reason="abort"}'
+    line = next((x for x in text.splitlines() if x.startswith(prefix)), None)
+    return float(line.split()[1]) if line else 0.0
+
+
+LONG = {"model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "Tell me a long story."}],
+        "max_tokens": 1000, "ignore_eos": True, "temperature": 0}
+
+
+def test_a_disconnected_stream_is_aborted(q4_server):
+    before = _aborts(q4_server.url)
+    with httpx.stream("POST", q4_server.url + "/v1/chat/completions", json={**LONG, "stream": True}, timeout=60) as r:
+        lines = r.iter_lines()
+        for _ in range(6):  # a few chunks in, the client goes away
+            next(lines)
+    _idle(q4_server.url, before)
+
+
+def test_a_disconnected_plain_request_is_aborted(q4_server):
+    before = _aborts(q4_server.url)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(q4_server.url + "/v1/chat/completions", json=LONG, timeout=1.5)
+    _idle(q4_server.url, before)
+
+
+def test_sigterm_drains_requests_in_flight(q4_server):
+    """Runs last of the q4 tests: it stops their server."""
+    with httpx.stream("POST", q4_server.url + "/v1/chat/completions", timeout=120,
+                      json={**LONG, "max_tokens": 40, "stream": True}) as r:
+        lines = r.iter_lines()
+        first = [next(lines) for _ in range(4)]
+        q4_server.proc.send_signal(signal.SIGTERM)
+        payloads = sse_payloads(first + list(lines))
+    assert payloads[-1] == "[DONE]"
+    chunks = [json.loads(p) for p in payloads[:-1]]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert sum(1 for c in chunks if c["choices"][0]["delta"].get("content")) > 4
+    assert q4_server.proc.wait(60) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it has shut down
+    log = q4_server.log()
+    assert "Application shutdown complete" in log and "Traceback" not in log
+
+
+@pytest.mark.parametrize("args, status, message", [
+    (["--method", "nonsense"], 2, "unknown method"),
+    (["--quant", "q4", "--dtype", "bfloat16"], 2, "float32"),
+    (["--model", "/no/such/model"], 1, "does not exist"),
+])
+def test_serve_bad_flags_are_clear_errors(args, status, message, tmp_path):
+    proc = ServerProcess(*args, log=tmp_path / "bad.log")
+    assert proc.proc.wait(120) == status
+    log = proc.log()
+    proc.stop()
+    assert "forerun serve: error:" in log or "forerun: error:" in log
+    assert message in log and "Traceback" not in log
