@@ -32,7 +32,8 @@ def add_scale_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="first N problems")
     p.add_argument("--out", default="scale-out", help="output directory (default: %(default)s)")
     p.add_argument("--model", help="HF model directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--quant", choices=["q4"], default=None)
+    p.add_argument("--quant", choices=["auto", "q4", "none"], default="auto",
+                   help="as forerun generate: q4 by default for the embedded Q4_1 GGUF on the CPU")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--method", default="ar", help="speculative method for decoding (exact; default: %(default)s)")
