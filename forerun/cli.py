@@ -31,7 +31,20 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _decode_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", default="pld", help="ar, pld, draft, layer-skip (default: pld)")
+    speculation_args(p)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("-n", "--n", type=int, default=1, help="samples of the prompt, from one prefill (default: 1)")
+
+
+def speculation_args(p: argparse.ArgumentParser) -> None:
+    """The flags spec_config() reads (also `forerun serve`'s defaults for its requests)."""
+    p.add_argument("--method", default="pld", help="ar, pld, draft, layer-skip, ... (default: pld)")
     p.add_argument("--draft-model", help="draft model for --method draft (HF directory or .gguf)")
     p.add_argument("--num-draft", type=int, default=None, help="draft tokens per step (fixes the length)")
     p.add_argument("--tree-width", type=int, default=1, help="--method draft: children per tree node")
@@ -44,14 +57,6 @@ def _decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exit-layer", type=int, default=None, help="--method layer-skip: layers the drafter runs")
     p.add_argument("--opt", action="append", default=[], metavar="NAME=VALUE",
                    help="a method-specific option (repeatable), e.g. --opt datastore=DS")
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--ignore-eos", action="store_true")
-    p.add_argument("-n", "--n", type=int, default=1, help="samples of the prompt, from one prefill (default: 1)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,8 +2,8 @@
 bench-serve`, its load generator (forerun.bench.serving). Wired into forerun/cli.py by
 add_serve_parsers(subparsers).
 
-The speculation flags repeat `forerun generate`'s (forerun/cli.py's _decode_args also holds sampling
-flags, which a server takes per request); their values go through the same spec_config()."""
+The speculation flags are `forerun generate`'s (forerun.cli.speculation_args; sampling flags stay
+per request) and go through the same spec_config()."""
 from __future__ import annotations
 
 import argparse
@@ -20,14 +20,14 @@ def add_serve_parsers(subparsers) -> None:
 
 
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
-    from forerun.cli import _model_args  # here, not at the top: forerun.cli imports this module
+    from forerun.cli import _model_args, speculation_args  # here, not at the top: forerun.cli imports this module
 
     p = subparsers.add_parser(
         "serve", help="serve an OpenAI-compatible HTTP API (completions, chat, models, metrics)",
         description="An OpenAI-compatible server on the batched engine, with exact speculative decoding. "
                     "Requests may override the speculation with a `speculation` object in extra_body.")
     _model_args(p)
-    _speculation_args(p)
+    speculation_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, loopback only)")
     p.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on the API routes")
@@ -36,21 +36,6 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
     return p
-
-
-def _speculation_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", default="pld", help="default speculation method: ar, pld, draft, layer-skip, ... "
-                                                    "(default: pld)")
-    p.add_argument("--draft-model", help="draft model for --method draft (HF directory or .gguf)")
-    p.add_argument("--num-draft", type=int, default=None, help="draft tokens per step (fixes the length)")
-    p.add_argument("--tree-width", type=int, default=1, help="--method draft: children per tree node")
-    p.add_argument("--guard", action="store_true",
-                   help="take plain steps while speculation measures slower per token (same output)")
-    p.add_argument("--budget", choices=["fixed", "goodput", "cost"], default="fixed",
-                   help="goodput: verify of each draft the nodes worth their rows for the whole batch")
-    p.add_argument("--exit-layer", type=int, default=None, help="--method layer-skip: layers the drafter runs")
-    p.add_argument("--opt", action="append", default=[], metavar="NAME=VALUE",
-                   help="a method-specific option (repeatable), e.g. --opt datastore=DS")
 
 
 def served_name(a: argparse.Namespace) -> str:
