@@ -18,14 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
+from forerun.bench.serving import free_port, stop_process, wait_healthy
 
 REPO = Path(__file__).resolve().parents[1]
 DATASET = REPO.parent / "shared" / "data" / "spec_bench" / "question.jsonl"
@@ -33,35 +30,14 @@ FORERUN = {"forerun-ar": ["--quant", "q4", "--method", "ar"],
            "forerun-pld-goodput": ["--quant", "q4", "--method", "pld", "--budget", "goodput"]}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start(command: list[str], log: Path, ready_path: str, port: int, timeout: float = 600) -> subprocess.Popen:
     proc = subprocess.Popen(command, stdout=open(log, "wb"), stderr=subprocess.STDOUT, cwd=REPO)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{command[0]} exited with {proc.returncode}; see {log}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}{ready_path}", timeout=5).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
+    if wait_healthy(proc, f"http://127.0.0.1:{port}{ready_path}", timeout, poll=0.5):
+        return proc
+    if proc.poll() is not None:
+        raise RuntimeError(f"{command[0]} exited with {proc.returncode}; see {log}")
     proc.kill()
     raise TimeoutError(f"{command[0]} was not ready after {timeout}s; see {log}")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def bench(port: int, name: str, levels: str, a: argparse.Namespace, out: Path) -> dict:
@@ -96,7 +72,7 @@ def main() -> int:
         try:
             result = bench(port, name, a.concurrency, a, a.out / name)
         finally:
-            stop(proc)
+            stop_process(proc)
         results[name] = {run["load"]["concurrency"]: run for run in result["runs"]}
     if a.llama_server and (not only or "llama.cpp" in only):
         from forerun.models.embedded import embedded_gguf_path
@@ -110,7 +86,7 @@ def main() -> int:
             try:
                 result = bench(port, "llama.cpp", level, a, a.out / f"llama.cpp-{level}")
             finally:
-                stop(proc)
+                stop_process(proc)
             results["llama.cpp"][int(level)] = result["runs"][0]
     elif not only or "llama.cpp" in only:
         print("llama-server not found (pass --llama-server PATH): llama.cpp left out", file=sys.stderr)

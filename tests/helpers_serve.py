@@ -5,17 +5,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
+from conftest import random_weights, tiny_args
 from safetensors.torch import save_file
 
-from conftest import random_weights, tiny_args
+from forerun.bench.serving import free_port, stop_process, wait_healthy
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
@@ -43,12 +41,6 @@ def tiny_model_dir(path: Path, context: int = 256, seed: int = 0) -> Path:
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class ServerProcess:
     """`python -m forerun serve ARGS` on a free loopback port, stopped by stop() (SIGTERM, then kill)."""
 
@@ -61,16 +53,10 @@ class ServerProcess:
                                      cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, env=os.environ.copy())
 
     def wait_ready(self, timeout: float = 300) -> "ServerProcess":
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=5).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
+        if wait_healthy(self.proc, self.url + "/health", timeout):
+            return self
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {self.proc.returncode}:\n{self.log()}")
         self.stop()
         raise TimeoutError(f"the server was not ready after {timeout}s:\n{self.log()}")
 
@@ -79,15 +65,9 @@ class ServerProcess:
         return self.log_path.read_text(errors="replace")[-4000:]
 
     def stop(self, timeout: float = 60) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        status = stop_process(self.proc, timeout)
         self._log.close()
-        return self.proc.returncode
+        return status
 
     def rss_bytes(self) -> int:
         with open(f"/proc/{self.proc.pid}/status") as f:

@@ -15,7 +15,10 @@ import asyncio
 import json
 import math
 import random
+import signal
+import socket
 import statistics
+import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -348,3 +351,40 @@ def write_plot(result: dict, path: Path) -> Path | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+# -- server processes (the peer benchmark and the server tests start their own) ---------------------
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback interface now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(proc: subprocess.Popen, health_url: str, timeout: float, poll: float = 0.2) -> bool:
+    """Poll health_url until it answers 200 (True); False once proc exits or timeout passes."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(health_url, timeout=5).status_code == 200:
+                return True
+        except httpx.TransportError:
+            pass
+        time.sleep(poll)
+    return False
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 60) -> int:
+    """SIGTERM (a server drains its requests), then kill after timeout; the exit status."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
