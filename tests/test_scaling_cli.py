@@ -51,14 +51,20 @@ def test_a_run_on_a_tiny_model_writes_results_report_and_plots(tmp_path):
     saved = json.loads((tmp_path / "results.json").read_text())
     runs = {(r["strategy"], r["budget"]): r for r in saved["runs"]}
     assert set(runs) == {(s, n) for s in ("sample", "vote", "adaptive") for n in (1, 4)}
-    vote = runs["vote", 4]
+    vote, sample = runs["vote", 4], runs["sample", 4]
+    # budget 4 ran first; every later run draws the same seeded samples of a question, so they were kept:
+    # vote repeats sample's 4 candidates and its account counts what they cost when decoded
+    assert sample["replayed"] == 0 and runs["sample", 1]["replayed"] == 3 and vote["replayed"] == 3 * 4
+    assert [[c["text"] for c in q["candidates"]] for q in vote["questions"]] == \
+        [[c["text"] for c in q["candidates"]] for q in sample["questions"]]
     assert vote["generated_tokens"] == 3 * 4 * 5  # no EOS in a tiny model: every sample runs to the limit
-    # the sample runs before left each 20-token prompt's full block in the prefix cache: per question 3
-    # tokens are computed (the last is the first decode row), the parent finds 16, the 3 forks share 20
-    assert vote["prefill_tokens"] == 3 * (20 - 16 - 1)
-    assert vote["cached_tokens"] == 3 * (16 + 3 * 20)
-    assert runs["sample", 1]["prefill_tokens"] == 3 * (20 - 1)  # the first run found nothing cached
-    for key in ("accuracy", "target_forwards", "wall_s", "engine_steps"):
+    # each 20-token prompt was computed once (the last token is the first decode row); 3 forks share it
+    assert vote["prefill_tokens"] == sample["prefill_tokens"] == 3 * (20 - 1)
+    assert vote["cached_tokens"] == 3 * 3 * 20
+    assert vote["engine_steps"] == 0 and sample["engine_steps"] > 0  # nothing was decoded again
+    # adaptive's first wave (2 samples) is the same first request: kept; its second wave is new
+    assert runs["adaptive", 4]["replayed"] == 3 * 2 and runs["adaptive", 4]["engine_steps"] > 0
+    for key in ("accuracy", "target_forwards", "wall_s", "elapsed_s"):
         assert key in vote
     q = vote["questions"][0]
     assert len(q["candidates"]) == 4 and {"answer", "correct", "text", "tokens"} <= set(q["candidates"][0])
@@ -67,3 +73,22 @@ def test_a_run_on_a_tiny_model_writes_results_report_and_plots(tmp_path):
     correct = [[c["correct"] for c in q["candidates"]] for q in runs["sample", 4]["questions"]]
     assert saved["coverage"]["pass_at_k"][-1] == pytest.approx(sum(any(c) for c in correct) / 3)
     assert "| vote | 4 |" in (tmp_path / "report.md").read_text()
+
+
+def test_questions_answered_at_once_give_the_answers_of_one_at_a_time():
+    rt = dataclasses.replace(tiny_runtime(seed=5), tokenizer=StubTokenizer())
+    task = NumericTask("digits", [Problem(f"p{i}", " ".join(str(3 + i + j) for j in range(20)), str(7 + i))
+                                  for i in range(6)])
+    seen = []
+    for concurrency in ("1", "3"):
+        llm = LLM(runtime=rt, engine=EngineConfig(kv_cache_tokens=8192))
+        args = build_parser().parse_args(["scale", "--task", "arith", "--strategy", "vote,beam,best-of-n",
+                                          "--reward", "mean-logprob", "--n", "2,3", "--max-new-tokens", "6",
+                                          "--temperature", "1.0", "--delimiter", "9", "--max-steps", "2",
+                                          "--no-progress", "--concurrency", concurrency])
+        results = run_scale(llm, task, task.problems(), strategies_from_args(args), [2, 3], args)
+        seen.append([(r["strategy"], r["budget"], r["generated_tokens"], r["target_forwards"],
+                      [(q["answer"], q["chosen"], [c["text"] for c in q["candidates"]]) for q in r["questions"]])
+                     for r in results["runs"]])
+        assert all(r["elapsed_s"] > 0 for r in results["runs"])
+    assert seen[0] == seen[1]

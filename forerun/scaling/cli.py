@@ -44,6 +44,8 @@ def add_scale_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=8, help="step-level strategies finish on this step")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences the engine decodes at once")
+    p.add_argument("--concurrency", type=int, default=1,
+                   help="questions answered at once, their requests batched together (default: %(default)s)")
     p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
                    help="spread questions over Ray actors, each with its own engine: a local Ray instance, or the "
                         "cluster at ADDRESS (same seeds, same answers as one process; needs `pip install ray`)")
@@ -86,6 +88,8 @@ def run_scale_command(a: argparse.Namespace) -> int:
     from forerun.scaling.tasks import build_task
 
     budgets, strategies = _budgets(a.n), strategies_from_args(a)
+    if a.concurrency < 1:
+        raise ValueError(f"--concurrency must be >= 1, got {a.concurrency}")
     task = build_task(a.task, a.data, a.count, a.seed)
     problems = task.problems(a.limit)
     if a.ray is not None:
@@ -110,18 +114,28 @@ def load_llm(a: argparse.Namespace):
 
 
 def solver_factory(llm, task, a: argparse.Namespace):
-    """strategy -> Solver: one generator (so one account) and one scorer for all of them."""
+    """strategy -> Solver, each with its own generator (so its own account) and scorer, all on one
+    engine and sharing the kept samples; answer() asks for one per thread."""
     from forerun.config import SpecConfig
     from forerun.scaling.generator import EngineGenerator
     from forerun.scaling.model import ModelScore
-    from forerun.scaling.scorers import build_scorer
+    from forerun.scaling.scorers import RewardModel, build_scorer
     from forerun.scaling.strategies import Solver
 
     needs_logprobs = a.reward in ("mean-logprob", "sum-logprob")
-    generator = EngineGenerator(llm, temperature=a.temperature, top_p=a.top_p, max_new_tokens=a.max_new_tokens,
-                                seed=a.seed, spec=SpecConfig(method=a.method), logprobs=needs_logprobs)
-    scorer = build_scorer(a.reward, ModelScore(llm, generator.account), a.reward_model) if a.reward else None
-    return lambda strategy: Solver(generator, task.answer_of, scorer, a.delimiter, a.max_steps, a.seed)
+    base = EngineGenerator(llm, temperature=a.temperature, top_p=a.top_p, max_new_tokens=a.max_new_tokens,
+                           seed=a.seed, spec=SpecConfig(method=a.method), logprobs=needs_logprobs)
+    # a reward model is loaded once (it keeps no account); the model's own scorers count in each account
+    reward: RewardModel | None = build_scorer("reward", None, a.reward_model) if a.reward == "reward" else None
+
+    def make(strategy) -> Solver:
+        generator = base.clone()
+        scorer = reward
+        if a.reward and reward is None:
+            scorer = build_scorer(a.reward, ModelScore(llm, generator.account, base.driver.lock))
+        return Solver(generator, task.answer_of, scorer, a.delimiter, a.max_steps, a.seed)
+
+    return make
 
 
 def run_scale(llm, task, problems, strategies, budgets, a: argparse.Namespace) -> dict:
@@ -132,14 +146,16 @@ def run_scale(llm, task, problems, strategies, budgets, a: argparse.Namespace) -
     if not a.no_progress:
         from tqdm import tqdm
 
-        def progress(items, desc):
-            return tqdm(items, desc=desc, file=sys.stderr, leave=False)
+        def progress(items, desc, total):
+            return tqdm(items, desc=desc, total=total, file=sys.stderr, leave=False)
 
-    return evaluate(task, problems, [Run(s) for s in strategies], budgets, solver_factory(llm, task, a), progress)
+    return evaluate(task, problems, [Run(s) for s in strategies], budgets, solver_factory(llm, task, a), progress,
+                    a.concurrency)
 
 
 def settings(a: argparse.Namespace, strategies) -> dict:
     return {"model": a.model or "embedded SmolLM2-135M-Instruct", "quant": a.quant, "method": a.method,
             "temperature": a.temperature, "top_p": a.top_p, "max_new_tokens": a.max_new_tokens, "reward": a.reward,
             "delimiter": a.delimiter, "max_steps": a.max_steps, "seed": a.seed, "ray": a.ray, "workers": a.workers,
+            "concurrency": a.concurrency,
             "strategies": {s.name: repr(s) for s in strategies}}

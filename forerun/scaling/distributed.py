@@ -31,7 +31,8 @@ class Worker:
         from forerun.scaling.run import answer
 
         problems = self.task.problems(self.a.limit)
-        return answer(self.task, [problems[i] for i in indices], self.runs, budgets, self.solver_for)
+        return answer(self.task, [problems[i] for i in indices], self.runs, budgets, self.solver_for,
+                      concurrency=self.a.concurrency)
 
 
 def evaluate_on_ray(a: argparse.Namespace, count: int, workers: int, address: str | None = None,
@@ -64,13 +65,13 @@ def evaluate_on_ray(a: argparse.Namespace, count: int, workers: int, address: st
     return assemble(a.task, count, budgets, _merge(parts, [s for s in shards if s], count))
 
 
-def _merge(parts: list[list[tuple[str, int, list]]], shards: list[list[int]], count: int) -> list:
+def _merge(parts: list[list[tuple]], shards: list[list[int]], count: int) -> list:
     """Each actor's records (same runs and budgets, its own questions) -> one list in question order."""
     merged = []
-    for k, (name, n, _) in enumerate(parts[0]):
+    for k, (name, n, _, _) in enumerate(parts[0]):
         questions = [None] * count
         for part, shard in zip(parts, shards):
             for index, record in zip(shard, part[k][2]):
                 questions[index] = record
-        merged.append((name, n, questions))
+        merged.append((name, n, questions, max(part[k][3] for part in parts)))  # the actors ran side by side
     return merged

