@@ -127,12 +127,13 @@ def solver_factory(llm, task, a: argparse.Namespace):
                            seed=a.seed, spec=SpecConfig(method=a.method), logprobs=needs_logprobs)
     # a reward model is loaded once (it keeps no account); the model's own scorers count in each account
     reward: RewardModel | None = build_scorer("reward", None, a.reward_model) if a.reward == "reward" else None
+    scores: dict = {}  # kept model scores, shared by every thread's scorer
 
     def make(strategy) -> Solver:
         generator = base.clone()
         scorer = reward
         if a.reward and reward is None:
-            scorer = build_scorer(a.reward, ModelScore(llm, generator.account, base.driver.lock))
+            scorer = build_scorer(a.reward, ModelScore(llm, generator.account, base.driver.lock, scores))
         return Solver(generator, task.answer_of, scorer, a.delimiter, a.max_steps, a.seed)
 
     return make

@@ -70,12 +70,14 @@ class EngineGenerator:
 
     Each request's seed derives from (seed, the question, how many extend() calls this answer made
     before it: query() starts the count), so a question's samples depend on nothing that ran before
-    or beside it. Whole solutions of the root therefore repeat exactly for the same seed, and the
-    generator keeps them: a budget-4 vote after a budget-16 vote of the same question gets the first 4
-    of those 16 samples without decoding them again (sample i of a request does not depend on how many
-    were asked for, nor on what else shares the batch). Their account still counts what they cost when
-    decoded (tokens, target forwards, prefill) and `replayed` how many came from the keep; wall time
-    and engine steps are what actually ran."""
+    or beside it. A request therefore repeats exactly for the same tokens, stop, limit and seed, and
+    the generator keeps what it returned: a budget-4 vote after a budget-16 vote of the same question
+    gets the first 4 of those 16 samples without decoding them again (sample i of a request does not
+    depend on how many were asked for, nor on what else shares the batch: the engine is
+    batch-invariant; under a speculative method whose outputs can vary with load they are still exact
+    samples of the same distribution). Their account still counts what they cost when decoded
+    (tokens, target forwards, prefill) and `replayed` how many came from the keep; wall time and
+    engine steps are what actually ran."""
 
     def __init__(self, llm, temperature: float = 0.7, top_p: float = 1.0, max_new_tokens: int = 256,
                  seed: int = 0, spec: SpecConfig | None = None, logprobs: bool = False, chat: bool | None = None,
@@ -88,7 +90,7 @@ class EngineGenerator:
         self.driver = driver or EngineDriver(llm.engine)
         self.account = Account()
         self._calls: dict[int, int] = {}  # question key -> extend() calls since query() (shared by clones)
-        self._kept: dict[tuple, tuple[Generation, ...]] = {}  # whole root solutions by request (shared by clones)
+        self._kept: dict[tuple, tuple[Generation, ...]] = {}  # samples by request (shared by clones)
 
     def clone(self) -> "EngineGenerator":
         """A generator for another thread: the same engine, settings and kept samples, its own account."""
@@ -119,8 +121,8 @@ class EngineGenerator:
         seeds = [_seed(self.seed, query.key, call, i) for i in range(len(requests))]
         keys = [self._keep_key(query, branch, stop, limit, seed) for (branch, _), seed in zip(requests, seeds)]
         done: dict[int, tuple[Generation, ...]] = {}
-        for i, key in enumerate(keys):
-            if key is not None and len(self._kept.get(key, ())) >= requests[i][1]:
+        for i, key in enumerate(keys):  # samples kept from an identical request, as many as it asks
+            if len(self._kept.get(key, ())) >= requests[i][1]:
                 done[i] = self._kept[key][:requests[i][1]]
                 self.account.replayed += len(done[i])
         ids = {}
@@ -137,18 +139,16 @@ class EngineGenerator:
             self.driver.abort(list(ids.values()))
         for i, rid in ids.items():
             done[i] = finished[rid]
-            if keys[i] is not None:
-                self._kept[keys[i]] = done[i]
+            self._kept[keys[i]] = done[i]
         self.account.engine_steps += self.llm.engine.steps - steps
         self.account.requests += len(ids)
         self.account.wall_s += time.perf_counter() - start
         return [[self._grow(branch, g, stop) for g in done[i]] for i, (branch, _) in enumerate(requests)]
 
-    def _keep_key(self, query: Query, branch: Branch, stop: str | None, limit: int, seed: int):
-        """What identifies a request whose samples are kept (whole solutions of the root), or None."""
-        if branch.token_ids or stop is not None:
-            return None
-        return (query.prompt_ids, limit, seed)
+    @staticmethod
+    def _keep_key(query: Query, branch: Branch, stop: str | None, limit: int, seed: int) -> tuple:
+        """What makes a request's samples repeat: the same tokens, stop, limit and seed."""
+        return (query.prompt_ids + branch.token_ids, stop, limit, seed)
 
     def _grow(self, branch: Branch, g: Generation, stop: str | None) -> Branch:
         s = self.account

@@ -27,18 +27,26 @@ def token_logprobs(g: Generation) -> tuple[float, ...]:
 
 class ModelScore:
     """log p(continuation | prompt) per token from an LLM, counted in an account. `lock` (an
-    EngineDriver's) serializes the forward with other threads' engine steps."""
+    EngineDriver's) serializes the forward with other threads' engine steps. Scores are deterministic,
+    so with a `kept` dict (shared by the threads' scorers) a repeated one is not computed again; it
+    still counts in the account as the forward it cost when computed."""
 
-    def __init__(self, llm, account: Account, lock=None):
-        self.llm, self.account, self.lock = llm, account, lock or contextlib.nullcontext()
+    def __init__(self, llm, account: Account, lock=None, kept: dict | None = None):
+        self.llm, self.account, self.lock, self.kept = llm, account, lock or contextlib.nullcontext(), kept
 
     def __call__(self, prompt_ids: list[int], continuation_ids: list[int]) -> list[float]:
         if not continuation_ids:
             raise ValueError("nothing to score: the continuation is empty")
         self.account.score_forwards += 1
         self.account.scored_tokens += len(continuation_ids)
+        key = (tuple(prompt_ids), tuple(continuation_ids))
+        if self.kept is not None and key in self.kept:
+            return self.kept[key]
         with self.lock:
-            return self.llm.score(list(prompt_ids), list(continuation_ids))
+            scores = self.llm.score(list(prompt_ids), list(continuation_ids))
+        if self.kept is not None:
+            self.kept[key] = scores
+        return scores
 
     def encode(self, text: str) -> list[int]:
         return self.llm.tokenizer.encode(text, add_bos=False)

@@ -33,6 +33,9 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on the API routes")
     p.add_argument("--served-model-name", default=None,
                    help="the model name clients send (default: --model as given, or SmolLM2-135M-Instruct)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads for the engine's forwards (default: torch's choice, one per core); "
+                        "on a small CPU one fewer leaves a core to the HTTP event loop")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
     return p
@@ -59,6 +62,12 @@ def cmd_serve(a: argparse.Namespace) -> int:
         resolve_quant(a.quant, a.model, a.dtype, a.device)
     if not 0 <= a.port < 65536:
         raise ValueError(f"--port must be in [0, 65535], got {a.port}")
+    if a.threads is not None:
+        if a.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {a.threads}")
+        import torch
+
+        torch.set_num_threads(a.threads)
     logging.basicConfig(level=getattr(logging, a.log_level.upper()), format="%(levelname)s:     %(name)s: %(message)s")
     server: uvicorn.Server | None = None
 
