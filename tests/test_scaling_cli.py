@@ -44,7 +44,10 @@ def test_a_run_on_a_tiny_model_writes_results_report_and_plots(tmp_path):
     args = build_parser().parse_args(["scale", "--task", "arith", "--strategy", "sample,vote,adaptive",
                                       "--n", "1,4", "--max-new-tokens", "5", "--temperature", "1.0",
                                       "--no-progress", "--opt", "adaptive.wave=2"])
-    results = run_scale(llm, task, task.problems(), strategies_from_args(args), [1, 4], args)
+    saved_so_far = []
+    results = run_scale(llm, task, task.problems(), strategies_from_args(args), [1, 4], args, saved_so_far.append)
+    assert len(saved_so_far) == 3 * 2 and len(saved_so_far[0]["runs"]) == 1  # after each strategy and budget
+    assert saved_so_far[-1]["runs"] == results["runs"]
     results["command"] = "test"
     paths = write_results(results, tmp_path)
     assert {p.name for p in paths} == {"results.json", "report.md", "accuracy_vs_tokens.png", "coverage.png"}

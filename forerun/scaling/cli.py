@@ -3,6 +3,7 @@ report.md and plots. Wired into forerun/cli.py with add_scale_parser(subparsers)
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -97,7 +98,11 @@ def run_scale_command(a: argparse.Namespace) -> int:
 
         results = evaluate_on_ray(a, len(problems), a.workers, None if a.ray == "local" else a.ray)
     else:
-        results = run_scale(load_llm(a), task, problems, strategies, budgets, a)
+        def partial(results: dict) -> None:  # a long run keeps what it has finished, in results.json's form
+            Path(a.out).mkdir(parents=True, exist_ok=True)
+            (Path(a.out) / "partial.json").write_text(json.dumps(results, indent=1))
+
+        results = run_scale(load_llm(a), task, problems, strategies, budgets, a, partial)
     results["settings"] = settings(a, strategies)
     results["command"] = "forerun " + shlex.join(sys.argv[1:])
     paths = write_results(results, Path(a.out))
@@ -139,8 +144,9 @@ def solver_factory(llm, task, a: argparse.Namespace):
     return make
 
 
-def run_scale(llm, task, problems, strategies, budgets, a: argparse.Namespace) -> dict:
-    """Evaluate `strategies` on an LLM in this process (tests call it with a tiny model)."""
+def run_scale(llm, task, problems, strategies, budgets, a: argparse.Namespace, partial=None) -> dict:
+    """Evaluate `strategies` on an LLM in this process (tests call it with a tiny model); `partial`
+    receives the results so far after each strategy and budget."""
     from forerun.scaling.run import Run, evaluate
 
     progress = None
@@ -151,7 +157,7 @@ def run_scale(llm, task, problems, strategies, budgets, a: argparse.Namespace) -
             return tqdm(items, desc=desc, total=total, file=sys.stderr, leave=False)
 
     return evaluate(task, problems, [Run(s) for s in strategies], budgets, solver_factory(llm, task, a), progress,
-                    a.concurrency)
+                    a.concurrency, partial)
 
 
 def settings(a: argparse.Namespace, strategies) -> dict:

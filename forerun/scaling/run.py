@@ -62,9 +62,14 @@ class Checker:
 
 def evaluate(task: Task, problems: list[Problem], runs: list[Run], budgets: list[int],
              solver_for: Callable[[Strategy], Solver], progress: Callable | None = None,
-             concurrency: int = 1) -> dict:
-    """Every run at every budget on every problem. `progress(iterable, desc, total)` wraps the loop (tqdm)."""
-    records = answer(task, problems, runs, budgets, solver_for, progress, concurrency)
+             concurrency: int = 1, partial: Callable[[dict], None] | None = None) -> dict:
+    """Every run at every budget on every problem. `progress(iterable, desc, total)` wraps the loop (tqdm);
+    `partial(results)` receives the results so far after each run at each budget (to save them)."""
+    def finished(records: list[Record]) -> None:
+        if partial is not None:
+            partial(assemble(task.name, len(problems), sorted({r[1] for r in records}), records))
+
+    records = answer(task, problems, runs, budgets, solver_for, progress, concurrency, finished)
     return assemble(task.name, len(problems), budgets, records)
 
 
@@ -73,7 +78,7 @@ Record = tuple[str, int, list, float]  # run name, budget, one record per proble
 
 def answer(task: Task, problems: list[Problem], runs: list[Run], budgets: list[int],
            solver_for: Callable[[Strategy], Solver], progress: Callable | None = None,
-           concurrency: int = 1) -> list[Record]:
+           concurrency: int = 1, finished: Callable[[list[Record]], None] | None = None) -> list[Record]:
     """A Record for every run and budget, in that order. The largest budget runs first, so the
     smaller ones can take their whole-solution samples from what the generator kept."""
     if not problems:
@@ -99,6 +104,8 @@ def answer(task: Task, problems: list[Problem], runs: list[Run], budgets: list[i
                 if progress is not None:
                     answers = progress(answers, f"{run.name} n={n}", len(problems))
                 done[n] = (list(answers), time.perf_counter() - start)
+                if finished is not None:
+                    finished(records + [(run.name, m, *done[m]) for m in budgets if m in done])
             records += [(run.name, n, *done[n]) for n in budgets]
     return records
 
