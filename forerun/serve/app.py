@@ -20,6 +20,7 @@ from forerun.config import SpecConfig
 from forerun.engine.engine import Engine
 from forerun.serve import requests as rq
 from forerun.serve import responses as rs
+from forerun.serve import scaling as sc
 from forerun.serve.errors import APIError, error_response, install_error_handlers
 from forerun.serve.jobs import Job
 from forerun.serve.limits import BodyLimit, CountRequests
@@ -146,9 +147,11 @@ class _Api:
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
         served = self._served(body.model)
         prompt = rq.chat_prompt(body.messages, served.tokenizer)
-        asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        if body.scaling is not None:
+            return await self._scaled_chat(body, request, served, prompt)
         logprobs = rq.chat_logprobs(body)
-        params = rq.sampling_params(body, rq.max_new_tokens(asked, len(prompt), body.n, served), logprobs, served)
+        params = rq.sampling_params(body, rq.max_new_tokens(body.completion_limit, len(prompt), body.n, served),
+                                    logprobs, served)
         job = Job(self.worker, [prompt], [params], rq.request_spec(body.speculation, self.config.spec))
         await job.start(stream_text=body.stream)
         envelope = rs.Envelope("chatcmpl", "chat.completion", self.config.model_name)
@@ -162,6 +165,22 @@ class _Api:
                     "finish_reason": rs.finish_reason(g.finish_reason)} for i, g in enumerate(generations)]
         return JSONResponse(envelope(choices, usage=rs.usage(job.prompt_tokens, generations),
                                      forerun=rs.forerun_stats(job.spec, generations)))
+
+    async def _scaled_chat(self, body: ChatCompletionRequest, request: Request, served: rq.Served,
+                           prompt: list[int]) -> Response:
+        """One choice: the candidate the strategy chose; usage counts every token it generated."""
+        plan = sc.plan(body, served)
+        params = rq.sampling_params(body, rq.max_new_tokens(body.completion_limit, len(prompt), plan.n, served),
+                                    None, served)
+        spec = rq.request_spec(body.speculation, self.config.spec)
+        answer = await sc.answer(self.worker, request, plan, sc.question_of(body.messages), prompt, params, spec,
+                                 served.tokenizer)
+        outcome = answer.outcome
+        choice = {"index": 0, "message": {"role": "assistant", "content": answer.text}, "logprobs": None,
+                  "finish_reason": rs.finish_reason(answer.finish_reason)}
+        envelope = rs.Envelope("chatcmpl", "chat.completion", self.config.model_name)
+        return JSONResponse(envelope([choice], usage=rs.token_usage(len(prompt), outcome.account.generated_tokens),
+                                     forerun=rs.scaling_stats(spec, body.scaling.strategy, plan.n, outcome)))
 
     async def tokenize(self, body: TokenizeRequest) -> dict:
         served = self._served(body.model)
