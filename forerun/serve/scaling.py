@@ -108,6 +108,8 @@ def question_of(messages: list[ChatMessage]) -> str:
 
 @dataclass(frozen=True)
 class Answer:
+    """What the response is made of."""
+
     outcome: Outcome
     text: str  # the chosen candidate's ("" when the strategy finished no solution)
     finish_reason: str  # the engine's, of the chosen candidate's last sample
@@ -135,7 +137,7 @@ async def answer(worker: EngineWorker, request: Request, plan: Plan, question: s
         outcome = await work
     except Cancelled:
         raise APIError(499, "the client closed the request", code="client_closed_request") from None
-    except ValueError as e:  # a strategy's option that only fails while it runs
+    except (TypeError, ValueError) as e:  # a strategy's option (its value or type) that fails only as it runs
         raise bad_request(f"scaling: {e}") from None
     chosen = outcome.chosen
     if chosen is None:
