@@ -15,7 +15,8 @@ from forerun.types import Generation
 
 
 class Job:
-    """The engine requests of one HTTP request: one per prompt, each of n samples. Choice index =
+    """The engine requests of one HTTP request (or of one round of a scaling strategy): one per prompt,
+    each of its params' n samples. In a completion every prompt has the same n, and choice index =
     prompt index * n + sample index. Whatever has not finished when the job ends (a disconnect, an
     error) is aborted, which frees its KV at once."""
 
