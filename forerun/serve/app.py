@@ -16,17 +16,18 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from forerun.config import SamplingParams, SpecConfig
-from forerun.engine.engine import Engine, RequestOutput
+from forerun.config import SpecConfig
+from forerun.engine.engine import Engine
 from forerun.serve import requests as rq
 from forerun.serve import responses as rs
+from forerun.serve import scaling as sc
 from forerun.serve.errors import APIError, error_response, install_error_handlers
+from forerun.serve.jobs import Job
 from forerun.serve.limits import BodyLimit, CountRequests
 from forerun.serve.metrics import Metrics
 from forerun.serve.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ErrorResponse,
                                     TokenizeRequest)
 from forerun.serve.worker import EngineWorker
-from forerun.types import Generation
 
 log = logging.getLogger("forerun.serve")
 
@@ -93,80 +94,6 @@ def _api_key_check(key: str | None):
     return check
 
 
-class _Job:
-    """The engine requests of one HTTP request: one per prompt, each of n samples. Choice index =
-    prompt index * n + sample index. Whatever has not finished when the job ends (a disconnect, an
-    error) is aborted, which frees its KV at once."""
-
-    def __init__(self, worker: EngineWorker, prompts: list[list[int]], params: list[SamplingParams],
-                 spec: SpecConfig):
-        self.worker, self.prompts, self.params, self.spec = worker, prompts, params, spec
-        self.n = params[0].n
-        base = rs.new_id("req")
-        self.ids = [f"{base}-{i}" for i in range(len(prompts))]
-        self.prompt_of = {rid: i for i, rid in enumerate(self.ids)}
-        self.outputs: asyncio.Queue = asyncio.Queue()
-        self.unfinished: set[str] = set()
-        self.generations: dict[int, tuple[Generation, ...]] = {}
-
-    async def start(self, stream_text: bool) -> None:
-        submits = [self.worker.submit(ids, p, self.spec, rid, stream_text, self.outputs)
-                   for ids, p, rid in zip(self.prompts, self.params, self.ids)]
-        results = await asyncio.gather(*submits, return_exceptions=True)
-        self.unfinished = {rid for rid, r in zip(self.ids, results) if r is None}
-        error = next((r for r in results if r is not None), None)
-        if error is not None:
-            self.abort()
-            raise error
-
-    async def events(self) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """(prompt index, output) until every request finished."""
-        while self.unfinished:
-            item = await self.outputs.get()
-            if isinstance(item, BaseException):
-                raise item
-            if item.finished:
-                self.unfinished.discard(item.request_id)
-                self.generations[self.prompt_of[item.request_id]] = item.generations
-            yield self.prompt_of[item.request_id], item
-
-    async def finish(self, request: Request) -> list[Generation]:
-        """Every choice's generation, in index order; aborts if the client goes away first."""
-        async def drain():
-            async for _ in self.events():
-                pass
-
-        done, gone = asyncio.ensure_future(drain()), asyncio.ensure_future(_disconnected(request))
-        try:
-            await asyncio.wait({done, gone}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            gone.cancel()
-            if not done.done():
-                done.cancel()
-                self.abort()
-        if not done.cancelled():
-            done.result()  # raises the engine's error, if any
-        return self.choices()
-
-    def choices(self) -> list[Generation]:
-        return [g for i in range(len(self.prompts)) for g in self.generations.get(i, ())]
-
-    @property
-    def prompt_tokens(self) -> int:
-        return sum(len(p) for p in self.prompts)
-
-    def abort(self) -> None:
-        for rid in self.unfinished:
-            self.worker.abort(rid)
-        self.unfinished.clear()
-
-
-async def _disconnected(request: Request) -> None:
-    """Returns when the client closes the connection (the body has been read by then)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
 class _Api:
     def __init__(self, worker: EngineWorker, metrics: Metrics, config: ServeConfig):
         self.worker, self.metrics, self.config = worker, metrics, config
@@ -199,7 +126,7 @@ class _Api:
         logprobs = rq.completion_logprobs(body)
         params = [rq.sampling_params(body, rq.max_new_tokens(body.max_tokens, len(p), body.n, served), logprobs,
                                      served) for p in prompts]
-        job = _Job(self.worker, prompts, params, rq.request_spec(body.speculation, self.config.spec))
+        job = Job(self.worker, prompts, params, rq.request_spec(body.speculation, self.config.spec))
         await job.start(stream_text=body.stream)
         envelope = rs.Envelope("cmpl", "text_completion", self.config.model_name)
         echoes = [tokenizer.decode(p) if body.echo else "" for p in prompts]
@@ -220,10 +147,12 @@ class _Api:
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
         served = self._served(body.model)
         prompt = rq.chat_prompt(body.messages, served.tokenizer)
-        asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        if body.scaling is not None:
+            return await self._scaled_chat(body, request, served, prompt)
         logprobs = rq.chat_logprobs(body)
-        params = rq.sampling_params(body, rq.max_new_tokens(asked, len(prompt), body.n, served), logprobs, served)
-        job = _Job(self.worker, [prompt], [params], rq.request_spec(body.speculation, self.config.spec))
+        params = rq.sampling_params(body, rq.max_new_tokens(body.completion_limit, len(prompt), body.n, served),
+                                    logprobs, served)
+        job = Job(self.worker, [prompt], [params], rq.request_spec(body.speculation, self.config.spec))
         await job.start(stream_text=body.stream)
         envelope = rs.Envelope("chatcmpl", "chat.completion", self.config.model_name)
         text_of = rs.TokenText(served.tokenizer)
@@ -236,6 +165,22 @@ class _Api:
                     "finish_reason": rs.finish_reason(g.finish_reason)} for i, g in enumerate(generations)]
         return JSONResponse(envelope(choices, usage=rs.usage(job.prompt_tokens, generations),
                                      forerun=rs.forerun_stats(job.spec, generations)))
+
+    async def _scaled_chat(self, body: ChatCompletionRequest, request: Request, served: rq.Served,
+                           prompt: list[int]) -> Response:
+        """One choice: the candidate the strategy chose; usage counts every token it generated."""
+        plan = sc.plan(body, served)
+        params = rq.sampling_params(body, rq.max_new_tokens(body.completion_limit, len(prompt), plan.n, served),
+                                    None, served)
+        spec = rq.request_spec(body.speculation, self.config.spec)
+        answer = await sc.answer(self.worker, request, plan, sc.question_of(body.messages), prompt, params, spec,
+                                 served.tokenizer)
+        outcome = answer.outcome
+        choice = {"index": 0, "message": {"role": "assistant", "content": answer.text}, "logprobs": None,
+                  "finish_reason": rs.finish_reason(answer.finish_reason)}
+        envelope = rs.Envelope("chatcmpl", "chat.completion", self.config.model_name)
+        return JSONResponse(envelope([choice], usage=rs.token_usage(len(prompt), outcome.account.generated_tokens),
+                                     forerun=rs.scaling_stats(spec, body.scaling.strategy, plan.n, outcome)))
 
     async def tokenize(self, body: TokenizeRequest) -> dict:
         served = self._served(body.model)
@@ -253,7 +198,7 @@ class _Api:
 
 # -- streaming ----------------------------------------------------------------------------------------
 
-def _sse(job: _Job, chunks: AsyncIterator[dict]) -> StreamingResponse:
+def _sse(job: Job, chunks: AsyncIterator[dict]) -> StreamingResponse:
     """Server-sent events: `data: {chunk}` lines, an error chunk if the request fails midway, and
     `data: [DONE]` at the end in every case. A client that disconnects cancels the generator, whose
     `finally` aborts what has not finished."""
@@ -284,13 +229,13 @@ def _usage_extra(body) -> dict:
     return {"usage": None} if body.include_usage else {}
 
 
-def _usage_chunk(envelope: rs.Envelope, job: _Job) -> dict:
+def _usage_chunk(envelope: rs.Envelope, job: Job) -> dict:
     generations = job.choices()
     return envelope([], usage=rs.usage(job.prompt_tokens, generations),
                     forerun=rs.forerun_stats(job.spec, generations))
 
 
-async def _completion_chunks(job: _Job, body: CompletionRequest, envelope: rs.Envelope, echoes: list[str],
+async def _completion_chunks(job: Job, body: CompletionRequest, envelope: rs.Envelope, echoes: list[str],
                              text_of: rs.TokenText) -> AsyncIterator[dict]:
     extra = _usage_extra(body)
     offsets = {}  # choice -> characters streamed so far (logprobs' text_offset)
@@ -313,7 +258,7 @@ async def _completion_chunks(job: _Job, body: CompletionRequest, envelope: rs.En
         yield _usage_chunk(envelope, job)
 
 
-async def _chat_chunks(job: _Job, body: ChatCompletionRequest, envelope: rs.Envelope,
+async def _chat_chunks(job: Job, body: ChatCompletionRequest, envelope: rs.Envelope,
                        text_of: rs.TokenText) -> AsyncIterator[dict]:
     extra = _usage_extra(body)
     for i in range(job.n):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MAX_SEED = 2**63 - 1
 MAX_LOGPROBS = 20
@@ -30,6 +30,21 @@ class Speculation(BaseModel):
     tree_width: int | None = Field(None, ge=1, le=8)
     ngram_min: int | None = Field(None, ge=1, le=16)
     ngram_max: int | None = Field(None, ge=1, le=16)
+
+
+class Scaling(BaseModel):
+    """Inference-time scaling for one chat request (in `extra_body`): a strategy of forerun.scaling
+    answers with the chosen one of its samples. Unlike the body, unknown fields here are an error."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    strategy: str
+    n: int = Field(ge=1, le=MAX_N)  # the strategy's budget: samples, particles, continuations per round
+    reward: str | None = None  # the scorer, for the strategies that score
+    task: str | None = None  # whose answer extraction to vote on (default: the last number or \boxed{})
+    options: dict[str, float | int | bool | str | None] = Field(default_factory=dict)  # the strategy's own
+    delimiter: str = Field("\n\n", min_length=1)  # between solution steps, for step-level strategies
+    max_steps: int = Field(8, ge=1, le=64)  # a step-level strategy finishes its branches on this step
 
 
 class SamplingFields(BaseModel):
@@ -109,12 +124,18 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    scaling: Scaling | None = None  # extra_body
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self):
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
         return self
+
+    @property
+    def completion_limit(self) -> int | None:
+        """max_completion_tokens, or the older max_tokens."""
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
 class TokenizeRequest(BaseModel):

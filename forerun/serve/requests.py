@@ -24,11 +24,12 @@ class Served:
     context: int  # tokens, prompt and completion together
     vocab_size: int
     pool: KVPool  # only its size is read: num_blocks, block_size
+    max_num_seqs: int  # sequences the engine decodes at once
 
     @classmethod
     def of(cls, engine: Engine) -> "Served":
         return cls(engine.runtime.tokenizer, engine.runtime.context_length, engine.model.args.vocab_size,
-                   engine.pool)
+                   engine.pool, engine.config.max_num_seqs)
 
 
 def check_model(requested: str | None, served: str) -> None:

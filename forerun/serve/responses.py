@@ -5,6 +5,7 @@ import time
 import uuid
 
 from forerun.config import SpecConfig
+from forerun.scaling.types import Outcome
 from forerun.types import Generation
 
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}  # the engine's -> OpenAI's
@@ -32,9 +33,12 @@ class Envelope:
 
 
 def usage(prompt_tokens: int, generations: list[Generation]) -> dict:
-    completion = sum(len(g.token_ids) for g in generations)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-            "total_tokens": prompt_tokens + completion}
+    return token_usage(prompt_tokens, sum(len(g.token_ids) for g in generations))
+
+
+def token_usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
 
 
 def forerun_stats(spec: SpecConfig, generations: list[Generation]) -> dict:
@@ -43,6 +47,18 @@ def forerun_stats(spec: SpecConfig, generations: list[Generation]) -> dict:
     return {"method": spec.method, "budget": spec.budget,
             "choices": [{"index": i, "tau": round(g.stats.mean_accepted, 4), **g.stats.to_dict()}
                         for i, g in enumerate(generations)]}
+
+
+def scaling_stats(spec: SpecConfig, strategy: str, n: int, outcome: Outcome) -> dict:
+    """forerun's account of a scaled answer: every candidate the strategy considered (its extracted
+    answer, score and tokens), which one it chose, and what answering cost (scaling's Account)."""
+    chosen = outcome.chosen
+    candidates = [{"answer": c.answer, "score": None if c.score is None else _value(c.score), "tokens": c.tokens,
+                   "text": c.text} for c in outcome.candidates]
+    return {"method": spec.method, "budget": spec.budget, "scaling": {
+        "strategy": strategy, "n": n, "answer": outcome.answer,
+        "chosen": outcome.candidates.index(chosen) if chosen in outcome.candidates else None,
+        "candidates": candidates, "account": outcome.account.to_dict(), "notes": outcome.notes}}
 
 
 class TokenText:

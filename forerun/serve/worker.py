@@ -4,6 +4,7 @@
     worker.submit(...)  --- Add ------->    engine.add_request -> accepted / error
     async for out in stream   <--------    engine.step() outputs, one call_soon_threadsafe each
     worker.abort(id)    --- Abort ----->    engine.abort: decoding stops, KV blocks freed at once
+    await worker.call(fn) --- Call ---->    fn(engine) between two steps (a scorer's engine.score)
 
 The thread loads the model first (the server answers 503 meanwhile), then loops: take every queued
 command, run one step while any request is unfinished, hand each request its outputs, publish a
@@ -12,6 +13,7 @@ snapshot of the engine's queues and pool for /metrics. It sleeps on the command 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import queue
 import threading
@@ -90,6 +92,12 @@ class _Abort:
     request_id: str
 
 
+@dataclass(slots=True)
+class _Call:
+    fn: Callable[[Engine], object]
+    result: concurrent.futures.Future
+
+
 class _Stop:
     pass
 
@@ -152,6 +160,14 @@ class EngineWorker:
     def abort(self, request_id: str) -> None:
         self._commands.put(_Abort(request_id))
 
+    async def call(self, fn: Callable[[Engine], object]):
+        """fn(engine)'s result, run on the engine thread between two steps; its ValueError is a 400.
+        Cancelled before the engine thread reaches it, it does not run."""
+        self.check_ready()
+        result = concurrent.futures.Future()
+        self._commands.put(_Call(fn, result))
+        return await asyncio.wrap_future(result)
+
     def stop(self, timeout: float | None = None) -> None:
         """Finish the requests in flight, then end the thread (SIGTERM's drain)."""
         self._commands.put(_Stop())
@@ -212,6 +228,8 @@ class EngineWorker:
             live = self._live.pop(command.request_id, None)
             if live is not None:
                 self._metrics.finished.labels("abort").inc(live.unfinished)
+        elif isinstance(command, _Call):
+            self._call(command)
         elif isinstance(command, _Stop):
             self._stopping = True
 
@@ -235,6 +253,18 @@ class EngineWorker:
             return
         self._live[stream.request_id] = _Live(stream, add.spec, add.params.n, time.perf_counter())
         stream.settle(None)
+
+    def _call(self, call: _Call) -> None:
+        if not call.result.set_running_or_notify_cancel():
+            return
+        try:
+            call.result.set_result(call.fn(self.engine))
+        except ValueError as e:
+            call.result.set_exception(bad_request(str(e)))
+        except Exception as e:  # noqa: BLE001  (reported to the caller; the engine thread goes on)
+            log.exception("a call on the engine thread failed")
+            call.result.set_exception(APIError(500, f"the engine failed: {type(e).__name__}: {e}",
+                                               type="internal_error"))
 
     def _step(self) -> None:
         try:
@@ -292,3 +322,5 @@ class EngineWorker:
                 return
             if isinstance(command, _Add):
                 command.stream.settle(unavailable("the server is shutting down"))
+            elif isinstance(command, _Call) and command.result.set_running_or_notify_cancel():
+                command.result.set_exception(unavailable("the server is shutting down"))
