@@ -16,7 +16,7 @@ from typing import Protocol
 import numpy as np
 
 from forerun.config import SpecConfig
-from forerun.scaling.model import sampling_params, token_logprobs
+from forerun.scaling.model import grown_logprobs, sampling_params
 from forerun.scaling.types import Account, Branch, Query
 from forerun.types import Generation
 
@@ -118,7 +118,7 @@ class EngineGenerator:
         start, steps = time.perf_counter(), self.llm.engine.steps
         limit = max_new_tokens or self.max_new_tokens
         call = self._calls[query.key] = self._calls.get(query.key, 0) + 1
-        seeds = [_seed(self.seed, query.key, call, i) for i in range(len(requests))]
+        seeds = [derive_seed(self.seed, query.key, call, i) for i in range(len(requests))]
         keys = [self._keep_key(query, branch, stop, limit, seed) for (branch, _), seed in zip(requests, seeds)]
         done: dict[int, tuple[Generation, ...]] = {}
         for i, key in enumerate(keys):  # samples kept from an identical request, as many as it asks
@@ -151,14 +151,8 @@ class EngineGenerator:
         return (query.prompt_ids + branch.token_ids, stop, limit, seed)
 
     def _grow(self, branch: Branch, g: Generation, stop: str | None) -> Branch:
-        s = self.account
-        s.generated_tokens += g.stats.new_tokens
-        s.prefill_tokens += g.stats.prefill_tokens
-        s.cached_tokens += g.stats.cached_tokens
-        s.target_forwards += g.stats.target_forwards
-        logprobs = token_logprobs(g) if self.logprobs else None
-        if logprobs is not None and branch.logprobs is not None:
-            logprobs = branch.logprobs + logprobs
+        self.account.count(g.stats)
+        logprobs = grown_logprobs(branch.logprobs, g, self.logprobs)
         if g.finish_reason == "stop" and stop is not None:
             # The engine keeps the ids up to the delimiter's start (the last may hold part of it):
             # the step's text is re-encoded with the delimiter, so the text and the ids agree.
@@ -168,5 +162,6 @@ class EngineGenerator:
         return Branch(branch.token_ids + tuple(g.token_ids), branch.text + g.text, True, branch.steps + 1, logprobs)
 
 
-def _seed(*entropy: int) -> int:
+def derive_seed(*entropy: int) -> int:
+    """A 63-bit seed from integers (numpy's SeedSequence): the same entropy, the same seed."""
     return int(np.random.SeedSequence(list(entropy)).generate_state(1, np.uint64)[0] % 2**63)

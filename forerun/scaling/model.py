@@ -18,6 +18,14 @@ def sampling_params(logprobs: bool = False, **kw) -> SamplingParams:
     return SamplingParams(**kw)
 
 
+def grown_logprobs(before: tuple[float, ...] | None, g: Generation, wanted: bool) -> tuple[float, ...] | None:
+    """A branch's token log-probabilities after it grows by g (None when not asked for)."""
+    if not wanted:
+        return None
+    new = token_logprobs(g)
+    return new if before is None else before + new
+
+
 def token_logprobs(g: Generation) -> tuple[float, ...]:
     """The raw model's log-probability of each sampled token of g."""
     if g.logprobs is None:

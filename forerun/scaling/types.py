@@ -57,6 +57,13 @@ class Account:
     replayed: int = 0  # samples kept from an identical earlier request (counted above, not decoded again)
     wall_s: float = 0.0
 
+    def count(self, stats) -> None:
+        """Add one engine sample's Stats (forerun.types.Stats)."""
+        self.generated_tokens += stats.new_tokens
+        self.prefill_tokens += stats.prefill_tokens
+        self.cached_tokens += stats.cached_tokens
+        self.target_forwards += stats.target_forwards
+
     def add(self, other: "Account") -> None:
         for f in fields(self):
             setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))

@@ -22,13 +22,13 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 
 import anyio
-import numpy as np
 from fastapi import Request
 
 from forerun.config import SamplingParams, SpecConfig
 from forerun.llm import LLM
 from forerun.scaling.answers import extract_answer
-from forerun.scaling.model import ModelScore, token_logprobs
+from forerun.scaling.generator import derive_seed
+from forerun.scaling.model import ModelScore, grown_logprobs
 from forerun.scaling.run import solve
 from forerun.scaling.scorers import SCORERS, build_scorer
 from forerun.scaling.strategies import STRATEGIES, Solver, Strategy, build_strategy
@@ -202,8 +202,7 @@ class ServedGenerator:
         stops, include = self.params.stop, self.params.include_stop_str_in_output
         if stop is not None:  # the delimiter stays in the text: it tells a step from the request's stop strings
             stops, include = (stop, *stops), True
-        seed = np.random.SeedSequence([self.params.seed, self._calls, index]).generate_state(1, np.uint64)[0]
-        return dataclasses.replace(self.params, n=n, seed=int(seed % 2**63), stop=stops,
+        return dataclasses.replace(self.params, n=n, seed=derive_seed(self.params.seed, self._calls, index), stop=stops,
                                    include_stop_str_in_output=include,
                                    max_new_tokens=max_new_tokens or self.params.max_new_tokens,
                                    logprobs=0 if self.logprobs else None)
@@ -235,14 +234,8 @@ class ServedGenerator:
                 self._waiting.discard(future)
 
     def _grow(self, branch: Branch, g: Generation, stop: str | None) -> Branch:
-        a = self.account
-        a.generated_tokens += g.stats.new_tokens
-        a.prefill_tokens += g.stats.prefill_tokens
-        a.cached_tokens += g.stats.cached_tokens
-        a.target_forwards += g.stats.target_forwards
-        logprobs = token_logprobs(g) if self.logprobs else None
-        if logprobs is not None and branch.logprobs is not None:
-            logprobs = branch.logprobs + logprobs
+        self.account.count(g.stats)
+        logprobs = grown_logprobs(branch.logprobs, g, self.logprobs)
         text = g.text
         if stop is not None and g.finish_reason == "stop":
             if text.endswith(stop):  # a step: its ids re-encoded with the delimiter, so text and ids agree
