@@ -111,7 +111,9 @@ def concat(parts: list[QuantWeight]) -> QuantWeight:
 def _as_format(w: QuantWeight, kind: str, per16: bool, dtype: torch.dtype, mins: bool) -> QuantWeight:
     codes = _codes(w) if kind != w.kind else w.codes
     scales = w.scales.repeat_interleave(2, dim=1) if per16 and not w.per16 else w.scales
-    offsets = w.mins if w.mins is not None or not mins else torch.zeros(w.shape[0], w.shape[1] // GROUP)
+    offsets = w.mins
+    if offsets is None and mins:
+        offsets = torch.zeros(w.shape[0], w.shape[1] // GROUP)
     return QuantWeight(kind, codes, scales.to(dtype), None if offsets is None else offsets.to(dtype))
 
 
