@@ -1,5 +1,8 @@
 import os
+from pathlib import Path
 
+import gguf
+import numpy as np
 import pytest
 import torch
 
@@ -176,3 +179,44 @@ def continuations_datastore(runtime: Runtime, path, prompts, max_new_tokens: int
     docs += [torch.randint(0, vocab, (50,), generator=g).tolist() for _ in range(20)]
     build(docs, fingerprint_of(runtime)).save(path)
     return str(path)
+
+
+# --- GGUF files ---------------------------------------------------------------------------------------
+
+GGUF_TOKENS = ["<|endoftext|>", "<|im_end|>", "a", "b", "ab", "Ġ", "Ġab", "c"]  # padded to `vocab` with <tN>
+GGUF_MERGES = ["a b", "Ġ ab"]
+
+
+def write_gguf(path: Path, arch: str, dims: dict, tensors: dict, tokenizer_model: str = "gpt2") -> Path:
+    """A GGUF file of `arch` (dims: layers, hidden, heads, kv_heads, ffn, vocab) with a tiny byte-level
+    BPE tokenizer and `tensors` by GGUF name: float arrays, or (raw blocks [N, bytes a row] uint8,
+    gguf.GGMLQuantizationType)."""
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_context_length(128)
+    w.add_embedding_length(dims["hidden"])
+    w.add_block_count(dims["layers"])
+    w.add_feed_forward_length(dims["ffn"])
+    w.add_head_count(dims["heads"])
+    w.add_head_count_kv(dims["kv_heads"])
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_rope_freq_base(10000.0)
+    w.add_tokenizer_model(tokenizer_model)
+    w.add_tokenizer_pre("gpt2")
+    tokens = GGUF_TOKENS + [f"<t{i}>" for i in range(len(GGUF_TOKENS), dims["vocab"])]
+    w.add_token_list(tokens)
+    w.add_token_merges(GGUF_MERGES)
+    w.add_token_types([gguf.TokenType.CONTROL] * 2 + [gguf.TokenType.NORMAL] * (len(tokens) - 2))
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(1)
+    w.add_chat_template("{% for m in messages %}{{ m['content'] }}<|im_end|>{% endfor %}")
+    for name, value in tensors.items():
+        if isinstance(value, tuple):
+            raw, kind = value
+            w.add_tensor(name, raw, raw_dtype=kind)
+        else:
+            w.add_tensor(name, np.asarray(value, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

@@ -11,6 +11,7 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
+from conftest import write_gguf
 from forerun import kernels
 from forerun.models import embedded
 from forerun.models.args import ModelArgs
@@ -146,21 +147,22 @@ def test_resolve_model_dir_errors(tmp_path):
 # -- synthetic GGUF ------------------------------------------------------------------------------
 
 TINY = dict(layers=2, hidden=16, heads=4, kv_heads=2, ffn=24, vocab=8)
-TINY_TOKENS = ["<|endoftext|>", "<|im_end|>", "a", "b", "ab", "Ġ", "Ġab", "c"]
-TINY_MERGES = ["a b", "Ġ ab"]
 
 
 def _tiny_weights(arch: str) -> dict[str, np.ndarray]:
     """HF-named random weights for a tiny model (untied, with an lm_head)."""
     rng = np.random.default_rng(0)
     h, ffn, hd = TINY["hidden"], TINY["ffn"], TINY["hidden"] // TINY["heads"]
-    shapes = {"model.embed_tokens.weight": (TINY["vocab"], h), "model.norm.weight": (h,), "lm_head.weight": (TINY["vocab"], h)}
+    q, kv = TINY["heads"] * hd, TINY["kv_heads"] * hd
+    shapes = {"model.embed_tokens.weight": (TINY["vocab"], h), "model.norm.weight": (h,),
+              "lm_head.weight": (TINY["vocab"], h)}
     for i in range(TINY["layers"]):
         p = f"model.layers.{i}."
         shapes |= {p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
-                   p + "self_attn.q_proj.weight": (TINY["heads"] * hd, h), p + "self_attn.k_proj.weight": (TINY["kv_heads"] * hd, h),
-                   p + "self_attn.v_proj.weight": (TINY["kv_heads"] * hd, h), p + "self_attn.o_proj.weight": (h, TINY["heads"] * hd),
-                   p + "mlp.gate_proj.weight": (ffn, h), p + "mlp.up_proj.weight": (ffn, h), p + "mlp.down_proj.weight": (h, ffn)}
+                   p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
+                   p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
+                   p + "mlp.gate_proj.weight": (ffn, h), p + "mlp.up_proj.weight": (ffn, h),
+                   p + "mlp.down_proj.weight": (h, ffn)}
         if arch == "qwen3":
             shapes |= {p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,)}
     return {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
@@ -186,32 +188,12 @@ def _gguf_name(hf_name: str) -> str:
 
 
 def _write_tiny_gguf(path: Path, arch: str, weights: dict[str, np.ndarray], tokenizer_model: str = "gpt2") -> Path:
-    w = gguf.GGUFWriter(str(path), arch)
-    w.add_context_length(128)
-    w.add_embedding_length(TINY["hidden"])
-    w.add_block_count(TINY["layers"])
-    w.add_feed_forward_length(TINY["ffn"])
-    w.add_head_count(TINY["heads"])
-    w.add_head_count_kv(TINY["kv_heads"])
-    w.add_layer_norm_rms_eps(1e-6)
-    w.add_rope_freq_base(10000.0)
-    w.add_tokenizer_model(tokenizer_model)
-    w.add_tokenizer_pre("gpt2")
-    w.add_token_list(TINY_TOKENS)
-    w.add_token_merges(TINY_MERGES)
-    w.add_token_types([gguf.TokenType.CONTROL] * 2 + [gguf.TokenType.NORMAL] * 6)
-    w.add_bos_token_id(0)
-    w.add_eos_token_id(1)
-    w.add_chat_template("{% for m in messages %}{{ m['content'] }}<|im_end|>{% endfor %}")
+    tensors = {}
     for name, value in weights.items():
         if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             value = _llama_cpp_permute(value, TINY["heads"] if "q_proj" in name else TINY["kv_heads"])
-        w.add_tensor(_gguf_name(name), value)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+        tensors[_gguf_name(name)] = value
+    return write_gguf(path, arch, TINY, tensors, tokenizer_model)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
@@ -230,9 +212,10 @@ def test_synthetic_gguf_round_trip(tmp_path, arch):
     assert tok.eos_token_ids == {1} and tok.bos_token_id == 0
 
 
-def test_quant_auto_is_q4_only_for_q4_1_ggufs_on_the_cpu(tmp_path, monkeypatch):
-    """auto runs a Q4_1 GGUF (the embedded model) on its own blocks, and dequantizes anything else:
-    float tensors, another dtype, `quant="none"`."""
+def test_quant_auto_is_q4_only_for_block_ggufs_on_the_cpu(tmp_path, monkeypatch):
+    """auto runs a GGUF of block types the kernels take as stored (here the embedded Q4_1 model; the
+    K-quant mixes in test_gguf_blocks.py) on its own blocks, and dequantizes anything else: float
+    tensors, another dtype, `quant="none"`."""
     monkeypatch.setenv("FORERUN_CACHE", str(tmp_path / "cache"))
     tiny = _write_tiny_gguf(tmp_path / "tiny.gguf", "llama", _tiny_weights("llama"))
     assert projection_types(tiny) == {"F32"}
@@ -291,14 +274,16 @@ def test_saved_dir_loads_in_transformers(tok, model_dir):
     for text in SAMPLES:
         assert hf(text)["input_ids"] == tok.encode(text)
     messages = [{"role": "user", "content": "Hi"}]
-    assert hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == tok.apply_chat_template(messages)
+    expected = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert expected == tok.apply_chat_template(messages)
 
 
 def test_save_round_trip(tok, tmp_path):
     tok.save(tmp_path)
     again = Tokenizer.from_dir(tmp_path)
     assert again.same_vocab(tok)
-    assert (again.eos_token_ids, again.bos_token_id, again.chat_template) == (tok.eos_token_ids, tok.bos_token_id, tok.chat_template)
+    assert (again.eos_token_ids, again.bos_token_id, again.chat_template) == \
+        (tok.eos_token_ids, tok.bos_token_id, tok.chat_template)
     assert again.encode(SAMPLES[2]) == tok.encode(SAMPLES[2])
 
 

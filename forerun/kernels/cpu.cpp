@@ -2,8 +2,11 @@
 // rows of a forward; the q4 one also with AVX-512 VNNI where the CPU has it, same results), attention
 // for the rows of many sequences over a shared KV pool, and RMSNorm.
 //
-// W is stored as llama.cpp stores it: blocks of 32 inputs, each with a float16 scale d (and, for q4,
-// a float16 offset m), so W = d * q + m with q in [0, 16) (q4) or W = d * q with q in [-127, 127] (q8).
+// W is stored as llama.cpp stores it: blocks of 32 inputs, each with a scale d (and an offset m), so
+// W = d * q + m with 4-bit codes q in [0, 16) (q4), or 8-bit codes q in [-128, 127] (q8; the offset
+// optional, and a scale per 16 inputs where the file has one, as Q6_K does). Scales and offsets are
+// float16 where the file stores them so (Q4_0, Q4_1, Q8_0), and float32 where the file stores them as
+// a product (the K-quants' super-block scale times a 6- or 8-bit sub-block scale): exact either way.
 // A decode step multiplies one to a few dozen rows by every weight once, so the cost is reading the
 // weights: 4.5 or 8.5 bits each instead of 32 (float32) or 16 (bfloat16).
 //
@@ -17,6 +20,7 @@
 #include <algorithm>
 #include <array>
 #include <cstdlib>
+#include <optional>
 #include <string>
 #include <cmath>
 #include <type_traits>
@@ -46,6 +50,30 @@ inline __m256 reduce8(const __m256 v[8]) {
   const __m256 t0 = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
   const __m256 t1 = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
   return _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31));
+}
+
+// A [.., 16]-column table of block scales or offsets, float16 or float32 (see the top); p is null
+// where a weight has no offsets.
+struct Scales {
+  const void* p = nullptr;
+  bool f32 = false;
+
+  Scales(const torch::Tensor& t, int64_t offset) {
+    if (!t.defined()) return;
+    f32 = t.scalar_type() == torch::kFloat32;
+    p = static_cast<const char*>(t.data_ptr()) + offset * t.element_size();
+  }
+};
+
+__attribute__((target("avx512f,f16c")))
+inline __m512 load16(const Scales& s, int64_t i) {
+  if (s.f32) return _mm512_loadu_ps(static_cast<const float*>(s.p) + i);
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const at::Half*>(s.p) + i)));
+}
+
+inline __m256 load8(const Scales& s, int64_t i) {
+  if (s.f32) return _mm256_loadu_ps(static_cast<const float*>(s.p) + i);
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const at::Half*>(s.p) + i)));
 }
 
 // x rounded to 8 bits per block of 32 (as llama.cpp's Q8_1): x ~ dx * qx, plus each block's exact sum.
@@ -94,10 +122,10 @@ Q8Rows quantize_rows(const float* x, int64_t M, int64_t K) {
 
 // q4 weights in blocks of 16 output columns: per (column block, input block of 32) 256 code bytes, chunk j
 // (0..3) holding, for each column c and byte b, input 4j + b in its low nibble and 16 + 4j + b in its high
-// nibble (the GGUF pairing of nibbles, the bytes regrouped by column); then 16 float16 scales and mins.
+// nibble (the GGUF pairing of nibbles, the bytes regrouped by column); then 16 scales and mins.
 struct PackedQ4 {
   torch::Tensor codes;  // [N16 / 16, K / 32, 4, 16, 4] uint8
-  torch::Tensor scales, mins;  // [N16 / 16, K / 32, 16] float16
+  torch::Tensor scales, mins;  // [N16 / 16, K / 32, 16] float16 or float32 (both the same)
   int64_t n, k;  // true output columns (N16 is n rounded up to 16), inputs
 };
 
@@ -108,8 +136,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512dq,f16c,fma"))
 void q4_tile_avx512(const PackedQ4& w, int64_t block, const Q8Rows& xq, int64_t r0, float* out, int64_t ldo) {
   const int64_t groups = w.k / kGroup;
   const uint8_t* codes = w.codes.data_ptr<uint8_t>() + block * groups * 256;
-  const at::Half* scales = w.scales.data_ptr<at::Half>() + block * groups * 16;
-  const at::Half* mins = w.mins.data_ptr<at::Half>() + block * groups * 16;
+  const Scales scales(w.scales, block * groups * 16), mins(w.mins, block * groups * 16);
   const __m512i nib = _mm512_set1_epi8(0x0F);
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
@@ -120,8 +147,7 @@ void q4_tile_avx512(const PackedQ4& w, int64_t block, const Q8Rows& xq, int64_t 
       wv[j] = _mm512_and_si512(v, nib);
       wv[j + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
     }
-    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + g * 16)));
-    const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(mins + g * 16)));
+    const __m512 d = load16(scales, g * 16), m = load16(mins, g * 16);
     for (int r = 0; r < R; ++r) {
       const int64_t i = (r0 + r) * groups + g;
       const int8_t* qx = xq.q.data() + i * kGroup;
@@ -146,8 +172,7 @@ void q4_tile_avx2(const PackedQ4& w, int64_t block, const Q8Rows& xq, int64_t r0
   const int64_t live = std::min<int64_t>(16, w.n - block * 16);
   for (int half = 0; half < 2 && 8 * half < live; ++half) {
     const uint8_t* codes = w.codes.data_ptr<uint8_t>() + block * groups * 256 + 32 * half;
-    const at::Half* scales = w.scales.data_ptr<at::Half>() + block * groups * 16 + 8 * half;
-    const at::Half* mins = w.mins.data_ptr<at::Half>() + block * groups * 16 + 8 * half;
+    const Scales scales(w.scales, block * groups * 16 + 8 * half), mins(w.mins, block * groups * 16 + 8 * half);
     __m256 acc[R];
     for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
     for (int64_t g = 0; g < groups; ++g) {
@@ -157,8 +182,7 @@ void q4_tile_avx2(const PackedQ4& w, int64_t block, const Q8Rows& xq, int64_t r0
         wv[j] = _mm256_and_si256(v, nib);
         wv[j + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
       }
-      const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + g * 16)));
-      const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mins + g * 16)));
+      const __m256 d = load8(scales, g * 16), m = load8(mins, g * 16);
       for (int r = 0; r < R; ++r) {
         const int64_t i = (r0 + r) * groups + g;
         const int8_t* qx = xq.q.data() + i * kGroup;
@@ -194,16 +218,22 @@ void q4_tile(const PackedQ4& w, int64_t block, const Q8Rows& xq, int64_t r0, flo
   }
 }
 
-// ---- q8 x q8 (the output head) -----------------------------------------------------------------------
+// ---- q8 x q8 (the output head, and the 5- and 6-bit K-quants) ------------------------------------------
 //
-// y[r, n] = acc after: acc = 0; for g in order: acc = fma(float(I[g]), d[n, g] * dx[r, g], acc), with I[g]
-// the exact integer dot product of the block's int8 weights and x's int8 codes. Weights repacked like
-// PackedQ4's but 8 chunks of (16 columns x 4 signed bytes) per block of 32 inputs.
+// y[r, n] = acc after, for g in order:
+//   S = 1: acc = fma(float(I[g]), d[n, g] * dx[r, g], acc)
+//   S = 2: acc = fma(float(I0[g]), d0[n, g] * dx[r, g], acc); acc = fma(float(I1[g]), d1[n, g] * dx[r, g], acc)
+//   then, with offsets: acc = fma(m[n, g], sum_x[r, g], acc)
+// with I[g] the exact integer dot product of the block's int8 weights and x's int8 codes, I0 and I1 those
+// of its two halves of 16 inputs, each with its own scale (Q6_K's scale per 16 weights). Weights repacked
+// like PackedQ4's but 8 chunks of (16 columns x 4 signed bytes) per block of 32 inputs: chunks 0-3 are
+// the first half, 4-7 the second.
 
 struct PackedQ8 {
   torch::Tensor codes;  // [N16 / 16, K / 32, 8, 16, 4] int8
-  torch::Tensor scales;  // [N16 / 16, K / 32, 16] float16
-  torch::Tensor sums;  // [N16 / 16, K / 32, 16] int32: each block's sum of codes (the VNNI kernel's offset)
+  torch::Tensor scales;  // [N16 / 16, K / 32, S, 16] float16 or float32: S = 1 scale per 32 inputs, or 2 per 16
+  torch::Tensor sums;  // [N16 / 16, K / 32, S, 16] int32: each scale's sum of codes (the VNNI kernel's offset)
+  torch::Tensor mins;  // [N16 / 16, K / 32, 16], scales' dtype: the offsets m, or undefined for none
   int64_t n, k;
 };
 
@@ -211,28 +241,37 @@ struct PackedQ8 {
 template <int R>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512dq,f16c,fma")))
 void q8_tile_avx512(const PackedQ8& w, int64_t block, const Q8Rows& xq, int64_t r0, float* out, int64_t ldo) {
-  const int64_t groups = w.k / kGroup;
+  const int64_t groups = w.k / kGroup, S = w.scales.size(2);
   const int8_t* codes = w.codes.data_ptr<int8_t>() + block * groups * 512;
-  const at::Half* scales = w.scales.data_ptr<at::Half>() + block * groups * 16;
-  const int32_t* sums = w.sums.data_ptr<int32_t>() + block * groups * 16;
+  const Scales scales(w.scales, block * groups * S * 16), mins(w.mins, block * groups * 16);
+  const int32_t* sums = w.sums.data_ptr<int32_t>() + block * groups * S * 16;
   const __m512i flip = _mm512_set1_epi32(static_cast<int32_t>(0x80808080u));
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
     __m512i wv[8];
     for (int j = 0; j < 8; ++j) wv[j] = _mm512_loadu_si512(codes + g * 512 + 64 * j);
-    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + g * 16)));
-    const __m512i offset = _mm512_slli_epi32(_mm512_loadu_si512(sums + g * 16), 7);
+    const __m512 d0 = load16(scales, g * S * 16), d1 = S == 2 ? load16(scales, (g * S + 1) * 16) : d0;
+    const __m512i off0 = _mm512_slli_epi32(_mm512_loadu_si512(sums + g * S * 16), 7);
+    const __m512i off1 = S == 2 ? _mm512_slli_epi32(_mm512_loadu_si512(sums + (g * S + 1) * 16), 7) : off0;
+    const __m512 m = mins.p ? load16(mins, g * 16) : _mm512_setzero_ps();
     for (int r = 0; r < R; ++r) {
       const int64_t i = (r0 + r) * groups + g;
       const int8_t* qx = xq.q.data() + i * kGroup;
-      __m512i dot = _mm512_setzero_si512();
+      __m512i dot[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
       for (int j = 0; j < 8; ++j) {
         const __m512i x4 = _mm512_xor_si512(_mm512_set1_epi32(*reinterpret_cast<const int32_t*>(qx + 4 * j)), flip);
-        dot = _mm512_dpbusd_epi32(dot, x4, wv[j]);
+        dot[j / 4] = _mm512_dpbusd_epi32(dot[j / 4], x4, wv[j]);
       }
-      dot = _mm512_sub_epi32(dot, offset);
-      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(d, _mm512_set1_ps(xq.d[i])), acc[r]);
+      const __m512 dx = _mm512_set1_ps(xq.d[i]);
+      if (S == 1) {
+        const __m512i all = _mm512_sub_epi32(_mm512_add_epi32(dot[0], dot[1]), off0);
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(all), _mm512_mul_ps(d0, dx), acc[r]);
+      } else {
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(dot[0], off0)), _mm512_mul_ps(d0, dx), acc[r]);
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(dot[1], off1)), _mm512_mul_ps(d1, dx), acc[r]);
+      }
+      if (mins.p) acc[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(xq.sum[i]), acc[r]);
     }
   }
   const int64_t live = std::min<int64_t>(16, w.n - block * 16);
@@ -240,15 +279,15 @@ void q8_tile_avx512(const PackedQ8& w, int64_t block, const Q8Rows& xq, int64_t 
   for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(out + r * ldo + block * 16, keep, acc[r]);
 }
 
-// AVX2: |w| times x with w's sign, so maddubs' pairs stay within int16 (2 * 127 * 127).
+// AVX2: |w| times x with w's sign, so maddubs' pairs stay within int16 (2 * 128 * 127).
 template <int R>
 void q8_tile_avx2(const PackedQ8& w, int64_t block, const Q8Rows& xq, int64_t r0, float* out, int64_t ldo) {
-  const int64_t groups = w.k / kGroup;
+  const int64_t groups = w.k / kGroup, S = w.scales.size(2);
   const __m256i ones = _mm256_set1_epi16(1);
   const int64_t live = std::min<int64_t>(16, w.n - block * 16);
   for (int half = 0; half < 2 && 8 * half < live; ++half) {
     const int8_t* codes = w.codes.data_ptr<int8_t>() + block * groups * 512 + 32 * half;
-    const at::Half* scales = w.scales.data_ptr<at::Half>() + block * groups * 16 + 8 * half;
+    const Scales scales(w.scales, block * groups * S * 16 + 8 * half), mins(w.mins, block * groups * 16 + 8 * half);
     __m256 acc[R];
     for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
     for (int64_t g = 0; g < groups; ++g) {
@@ -257,16 +296,25 @@ void q8_tile_avx2(const PackedQ8& w, int64_t block, const Q8Rows& xq, int64_t r0
         wv[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + g * 512 + 64 * j));
         aw[j] = _mm256_abs_epi8(wv[j]);
       }
-      const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + g * 16)));
+      const __m256 d0 = load8(scales, g * S * 16), d1 = S == 2 ? load8(scales, (g * S + 1) * 16) : d0;
+      const __m256 m = mins.p ? load8(mins, g * 16) : _mm256_setzero_ps();
       for (int r = 0; r < R; ++r) {
         const int64_t i = (r0 + r) * groups + g;
         const int8_t* qx = xq.q.data() + i * kGroup;
-        __m256i dot = _mm256_setzero_si256();
+        __m256i dot[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
         for (int j = 0; j < 8; ++j) {
           const __m256i x4 = _mm256_set1_epi32(*reinterpret_cast<const int32_t*>(qx + 4 * j));
-          dot = _mm256_add_epi32(dot, _mm256_madd_epi16(_mm256_maddubs_epi16(aw[j], _mm256_sign_epi8(x4, wv[j])), ones));
+          const __m256i pairs = _mm256_maddubs_epi16(aw[j], _mm256_sign_epi8(x4, wv[j]));
+          dot[j / 4] = _mm256_add_epi32(dot[j / 4], _mm256_madd_epi16(pairs, ones));
         }
-        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(d, _mm256_set1_ps(xq.d[i])), acc[r]);
+        const __m256 dx = _mm256_set1_ps(xq.d[i]);
+        if (S == 1) {
+          acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(dot[0], dot[1])), _mm256_mul_ps(d0, dx), acc[r]);
+        } else {
+          acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[0]), _mm256_mul_ps(d0, dx), acc[r]);
+          acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[1]), _mm256_mul_ps(d1, dx), acc[r]);
+        }
+        if (mins.p) acc[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(xq.sum[i]), acc[r]);
       }
     }
     const int64_t n = std::min<int64_t>(8, live - 8 * half);
@@ -330,7 +378,7 @@ torch::Tensor q4_linear(const torch::Tensor& x, const PackedQ4& w) {
   return out;
 }
 
-// The output head: 8-bit weights times x rounded to Q8 blocks (llama.cpp's Q8_0 x Q8_0).
+// 8-bit weights (the output head, Q5_K, Q6_K) times x rounded to Q8 blocks (llama.cpp's Q8_0 x Q8_0).
 torch::Tensor q8_linear(const torch::Tensor& x, const PackedQ8& w) {
   const int64_t M = x.size(0);
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x: contiguous [M, K] float32");
@@ -345,17 +393,27 @@ torch::Tensor q8_linear(const torch::Tensor& x, const PackedQ8& w) {
   return out;
 }
 
-PackedQ8 pack_q8(const torch::Tensor& codes, const torch::Tensor& scales, const torch::Tensor& sums, int64_t n,
-                 int64_t k) {
+// Scales and offsets: float16 or float32 (see the top), contiguous, of the given sizes.
+void check_scales(const torch::Tensor& t, at::IntArrayRef sizes, const char* name) {
+  TORCH_CHECK((t.scalar_type() == torch::kHalf || t.scalar_type() == torch::kFloat32) && t.is_contiguous() &&
+              t.sizes() == sizes, name, ": contiguous float16 or float32 ", sizes, ", not ", t.sizes());
+}
+
+PackedQ8 pack_q8(const torch::Tensor& codes, const torch::Tensor& scales, const torch::Tensor& sums,
+                 const std::optional<torch::Tensor>& mins, int64_t n, int64_t k) {
   TORCH_CHECK(codes.scalar_type() == torch::kInt8 && codes.dim() == 5 && codes.size(2) == 8 && codes.size(3) == 16 &&
               codes.size(4) == 4 && codes.is_contiguous(), "codes: contiguous [N16 / 16, K / 32, 8, 16, 4] int8");
   TORCH_CHECK(k % kGroup == 0 && codes.size(1) == k / kGroup && codes.size(0) * 16 >= n && codes.size(0) * 16 < n + 16,
               "codes do not match ", n, " x ", k);
-  TORCH_CHECK(scales.scalar_type() == torch::kHalf && sums.scalar_type() == torch::kInt32 && scales.is_contiguous() &&
-              sums.is_contiguous() && scales.sizes() == sums.sizes() && scales.dim() == 3 &&
-              scales.size(0) == codes.size(0) && scales.size(1) == codes.size(1) && scales.size(2) == 16,
-              "scales (float16), sums (int32): contiguous [N16 / 16, K / 32, 16]");
-  return PackedQ8{codes, scales, sums, n, k};
+  TORCH_CHECK(scales.dim() == 4 && (scales.size(2) == 1 || scales.size(2) == 2), "scales: [N16 / 16, K / 32, S, 16], S 1 or 2");
+  check_scales(scales, {codes.size(0), codes.size(1), scales.size(2), 16}, "scales");
+  TORCH_CHECK(sums.scalar_type() == torch::kInt32 && sums.is_contiguous() && sums.sizes() == scales.sizes(),
+              "sums: contiguous int32 of the scales' sizes");
+  if (mins) {
+    check_scales(*mins, {codes.size(0), codes.size(1), 16}, "mins");
+    TORCH_CHECK(mins->scalar_type() == scales.scalar_type(), "mins: the scales' dtype");
+  }
+  return PackedQ8{codes, scales, sums, mins.value_or(torch::Tensor()), n, k};
 }
 
 PackedQ4 pack_q4(const torch::Tensor& codes, const torch::Tensor& scales, const torch::Tensor& mins, int64_t n,
@@ -364,9 +422,9 @@ PackedQ4 pack_q4(const torch::Tensor& codes, const torch::Tensor& scales, const 
               codes.size(4) == 4 && codes.is_contiguous(), "codes: contiguous [N16 / 16, K / 32, 4, 16, 4] uint8");
   TORCH_CHECK(k % kGroup == 0 && codes.size(1) == k / kGroup && codes.size(0) * 16 >= n && codes.size(0) * 16 < n + 16,
               "codes do not match ", n, " x ", k);
-  for (const auto* t : {&scales, &mins})
-    TORCH_CHECK(t->scalar_type() == torch::kHalf && t->is_contiguous() && t->dim() == 3 && t->size(0) == codes.size(0) &&
-                t->size(1) == codes.size(1) && t->size(2) == 16, "scales, mins: contiguous [N16 / 16, K / 32, 16] float16");
+  check_scales(scales, {codes.size(0), codes.size(1), 16}, "scales");
+  check_scales(mins, {codes.size(0), codes.size(1), 16}, "mins");
+  TORCH_CHECK(mins.scalar_type() == scales.scalar_type(), "mins: the scales' dtype");
   return PackedQ4{codes, scales, mins, n, k};
 }
 
@@ -723,8 +781,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q4_mlp_block", &q4_mlp_block, "x + down(silu(gate) * up) of rms_norm(x) for a q4 layer");
   m.def("rms_norm", &rms_norm, "x * rsqrt(mean(x^2) + eps) * weight over the last dim, float32");
   m.def("batch_attention", &batch_attention, "rope, pool write and attention for the rows of many sequences, float32");
-  m.def("q4_linear", &q4_linear, "x[M, K] @ W^T for 4-bit W (PackedQ4) with per-32 float16 scale and offset");
-  m.def("q8_linear", &q8_linear, "x[M, K] @ W^T for 8-bit W (PackedQ8) with per-32 float16 scale");
+  m.def("q4_linear", &q4_linear, "x[M, K] @ W^T for 4-bit W (PackedQ4) with a scale and offset per 32 inputs");
+  m.def("q8_linear", &q8_linear, "x[M, K] @ W^T for 8-bit W (PackedQ8) with a scale per 32 or 16 inputs, offsets optional");
   pybind11::class_<PackedQ8>(m, "PackedQ8", pybind11::module_local());
   m.def("pack_q8", &pack_q8, "q8 weights in the kernels' layout (see PackedQ8)");
 }

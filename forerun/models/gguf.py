@@ -1,7 +1,8 @@
 """Convert a llama.cpp GGUF file into a Hugging Face model directory, the one format the loader reads.
 
-Every tensor is dequantized to float32: the runtime computes in full precision and quantization is
-only a way to ship weights. The tokenizer is rebuilt from the `tokenizer.ggml.*` metadata.
+Every tensor is dequantized to float32 there; projection_blocks reads the quantized projections of the
+block types the native kernels run (quant q4) straight from the file instead. The tokenizer is rebuilt
+from the `tokenizer.ggml.*` metadata.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import tokenizers
 from safetensors.numpy import save_file
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 
+from forerun.models.quant import GGUF_READERS, QuantWeight, from_gguf, take_rows
 from forerun.models.tokenizer import Tokenizer
 
 # Bump whenever the converted output changes, so that cached conversions are rebuilt.
@@ -69,7 +71,8 @@ def gguf_to_hf_dir(gguf_path: str | Path, out_dir: str | Path) -> Path:
     meta = _metadata(reader)
     arch = meta.get("general.architecture")
     if arch not in HF_ARCHITECTURES:
-        raise ValueError(f"{gguf_path}: GGUF architecture {arch!r} is not supported (supported: {sorted(HF_ARCHITECTURES)})")
+        raise ValueError(f"{gguf_path}: GGUF architecture {arch!r} is not supported "
+                         f"(supported: {sorted(HF_ARCHITECTURES)})")
     raw = {t.name: _dequantize(t) for t in reader.tensors}
     config = _hf_config(meta, arch, raw)
     tensors = _hf_tensors(raw, arch, config)
@@ -102,6 +105,31 @@ def projection_types(gguf_path: str | Path, converted: Path | None = None) -> se
         except OSError:  # a read-only cache still works, just slower to start
             pass
     return set(types)
+
+
+def projection_blocks(gguf_path: str | Path, config: dict[str, Any]) -> dict[str, QuantWeight]:
+    """The file's projections and output head whose block types the native kernels run as stored
+    (forerun.models.quant.GGUF_READERS), read straight from its blocks, by Hugging Face name; for a
+    tied head, the embedding's blocks as `lm_head.weight`. Llama's Q/K rows are un-permuted as whole
+    rows of blocks, as the float conversion un-permutes them."""
+    reader = gguf.GGUFReader(gguf_path)
+    blocks = {}
+    for tensor in reader.tensors:
+        if tensor.tensor_type.name not in GGUF_READERS or len(tensor.shape) != 2:
+            continue
+        if tensor.name == "token_embd.weight":
+            if not config["tie_word_embeddings"]:
+                continue
+            name = "lm_head.weight"
+        else:
+            name = _hf_name(tensor.name)
+        k, n = (int(d) for d in tensor.shape)
+        weight = from_gguf(tensor.data, tensor.tensor_type.name, n, k)
+        if config["model_type"] == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = config["num_attention_heads"] if "q_proj" in name else config["num_key_value_heads"]
+            weight = take_rows(weight, _unpermute_qk(np.arange(n), heads))
+        blocks[name] = weight
+    return blocks
 
 
 def _projection_types(reader: gguf.GGUFReader) -> list[str]:
@@ -250,7 +278,8 @@ def _tokenizer(meta: dict[str, Any]) -> Tokenizer:
     add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False))
     bos = _token_at(tokens, meta.get("tokenizer.ggml.bos_token_id"))
     backend.post_processor = (
-        processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B:1", special_tokens=[(bos, vocab[bos])])
+        processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B:1",
+                                      special_tokens=[(bos, vocab[bos])])
         if add_bos and bos
         else processors.ByteLevel(trim_offsets=False)
     )
@@ -271,14 +300,16 @@ def _pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
         return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     if pre == "smollm":  # GPT-2 splitting, with every digit a word of its own
         return pre_tokenizers.Sequence(
-            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+            [pre_tokenizers.Digits(individual_digits=True),
+             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
         )
     split = _LLAMA3_SPLIT if pre in _LLAMA3_PRE else _QWEN2_SPLIT if pre in _QWEN2_PRE else None
     if split is None:
         supported = ["default", "gpt2", "smollm", *_LLAMA3_PRE, *_QWEN2_PRE]
         raise ValueError(f"GGUF pre-tokenizer {pre!r} is not supported (supported: {supported})")
     return pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(split), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+        [pre_tokenizers.Split(Regex(split), behavior="isolated"),
+         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
     )
 
 

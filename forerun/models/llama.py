@@ -27,17 +27,19 @@ class Linear(nn.Module):
 
     - a oneDNN pre-packed float32 copy: on AVX2 CPUs it runs a 1..32-row GEMM at close to memory
       bandwidth, while the default BLAS path is 1.5-2x slower for the 2..16 rows a draft tree has;
-    - GGUF-style blocks (q4 or q8, forerun.models.quant) run by a native kernel, 4.5 or 8.5 bits a weight.
+    - GGUF-style blocks (q4 or q8, forerun.models.quant) run by a native kernel, 4.5 to 9 bits a weight:
+      given as a QuantWeight (read from a GGUF's blocks) or quantized from the float weight (quantize).
 
     Both compute each output row independently of the other rows (the packed GEMM after one fix, below).
     """
 
-    def __init__(self, weight: Tensor, bias: Tensor | None = None):
+    def __init__(self, weight: Tensor | quant.QuantWeight, bias: Tensor | None = None):
         super().__init__()
-        self.weight = nn.Parameter(weight, requires_grad=False)
+        blocks = isinstance(weight, quant.QuantWeight)
+        self.weight = nn.Parameter(torch.empty(0) if blocks else weight, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.packed: Tensor | None = None
-        self.quant: quant.QuantWeight | None = None
+        self.quant: quant.QuantWeight | None = weight if blocks else None
         self.pack_tried = False
 
     def pack_for_cpu(self) -> bool:
@@ -51,7 +53,10 @@ class Linear(nn.Module):
         return True
 
     def quantize(self, kind: str) -> bool:
-        """Replace the float weight by `kind` ("q4" or "q8") blocks; False if its shape does not allow it."""
+        """Replace the float weight by `kind` ("q4" or "q8") blocks; False if its shape does not allow it.
+        Blocks given at construction are kept as they are."""
+        if self.quant is not None:
+            return True
         if self.weight.dtype != torch.float32 or not quant.quantizable(self.weight):
             return False
         self.quant = quant.QUANTIZERS[kind](self.weight.data)
@@ -149,9 +154,9 @@ class Block(nn.Module):
         super().__init__()
         self.args = args
         qkv_bias = torch.cat([w["q_proj.bias"], w["k_proj.bias"], w["v_proj.bias"]]) if args.attention_bias else None
-        self.qkv = Linear(torch.cat([w["q_proj.weight"], w["k_proj.weight"], w["v_proj.weight"]]), qkv_bias)
+        self.qkv = Linear(_fused(w, "q_proj", "k_proj", "v_proj"), qkv_bias)
         self.o = Linear(w["o_proj.weight"], w.get("o_proj.bias"))
-        self.gate_up = Linear(torch.cat([w["gate_proj.weight"], w["up_proj.weight"]]))
+        self.gate_up = Linear(_fused(w, "gate_proj", "up_proj"))
         self.down = Linear(w["down_proj.weight"])
         self.attn_norm = RMSNorm(w["input_layernorm.weight"], args.rms_norm_eps)
         self.mlp_norm = RMSNorm(w["post_attention_layernorm.weight"], args.rms_norm_eps)
@@ -162,11 +167,12 @@ class Block(nn.Module):
         self.q4_halves: tuple | None = None  # native handles of qkv, o, gate_up, down (bind_q4)
 
     def bind_q4(self) -> None:
-        """After quantization: run each layer as two native calls (attention half, MLP half)."""
+        """After quantization: run each layer as two native calls (attention half, MLP half), when all
+        four projections are q4 blocks (a layer with q8 ones runs op by op)."""
         native = kernels.cpu_kernels()
         linears = (self.qkv, self.o, self.gate_up, self.down)
         if native is None or not self.fusable or self.q_norm is not None \
-                or any(m.quant is None or m.bias is not None for m in linears):
+                or any(m.quant is None or m.quant.kind != "q4" or m.bias is not None for m in linears):
             return
         self.q4_halves = tuple(quant.packed_q4(m.quant) for m in linears)
 
@@ -252,14 +258,19 @@ class Transformer(CausalLM):
             Block(args, _layer_weights(weights, i)) for i in range(args.num_layers)
         )
         self.norm = RMSNorm(weights["model.norm.weight"], args.rms_norm_eps)
-        head = weights["model.embed_tokens.weight"] if args.tie_word_embeddings else weights["lm_head.weight"]
+        head = weights.get("lm_head.weight")
+        if args.tie_word_embeddings and not isinstance(head, quant.QuantWeight):  # GGUF blocks of a tied head
+            head = weights["model.embed_tokens.weight"]
         self.head = Linear(head)
         self.rope = RopeTable(rope_frequencies(args))
 
     @property
     def quantization(self) -> str | None:
         """How the weights are stored when not as plain floats, for labels; None otherwise."""
-        return "q4 blocks, q8 head" if self.head.quant is not None else None
+        if self.head.quant is None:
+            return None
+        kinds = sorted({m.quant.kind for layer in self.layers for m in layer.modules() if isinstance(m, Linear)})
+        return f"{'/'.join(kinds)} blocks, {self.head.quant.kind} head"
 
     def float32_logits(self) -> None:
         """Keep a float32 copy of the output head, so half-precision models give float32 logits.
@@ -275,8 +286,9 @@ class Transformer(CausalLM):
 
     def quantize(self) -> bool:
         """GGUF-style weights: q4 blocks for every projection inside the blocks, q8 for the output head
-        (a Q4_1/Q8_0 GGUF such as the embedded SmolLM2 is recovered exactly). The embedding table
-        stays float: a step reads only one row of it."""
+        (a Q4_1/Q8_0 GGUF such as the embedded SmolLM2 is recovered exactly), except those given as
+        blocks (read from a GGUF), which stay as they are. The embedding table stays float: a step
+        reads only one row of it."""
         linears = [m for layer in self.layers for m in layer.modules() if isinstance(m, Linear)]
         if not (all([m.quantize("q4") for m in linears]) and self.head.quantize("q8")):
             return False
@@ -308,6 +320,15 @@ class Transformer(CausalLM):
         rows = hidden[batch.logit_rows.to(self.device)]
         logits = self.head(rows.to(self.head.weight.dtype) if self.head.quant is None else rows).float()
         return ForwardOutput(logits=logits, hidden=hidden, layers=kept)
+
+
+def _fused(w: dict[str, Tensor | quant.QuantWeight], *names: str) -> Tensor | quant.QuantWeight:
+    """The projections `names` (q, k, v; gate, up) stacked by rows into one: blocks if all of them are
+    blocks, else float (blocks dequantized)."""
+    parts = [w[f"{name}.weight"] for name in names]
+    if all(isinstance(p, quant.QuantWeight) for p in parts):
+        return quant.concat(parts)
+    return torch.cat([quant.dequantize(p) if isinstance(p, quant.QuantWeight) else p for p in parts])
 
 
 def _layer_weights(weights: dict[str, Tensor], i: int) -> dict[str, Tensor]:

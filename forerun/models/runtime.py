@@ -9,6 +9,7 @@ import torch
 
 from forerun.models.args import SUPPORTED_ARCHS, ModelArgs
 from forerun.models.llama import Transformer
+from forerun.models.quant import GGUF_READERS, QuantWeight
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -45,9 +46,10 @@ def resolve_dtype(dtype: str) -> torch.dtype:
 QUANTS = ("auto", "none", None, "q4")
 
 
-def build(args: ModelArgs, weights: dict[str, torch.Tensor], dtype: torch.dtype,
+def build(args: ModelArgs, weights: dict[str, torch.Tensor | QuantWeight], dtype: torch.dtype,
           device: torch.device, quant: str | None = None) -> Transformer:
-    weights = {k: v.to(device=device, dtype=dtype) for k, v in weights.items()}
+    """The model from float tensors, and (quant q4, CPU float32) blocks read from a GGUF."""
+    weights = {k: v if isinstance(v, QuantWeight) else v.to(device=device, dtype=dtype) for k, v in weights.items()}
     with torch.device(device):
         model = Transformer(args, weights).eval()
     if quant == "q4" and not model.quantize():
@@ -63,14 +65,15 @@ def resolve_quant(quant: str | None, model: str | None, dtype: str, device: str,
     """The quantization a load uses: "q4", or None (the weights in `dtype`).
 
     "auto" (the default) is q4 where that changes nothing the file says: the weights come from a GGUF
-    whose block projections are Q4_1 (the embedded model is one), the model runs in float32 on the
-    CPU, and the native kernels build. q4 stores exactly those blocks (re-quantizing the dequantized
-    tensors recovers every one), so the file's own 4-bit model runs without a float detour.
-    "none" (or None) always dequantizes; "q4" quantizes any float checkpoint (lossy)."""
+    whose block projections are all of types the kernels run as stored (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K,
+    Q6_K: the embedded Q4_1 model, Q4_K_M and Q5_K_M mixes), the model runs in float32 on the CPU,
+    and the native kernels build. q4 reads those blocks straight from the file, so its own quantized
+    model runs without a float detour. "none" (or None) always dequantizes; "q4" also quantizes the
+    float (or otherwise quantized) projections into Q4_1 blocks (lossy)."""
     if quant not in QUANTS:
         raise ValueError(f"unknown quant {quant!r}; use auto, q4 or none")
     if quant == "auto":
-        if dtype != "float32" or device != "cpu" or not _q4_1_gguf(model, converted):
+        if dtype != "float32" or device != "cpu" or not _native_gguf(model, converted):
             return None
         from forerun import kernels
 
@@ -81,28 +84,38 @@ def resolve_quant(quant: str | None, model: str | None, dtype: str, device: str,
     return "q4" if quant == "q4" else None
 
 
-def _q4_1_gguf(model: str | None, converted: Path | None) -> bool:
-    from forerun.models.embedded import embedded_gguf_path
+def _native_gguf(model: str | None, converted: Path | None) -> bool:
     from forerun.models.gguf import projection_types
+
+    source = _gguf_source(model)
+    if source is None:
+        return False
+    types = projection_types(source, converted)
+    return bool(types) and types <= GGUF_READERS.keys()
+
+
+def _gguf_source(model: str | None) -> Path | None:
+    """The GGUF file `model` names (None: the embedded one), or None if it names none."""
+    from forerun.models.embedded import embedded_gguf_path
 
     try:
         source = embedded_gguf_path() if model is None else Path(model).expanduser()
     except FileNotFoundError:
-        return False
-    if source.suffix != ".gguf" or not source.is_file():
-        return False
-    return projection_types(source, converted) == {"Q4_1"}
+        return None
+    return source if source.suffix == ".gguf" and source.is_file() else None
 
 
 def load(model: str | None = None, dtype: str = "float32", device: str = "cpu",
          quant: str | None = "auto") -> Runtime:
     """Load a model by HF directory, .gguf file, or None for the embedded SmolLM2-135M-Instruct.
-    quant="q4" keeps the block projections in 4 bits and the head in 8 (groups of 32), as a
-    Q4_1/Q8_0 GGUF has them, and runs them on native kernels (forerun.kernels); "auto" picks q4 for
-    a Q4_1 GGUF on the CPU in float32 (resolve_quant); "none" dequantizes."""
-    from safetensors.torch import load_file
+    quant="q4" runs the block projections and the head on native kernels (forerun.kernels) as GGUF
+    blocks: those of a GGUF of the types quant.GGUF_READERS lists read as stored, the others quantized
+    into Q4_1 (projections) and Q8_0 (head); "auto" picks q4 for a GGUF of those types on the CPU in
+    float32 (resolve_quant); "none" dequantizes."""
+    from safetensors import safe_open
 
     from forerun.models.embedded import resolve_model_dir
+    from forerun.models.gguf import projection_blocks
     from forerun.models.tokenizer import Tokenizer
 
     if quant != "auto":  # checked before a GGUF conversion, which can take seconds
@@ -118,9 +131,11 @@ def load(model: str | None = None, dtype: str = "float32", device: str = "cpu",
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors weights in {path}")
-    weights: dict[str, torch.Tensor] = {}
+    source = _gguf_source(model) if quant == "q4" else None
+    weights: dict[str, torch.Tensor | QuantWeight] = {} if source is None else projection_blocks(source, config)
     for f in files:
-        weights.update(load_file(str(f)))
+        with safe_open(str(f), "pt") as tensors:
+            weights.update({k: tensors.get_tensor(k) for k in tensors.keys() if k not in weights})
     return Runtime(build(args, weights, torch_dtype, torch_device, quant), Tokenizer.from_dir(path),
                    name=model or "SmolLM2-135M-Instruct (embedded)")
 
