@@ -222,7 +222,7 @@ def warm_up(its_hub_side: ItsHub, forerun_side: Forerun) -> None:
     forerun_side.answer("best-of-n", question, "warm-up", 2)
 
 
-def run(problems, task, budgets: list[int], sides: dict, log=print) -> list[dict]:
+def run(problems, task, budgets: list[int], sides: dict, log=lambda line: print(line, flush=True)) -> list[dict]:
     """Every question at every budget with every method pair; its_hub first on even questions."""
     records = []
     for i, problem in enumerate(problems):
@@ -262,6 +262,7 @@ def _side_summary(answers: list[dict]) -> dict:
     walls = [a["wall_s"] for a in answers]
     tokens = [a["generated_tokens"] for a in answers]
     return {"accuracy": sum(a["correct"] for a in answers) / len(answers), "wall_s": round(sum(walls), 3),
+            "wall_s_per_question": round(sum(walls) / len(walls), 3),
             "median_wall_s_per_question": round(statistics.median(walls), 3),
             "generated_tokens": None if None in tokens else sum(tokens),
             "score_forwards": sum(a["score_forwards"] for a in answers)}
