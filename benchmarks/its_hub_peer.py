@@ -64,6 +64,8 @@ DELIMITER = "\n\n"  # between solution steps, on both sides
 FINAL_MARK = "####"  # the tasks ask for '#### <number>': its_hub's particles stop on a step holding it
 METHODS = (("self-consistency", "vote"), ("best-of-n", "best-of-n"), ("particle-filtering", "particles"))
 
+NO_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=30)
+
 warnings.filterwarnings("ignore", category=DeprecationWarning, module="its_hub")  # agenerate(), per step
 
 
@@ -101,42 +103,54 @@ def _user_text(conversation) -> str:
     return next(m.extract_text_content() for m in conversation if m.role == "user")
 
 
-class ContinuingLM(OpenAICompatibleLanguageModel):
-    """its_hub's client, except that a batch with a conversation that ends with the assistant's partial
-    answer (the particle filter's next step) is continued as vLLM continues it for the
-    `continue_final_message: true` its_hub sends: forerun serve ignores that field and would close the
-    partial answer's turn and open a new one. The chat template is rendered here, cut after the partial
-    answer (as vLLM cuts it), and sent to /v1/completions as token ids. Other batches go through its_hub
-    unchanged."""
+class ServedLM(OpenAICompatibleLanguageModel):
+    """its_hub's client with two changes, both in how requests travel, not in what they ask:
+
+    - no time limit per request. aiohttp's default (5 minutes) would end a slow generation, and
+      its_hub retries a timeout: on a loaded machine it would pay for the same samples twice.
+    - a conversation that ends with the assistant's partial answer (the particle filter's next step)
+      is continued, as vLLM continues it for the `continue_final_message: true` its_hub sends:
+      forerun serve ignores that field, and would close the partial answer's turn and open a new one.
+      The chat template is rendered here, cut after the partial answer (as vLLM cuts it), and sent to
+      /v1/completions as token ids. Other conversations go to /v1/chat/completions with its_hub's own body.
+    """
 
     def __init__(self, tokenizer, **kwargs):
         super().__init__(**kwargs)
         self.tokenizer = tokenizer
 
+    def _get_session(self, loop) -> aiohttp.ClientSession:  # self-consistency and best-of-n requests
+        with self._session_lock:
+            session = self._sessions.get(loop)
+            if session is None or session.closed:
+                session = self._sessions[loop] = aiohttp.ClientSession(timeout=NO_TIMEOUT)
+            return session
+
     async def _agenerate(self, messages_lst, stop=None, max_completion_tokens=None, temperature=None,
-                         include_stop_str_in_output=None, *rest, **kwargs) -> list[dict]:
-        if all(_turn(m[-1])["role"] != "assistant" for m in messages_lst):
-            return await super()._agenerate(messages_lst, stop, max_completion_tokens, temperature,
-                                            include_stop_str_in_output, *rest, **kwargs)
+                         include_stop_str_in_output=None, *rest, **kwargs) -> list[dict]:  # particle steps
         temperatures = temperature if isinstance(temperature, list) else [temperature] * len(messages_lst)
-        async with aiohttp.ClientSession() as http:
-            return await asyncio.gather(*(self._complete(http, m, stop, max_completion_tokens, t,
-                                                         include_stop_str_in_output)
+        async with aiohttp.ClientSession(timeout=NO_TIMEOUT) as http:
+            return await asyncio.gather(*(self._one(http, m, stop, max_completion_tokens, t, include_stop_str_in_output)
                                           for m, t in zip(messages_lst, temperatures)))
 
-    async def _complete(self, http, messages, stop, max_tokens, temperature, include_stop) -> dict:
-        body = {"model": self.model_name, "prompt": self.prompt_ids([_turn(m) for m in messages]),
-                "max_tokens": max_tokens or self.max_completion_tokens,
-                "temperature": self.temperature if temperature is None else temperature,
-                "stop": stop, "include_stop_str_in_output": bool(include_stop)}
-        async with http.post(self.endpoint.rstrip("/") + "/completions", headers=self.headers, json=body) as r:
-            if r.status != 200:
-                raise RuntimeError(f"/v1/completions answered {r.status}: {await r.text()}")
-            return {"role": "assistant", "content": (await r.json())["choices"][0]["text"]}
-
-    def prompt_ids(self, turns: list[dict]) -> list[int]:
+    async def _one(self, http, messages, stop, max_tokens, temperature, include_stop) -> dict:
+        turns = [_turn(m) for m in messages]
         if turns[-1]["role"] != "assistant":
-            return self.tokenizer.encode(self.tokenizer.apply_chat_template(turns), add_bos=False)
+            url = self._chat_completion_endpoint
+            body = self._prepare_request_data(turns, stop, max_tokens, temperature, include_stop)
+        else:
+            url = self.endpoint.rstrip("/") + "/completions"
+            body = {"model": self.model_name, "prompt": self.continuation_ids(turns),
+                    "max_tokens": max_tokens or self.max_completion_tokens,
+                    "temperature": self.temperature if temperature is None else temperature,
+                    "stop": stop, "include_stop_str_in_output": bool(include_stop)}
+        async with http.post(url, headers=self.headers, json=body) as r:
+            if r.status != 200:
+                raise RuntimeError(f"{url} answered {r.status}: {await r.text()}")
+            choice = (await r.json())["choices"][0]
+        return dict(choice["message"]) if "message" in choice else {"role": "assistant", "content": choice["text"]}
+
+    def continuation_ids(self, turns: list[dict]) -> list[int]:
         text = self.tokenizer.apply_chat_template(turns, add_generation_prompt=False)
         partial = turns[-1]["content"]
         return self.tokenizer.encode(text[:text.rindex(partial) + len(partial)], add_bos=False)
@@ -161,7 +175,7 @@ class ItsHub:
 
     def __init__(self, base_url: str, llm: LLM, answer_of, a: argparse.Namespace):
         self.base_url, self.seed, self.account = base_url, a.seed, Account()
-        self.lm = ContinuingLM(llm.tokenizer, endpoint=base_url + "/v1", api_key="none", model_name=MODEL_NAME,
+        self.lm = ServedLM(llm.tokenizer, endpoint=base_url + "/v1", api_key="none", model_name=MODEL_NAME,
                                max_completion_tokens=a.max_tokens, temperature=a.temperature)
         ptrue = PTrue(ModelScore(llm, self.account))
         steps = StepGeneration(max_steps=a.max_steps, step_token=DELIMITER, stop_token=FINAL_MARK,
@@ -222,8 +236,9 @@ def warm_up(its_hub_side: ItsHub, forerun_side: Forerun) -> None:
     forerun_side.answer("best-of-n", question, "warm-up", 2)
 
 
-def run(problems, task, budgets: list[int], sides: dict, log=lambda line: print(line, flush=True)) -> list[dict]:
-    """Every question at every budget with every method pair; its_hub first on even questions."""
+def run(problems, task, budgets: list[int], sides: dict, journal: Path) -> list[dict]:
+    """Every question at every budget with every method pair; its_hub first on even questions. Each
+    record is also appended to `journal` as it comes, so a run that fails keeps what it measured."""
     records = []
     for i, problem in enumerate(problems):
         order = list(sides) if i % 2 == 0 else list(reversed(sides))
@@ -236,9 +251,11 @@ def run(problems, task, budgets: list[int], sides: dict, log=lambda line: print(
                     record[side] = {"answer": task.answer_of(got.text), "correct": task.check(problem, got.text),
                                     "wall_s": round(got.wall_s, 3), "generated_tokens": got.generated_tokens,
                                     "score_forwards": got.score_forwards, "text": got.text}
-                log(f"{problem.id} n={budget} {pair[0]:18s} " + "  ".join(
+                print(f"{problem.id} n={budget} {pair[0]:18s} " + "  ".join(
                     f"{side}: {record[side]['answer']!s:>6} {'ok ' if record[side]['correct'] else 'no '}"
-                    f"{record[side]['wall_s']:7.1f}s" for side in sides))
+                    f"{record[side]['wall_s']:7.1f}s" for side in sides), flush=True)
+                with open(journal, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
                 records.append(record)
     return records
 
@@ -319,6 +336,7 @@ def main() -> int:
     task = build_task(a.task, a.data, a.limit, a.seed)
     problems = task.problems(a.limit)
     a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "questions.jsonl").unlink(missing_ok=True)
     port, log = a.port or free_port(), a.out / "server.log"
     begin, load_before = time.perf_counter(), os.getloadavg()
     server = start_server(port, a, log)
@@ -328,7 +346,7 @@ def main() -> int:
         sides = {"its_hub": ItsHub(f"http://127.0.0.1:{port}", llm, task.answer_of, a),
                  "forerun": Forerun(llm, task.answer_of, a)}
         warm_up(sides["its_hub"], sides["forerun"])
-        records = run(problems, task, budgets, sides)
+        records = run(problems, task, budgets, sides, a.out / "questions.jsonl")
     finally:
         stop_process(server)
     rows = summarize(records, budgets)
