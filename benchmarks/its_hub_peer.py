@@ -176,7 +176,7 @@ class ItsHub:
     def __init__(self, base_url: str, llm: LLM, answer_of, a: argparse.Namespace):
         self.base_url, self.seed, self.account = base_url, a.seed, Account()
         self.lm = ServedLM(llm.tokenizer, endpoint=base_url + "/v1", api_key="none", model_name=MODEL_NAME,
-                               max_completion_tokens=a.max_tokens, temperature=a.temperature)
+                           max_completion_tokens=a.max_tokens, temperature=a.temperature)
         ptrue = PTrue(ModelScore(llm, self.account))
         steps = StepGeneration(max_steps=a.max_steps, step_token=DELIMITER, stop_token=FINAL_MARK,
                                temperature=a.temperature)

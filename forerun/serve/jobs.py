@@ -66,7 +66,7 @@ class Job:
             if not done.done():
                 done.cancel()
                 self.abort()
-        if not done.cancelled():
+        if done.done() and not done.cancelled():  # a cancel only takes effect at the task's next step
             done.result()  # raises the engine's error, if any
         return self.choices()
 
