@@ -77,6 +77,22 @@ class ServerProcess:
         raise RuntimeError("no VmRSS")
 
 
+def running_server(*args: str, log: Path):
+    """For a module fixture: `yield from running_server(...)` yields the server once ready and stops it after."""
+    proc = ServerProcess(*args, log=log)
+    try:
+        yield proc.wait_ready()
+    finally:
+        proc.stop()
+
+
+def openai_client(server: ServerProcess, api_key: str = "none", timeout: float = 120):
+    """The official client on a server's /v1, without retries (a test sees the first answer)."""
+    import openai
+
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=api_key, max_retries=0, timeout=timeout)
+
+
 def metric(url: str, name: str) -> float:
     """One unlabeled sample's value from /metrics."""
     for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():

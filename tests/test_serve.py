@@ -16,7 +16,7 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 
-from helpers_serve import REPO, ServerProcess, metric, sse_payloads, tiny_model_dir
+from helpers_serve import REPO, ServerProcess, metric, openai_client, running_server, sse_payloads, tiny_model_dir
 
 KEY = "test-key"
 MESSAGES = [{"role": "user", "content": "Write a short poem about the sea."}]
@@ -29,18 +29,14 @@ def tiny_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tiny_dir, tmp_path_factory):
-    proc = ServerProcess("--model", str(tiny_dir), "--served-model-name", "tiny", "--api-key", KEY,
-                         "--method", "pld", "--kv-cache-tokens", "16384", "--max-num-seqs", "8",
-                         log=tmp_path_factory.mktemp("logs") / "tiny.log")
-    try:
-        yield proc.wait_ready()
-    finally:
-        proc.stop()
+    yield from running_server("--model", str(tiny_dir), "--served-model-name", "tiny", "--api-key", KEY,
+                              "--method", "pld", "--kv-cache-tokens", "16384", "--max-num-seqs", "8",
+                              log=tmp_path_factory.mktemp("logs") / "tiny.log")
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+    return openai_client(server, KEY)
 
 
 def greedy_chat(client, **kw):
@@ -436,17 +432,13 @@ SUMMARY = "Summarize: The cat sat on the mat. The cat was happy because the mat 
 
 @pytest.fixture(scope="module")
 def q4_server(tmp_path_factory):
-    proc = ServerProcess("--quant", "q4", "--method", "pld", "--max-num-seqs", "16",
-                         log=tmp_path_factory.mktemp("logs") / "q4.log")
-    try:
-        yield proc.wait_ready()
-    finally:
-        proc.stop()
+    yield from running_server("--quant", "q4", "--method", "pld", "--max-num-seqs", "16",
+                              log=tmp_path_factory.mktemp("logs") / "q4.log")
 
 
 @pytest.fixture(scope="module")
 def q4_client(q4_server):
-    return openai.OpenAI(base_url=q4_server.url + "/v1", api_key="none", max_retries=0, timeout=300)
+    return openai_client(q4_server, timeout=300)
 
 
 def test_greedy_chat_equals_forerun_generate(q4_client):

@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from helpers_serve import REPO, ServerProcess, metric, sse_payloads, tiny_model_dir
+from helpers_serve import REPO, metric, running_server, sse_payloads, tiny_model_dir
 
 CLIENTS = 32
 PROMPTS = ["Tell me about the sea.", "What is two plus two?", "Write a haiku.", "Describe a cat."]
@@ -19,13 +19,9 @@ PROMPTS = ["Tell me about the sea.", "What is two plus two?", "Write a haiku.", 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     model = tiny_model_dir(tmp_path_factory.mktemp("tiny-model"), context=1024)
-    proc = ServerProcess("--model", str(model), "--served-model-name", "tiny", "--method", "pld",
-                         "--kv-cache-tokens", "32768", "--max-num-seqs", "64",
-                         log=tmp_path_factory.mktemp("logs") / "load.log")
-    try:
-        yield proc.wait_ready()
-    finally:
-        proc.stop()
+    yield from running_server("--model", str(model), "--served-model-name", "tiny", "--method", "pld",
+                              "--kv-cache-tokens", "32768", "--max-num-seqs", "64",
+                              log=tmp_path_factory.mktemp("logs") / "load.log")
 
 
 async def _stream(http: httpx.AsyncClient, i: int, max_tokens: int, leave_after: int | None = None) -> list[str]:

@@ -9,7 +9,7 @@ import openai
 import pytest
 from safetensors.torch import load_file, save_file
 
-from helpers_serve import ServerProcess, metric, tiny_model_dir
+from helpers_serve import metric, openai_client, running_server, tiny_model_dir
 
 MAX_NUM_SEQS = 8
 MESSAGES = [{"role": "user", "content": "What is 2 + 3?"}]
@@ -32,17 +32,13 @@ def numeric_model_dir(path):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     model = numeric_model_dir(tmp_path_factory.mktemp("numeric-model"))
-    proc = ServerProcess("--model", str(model), "--served-model-name", "tiny", "--kv-cache-tokens", "16384",
-                         "--max-num-seqs", str(MAX_NUM_SEQS), log=tmp_path_factory.mktemp("logs") / "scaling.log")
-    try:
-        yield proc.wait_ready()
-    finally:
-        proc.stop()
+    yield from running_server("--model", str(model), "--served-model-name", "tiny", "--kv-cache-tokens", "16384",
+                              "--max-num-seqs", str(MAX_NUM_SEQS), log=tmp_path_factory.mktemp("logs") / "scaling.log")
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=120)
+    return openai_client(server)
 
 
 def scaled(client, scaling: dict, **kw):
