@@ -60,6 +60,18 @@ def tiny_runtime(arch: str = "llama", seed: int = 0, **kw) -> Runtime:
     return Runtime(model=model, tokenizer=None, name=f"tiny-{arch}-{seed}")
 
 
+@pytest.fixture
+def each_isa():
+    """The q4/q8 kernel families the CPU has (AVX-512 VNNI, then AVX2), for a test to loop over with
+    native.use_avx512(...); AVX-512 is turned back on after the test. Tests using it skip without kernels."""
+    from forerun import kernels
+
+    native = kernels.cpu_kernels()
+    isas = ["avx512", "avx2"] if native.use_avx512(True) else ["avx2"]
+    yield isas
+    native.use_avx512(True)
+
+
 @pytest.fixture(scope="session")
 def tiny():
     return tiny_runtime()

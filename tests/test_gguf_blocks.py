@@ -70,14 +70,6 @@ def activation_error_bound(x: torch.Tensor, w: quant.QuantWeight) -> torch.Tenso
     return (step.repeat_interleave(32, dim=1) / 2) @ coded.abs().T
 
 
-@pytest.fixture
-def each_isa():
-    """The kernel families the CPU has (AVX-512 VNNI, then AVX2), restored after the test."""
-    isas = ["avx512", "avx2"] if native.use_avx512(True) else ["avx2"]
-    yield isas
-    native.use_avx512(True)
-
-
 @needs_native
 @pytest.mark.parametrize("kind", TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("n, k", [(40, 512), (17, 256)])

@@ -50,14 +50,6 @@ def test_q8_kernel_is_q8_weights_times_q8_activations():
     torch.testing.assert_close(quant.linear(x, w), q8_rows(x) @ quant.dequantize(w).T, rtol=1e-5, atol=1e-4)
 
 
-@pytest.fixture
-def each_isa():
-    """Runs the test body once per q4/q8 kernel family the CPU has (AVX-512 VNNI, then AVX2)."""
-    isas = ["avx512", "avx2"] if native.use_avx512(True) else ["avx2"]
-    yield isas
-    native.use_avx512(True)
-
-
 @needs_native
 @pytest.mark.parametrize("kind", ["q4", "q8"])
 @pytest.mark.parametrize("n, k", [(40, 96), (17, 64), (960, 576), (576, 1536)])
