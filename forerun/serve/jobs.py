@@ -58,11 +58,10 @@ class Job:
             async for _ in self.events():
                 pass
 
-        done, gone = asyncio.ensure_future(drain()), asyncio.ensure_future(disconnected(request))
+        done = asyncio.ensure_future(drain())
         try:
-            await asyncio.wait({done, gone}, return_when=asyncio.FIRST_COMPLETED)
+            await until_done_or_gone(done, request)
         finally:
-            gone.cancel()
             if not done.done():
                 done.cancel()
                 self.abort()
@@ -81,6 +80,15 @@ class Job:
         for rid in self.unfinished:
             self.worker.abort(rid)
         self.unfinished.clear()
+
+
+async def until_done_or_gone(work: asyncio.Future, request: Request) -> None:
+    """Returns when `work` is done or the client has closed the connection, whichever comes first."""
+    gone = asyncio.ensure_future(disconnected(request))
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
 
 
 async def disconnected(request: Request) -> None:

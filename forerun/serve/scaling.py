@@ -35,7 +35,7 @@ from forerun.scaling.strategies import STRATEGIES, Solver, Strategy, build_strat
 from forerun.scaling.tasks import Task, build_task
 from forerun.scaling.types import Account, Branch, Outcome, Query
 from forerun.serve.errors import APIError, bad_request
-from forerun.serve.jobs import Job, disconnected
+from forerun.serve.jobs import Job, until_done_or_gone
 from forerun.serve.protocol import ChatCompletionRequest, ChatMessage
 from forerun.serve.requests import Served
 from forerun.serve.worker import EngineWorker
@@ -126,11 +126,9 @@ async def answer(worker: EngineWorker, request: Request, plan: Plan, question: s
     generator.logprobs = scorer is not None and scorer.needs_logprobs
     solver = Solver(generator, plan.answer_of, scorer, plan.delimiter, plan.max_steps, params.seed)
     work = asyncio.ensure_future(anyio.to_thread.run_sync(solve, plan.strategy, solver, question, plan.n))
-    gone = asyncio.ensure_future(disconnected(request))
     try:
-        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        await until_done_or_gone(work, request)
     finally:
-        gone.cancel()
         if not work.done():
             generator.cancel()
     try:
