@@ -104,20 +104,11 @@ def _user_text(conversation) -> str:
 
 
 class ServedLM(OpenAICompatibleLanguageModel):
-    """its_hub's client with two changes, both in how requests travel, not in what they ask:
-
-    - no time limit per request. aiohttp's default (5 minutes) would end a slow generation, and
-      its_hub retries a timeout: on a loaded machine it would pay for the same samples twice.
-    - a conversation that ends with the assistant's partial answer (the particle filter's next step)
-      is continued, as vLLM continues it for the `continue_final_message: true` its_hub sends:
-      forerun serve ignores that field, and would close the partial answer's turn and open a new one.
-      The chat template is rendered here, cut after the partial answer (as vLLM cuts it), and sent to
-      /v1/completions as token ids. Other conversations go to /v1/chat/completions with its_hub's own body.
-    """
-
-    def __init__(self, tokenizer, **kwargs):
-        super().__init__(**kwargs)
-        self.tokenizer = tokenizer
+    """its_hub's client with one change, in how requests travel, not in what they ask: no time limit
+    per request. aiohttp's default (5 minutes) would end a slow generation, and its_hub retries a
+    timeout: on a loaded machine it would pay for the same samples twice. Every request is its_hub's
+    own body to /v1/chat/completions; a particle's next step ends with the assistant's partial answer
+    and `continue_final_message: true`, which forerun serve continues as vLLM does."""
 
     def _get_session(self, loop) -> aiohttp.ClientSession:  # self-consistency and best-of-n requests
         with self._session_lock:
@@ -134,26 +125,11 @@ class ServedLM(OpenAICompatibleLanguageModel):
                                           for m, t in zip(messages_lst, temperatures)))
 
     async def _one(self, http, messages, stop, max_tokens, temperature, include_stop) -> dict:
-        turns = [_turn(m) for m in messages]
-        if turns[-1]["role"] != "assistant":
-            url = self._chat_completion_endpoint
-            body = self._prepare_request_data(turns, stop, max_tokens, temperature, include_stop)
-        else:
-            url = self.endpoint.rstrip("/") + "/completions"
-            body = {"model": self.model_name, "prompt": self.continuation_ids(turns),
-                    "max_tokens": max_tokens or self.max_completion_tokens,
-                    "temperature": self.temperature if temperature is None else temperature,
-                    "stop": stop, "include_stop_str_in_output": bool(include_stop)}
-        async with http.post(url, headers=self.headers, json=body) as r:
+        body = self._prepare_request_data([_turn(m) for m in messages], stop, max_tokens, temperature, include_stop)
+        async with http.post(self._chat_completion_endpoint, headers=self.headers, json=body) as r:
             if r.status != 200:
-                raise RuntimeError(f"{url} answered {r.status}: {await r.text()}")
-            choice = (await r.json())["choices"][0]
-        return dict(choice["message"]) if "message" in choice else {"role": "assistant", "content": choice["text"]}
-
-    def continuation_ids(self, turns: list[dict]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(turns, add_generation_prompt=False)
-        partial = turns[-1]["content"]
-        return self.tokenizer.encode(text[:text.rindex(partial) + len(partial)], add_bos=False)
+                raise RuntimeError(f"{self._chat_completion_endpoint} answered {r.status}: {await r.text()}")
+            return dict((await r.json())["choices"][0]["message"])
 
 
 def _turn(message) -> dict:
@@ -175,7 +151,7 @@ class ItsHub:
 
     def __init__(self, base_url: str, llm: LLM, answer_of, a: argparse.Namespace):
         self.base_url, self.seed, self.account = base_url, a.seed, Account()
-        self.lm = ServedLM(llm.tokenizer, endpoint=base_url + "/v1", api_key="none", model_name=MODEL_NAME,
+        self.lm = ServedLM(endpoint=base_url + "/v1", api_key="none", model_name=MODEL_NAME,
                            max_completion_tokens=a.max_tokens, temperature=a.temperature)
         ptrue = PTrue(ModelScore(llm, self.account))
         steps = StepGeneration(max_steps=a.max_steps, step_token=DELIMITER, stop_token=FINAL_MARK,

@@ -40,7 +40,8 @@ def client(server):
 
 
 def greedy_chat(client, **kw):
-    return client.chat.completions.create(model="tiny", messages=MESSAGES, temperature=0, **kw)
+    kw.setdefault("messages", MESSAGES)
+    return client.chat.completions.create(model="tiny", temperature=0, **kw)
 
 
 # -- the API surface ----------------------------------------------------------------------------------
@@ -234,12 +235,52 @@ def test_tokenize_detokenize(server):
     (dict(extra_body={"stop_token_ids": [-3]}), "stop_token_ids"),
     (dict(top_logprobs=3), "logprobs"),
     (dict(logprobs=True, top_logprobs=21), "top_logprobs"),
+    (dict(response_format={"type": "json_object"}), "response_format"),
+    (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]), "tools"),
+    (dict(extra_body={"repetition_penalty": 1.2}), "repetition_penalty"),
+    (dict(extra_body={"min_p": 0.1}), "min_p"),
+    (dict(extra_body={"min_tokens": 5}), "min_tokens"),
+    (dict(extra_body={"guided_json": {"type": "object"}}), "guided_json"),
+    (dict(extra_body={"prompt_logprobs": 1}), "prompt_logprobs"),
+    (dict(extra_body={"echo": True}), "echo"),
+    (dict(extra_body={"continue_final_message": True}), "add_generation_prompt"),
+    (dict(extra_body={"continue_final_message": True, "add_generation_prompt": False}), "assistant"),
 ])
 def test_invalid_parameters_are_400(client, kw, message):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="tiny", messages=MESSAGES, **kw)
     assert message in str(e.value)
     assert e.value.body["type"] == "invalid_request_error"
+
+
+def test_neutral_values_of_unsupported_fields_are_accepted(client):
+    out = greedy_chat(client, max_tokens=4, response_format={"type": "text"}, tool_choice="none",
+                      extra_body={"repetition_penalty": 1.0, "min_p": 0, "min_tokens": 0, "user": "someone"})
+    assert out.choices[0].message.content
+    out = client.completions.create(model="tiny", prompt="Once", max_tokens=4, temperature=0, best_of=1, suffix="")
+    assert out.choices[0].text
+    for kw, field in ((dict(suffix="the end"), "suffix"), (dict(best_of=2), "best_of")):
+        with pytest.raises(openai.BadRequestError, match=field):
+            client.completions.create(model="tiny", prompt="Once", max_tokens=4, **kw)
+
+
+def test_continue_final_message_continues_the_partial_answer(server, client):
+    """vLLM's continue_final_message (its_hub's particle steps send it): the prompt stops inside the
+    assistant's partial answer, so greedy chat equals a greedy completion of exactly those tokens."""
+    partial = MESSAGES + [{"role": "assistant", "content": "The sea is"}]
+    headers = {"Authorization": f"Bearer {KEY}"}
+    ids = httpx.post(server.url + "/tokenize", headers=headers,
+                     json={"messages": partial, "add_generation_prompt": False,
+                           "continue_final_message": True}).json()["tokens"]
+    closed = httpx.post(server.url + "/tokenize", headers=headers,
+                        json={"messages": partial, "add_generation_prompt": False}).json()["tokens"]
+    text = httpx.post(server.url + "/detokenize", headers=headers, json={"tokens": ids}).json()["prompt"]
+    assert text.endswith("The sea is") and len(closed) > len(ids) and closed[:len(ids)] == ids
+    chat = greedy_chat(client, max_tokens=12, messages=partial,
+                       extra_body={"continue_final_message": True, "add_generation_prompt": False})
+    plain = client.completions.create(model="tiny", prompt=ids, max_tokens=12, temperature=0)
+    assert chat.usage.prompt_tokens == len(ids)
+    assert chat.choices[0].message.content == plain.choices[0].text
 
 
 def test_prompt_longer_than_context_is_400(client):

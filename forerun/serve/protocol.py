@@ -1,6 +1,8 @@
 """The OpenAI request bodies the server accepts, as pydantic models. Fields a client may send that
-forerun does not use are ignored (pydantic's default), as vLLM does; fields that would change the
-output in a way forerun cannot honour (penalties, logit bias) are rejected rather than ignored."""
+forerun does not use and that change nothing in the output (`user`, `metadata`, `store`, ...) are
+ignored (pydantic's default), as vLLM does; fields that would change the output in a way forerun
+cannot honour (penalties, logit bias, structured output, tools, ...) are rejected with a 400 naming
+the field, rather than ignored: a client that asked for JSON must not get prose back silently."""
 from __future__ import annotations
 
 from typing import Literal
@@ -67,15 +69,41 @@ class SamplingFields(BaseModel):
     include_stop_str_in_output: bool = False
     stop_token_ids: list[int] | None = None
     speculation: Speculation | str | None = None
+    # extras forerun cannot honour: accepted at their neutral value only (see _unsupported)
+    repetition_penalty: float | None = None
+    min_p: float | None = None
+    min_tokens: int | None = None
+    bad_words: list[str] | None = None
+    prompt_logprobs: int | None = None
+    guided_json: object = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: object = None
 
     @model_validator(mode="after")
-    def _no_penalties(self):
+    def _unsupported(self):
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name):
                 raise ValueError(f"{name} is not supported by forerun (speculative decoding verifies against the "
                                  "unpenalized distribution); leave it at 0")
+        if self.repetition_penalty not in (None, 1.0):
+            raise ValueError("repetition_penalty is not supported by forerun (speculative decoding verifies against "
+                             "the unpenalized distribution); leave it at 1")
         if self.logit_bias:
             raise ValueError("logit_bias is not supported by forerun")
+        if self.min_p:
+            raise ValueError("min_p is not supported by forerun; use top_p or top_k")
+        if self.min_tokens:
+            raise ValueError("min_tokens is not supported by forerun; use ignore_eos with max_tokens")
+        if self.bad_words:
+            raise ValueError("bad_words is not supported by forerun")
+        if self.prompt_logprobs is not None:
+            raise ValueError("prompt_logprobs is not supported by forerun (it computes logprobs of generated "
+                             "tokens only)")
+        for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs"):
+            if getattr(self, name) is not None:
+                raise ValueError(f"{name}: structured output (constrained decoding) is not supported by forerun")
         return self
 
     @property
@@ -93,6 +121,17 @@ class CompletionRequest(SamplingFields):
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+    @model_validator(mode="after")
+    def _no_insertion(self):
+        if self.suffix:
+            raise ValueError("suffix (insertion) is not supported by forerun")
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError("best_of other than n is not supported by forerun; for the best of several samples "
+                             "use extra_body scaling on chat completions")
+        return self
 
 
 class TextPart(BaseModel):
@@ -125,11 +164,32 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     scaling: Scaling | None = None  # extra_body
+    # how the chat template is applied (vLLM's extras): a final assistant message can be continued
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    # accepted at their neutral values only
+    response_format: dict | None = None
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
+    echo: bool = False
 
     @model_validator(mode="after")
-    def _top_logprobs_need_logprobs(self):
+    def _chat_checks(self):
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
+        if self.continue_final_message and self.add_generation_prompt:
+            raise ValueError("continue_final_message needs add_generation_prompt: false (the final message is "
+                             "continued, not answered)")
+        if self.response_format is not None and self.response_format.get("type", "text") != "text":
+            raise ValueError(f"response_format {self.response_format.get('type')!r} is not supported by forerun "
+                             "(no constrained decoding); leave it out or use {'type': 'text'}")
+        if self.tools and self.tool_choice != "none":
+            raise ValueError("tools (function calling) are not supported by forerun; leave them out or set "
+                             "tool_choice: 'none'")
+        if self.tool_choice not in (None, "none", "auto") and not self.tools:
+            raise ValueError("tool_choice names a tool, but forerun supports no tools")
+        if self.echo:
+            raise ValueError("echo is not supported on chat completions; use /v1/completions with echo")
         return self
 
     @property
@@ -143,11 +203,15 @@ class TokenizeRequest(BaseModel):
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
+    add_generation_prompt: bool = True  # with messages, as in chat completions
+    continue_final_message: bool = False
 
     @model_validator(mode="after")
     def _one_input(self):
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give either prompt or messages")
+        if self.continue_final_message and self.add_generation_prompt:
+            raise ValueError("continue_final_message needs add_generation_prompt: false")
         return self
 
 

@@ -62,17 +62,36 @@ def check_token_ids(ids: list[int], vocab_size: int, param: str) -> None:
         raise bad_request(f"{param}: token ids must lie in [0, {vocab_size})", param=param)
 
 
-def chat_prompt(messages: list[ChatMessage], tokenizer) -> list[int]:
-    """The model's chat template over `messages`, ending with the assistant's turn, as token ids
-    (what LLM.encode does for chat messages, so the server and `forerun generate` agree)."""
+def chat_prompt(messages: list[ChatMessage], tokenizer, add_generation_prompt: bool = True,
+                continue_final_message: bool = False) -> list[int]:
+    """The model's chat template over `messages` as token ids: ending with the assistant's turn opened
+    (what LLM.encode does for chat messages, so the server and `forerun generate` agree), or, with
+    `add_generation_prompt` off, after the last message's turn; or, with `continue_final_message`,
+    inside the last message, which must be the assistant's partial answer: the text stops right after
+    it, so the model continues it (vLLM's extras of these names)."""
+    if continue_final_message and messages[-1].role != "assistant":
+        raise bad_request("continue_final_message needs the last message to be the assistant's",
+                          param="continue_final_message")
     try:
         turns = [{"role": m.role, "content": m.text()} for m in messages]
-        text = tokenizer.apply_chat_template(turns)
+        if not continue_final_message:
+            text = tokenizer.apply_chat_template(turns, add_generation_prompt=add_generation_prompt)
+        else:  # render the partial answer followed by a marker, and cut the text at the marker
+            partial = turns[-1]["content"]
+            turns[-1] = {**turns[-1], "content": partial + _CUT}
+            text = tokenizer.apply_chat_template(turns, add_generation_prompt=False)
+            if text.count(_CUT) != 1:
+                raise ValueError("the chat template does not show the final message as sent, so it cannot be "
+                                 "continued")
+            text = text[:text.index(_CUT)]
     except ValueError as e:
         raise bad_request(str(e), param="messages") from None
     except Exception as e:  # noqa: BLE001  (a template's own raise_exception or a render error)
         raise bad_request(f"the chat template cannot render these messages: {e}", param="messages") from None
     return tokenizer.encode(text, add_bos=False)
+
+
+_CUT = "\u2063forerun-continue\u2063"  # where a continued final message ends (invisible separators around a name)
 
 
 def max_new_tokens(asked: int | None, prompt_len: int, n: int, served: Served) -> int:
