@@ -141,7 +141,7 @@ def test_auto_runs_a_mixed_gguf_natively(mixed):
     q, f = mixed
     assert q.model.quantization is not None and f.model.quantization is None
     assert q.model.quantization.startswith("q4/q8 blocks")  # layer 0's qkv and down are int8 codes
-    assert q.model.layers[1].q4_halves is None and q.model.layers[0].gate_up.quant.kind == "q4"
+    assert q.model.layers[1].q4_plan is None and q.model.layers[0].gate_up.quant.kind == "q4"
     assert resolve_quant("auto", q.name, "bfloat16", "cpu") is None
 
 

@@ -226,13 +226,13 @@ def test_fused_q4_layer_halves_agree_with_the_layer_op_by_op():
     from conftest import tiny_runtime
 
     model = tiny_runtime("llama", seed=3).model
-    assert model.quantize() and all(layer.q4_halves is not None for layer in model.layers)
+    assert model.quantize() and all(layer.q4_plan is not None for layer in model.layers)
     T = 5
     batch = ForwardBatch.contiguous(torch.zeros(T, dtype=torch.long), torch.arange(T), 0)
     cos, sin = model.rope.lookup(torch.arange(T), torch.float32, torch.device("cpu"))
     x = torch.randn(T, model.args.hidden_size, generator=torch.Generator().manual_seed(0))
     for i, layer in enumerate(model.layers):
         fused = layer(x, i, model.new_cache(8), batch, cos, sin)
-        halves, layer.q4_halves = layer.q4_halves, None
+        plan, layer.q4_plan = layer.q4_plan, None
         torch.testing.assert_close(fused, layer(x, i, model.new_cache(8), batch, cos, sin), rtol=1e-5, atol=1e-5)
-        layer.q4_halves = halves
+        layer.q4_plan = plan

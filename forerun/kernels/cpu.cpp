@@ -770,6 +770,9 @@ torch::Tensor q4_mlp_block(const torch::Tensor& x, const torch::Tensor& norm, do
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   use_avx512(std::getenv("FORERUN_NO_AVX512") == nullptr);
+  // The compute calls let go of the GIL: a server's event loop (and any other Python thread) runs
+  // while the engine thread is inside a kernel, rather than only between kernels.
+  const auto nogil = pybind11::call_guard<pybind11::gil_scoped_release>();
   pybind11::class_<PackedQ4>(m, "PackedQ4", pybind11::module_local());
   m.def("pack_q4", &pack_q4, "q4 weights in the kernels' layout (see PackedQ4)");
   m.def("cpu_features", &cpu_features, "which q4 kernels run: avx512 (VNNI) or avx2");
@@ -777,12 +780,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<Batch>(m, "Batch", pybind11::module_local())
       .def(pybind11::init<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor,
                           torch::Tensor>());
-  m.def("q4_attention_block", &q4_attention_block, "x + o(attention(rope(qkv(rms_norm(x))))) for a q4 layer");
-  m.def("q4_mlp_block", &q4_mlp_block, "x + down(silu(gate) * up) of rms_norm(x) for a q4 layer");
-  m.def("rms_norm", &rms_norm, "x * rsqrt(mean(x^2) + eps) * weight over the last dim, float32");
-  m.def("batch_attention", &batch_attention, "rope, pool write and attention for the rows of many sequences, float32");
-  m.def("q4_linear", &q4_linear, "x[M, K] @ W^T for 4-bit W (PackedQ4) with a scale and offset per 32 inputs");
-  m.def("q8_linear", &q8_linear, "x[M, K] @ W^T for 8-bit W (PackedQ8) with a scale per 32 or 16 inputs, offsets optional");
+  m.def("q4_attention_block", &q4_attention_block, nogil, "x + o(attention(rope(qkv(rms_norm(x))))) for a q4 layer");
+  m.def("q4_mlp_block", &q4_mlp_block, nogil, "x + down(silu(gate) * up) of rms_norm(x) for a q4 layer");
+  m.def("rms_norm", &rms_norm, nogil, "x * rsqrt(mean(x^2) + eps) * weight over the last dim, float32");
+  m.def("batch_attention", &batch_attention, nogil, "rope, pool write and attention for the rows of many sequences, float32");
+  m.def("q4_linear", &q4_linear, nogil, "x[M, K] @ W^T for 4-bit W (PackedQ4) with a scale and offset per 32 inputs");
+  m.def("q8_linear", &q8_linear, nogil, "x[M, K] @ W^T for 8-bit W (PackedQ8) with a scale per 32 or 16 inputs, offsets optional");
   pybind11::class_<PackedQ8>(m, "PackedQ8", pybind11::module_local());
   m.def("pack_q8", &pack_q8, "q8 weights in the kernels' layout (see PackedQ8)");
 }

@@ -164,7 +164,9 @@ class Block(nn.Module):
         self.k_norm = RMSNorm(w["k_norm.weight"], args.rms_norm_eps) if args.qk_norm else None
         # What the native attention handles: head sizes its vector loops cover.
         self.fusable = args.head_dim % 8 == 0 and args.head_dim <= 256
-        self.q4_halves: tuple | None = None  # native handles of qkv, o, gate_up, down (bind_q4)
+        # bind_q4: what the layer's two native calls take besides the step's tensors (norm weights, eps,
+        # the native handles of qkv, o, gate_up and down, heads, attention scale)
+        self.q4_plan: tuple | None = None
 
     def bind_q4(self) -> None:
         """After quantization: run each layer as two native calls (attention half, MLP half), when all
@@ -174,10 +176,11 @@ class Block(nn.Module):
         if native is None or not self.fusable or self.q_norm is not None \
                 or any(m.quant is None or m.quant.kind != "q4" or m.bias is not None for m in linears):
             return
-        self.q4_halves = tuple(quant.packed_q4(m.quant) for m in linears)
+        self.q4_plan = (self.attn_norm.weight, self.mlp_norm.weight, self.args.rms_norm_eps,
+                        *(quant.packed_q4(m.quant) for m in linears), self.args.num_heads, self.args.head_dim ** -0.5)
 
     def forward(self, x: Tensor, layer: int, kv: KVCache, batch: ForwardBatch, cos: Tensor, sin: Tensor) -> Tensor:
-        if self.q4_halves is not None:
+        if self.q4_plan is not None:
             return self._q4_layer(x, layer, kv, batch, cos, sin)
         qkv = self._qk_normed(self.qkv(self.attn_norm(x)))
         native = kernels.for_tensor(x) if self.fusable else None
@@ -191,11 +194,8 @@ class Block(nn.Module):
         return x + self.down(F.silu(gate) * up)
 
     def _q4_layer(self, x: Tensor, layer: int, kv: KVCache, batch: ForwardBatch, cos: Tensor, sin: Tensor) -> Tensor:
-        native, (qkv, o, gate_up, down) = kernels.cpu_kernels(), self.q4_halves
-        eps = self.args.rms_norm_eps
-        x = native.q4_attention_block(x.contiguous(), self.attn_norm.weight, eps, qkv, o, cos, sin, kv.k[layer],
-                                      kv.v[layer], batch.native(), self.args.num_heads, self.args.head_dim ** -0.5)
-        return native.q4_mlp_block(x, self.mlp_norm.weight, eps, gate_up, down)
+        return _q4_run(kernels.cpu_kernels(), self.q4_plan, x.contiguous(), kv.k[layer], kv.v[layer], batch.native(),
+                       cos, sin)
 
     def _qk_normed(self, qkv: Tensor) -> Tensor:
         """qkv with Qwen3's per-head RMSNorm applied to q and k (unchanged for other models)."""
@@ -312,14 +312,29 @@ class Transformer(CausalLM):
         if self.args.sliding_window is not None:
             batch = batch.windowed(self.args.sliding_window)
         kept = {}
-        for i, layer in enumerate(self.layers[:num_layers]):
-            x = layer(x, i, kv, batch, cos, sin)
-            if i + 1 in keep_layers:
-                kept[i + 1] = x
+        layers = self.layers if num_layers is None else self.layers[:num_layers]
+        plans = [layer.q4_plan for layer in layers]
+        if not keep_layers and all(plan is not None for plan in plans):
+            # q4 on native kernels: two calls a layer and nothing else (a decoding step's Python overhead)
+            native, nb, x = kernels.cpu_kernels(), batch.native(), x.contiguous()
+            for plan, k, v in zip(plans, kv.k, kv.v):
+                x = _q4_run(native, plan, x, k, v, nb, cos, sin)
+        else:
+            for i, layer in enumerate(layers):
+                x = layer(x, i, kv, batch, cos, sin)
+                if i + 1 in keep_layers:
+                    kept[i + 1] = x
         hidden = self.norm(x)
         rows = hidden[batch.logit_rows.to(self.device)]
         logits = self.head(rows.to(self.head.weight.dtype) if self.head.quant is None else rows).float()
         return ForwardOutput(logits=logits, hidden=hidden, layers=kept)
+
+
+def _q4_run(native, plan: tuple, x: Tensor, k: Tensor, v: Tensor, nb, cos: Tensor, sin: Tensor) -> Tensor:
+    """One q4 layer as its two native calls: x + attention, then x + MLP (Block.bind_q4's plan)."""
+    attn_norm, mlp_norm, eps, qkv, o, gate_up, down, heads, scale = plan
+    x = native.q4_attention_block(x, attn_norm, eps, qkv, o, cos, sin, k, v, nb, heads, scale)
+    return native.q4_mlp_block(x, mlp_norm, eps, gate_up, down)
 
 
 def _fused(w: dict[str, Tensor | quant.QuantWeight], *names: str) -> Tensor | quant.QuantWeight:
