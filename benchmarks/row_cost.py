@@ -6,7 +6,15 @@ committing them. Prints a markdown table: the median milliseconds of one row, an
 width as a multiple of it. This is the curve a tree budget (SpecConfig.budget = "cost") learns
 online; a drafter's tree pays only where its expected accepted tokens exceed it.
 
-    python benchmarks/row_cost.py --quant q4                  # the embedded model, CPU
+On the CPU it also prints the AR roofline: the read bandwidth (forerun.bench.roofline, best of 7
+streaming sums), the weight bytes one step reads, and how close the one-row forward comes to
+streaming them at that bandwidth (bound / measured), for each cache length.
+
+With `--prompt N` (CPU, q4) it also times prompt processing: one forward of an N-token prompt from
+an empty cache, logits for its last row only (a prefill), on the q4 blocks and, interleaved, on the
+same weights dequantized to float32 (the path q4 prompts took before they ran on the q4 kernels).
+
+    python benchmarks/row_cost.py --quant q4 --prompt 512     # the embedded model, CPU
     python benchmarks/row_cost.py --device cuda --model M.gguf
 """
 from __future__ import annotations
@@ -17,7 +25,9 @@ import time
 
 import torch
 
-from forerun.models.batch import ForwardBatch
+from forerun.bench.contenders import weight_bytes_per_token
+from forerun.bench.roofline import measure_bandwidth
+from forerun.models.batch import ForwardBatch, Segment
 from forerun.models.runtime import load
 
 
@@ -35,6 +45,22 @@ def time_forward(model, tokens: torch.Tensor, cached: int, cache, repeats: int, 
     return statistics.median(out[1:])
 
 
+def time_prefill(models: dict, ids: torch.Tensor, repeats: int) -> dict[str, float]:
+    """Median seconds of a prefill of `ids` (logits for the last row) for each model, alternating
+    between them run by run so that drift of a shared machine falls on all."""
+    n = ids.shape[0]
+    batch = ForwardBatch.pack([Segment(ids, torch.arange(n), torch.arange(n), logits_from=n - 1)])
+    caches = {name: model.new_cache(n) for name, model in models.items()}
+    runs = {name: [] for name in models}
+    for i in range(repeats + 1):  # the first round is a warm-up
+        for name, model in models.items():
+            t0 = time.perf_counter()
+            model(batch, caches[name])
+            if i:
+                runs[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(r) for name, r in runs.items()}
+
+
 @torch.inference_mode()
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -45,6 +71,7 @@ def main() -> None:
     p.add_argument("--cached", default="200,800", help="cache lengths, comma-separated (default: %(default)s)")
     p.add_argument("--rows", default="1,2,4,8,16,32,64", help="widths, comma-separated (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=9)
+    p.add_argument("--prompt", type=int, default=0, help="also time a prefill of this many tokens (CPU, q4)")
     a = p.parse_args()
     rt = load(a.model, dtype=a.dtype, device=a.device, quant=a.quant)
     model, device = rt.model, rt.device
@@ -52,7 +79,8 @@ def main() -> None:
     widths = [int(x) for x in a.rows.split(",")]
     lengths = [int(x) for x in a.cached.split(",")]
     vocab = model.args.vocab_size
-    ids = torch.randint(0, vocab, (max(lengths) + max(widths),), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, vocab, (max(max(lengths) + max(widths), a.prompt),),
+                        generator=torch.Generator().manual_seed(0))
     cache = model.new_cache(max(lengths) + max(widths))
     model(ForwardBatch.contiguous(ids[: max(lengths)], torch.arange(max(lengths)), 0, logits=False), cache)  # fill it
     weights = f"{a.dtype}" + (f", {a.quant}" if a.quant else "")
@@ -61,15 +89,30 @@ def main() -> None:
     print()
     print("| cached tokens | " + " | ".join(f"{w} rows" for w in widths) + " |")
     print("|---" * (len(widths) + 1) + "|")
+    first = {}
     for cached in lengths:
-        one = None
         cells = []
         for w in widths:
             s = time_forward(model, ids[cached: cached + w], cached, cache, a.repeats, sync)
-            if one is None:
-                one = s
-            cells.append(f"{s * 1e3:.1f} ms" if w == widths[0] else f"{s / one:.2f}x")
+            first.setdefault(cached, s)
+            cells.append(f"{s * 1e3:.1f} ms" if w == widths[0] else f"{s / first[cached]:.2f}x")
         print(f"| {cached} | " + " | ".join(cells) + " |")
+    if device.type == "cpu" and widths[0] == 1:
+        bandwidth, weights = measure_bandwidth("cpu"), weight_bytes_per_token(model, model.embed)
+        bound = weights / bandwidth
+        print()
+        print(f"AR roofline: read bandwidth {bandwidth / 1e9:.1f} GB/s, {weights / 1e6:.1f} MB of weights a step, "
+              f"bound {bound * 1e3:.2f} ms a row; one row reaches "
+              + ", ".join(f"{bound / s:.0%} at {c} cached" for c, s in first.items())
+              + " (KV reads not counted in the bound)")
+    if a.prompt and a.quant == "q4" and device.type == "cpu":
+        dense = load(a.model, dtype=a.dtype, device=a.device, quant="none").model
+        s = time_prefill({"q4": model, "float32": dense}, ids[:a.prompt], a.repeats)
+        print()
+        print(f"prefill of a {a.prompt}-token prompt (median of {a.repeats}, alternating): "
+              f"q4 kernels {s['q4'] * 1e3:.0f} ms = {a.prompt / s['q4']:.0f} tok/s; "
+              f"float32 (dequantized) {s['float32'] * 1e3:.0f} ms = {a.prompt / s['float32']:.0f} tok/s; "
+              f"q4 / float32 {s['float32'] / s['q4']:.2f}x")
 
 
 if __name__ == "__main__":
