@@ -10,16 +10,26 @@ runs its q4 blocks on its native kernels). Contenders:
 Writes each contender's bench-serve output under --out/<name>/ and prints a markdown table of output
 tok/s, p50 TTFT, p50 TPOT and goodput per level, with the ratios the targets are stated in.
 
+Servers measured one after another see different moments of a shared machine, and at concurrency 1
+the difference between `ar` and a speculative server is a few percent. `--alternate N` measures that
+difference side by side instead: both forerun servers up at once, N Spec-Bench first turns spread
+over all categories, each sent to one server then the other (order swapped every prompt), one
+request in flight at a time; it prints each server's tok/s, the ratio of total wall times and the
+median of per-prompt ratios, and checks the texts are equal (greedy).
+
     python benchmarks/serve_vs_peers.py --out serve-bench-out
     python benchmarks/serve_vs_peers.py --llama-server /path/to/llama-server --concurrency 1,4,16
+    python benchmarks/serve_vs_peers.py --alternate 52
 """
 from __future__ import annotations
 
 import argparse
 import json
 import shutil
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from forerun.bench.serving import free_port, stop_process, wait_healthy
@@ -58,9 +68,13 @@ def main() -> int:
     p.add_argument("--llama-server", default=shutil.which("llama-server"), help="path (default: on PATH)")
     p.add_argument("--threads", type=int, default=2, help="llama-server threads (default: %(default)s)")
     p.add_argument("--only", default="", help="comma-separated contenders to run (default: all)")
+    p.add_argument("--alternate", type=int, default=0, metavar="N",
+                   help="instead: the two forerun servers side by side at concurrency 1 over N prompts")
     p.add_argument("--out", type=Path, default=Path("serve-bench-out"))
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
+    if a.alternate:
+        return alternate(a)
     only = set(filter(None, a.only.split(",")))
     results: dict[str, dict[int, dict]] = {}
     for name, flags in FORERUN.items():
@@ -94,6 +108,57 @@ def main() -> int:
     (a.out / "summary.md").write_text(table)
     print(table)
     return 0
+
+
+def alternate(a: argparse.Namespace) -> int:
+    import httpx
+
+    questions = [json.loads(line) for line in a.dataset.read_text().splitlines() if line.strip()]
+    step = max(len(questions) // a.alternate, 1)  # spread over the file, which is grouped by category
+    prompts = [q["turns"][0] for q in questions[::step][:a.alternate]]
+    servers, procs = {}, []
+    try:
+        for name, flags in FORERUN.items():
+            port = free_port()
+            procs.append(start([sys.executable, "-m", "forerun", "serve", "--port", str(port), *flags],
+                               a.out / f"{name}.log", "/health", port))
+            servers[name] = f"http://127.0.0.1:{port}/v1/chat/completions"
+        walls = {name: [] for name in servers}
+        tokens = dict.fromkeys(servers, 0)
+        with httpx.Client(timeout=600) as http:
+            def ask(name: str, text: str) -> str:
+                start_s = time.perf_counter()
+                body = http.post(servers[name], json={"messages": [{"role": "user", "content": text}],
+                                                      "max_tokens": a.max_tokens, "temperature": 0}).json()
+                walls[name].append(time.perf_counter() - start_s)
+                tokens[name] += body["usage"]["completion_tokens"]
+                return body["choices"][0]["message"]["content"]
+
+            for name in servers:  # warm-up, not counted
+                ask(name, questions[-1]["turns"][0])
+                walls[name].clear()
+                tokens[name] = 0
+            differ = 0
+            for i, text in enumerate(prompts):
+                order = list(servers) if i % 2 == 0 else list(servers)[::-1]
+                texts = {name: ask(name, text) for name in order}
+                differ += len(set(texts.values())) > 1
+    finally:
+        for proc in procs:
+            stop_process(proc)
+    base, other = "forerun-ar", "forerun-pld-goodput"
+    lines = [f"{len(prompts)} Spec-Bench first turns (every {step}th question), max_tokens {a.max_tokens}, greedy, "
+             "concurrency 1, the two servers alternating per prompt", "",
+             "| server | output tok/s | total wall s |", "|---|---|---|"]
+    lines += [f"| {name} | {tokens[name] / sum(w):.1f} | {sum(w):.2f} |" for name, w in walls.items()]
+    ratios = [x / y for x, y in zip(walls[base], walls[other])]
+    lines += ["", f"{other} vs {base}: {sum(walls[base]) / sum(walls[other]):.3f}x (ratio of total wall times), "
+              f"{statistics.median(ratios):.3f}x (median of per-prompt ratios); texts differ on {differ} of "
+              f"{len(prompts)} prompts"]
+    table = "\n".join(lines) + "\n"
+    (a.out / "alternate.md").write_text(table)
+    print(table)
+    return 0 if differ == 0 else 1
 
 
 def markdown(results: dict[str, dict[int, dict]], a: argparse.Namespace) -> str:
