@@ -178,8 +178,10 @@ class Forerun:
     """forerun.scaling's strategies on an engine in this process, P(True) on the same model."""
 
     def __init__(self, llm: LLM, answer_of, a: argparse.Namespace):
+        # keep=False: every answer decodes its own samples, as its_hub's do (forerun scale reuses the
+        # samples of an identical earlier request; in a timed comparison that would skip the sampling)
         generator = EngineGenerator(llm, temperature=a.temperature, max_new_tokens=a.max_tokens, seed=a.seed,
-                                    spec=SpecConfig(method=a.method))
+                                    spec=SpecConfig(method=a.method), keep=False)
         self.solver = Solver(generator, answer_of, PTrue(ModelScore(llm, generator.account)), DELIMITER,
                              a.max_steps, a.seed)
         self.strategies = {name: build_strategy(name) for _, name in METHODS}

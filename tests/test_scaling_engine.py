@@ -88,3 +88,17 @@ def test_a_questions_samples_do_not_depend_on_what_ran_before(runtime):
     assert [b.token_ids for b in after] == [b.token_ids for b in alone]
     again = gen.extend(PROMPT, [(Branch(), 3)], None)[0]  # a second call for the question draws anew
     assert [b.token_ids for b in again] != [b.token_ids for b in alone]
+
+
+def test_keep_false_decodes_a_repeated_request_again(runtime):
+    """forerun scale keeps samples for an identical later request (replayed, not decoded); a timed
+    comparison (the its_hub peer) turns that off and pays for every sample, which come out the same."""
+    runs = {}
+    for keep in (True, False):
+        gen = _generator(runtime, keep=keep, chat=False)
+        first = gen.extend(gen.query("1 2 3 4 5 6"), [(Branch(), 3)], None)[0]
+        again = gen.extend(gen.query("1 2 3 4 5 6"), [(Branch(), 3)], None)[0]  # query() restarts the count
+        assert [b.token_ids for b in again] == [b.token_ids for b in first]
+        runs[keep] = gen.account
+    assert runs[True].replayed == 3 and runs[True].requests == 1
+    assert runs[False].replayed == 0 and runs[False].requests == 2

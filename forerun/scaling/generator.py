@@ -81,7 +81,7 @@ class EngineGenerator:
 
     def __init__(self, llm, temperature: float = 0.7, top_p: float = 1.0, max_new_tokens: int = 256,
                  seed: int = 0, spec: SpecConfig | None = None, logprobs: bool = False, chat: bool | None = None,
-                 driver: EngineDriver | None = None):
+                 driver: EngineDriver | None = None, keep: bool = True):
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         self.llm, self.temperature, self.top_p = llm, temperature, top_p
@@ -91,6 +91,7 @@ class EngineGenerator:
         self.account = Account()
         self._calls: dict[int, int] = {}  # question key -> extend() calls since query() (shared by clones)
         self._kept: dict[tuple, tuple[Generation, ...]] = {}  # samples by request (shared by clones)
+        self.keep = keep  # False: every request decodes (a timed comparison must pay for every sample)
 
     def clone(self) -> "EngineGenerator":
         """A generator for another thread: the same engine, settings and kept samples, its own account."""
@@ -122,7 +123,7 @@ class EngineGenerator:
         keys = [self._keep_key(query, branch, stop, limit, seed) for (branch, _), seed in zip(requests, seeds)]
         done: dict[int, tuple[Generation, ...]] = {}
         for i, key in enumerate(keys):  # samples kept from an identical request, as many as it asks
-            if len(self._kept.get(key, ())) >= requests[i][1]:
+            if self.keep and len(self._kept.get(key, ())) >= requests[i][1]:
                 done[i] = self._kept[key][:requests[i][1]]
                 self.account.replayed += len(done[i])
         ids = {}
@@ -139,7 +140,8 @@ class EngineGenerator:
             self.driver.abort(list(ids.values()))
         for i, rid in ids.items():
             done[i] = finished[rid]
-            self._kept[keys[i]] = done[i]
+            if self.keep:
+                self._kept[keys[i]] = done[i]
         self.account.engine_steps += self.llm.engine.steps - steps
         self.account.requests += len(ids)
         self.account.wall_s += time.perf_counter() - start
