@@ -489,23 +489,33 @@ inline void rotate(float* x, const float* cos, const float* sin, int64_t hd) {
   }
 }
 
+// Eight (sixteen) floats of a key or value row, stored as float32 or float16 (the KV pool of the q4
+// path): the conversion is exact, so a row's arithmetic is the same whichever the storage.
+inline __m256 load_kv8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load_kv8(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+__attribute__((target("avx512f"))) inline __m512 load_kv16(const float* p) { return _mm512_loadu_ps(p); }
+__attribute__((target("avx512f"))) inline __m512 load_kv16(const at::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
 // Scores of one query against eight keys (k[j]: the key of lane j, hd floats): one accumulator per
 // key over the head's dims, then reduce8, so a key's score is the same arithmetic in any lane and
 // wherever its slot lies in the pool.
-inline __m256 score8(const float* q, const float* const k[8], int64_t hd) {
+template <typename T>
+inline __m256 score8(const float* q, const T* const k[8], int64_t hd) {
   __m256 s[8];
   for (int j = 0; j < 8; ++j) s[j] = _mm256_setzero_ps();
   for (int64_t i = 0; i < hd; i += 8) {
     const __m256 qi = _mm256_loadu_ps(q + i);
-    for (int j = 0; j < 8; ++j) s[j] = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k[j] + i), s[j]);
+    for (int j = 0; j < 8; ++j) s[j] = _mm256_fmadd_ps(qi, load_kv8(k[j] + i), s[j]);
   }
   return reduce8(s);
 }
 
 // acc[0 .. 8W) += sum over keys l in [l0, l1) of p[l] * v[slot[l], 0 .. 8W), in key order, skipping
 // zero weights; returns the weights' running sum, also in key order.
-template <int W>
-inline float weigh_values(const float* p, const float* v, const int64_t* slot, int64_t hd, int64_t l0, int64_t l1,
+template <int W, typename T>
+inline float weigh_values(const float* p, const T* v, const int64_t* slot, int64_t hd, int64_t l0, int64_t l1,
                           float* acc, float sum) {
   __m256 a[W];
   for (int j = 0; j < W; ++j) a[j] = _mm256_loadu_ps(acc + 8 * j);
@@ -513,8 +523,8 @@ inline float weigh_values(const float* p, const float* v, const int64_t* slot, i
     if (p[l] == 0.f) continue;
     sum += p[l];
     const __m256 w = _mm256_set1_ps(p[l]);
-    const float* vl = v + slot[l] * hd;
-    for (int j = 0; j < W; ++j) a[j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vl + 8 * j), a[j]);
+    const T* vl = v + slot[l] * hd;
+    for (int j = 0; j < W; ++j) a[j] = _mm256_fmadd_ps(w, load_kv8(vl + 8 * j), a[j]);
   }
   for (int j = 0; j < W; ++j) _mm256_storeu_ps(acc + 8 * j, a[j]);
   return sum;
@@ -523,9 +533,9 @@ inline float weigh_values(const float* p, const float* v, const int64_t* slot, i
 // weigh_values for a slice of `width` vectors (1 to 8): each width its own unrolled loop.
 // The same, 16 dims a register: each dim's lane takes the same fused multiply-adds in the same key
 // order as above, so both give the same bits (half the instructions for a 64-dim slice).
-template <int W>
+template <int W, typename T>
 __attribute__((target("avx512f,fma")))
-float weigh_values16(const float* p, const float* v, const int64_t* slot, int64_t hd, int64_t l0, int64_t l1,
+float weigh_values16(const float* p, const T* v, const int64_t* slot, int64_t hd, int64_t l0, int64_t l1,
                      float* acc, float sum) {
   __m512 a[W];
   for (int j = 0; j < W; ++j) a[j] = _mm512_loadu_ps(acc + 16 * j);
@@ -533,14 +543,15 @@ float weigh_values16(const float* p, const float* v, const int64_t* slot, int64_
     if (p[l] == 0.f) continue;
     sum += p[l];
     const __m512 w = _mm512_set1_ps(p[l]);
-    const float* vl = v + slot[l] * hd;
-    for (int j = 0; j < W; ++j) a[j] = _mm512_fmadd_ps(w, _mm512_loadu_ps(vl + 16 * j), a[j]);
+    const T* vl = v + slot[l] * hd;
+    for (int j = 0; j < W; ++j) a[j] = _mm512_fmadd_ps(w, load_kv16(vl + 16 * j), a[j]);
   }
   for (int j = 0; j < W; ++j) _mm512_storeu_ps(acc + 16 * j, a[j]);
   return sum;
 }
 
-inline float weigh_slice(int64_t width, const float* p, const float* v, const int64_t* slot, int64_t hd, int64_t l0,
+template <typename T>
+inline float weigh_slice(int64_t width, const float* p, const T* v, const int64_t* slot, int64_t hd, int64_t l0,
                          int64_t l1, float* acc, float sum) {
   if (g_avx512) {
     switch (width) {  // 8-float units: an even count runs 16 dims a register
@@ -616,13 +627,14 @@ struct Batch {
 // A row's result is the same arithmetic whatever else is in the batch and wherever its keys lie in
 // the pool (keys are summed in key order, masked keys skipped), so batched decoding equals decoding
 // alone bit for bit, and a tree node equals the same token decoded plainly.
-torch::Tensor batch_attention(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
-                              torch::Tensor& k_cache, torch::Tensor& v_cache, const Batch& batch, int64_t heads,
-                              double scale) {
+//
+// The pool holds float32 or float16 (E): keys and values are rounded to E when written, and read back
+// exactly, so every path that reads the pool (plain steps, trees, prompts in chunks) sees the same keys.
+template <typename E>
+torch::Tensor attend(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
+                     torch::Tensor& k_cache, torch::Tensor& v_cache, const Batch& batch, int64_t heads, double scale) {
   const int64_t R = qkv.size(0), KV = k_cache.size(0), S = k_cache.size(1), hd = k_cache.size(2);
   const int64_t width = (heads + 2 * KV) * hd, group = heads / KV;
-  TORCH_CHECK(qkv.is_contiguous() && qkv.scalar_type() == torch::kFloat32 && qkv.size(1) == width, "qkv: [R, (H + 2 KV) hd] float32");
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && hd % 8 == 0 && hd <= 256, "pool: contiguous [KV, S, hd]");
   TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && cos.numel() == R * hd && sin.numel() == R * hd, "cos, sin: [R, hd]");
   TORCH_CHECK(batch.write_slots.size(0) == R, "one write slot per row");
   const int64_t* ws = batch.write_slots.data_ptr<int64_t>();
@@ -632,18 +644,19 @@ torch::Tensor batch_attention(const torch::Tensor& qkv, const torch::Tensor& cos
   const int64_t* mc = batch.mask_cols.data_ptr<int64_t>();
   const bool* mp = batch.mask.data_ptr<bool>();
   const float *in = qkv.data_ptr<float>(), *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
-  float *kc = k_cache.data_ptr<float>(), *vc = v_cache.data_ptr<float>();
+  E *kc = k_cache.data_ptr<E>(), *vc = v_cache.data_ptr<E>();
   auto q = torch::empty({R, heads * hd}, qkv.options());
   float* qp = q.data_ptr<float>();
   at::parallel_for(0, R, 16, [&](int64_t begin, int64_t end) {
+    float k[256];  // one rotated key before it is stored
     for (int64_t r = begin; r < end; ++r) {
       const float* row = in + r * width;
       std::copy(row, row + heads * hd, qp + r * heads * hd);
       for (int64_t h = 0; h < heads; ++h) rotate(qp + (r * heads + h) * hd, cp + r * hd, sp + r * hd, hd);
       for (int64_t h = 0; h < KV; ++h) {
-        float* k = kc + (h * S + ws[r]) * hd;
         std::copy(row + (heads + h) * hd, row + (heads + h + 1) * hd, k);
         rotate(k, cp + r * hd, sp + r * hd, hd);
+        std::copy(k, k + hd, kc + (h * S + ws[r]) * hd);  // to E: float16 rounds to nearest even
         std::copy(row + (heads + KV + h) * hd, row + (heads + KV + h + 1) * hd, vc + (h * S + ws[r]) * hd);
       }
     }
@@ -670,12 +683,12 @@ torch::Tensor batch_attention(const torch::Tensor& qkv, const torch::Tensor& cos
   constexpr int64_t kBlock = 32;  // keys per pass over the chunk's queries when weighting values
   at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
     std::vector<float> p, acc(chunk * hd), total(chunk);
-    const std::vector<float> zeros(hd, 0.f);  // the key of a lane past the last key (masked anyway)
+    const std::vector<E> zeros(hd, E(0.f));  // the key of a lane past the last key (masked anyway)
     for (int64_t task = begin; task < end; ++task) {
       const auto [b, kvh, q0] = tasks[task];
       const int64_t T = rs[b + 1] - rs[b], nq = std::min(chunk, T * group - q0);
       const int64_t* keys = ctx + cs[b];
-      const float *kh = kc + kvh * S * hd, *vh = vc + kvh * S * hd;
+      const E *kh = kc + kvh * S * hd, *vh = vc + kvh * S * hd;
       // Query j of the chunk: token t of the sequence, head kvh * group + g; its row of q and of the output.
       auto token = [&](int64_t j) { return (q0 + j) / group; };
       auto row = [&](int64_t j) { return (rs[b] + token(j)) * heads + kvh * group + (q0 + j) % group; };
@@ -692,7 +705,7 @@ torch::Tensor batch_attention(const torch::Tensor& qkv, const torch::Tensor& cos
         seen[j] = std::min(L, ms[b] < 0 ? Lb - Tb + t + 1 : Lb - mc[b]);
       }
       for (int64_t l0 = 0; l0 < padded; l0 += 8) {
-        const float* k8[8];
+        const E* k8[8];
         for (int k = 0; k < 8; ++k) k8[k] = l0 + k < L ? kh + keys[l0 + k] * hd : zeros.data();
         for (int64_t j = 0; j < nq; ++j) {
           const int64_t t = token(j);
@@ -734,6 +747,21 @@ torch::Tensor batch_attention(const torch::Tensor& qkv, const torch::Tensor& cos
     }
   });
   return out;
+}
+
+torch::Tensor batch_attention(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
+                              torch::Tensor& k_cache, torch::Tensor& v_cache, const Batch& batch, int64_t heads,
+                              double scale) {
+  const int64_t hd = k_cache.size(2);
+  TORCH_CHECK(qkv.is_contiguous() && qkv.scalar_type() == torch::kFloat32 && qkv.dim() == 2 &&
+              qkv.size(1) == (heads + 2 * k_cache.size(0)) * hd, "qkv: [R, (H + 2 KV) hd] float32");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && hd % 8 == 0 && hd <= 256 &&
+              v_cache.sizes() == k_cache.sizes() && v_cache.scalar_type() == k_cache.scalar_type(),
+              "pool: contiguous [KV, S, hd] keys and values of one dtype");
+  if (k_cache.scalar_type() == torch::kHalf)
+    return attend<at::Half>(qkv, cos, sin, k_cache, v_cache, batch, heads, scale);
+  TORCH_CHECK(k_cache.scalar_type() == torch::kFloat32, "pool: float32 or float16");
+  return attend<float>(qkv, cos, sin, k_cache, v_cache, batch, heads, scale);
 }
 
 // A q4 layer's two halves as one call each, so a decoding step dispatches 2 calls a layer rather

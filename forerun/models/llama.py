@@ -298,7 +298,16 @@ class Transformer(CausalLM):
 
     def new_cache(self, slots: int) -> KVCache:
         a = self.args
-        return KVCache(a.num_layers, a.num_kv_heads, a.head_dim, slots, self.dtype, self.device)
+        return KVCache(a.num_layers, a.num_kv_heads, a.head_dim, slots, self.kv_dtype, self.device)
+
+    @property
+    def kv_dtype(self) -> torch.dtype:
+        """float16 where every layer runs as native q4 calls (their attention reads float16 keys and
+        values exactly, and a decoding step at long context reads half the bytes; llama.cpp's default
+        KV type too); otherwise the model's dtype."""
+        if all(layer.q4_plan is not None for layer in self.layers):
+            return torch.float16
+        return self.dtype
 
     def forward(
         self,
