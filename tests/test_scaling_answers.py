@@ -1,6 +1,7 @@
 """Answer extraction and checking, the pass@k estimator, and the tasks' data."""
 import itertools
 import json
+import threading
 from math import comb
 
 import pytest
@@ -34,6 +35,18 @@ def test_boxed_balances_braces_and_math_verify_reads_latex():
     assert not same_number(None, "3")
     pytest.importorskip("math_verify", reason="math-verify (the scale extra) is not installed")
     assert same_number("\\frac{1}{2}", "0.5")
+
+
+def test_math_verify_works_off_the_main_thread():
+    """`forerun scale --concurrency` checks answers in worker threads, where math-verify's signal-based
+    time limit cannot be set: it must still answer, not raise."""
+    pytest.importorskip("math_verify", reason="math-verify (the scale extra) is not installed")
+    results = []
+    worker = threading.Thread(target=lambda: results.append(
+        (same_number("\\frac{1}{2}", "0.5"), same_number("\\frac{2}{3}", "0.5"))))
+    worker.start()
+    worker.join(60)
+    assert results == [(True, False)]
 
 
 def test_reference_answer_and_normalize():

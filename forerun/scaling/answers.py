@@ -3,6 +3,7 @@ last number; numbers are compared by value (math-verify, when installed, also re
 from __future__ import annotations
 
 import re
+import threading
 from fractions import Fraction
 
 _NUMBER = r"-?\$?\d[\d,]*(?:\.\d+)?(?:/\d+)?"
@@ -61,13 +62,23 @@ def same_number(predicted: str | None, reference: str) -> bool:
     return _math_verify(predicted, reference)
 
 
+MAX_VERIFY_CHARS = 500  # longer extracted answers are not handed to sympy (see _math_verify)
+
+
 def _math_verify(predicted: str, reference: str) -> bool:
-    """math-verify's equivalence for non-numeric forms (fractions in LaTeX, expressions); False without it."""
+    """math-verify's equivalence for non-numeric forms (fractions in LaTeX, expressions); False without it.
+    Its time limits use signal.alarm, which only the main thread may set: in another thread (`forerun
+    scale --concurrency`) it runs without them, on answers short enough not to need them."""
     try:
         from math_verify import parse, verify
     except ImportError:
         return False
-    return bool(verify(parse(f"${reference}$"), parse(f"${predicted}$")))
+    if len(predicted) > MAX_VERIFY_CHARS or len(reference) > MAX_VERIFY_CHARS:
+        return False
+    main = threading.current_thread() is threading.main_thread()
+    parse_opts = {} if main else {"parsing_timeout": None}
+    verify_opts = {} if main else {"timeout_seconds": None}
+    return bool(verify(parse(f"${reference}$", **parse_opts), parse(f"${predicted}$", **parse_opts), **verify_opts))
 
 
 def reference_answer(gsm8k_answer: str) -> str:
