@@ -14,7 +14,11 @@ With `--prompt N` (CPU, q4) it also times prompt processing: one forward of an N
 an empty cache, logits for its last row only (a prefill), on the q4 blocks and, interleaved, on the
 same weights dequantized to float32 (the path q4 prompts took before they ran on the q4 kernels).
 
+`--kv-compare` (q4) times forwards of 1 and 8 rows over a float32 and a float16 KV pool holding the
+same keys, alternating, at each cache length: what the q4 path's float16 pool saves.
+
     python benchmarks/row_cost.py --quant q4 --prompt 512     # the embedded model, CPU
+    python benchmarks/row_cost.py --quant q4 --kv-compare --cached 200,800,2000
     python benchmarks/row_cost.py --device cuda --model M.gguf
 """
 from __future__ import annotations
@@ -27,6 +31,7 @@ import torch
 
 from forerun.bench.contenders import weight_bytes_per_token
 from forerun.bench.roofline import measure_bandwidth
+from forerun.cache import KVCache
 from forerun.models.batch import ForwardBatch, Segment
 from forerun.models.runtime import load
 
@@ -61,6 +66,32 @@ def time_prefill(models: dict, ids: torch.Tensor, repeats: int) -> dict[str, flo
     return {name: statistics.median(r) for name, r in runs.items()}
 
 
+def compare_kv(model, ids: torch.Tensor, lengths: list[int], repeats: int) -> None:
+    """One and eight rows over a float32 and a float16 pool filled with the same tokens, alternating."""
+    a, slots = model.args, max(lengths) + 8
+    pools = {dtype: KVCache(a.num_layers, a.num_kv_heads, a.head_dim, slots, dtype, model.device)
+             for dtype in (torch.float32, torch.float16)}
+    for pool in pools.values():
+        model(ForwardBatch.contiguous(ids[:max(lengths)], torch.arange(max(lengths)), 0, logits=False), pool)
+    print()
+    print(f"KV pool dtype (median of {repeats}, alternating):")
+    print()
+    print("| cached tokens | rows | float32 KV | float16 KV | float32 / float16 |")
+    print("|---|---|---|---|---|")
+    for cached in lengths:
+        for rows in (1, 8):
+            batch = ForwardBatch.contiguous(ids[cached:cached + rows], torch.arange(cached, cached + rows), cached)
+            runs = {dtype: [] for dtype in pools}
+            for i in range(repeats + 1):  # the first round is a warm-up
+                for dtype, pool in pools.items():
+                    t0 = time.perf_counter()
+                    model(batch, pool)
+                    if i:
+                        runs[dtype].append(time.perf_counter() - t0)
+            f32, f16 = (statistics.median(runs[d]) for d in pools)
+            print(f"| {cached} | {rows} | {f32 * 1e3:.2f} ms | {f16 * 1e3:.2f} ms | {f32 / f16:.2f}x |")
+
+
 @torch.inference_mode()
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -72,6 +103,7 @@ def main() -> None:
     p.add_argument("--rows", default="1,2,4,8,16,32,64", help="widths, comma-separated (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--prompt", type=int, default=0, help="also time a prefill of this many tokens (CPU, q4)")
+    p.add_argument("--kv-compare", action="store_true", help="also: float32 against float16 KV pools (q4)")
     a = p.parse_args()
     rt = load(a.model, dtype=a.dtype, device=a.device, quant=a.quant)
     model, device = rt.model, rt.device
@@ -105,6 +137,8 @@ def main() -> None:
               f"bound {bound * 1e3:.2f} ms a row; one row reaches "
               + ", ".join(f"{bound / s:.0%} at {c} cached" for c, s in first.items())
               + " (KV reads not counted in the bound)")
+    if a.kv_compare:
+        compare_kv(model, ids, lengths, a.repeats)
     if a.prompt and a.quant == "q4" and device.type == "cpu":
         dense = load(a.model, dtype=a.dtype, device=a.device, quant="none").model
         s = time_prefill({"q4": model, "float32": dense}, ids[:a.prompt], a.repeats)
