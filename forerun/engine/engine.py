@@ -495,7 +495,7 @@ def default_kv_tokens(model, context_length: int) -> int:
     """A pool of FREE_MEMORY_SHARE of the device's free memory, at most MAX_DEFAULT_CONTEXTS full
     contexts (the store is allocated but its pages are only touched as sequences fill them)."""
     a = model.args
-    per_token = 2 * a.num_layers * a.num_kv_heads * a.head_dim * getattr(model, "kv_dtype", model.dtype).itemsize
+    per_token = 2 * a.num_layers * a.num_kv_heads * a.head_dim * model.kv_dtype.itemsize
     if model.device.type == "cuda":
         free = torch.cuda.mem_get_info(model.device)[0]
     else:

@@ -89,7 +89,7 @@ class HFAdapter(CausalLM):
 
     def new_cache(self, slots: int) -> KVCache:
         a = self.args
-        return KVCache(a.num_layers, a.num_kv_heads, a.head_dim, slots, self.dtype, self.device)
+        return KVCache(a.num_layers, a.num_kv_heads, a.head_dim, slots, self.kv_dtype, self.device)
 
     def forward(self, batch: ForwardBatch, kv: KVCache, num_layers: int | None = None,
                 keep_layers: tuple[int, ...] = ()) -> ForwardOutput:

@@ -246,6 +246,11 @@ class CausalLM(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.embed.dtype
 
+    @property
+    def kv_dtype(self) -> torch.dtype:
+        """What its KV cache stores: the model's dtype, unless a subclass stores it narrower."""
+        return self.dtype
+
 
 class Transformer(CausalLM):
     """Weights come as a dict with Hugging Face names (`model.layers.0.self_attn.q_proj.weight`, ...)."""
@@ -307,7 +312,7 @@ class Transformer(CausalLM):
         KV type too); otherwise the model's dtype."""
         if all(layer.q4_plan is not None for layer in self.layers):
             return torch.float16
-        return self.dtype
+        return super().kv_dtype
 
     def forward(
         self,
