@@ -146,8 +146,7 @@ class _Api:
 
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
         served = self._served(body.model)
-        prompt = rq.chat_prompt(body.messages, served.tokenizer, body.add_generation_prompt,
-                                body.continue_final_message)
+        prompt = rq.chat_prompt(body.messages, served.tokenizer, body)
         if body.scaling is not None:
             return await self._scaled_chat(body, request, served, prompt)
         logprobs = rq.chat_logprobs(body)
@@ -186,8 +185,7 @@ class _Api:
     async def tokenize(self, body: TokenizeRequest) -> dict:
         served = self._served(body.model)
         if body.messages is not None:
-            ids = rq.chat_prompt(body.messages, served.tokenizer, body.add_generation_prompt,
-                                 body.continue_final_message)
+            ids = rq.chat_prompt(body.messages, served.tokenizer, body)
         else:
             ids = served.tokenizer.encode(body.prompt, add_bos=None if body.add_special_tokens else False)
         return {"tokens": ids, "count": len(ids), "max_model_len": served.context}

@@ -49,6 +49,22 @@ class Scaling(BaseModel):
     max_steps: int = Field(8, ge=1, le=64)  # a step-level strategy finishes its branches on this step
 
 
+class TemplateOptions(BaseModel):
+    """How the chat template renders `messages` (vLLM's extras): with the assistant's turn opened
+    (default), after the last message's turn, or inside a final assistant message, which the model
+    then continues."""
+
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+
+    @model_validator(mode="after")
+    def _continue_without_generation_prompt(self):
+        if self.continue_final_message and self.add_generation_prompt:
+            raise ValueError("continue_final_message needs add_generation_prompt: false (the final message is "
+                             "continued, not answered)")
+        return self
+
+
 class SamplingFields(BaseModel):
     """Fields completions and chat share."""
 
@@ -157,16 +173,13 @@ class ChatMessage(BaseModel):
         return "".join(parts)
 
 
-class ChatCompletionRequest(SamplingFields):
+class ChatCompletionRequest(SamplingFields, TemplateOptions):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     scaling: Scaling | None = None  # extra_body
-    # how the chat template is applied (vLLM's extras): a final assistant message can be continued
-    add_generation_prompt: bool = True
-    continue_final_message: bool = False
     # accepted at their neutral values only
     response_format: dict | None = None
     tools: list[dict] | None = None
@@ -177,9 +190,6 @@ class ChatCompletionRequest(SamplingFields):
     def _chat_checks(self):
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
-        if self.continue_final_message and self.add_generation_prompt:
-            raise ValueError("continue_final_message needs add_generation_prompt: false (the final message is "
-                             "continued, not answered)")
         if self.response_format is not None and self.response_format.get("type", "text") != "text":
             raise ValueError(f"response_format {self.response_format.get('type')!r} is not supported by forerun "
                              "(no constrained decoding); leave it out or use {'type': 'text'}")
@@ -198,20 +208,16 @@ class ChatCompletionRequest(SamplingFields):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(TemplateOptions):  # the template options apply to messages, as in chat completions
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
-    add_generation_prompt: bool = True  # with messages, as in chat completions
-    continue_final_message: bool = False
 
     @model_validator(mode="after")
     def _one_input(self):
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give either prompt or messages")
-        if self.continue_final_message and self.add_generation_prompt:
-            raise ValueError("continue_final_message needs add_generation_prompt: false")
         return self
 
 

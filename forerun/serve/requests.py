@@ -9,7 +9,8 @@ from forerun.config import SamplingParams, SpecConfig
 from forerun.engine.engine import Engine
 from forerun.engine.kv_pool import KVPool
 from forerun.serve.errors import APIError, bad_request
-from forerun.serve.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields, Speculation
+from forerun.serve.protocol import (ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields, Speculation,
+                                    TemplateOptions)
 
 MAX_PROMPTS = 64  # prompts in one completions request
 GREEDY_BELOW = 1e-5  # a temperature this low is greedy decoding (dividing logits by it overflows)
@@ -62,20 +63,20 @@ def check_token_ids(ids: list[int], vocab_size: int, param: str) -> None:
         raise bad_request(f"{param}: token ids must lie in [0, {vocab_size})", param=param)
 
 
-def chat_prompt(messages: list[ChatMessage], tokenizer, add_generation_prompt: bool = True,
-                continue_final_message: bool = False) -> list[int]:
+def chat_prompt(messages: list[ChatMessage], tokenizer, options: TemplateOptions) -> list[int]:
     """The model's chat template over `messages` as token ids: ending with the assistant's turn opened
     (what LLM.encode does for chat messages, so the server and `forerun generate` agree), or, with
     `add_generation_prompt` off, after the last message's turn; or, with `continue_final_message`,
     inside the last message, which must be the assistant's partial answer: the text stops right after
     it, so the model continues it (vLLM's extras of these names)."""
+    continue_final_message = options.continue_final_message
     if continue_final_message and messages[-1].role != "assistant":
         raise bad_request("continue_final_message needs the last message to be the assistant's",
                           param="continue_final_message")
     try:
         turns = [{"role": m.role, "content": m.text()} for m in messages]
         if not continue_final_message:
-            text = tokenizer.apply_chat_template(turns, add_generation_prompt=add_generation_prompt)
+            text = tokenizer.apply_chat_template(turns, add_generation_prompt=options.add_generation_prompt)
         else:  # render the partial answer followed by a marker, and cut the text at the marker
             partial = turns[-1]["content"]
             turns[-1] = {**turns[-1], "content": partial + _CUT}
