@@ -52,6 +52,16 @@ inline __m256 reduce8(const __m256 v[8]) {
   return _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31));
 }
 
+// Eight (sixteen) floats stored as float32 or float16: block scales and offsets, and the keys and
+// values of the q4 path's KV pool. The conversion is exact, so the arithmetic that follows is the same
+// whichever the storage.
+inline __m256 load_f8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load_f8(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+__attribute__((target("avx512f"))) inline __m512 load_f16(const float* p) { return _mm512_loadu_ps(p); }
+__attribute__((target("avx512f"))) inline __m512 load_f16(const at::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
 // A [.., 16]-column table of block scales or offsets, float16 or float32 (see the top); p is null
 // where a weight has no offsets.
 struct Scales {
@@ -67,13 +77,11 @@ struct Scales {
 
 __attribute__((target("avx512f,f16c")))
 inline __m512 load16(const Scales& s, int64_t i) {
-  if (s.f32) return _mm512_loadu_ps(static_cast<const float*>(s.p) + i);
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const at::Half*>(s.p) + i)));
+  return s.f32 ? load_f16(static_cast<const float*>(s.p) + i) : load_f16(static_cast<const at::Half*>(s.p) + i);
 }
 
 inline __m256 load8(const Scales& s, int64_t i) {
-  if (s.f32) return _mm256_loadu_ps(static_cast<const float*>(s.p) + i);
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const at::Half*>(s.p) + i)));
+  return s.f32 ? load_f8(static_cast<const float*>(s.p) + i) : load_f8(static_cast<const at::Half*>(s.p) + i);
 }
 
 // x rounded to 8 bits per block of 32 (as llama.cpp's Q8_1): x ~ dx * qx, plus each block's exact sum.
@@ -489,15 +497,6 @@ inline void rotate(float* x, const float* cos, const float* sin, int64_t hd) {
   }
 }
 
-// Eight (sixteen) floats of a key or value row, stored as float32 or float16 (the KV pool of the q4
-// path): the conversion is exact, so a row's arithmetic is the same whichever the storage.
-inline __m256 load_kv8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load_kv8(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
-__attribute__((target("avx512f"))) inline __m512 load_kv16(const float* p) { return _mm512_loadu_ps(p); }
-__attribute__((target("avx512f"))) inline __m512 load_kv16(const at::Half* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-
 // Scores of one query against eight keys (k[j]: the key of lane j, hd floats): one accumulator per
 // key over the head's dims, then reduce8, so a key's score is the same arithmetic in any lane and
 // wherever its slot lies in the pool.
@@ -507,7 +506,7 @@ inline __m256 score8(const float* q, const T* const k[8], int64_t hd) {
   for (int j = 0; j < 8; ++j) s[j] = _mm256_setzero_ps();
   for (int64_t i = 0; i < hd; i += 8) {
     const __m256 qi = _mm256_loadu_ps(q + i);
-    for (int j = 0; j < 8; ++j) s[j] = _mm256_fmadd_ps(qi, load_kv8(k[j] + i), s[j]);
+    for (int j = 0; j < 8; ++j) s[j] = _mm256_fmadd_ps(qi, load_f8(k[j] + i), s[j]);
   }
   return reduce8(s);
 }
@@ -524,7 +523,7 @@ inline float weigh_values(const float* p, const T* v, const int64_t* slot, int64
     sum += p[l];
     const __m256 w = _mm256_set1_ps(p[l]);
     const T* vl = v + slot[l] * hd;
-    for (int j = 0; j < W; ++j) a[j] = _mm256_fmadd_ps(w, load_kv8(vl + 8 * j), a[j]);
+    for (int j = 0; j < W; ++j) a[j] = _mm256_fmadd_ps(w, load_f8(vl + 8 * j), a[j]);
   }
   for (int j = 0; j < W; ++j) _mm256_storeu_ps(acc + 8 * j, a[j]);
   return sum;
@@ -544,7 +543,7 @@ float weigh_values16(const float* p, const T* v, const int64_t* slot, int64_t hd
     sum += p[l];
     const __m512 w = _mm512_set1_ps(p[l]);
     const T* vl = v + slot[l] * hd;
-    for (int j = 0; j < W; ++j) a[j] = _mm512_fmadd_ps(w, load_kv16(vl + 16 * j), a[j]);
+    for (int j = 0; j < W; ++j) a[j] = _mm512_fmadd_ps(w, load_f16(vl + 16 * j), a[j]);
   }
   for (int j = 0; j < W; ++j) _mm512_storeu_ps(acc + 16 * j, a[j]);
   return sum;
@@ -811,7 +810,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q4_attention_block", &q4_attention_block, nogil, "x + o(attention(rope(qkv(rms_norm(x))))) for a q4 layer");
   m.def("q4_mlp_block", &q4_mlp_block, nogil, "x + down(silu(gate) * up) of rms_norm(x) for a q4 layer");
   m.def("rms_norm", &rms_norm, nogil, "x * rsqrt(mean(x^2) + eps) * weight over the last dim, float32");
-  m.def("batch_attention", &batch_attention, nogil, "rope, pool write and attention for the rows of many sequences, float32");
+  m.def("batch_attention", &batch_attention, nogil, "rope, pool write and attention for the rows of many sequences (float32; the pool float32 or float16)");
   m.def("q4_linear", &q4_linear, nogil, "x[M, K] @ W^T for 4-bit W (PackedQ4) with a scale and offset per 32 inputs");
   m.def("q8_linear", &q8_linear, nogil, "x[M, K] @ W^T for 8-bit W (PackedQ8) with a scale per 32 or 16 inputs, offsets optional");
   pybind11::class_<PackedQ8>(m, "PackedQ8", pybind11::module_local());
