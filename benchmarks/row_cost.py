@@ -50,20 +50,25 @@ def time_forward(model, tokens: torch.Tensor, cached: int, cache, repeats: int, 
     return statistics.median(out[1:])
 
 
-def time_prefill(models: dict, ids: torch.Tensor, repeats: int) -> dict[str, float]:
-    """Median seconds of a prefill of `ids` (logits for the last row) for each model, alternating
-    between them run by run so that drift of a shared machine falls on all."""
-    n = ids.shape[0]
-    batch = ForwardBatch.pack([Segment(ids, torch.arange(n), torch.arange(n), logits_from=n - 1)])
-    caches = {name: model.new_cache(n) for name, model in models.items()}
-    runs = {name: [] for name in models}
-    for i in range(repeats + 1):  # the first round is a warm-up
-        for name, model in models.items():
+def alternating(calls: dict, repeats: int) -> dict:
+    """Median seconds of each call, the calls alternating run by run so that drift of a shared machine
+    falls on all; the first round is a warm-up."""
+    runs = {name: [] for name in calls}
+    for i in range(repeats + 1):
+        for name, call in calls.items():
             t0 = time.perf_counter()
-            model(batch, caches[name])
+            call()
             if i:
                 runs[name].append(time.perf_counter() - t0)
     return {name: statistics.median(r) for name, r in runs.items()}
+
+
+def time_prefill(models: dict, ids: torch.Tensor, repeats: int) -> dict[str, float]:
+    """Median seconds of a prefill of `ids` (logits for the last row) for each model, alternating."""
+    n = ids.shape[0]
+    batch = ForwardBatch.pack([Segment(ids, torch.arange(n), torch.arange(n), logits_from=n - 1)])
+    caches = {name: model.new_cache(n) for name, model in models.items()}
+    return alternating({name: lambda m=model, c=caches[name]: m(batch, c) for name, model in models.items()}, repeats)
 
 
 def compare_kv(model, ids: torch.Tensor, lengths: list[int], repeats: int) -> None:
@@ -81,14 +86,8 @@ def compare_kv(model, ids: torch.Tensor, lengths: list[int], repeats: int) -> No
     for cached in lengths:
         for rows in (1, 8):
             batch = ForwardBatch.contiguous(ids[cached:cached + rows], torch.arange(cached, cached + rows), cached)
-            runs = {dtype: [] for dtype in pools}
-            for i in range(repeats + 1):  # the first round is a warm-up
-                for dtype, pool in pools.items():
-                    t0 = time.perf_counter()
-                    model(batch, pool)
-                    if i:
-                        runs[dtype].append(time.perf_counter() - t0)
-            f32, f16 = (statistics.median(runs[d]) for d in pools)
+            s = alternating({dtype: lambda p=pool, b=batch: model(b, p) for dtype, pool in pools.items()}, repeats)
+            f32, f16 = s[torch.float32], s[torch.float16]
             print(f"| {cached} | {rows} | {f32 * 1e3:.2f} ms | {f16 * 1e3:.2f} ms | {f32 / f16:.2f}x |")
 
 
