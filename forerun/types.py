@@ -59,6 +59,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: tuple[tuple[int, float], ...] = ()
+    rank: int | None = None  # 1 + how many tokens the model found likelier (vLLM's rank)
 
 
 @dataclass(frozen=True, slots=True)

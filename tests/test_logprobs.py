@@ -104,3 +104,27 @@ def test_score_reuses_cached_blocks_and_checks_input():
         llm.score(prompt, [10 ** 6])
     with pytest.raises(ValueError):
         SamplingParams(logprobs=21)
+
+
+@pytest.mark.parametrize("chunk", [512, 7])
+def test_prompt_logprobs_match_one_forward_in_any_chunking(monkeypatch, chunk):
+    """An echo's logprobs: None for the first token, then every prompt token under the rows before it,
+    with the top tokens; the same numbers whether the text runs in one forward or chunks of 7 rows,
+    and whether its first blocks come from the prefix cache."""
+    import forerun.engine.engine as engine_module
+    monkeypatch.setattr(engine_module, "SCORE_CHUNK", chunk)
+    runtime = tiny_runtime(seed=3)
+    llm = LLM(runtime=runtime)
+    prompt = list(range(5, 45))
+    ref = full_logprobs(runtime, prompt)
+    for _ in range(2):  # the second time its full blocks are cached
+        got = llm.engine.prompt_logprobs(prompt, top=2)
+        assert got[0] is None and len(got) == len(prompt)
+        for j, e in enumerate(got[1:]):
+            assert e.token_id == prompt[j + 1]
+            assert e.logprob == pytest.approx(ref[j, prompt[j + 1]].item(), abs=1e-4)
+            assert [t for t, _ in e.top] == ref[j].topk(2).indices.tolist()
+    assert llm.engine.prompt_logprobs(prompt[:1]) == [None]
+    assert llm.score(prompt[:30], prompt[30:]) == pytest.approx([ref[j - 1, prompt[j]].item() for j in range(30, 40)],
+                                                               abs=1e-4)
+    assert llm.engine.pool.used == 0

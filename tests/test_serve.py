@@ -164,8 +164,74 @@ def test_sse_ends_with_done(server):
 def test_echo(client):
     out = client.completions.create(model="tiny", prompt="Echo this", max_tokens=4, temperature=0, echo=True)
     assert out.choices[0].text.startswith("Echo this") and len(out.choices[0].text) > len("Echo this")
-    with pytest.raises(openai.BadRequestError, match="echo"):  # the prompt's own logprobs are not computed
-        client.completions.create(model="tiny", prompt="Echo this", max_tokens=4, echo=True, logprobs=1)
+    with pytest.raises(openai.BadRequestError, match="max_tokens 0"):  # nothing to do without the echo
+        client.completions.create(model="tiny", prompt="Echo this", max_tokens=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_reference(tiny_dir):
+    """The server's weights loaded in this process: what its log-probabilities must be."""
+    from forerun import LLM
+    return LLM(str(tiny_dir))
+
+
+def test_echo_with_logprobs_scores_the_prompt(client, tiny_reference):
+    """lm-evaluation-harness's loglikelihood request (token ids, echo, logprobs, max_tokens 1), and the
+    older max_tokens 0 form: every prompt token after the first scored as the model scores it in
+    process, the first null, then the generated token; streamed the same."""
+    ids = tiny_reference.tokenizer.encode("Once upon a time there was a small cat who lived by the sea.")
+    ref = tiny_reference.engine.prompt_logprobs(ids, top=2)
+    for max_tokens in (1, 0):
+        out = client.completions.create(model="tiny", prompt=[ids], max_tokens=max_tokens, temperature=0, echo=True,
+                                        logprobs=2).choices[0]
+        lp = out.logprobs
+        assert len(lp.tokens) == len(lp.text_offset) == len(ids) + max_tokens
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        assert lp.token_logprobs[1:len(ids)] == pytest.approx([e.logprob for e in ref[1:]], abs=1e-4)
+        for e, top in zip(ref[1:], lp.top_logprobs[1:len(ids)]):
+            assert list(top.values()) == pytest.approx([v for _, v in e.top], abs=1e-4)
+        assert out.text.startswith(tiny_reference.tokenizer.decode(ids))
+        if max_tokens == 1:  # greedy: the generated token is the most likely one
+            assert lp.token_logprobs[-1] == pytest.approx(max(lp.top_logprobs[-1].values()), abs=1e-5)
+            assert lp.text_offset[-1] == len(tiny_reference.tokenizer.decode(ids))
+        else:
+            assert out.finish_reason == "length" and out.text == tiny_reference.tokenizer.decode(ids)
+    usage = client.completions.create(model="tiny", prompt=[ids], max_tokens=0, echo=True).usage
+    assert (usage.prompt_tokens, usage.completion_tokens) == (len(ids), 0)
+    for max_tokens in (0, 3):  # streamed: the echo chunk carries the prompt's logprobs
+        chunks = [c.choices[0] for c in client.completions.create(
+            model="tiny", prompt=[ids], max_tokens=max_tokens, temperature=0, echo=True, logprobs=2, stream=True)]
+        assert chunks[0].logprobs.token_logprobs[1:] == pytest.approx([e.logprob for e in ref[1:]], abs=1e-4)
+        assert chunks[-1].finish_reason == "length"
+        assert sum(len(c.logprobs.tokens) for c in chunks) == len(ids) + max_tokens
+
+
+def test_vllm_prompt_logprobs_on_completions_and_chat(client, tiny_reference):
+    """vLLM's prompt_logprobs extra: per prompt token {id: logprob, rank, decoded_token} for the token
+    and the top n, None for the first; on each completion choice, at the top of a chat response."""
+    ids = tiny_reference.tokenizer.encode("The sea is")
+    ref = tiny_reference.engine.prompt_logprobs(ids, top=3)
+    out = client.completions.create(model="tiny", prompt="The sea is", max_tokens=2, temperature=0, n=2,
+                                    extra_body={"prompt_logprobs": 3})
+    for choice in out.choices:
+        got = choice.model_extra["prompt_logprobs"]
+        assert got[0] is None and len(got) == len(ids)
+        for token, e, entry in zip(ids[1:], ref[1:], got[1:]):
+            assert entry[str(token)]["logprob"] == pytest.approx(e.logprob, abs=1e-4)
+            assert entry[str(token)]["rank"] == e.rank >= 1
+            assert {str(t) for t, _ in e.top} <= entry.keys() and len(entry) <= 4
+            best = str(e.top[0][0])
+            assert entry[best]["rank"] == 1 and entry[best]["decoded_token"] == tiny_reference.tokenizer.decode(
+                [e.top[0][0]], skip_special=False)
+    chat = greedy_chat(client, max_tokens=2, extra_body={"prompt_logprobs": 0})
+    prompt = tiny_reference.encode(MESSAGES)
+    got = chat.model_extra["prompt_logprobs"]
+    assert len(got) == len(prompt) and got[0] is None
+    assert [entry[str(t)]["logprob"] for t, entry in zip(prompt[1:], got[1:])] == pytest.approx(
+        [e.logprob for e in tiny_reference.engine.prompt_logprobs(prompt)[1:]], abs=1e-4)
+    assert all(len(entry) == 1 for entry in got[1:])
+    with pytest.raises(openai.BadRequestError, match="stream"):
+        greedy_chat(client, max_tokens=2, stream=True, extra_body={"prompt_logprobs": 1})
 
 
 def test_completion_logprobs(client):
@@ -241,7 +307,7 @@ def test_tokenize_detokenize(server):
     (dict(extra_body={"min_p": 0.1}), "min_p"),
     (dict(extra_body={"min_tokens": 5}), "min_tokens"),
     (dict(extra_body={"guided_json": {"type": "object"}}), "guided_json"),
-    (dict(extra_body={"prompt_logprobs": 1}), "prompt_logprobs"),
+    (dict(extra_body={"prompt_logprobs": 21}), "prompt_logprobs"),
     (dict(extra_body={"echo": True}), "echo"),
     (dict(extra_body={"continue_final_message": True}), "add_generation_prompt"),
     (dict(extra_body={"continue_final_message": True, "add_generation_prompt": False}), "assistant"),

@@ -37,6 +37,7 @@ from forerun.verify import verify
 FREE_MEMORY_SHARE = 0.25  # of free memory the KV pool takes by default
 RATIO_DECAY = 0.8  # per verified draft, of a sequence's accepted and expected draft tokens
 MAX_DEFAULT_CONTEXTS = 32  # ... but no more than this many full contexts
+SCORE_CHUNK = 512  # rows per forward when scoring a text (each row's logits span the vocabulary)
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,11 +142,26 @@ class Engine:
         seq.draft_state, seq.begun = self.drafter(spec).begin(seq), True
         return seq
 
-    @torch.inference_mode()
     def score(self, prompt_ids: list[int], continuation_ids: list[int]) -> list[float]:
         """log p(continuation_ids[j] | prompt_ids + continuation_ids[:j]) under the model, for every j:
-        one forward outside the schedule. The prompt's cached blocks are reused, and the blocks this
+        forwards outside the schedule. The prompt's cached blocks are reused, and the blocks this
         computes stay in the prefix cache for requests (or scores) that share them."""
+        return [e.logprob for e in self.continuation_logprobs(prompt_ids, continuation_ids)]
+
+    def prompt_logprobs(self, prompt_ids: list[int], top: int = 0) -> list[TokenLogprob | None]:
+        """Each prompt token's log-probability given the tokens before it, with the `top` most likely
+        tokens there: None for the first token, which has no context (an echo's logprobs, vLLM's
+        prompt_logprobs)."""
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        rest = self.continuation_logprobs(prompt_ids[:1], prompt_ids[1:], top) if len(prompt_ids) > 1 else []
+        return [None, *rest]
+
+    @torch.inference_mode()
+    def continuation_logprobs(self, prompt_ids: list[int], continuation_ids: list[int],
+                              top: int = 0) -> list[TokenLogprob]:
+        """score() with each position's `top` most likely tokens. Runs in chunks of SCORE_CHUNK rows,
+        so a long text never holds more than one chunk's logits (vocab-wide rows) at once."""
         if not prompt_ids or not continuation_ids:
             raise ValueError("score needs a non-empty prompt and continuation")
         tokens = list(prompt_ids) + list(continuation_ids)
@@ -159,14 +175,19 @@ class Engine:
         try:
             if not self.pool.reserve(seq, len(tokens)):
                 raise ValueError("the KV pool has no room to score this now")
-            first = seq.cached
-            rows = Segment(torch.tensor(tokens[first:]), torch.arange(first, len(tokens)),
-                           seq.slots(0, len(tokens)), logits_from=len(prompt_ids) - 1 - first)
-            out = self.model(ForwardBatch.pack([rows]), self.pool.store)
-            seq.cached = len(tokens)
+            first_logit = len(prompt_ids) - 1  # the row predicting continuation_ids[0]
+            entries = []
+            for start in range(seq.cached, len(tokens) - 1, SCORE_CHUNK):  # the last token predicts nothing
+                end = min(start + SCORE_CHUNK, len(tokens) - 1)
+                rows = Segment(torch.tensor(tokens[start:end]), torch.arange(start, end), seq.slots(0, end),
+                               logits_from=min(max(first_logit - start, 0), end - start))
+                out = self.model(ForwardBatch.pack([rows]), self.pool.store)
+                seq.cached = end
+                if end > first_logit:
+                    done = max(start, first_logit) - first_logit
+                    entries += token_logprobs(out.logits, continuation_ids[done:end - first_logit], top)
             self.pool.register(seq)
-            logp = torch.log_softmax(out.logits[: len(continuation_ids)].float(), dim=-1)
-            return logp.gather(1, torch.tensor(continuation_ids, device=logp.device)[:, None])[:, 0].tolist()
+            return entries
         finally:
             self.pool.free_sequence(seq)
 
@@ -457,14 +478,17 @@ class Engine:
 
 
 def token_logprobs(logits: torch.Tensor, tokens: list[int], top: int) -> list[TokenLogprob]:
-    """Each token's log-probability under the logits row before it (row j predicts tokens[j]), with
-    the `top` most likely tokens of that row."""
+    """Each token's log-probability under the logits row before it (row j predicts tokens[j]), its
+    rank there, and the `top` most likely tokens of that row."""
     logp = torch.log_softmax(logits.float(), dim=-1)
-    chosen = logp.gather(1, torch.tensor(tokens, device=logp.device)[:, None])[:, 0].tolist()
+    chosen = logp.gather(1, torch.tensor(tokens, device=logp.device)[:, None])
+    ranks = ((logp > chosen).sum(dim=1) + 1).tolist()
+    chosen = chosen[:, 0].tolist()
     if top == 0:
-        return [TokenLogprob(t, lp) for t, lp in zip(tokens, chosen)]
+        return [TokenLogprob(t, lp, (), r) for t, lp, r in zip(tokens, chosen, ranks)]
     values, ids = logp.topk(top, dim=-1)
-    return [TokenLogprob(t, lp, tuple(zip(i, v))) for t, lp, i, v in zip(tokens, chosen, ids.tolist(), values.tolist())]
+    return [TokenLogprob(t, lp, tuple(zip(i, v)), r)
+            for t, lp, i, v, r in zip(tokens, chosen, ids.tolist(), values.tolist(), ranks)]
 
 
 def _outcome(draft: Draft, verdict: Verdict) -> str:

@@ -123,26 +123,56 @@ class _Api:
         served = self._served(body.model)
         tokenizer = served.tokenizer
         prompts = rq.completion_prompts(body.prompt, served)
-        logprobs = rq.completion_logprobs(body)
-        params = [rq.sampling_params(body, rq.max_new_tokens(body.max_tokens, len(p), body.n, served), logprobs,
-                                     served) for p in prompts]
+        logprobs = body.logprobs
+        params = [] if body.max_tokens == 0 else [
+            rq.sampling_params(body, rq.max_new_tokens(body.max_tokens, len(p), body.n, served), logprobs, served)
+            for p in prompts]
+        scored = await self._prompt_logprobs(prompts, rq.prompt_logprobs_top(body))
+        envelope = rs.Envelope("cmpl", "text_completion", self.config.model_name)
+        text_of = rs.TokenText(tokenizer)
+        echoes = [Echo(tokenizer.decode(p), None if logprobs is None else rs.echo_logprobs(p, lp, text_of, logprobs))
+                  if body.echo else Echo() for p, lp in zip(prompts, scored)]
+        if body.max_tokens == 0:  # the prompts back, scored: nothing to decode
+            choices = [{"index": i, "text": echoes[i // body.n].text, "logprobs": echoes[i // body.n].logprobs,
+                        "finish_reason": "length"} for i in range(len(prompts) * body.n)]
+            if body.stream:
+                return _sse(None, _echo_chunks(choices, body, envelope, sum(map(len, prompts))))
+            return JSONResponse(envelope(self._with_prompt_logprobs(choices, body, scored, body.n, text_of),
+                                         usage=rs.token_usage(sum(map(len, prompts)), 0)))
         job = Job(self.worker, prompts, params, rq.request_spec(body.speculation, self.config.spec))
         await job.start(stream_text=body.stream)
-        envelope = rs.Envelope("cmpl", "text_completion", self.config.model_name)
-        echoes = [tokenizer.decode(p) if body.echo else "" for p in prompts]
-        text_of = rs.TokenText(tokenizer)
         if body.stream:
             return _sse(job, _completion_chunks(job, body, envelope, echoes, text_of))
         generations = await job.finish(request)
         choices = []
         for i, g in enumerate(generations):
             echo = echoes[i // job.n]
-            choices.append({"index": i, "text": echo + g.text,
-                            "logprobs": None if logprobs is None else rs.completion_logprobs(g.logprobs, text_of,
-                                                                                              len(echo)),
+            choice_logprobs = None
+            if logprobs is not None:
+                choice_logprobs = rs.completion_logprobs(g.logprobs, text_of, len(echo.text))
+                if echo.logprobs is not None:
+                    choice_logprobs = rs.joined_logprobs(echo.logprobs, choice_logprobs)
+            choices.append({"index": i, "text": echo.text + g.text, "logprobs": choice_logprobs,
                             "finish_reason": rs.finish_reason(g.finish_reason)})
-        return JSONResponse(envelope(choices, usage=rs.usage(job.prompt_tokens, generations),
+        return JSONResponse(envelope(self._with_prompt_logprobs(choices, body, scored, job.n, text_of),
+                                     usage=rs.usage(job.prompt_tokens, generations),
                                      forerun=rs.forerun_stats(job.spec, generations)))
+
+    async def _prompt_logprobs(self, prompts: list[list[int]], top: int | None) -> list[list | None]:
+        """Each prompt's engine.prompt_logprobs (computed on the engine thread, its blocks left in the
+        prefix cache for the generation that follows), or Nones when the request wants none."""
+        if top is None:
+            return [None] * len(prompts)
+        return [await self.worker.call(lambda engine, p=p: engine.prompt_logprobs(p, top)) for p in prompts]
+
+    @staticmethod
+    def _with_prompt_logprobs(choices: list[dict], body, scored: list, n: int, text_of: rs.TokenText) -> list[dict]:
+        """vLLM's prompt_logprobs on each choice, when asked for."""
+        if body.prompt_logprobs is not None:
+            for choice in choices:
+                choice["prompt_logprobs"] = rs.prompt_logprobs(scored[choice["index"] // n], text_of,
+                                                               body.prompt_logprobs)
+        return choices
 
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
         served = self._served(body.model)
@@ -152,6 +182,7 @@ class _Api:
         logprobs = rq.chat_logprobs(body)
         params = rq.sampling_params(body, rq.max_new_tokens(body.completion_limit, len(prompt), body.n, served),
                                     logprobs, served)
+        scored = (await self._prompt_logprobs([prompt], body.prompt_logprobs))[0]
         job = Job(self.worker, [prompt], [params], rq.request_spec(body.speculation, self.config.spec))
         await job.start(stream_text=body.stream)
         envelope = rs.Envelope("chatcmpl", "chat.completion", self.config.model_name)
@@ -163,7 +194,9 @@ class _Api:
         choices = [{"index": i, "message": {"role": "assistant", "content": g.text},
                     "logprobs": None if logprobs is None else rs.chat_logprobs(g.logprobs, text_of),
                     "finish_reason": rs.finish_reason(g.finish_reason)} for i, g in enumerate(generations)]
-        return JSONResponse(envelope(choices, usage=rs.usage(job.prompt_tokens, generations),
+        extra = {} if scored is None else {"prompt_logprobs": rs.prompt_logprobs(scored, text_of,
+                                                                                 body.prompt_logprobs)}
+        return JSONResponse(envelope(choices, usage=rs.usage(job.prompt_tokens, generations), **extra,
                                      forerun=rs.forerun_stats(job.spec, generations)))
 
     async def _scaled_chat(self, body: ChatCompletionRequest, request: Request, served: rq.Served,
@@ -198,7 +231,7 @@ class _Api:
 
 # -- streaming ----------------------------------------------------------------------------------------
 
-def _sse(job: Job, chunks: AsyncIterator[dict]) -> StreamingResponse:
+def _sse(job: Job | None, chunks: AsyncIterator[dict]) -> StreamingResponse:
     """Server-sent events: `data: {chunk}` lines, an error chunk if the request fails midway, and
     `data: [DONE]` at the end in every case. A client that disconnects cancels the generator, whose
     `finally` aborts what has not finished."""
@@ -214,7 +247,8 @@ def _sse(job: Job, chunks: AsyncIterator[dict]) -> StreamingResponse:
                 yield _data(APIError(500, f"internal error: {type(e).__name__}: {e}", type="internal_error").body())
             yield "data: [DONE]\n\n"
         finally:
-            job.abort()
+            if job is not None:
+                job.abort()
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -235,14 +269,33 @@ def _usage_chunk(envelope: rs.Envelope, job: Job) -> dict:
                     forerun=rs.forerun_stats(job.spec, generations))
 
 
-async def _completion_chunks(job: Job, body: CompletionRequest, envelope: rs.Envelope, echoes: list[str],
+@dataclass(frozen=True, slots=True)
+class Echo:
+    """A completion's echoed prompt: its text, and its tokens' logprobs when asked for."""
+
+    text: str = ""
+    logprobs: dict | None = None
+
+
+async def _echo_chunks(choices: list[dict], body: CompletionRequest, envelope: rs.Envelope,
+                       prompt_tokens: int) -> AsyncIterator[dict]:
+    """A streamed max_tokens 0 completion: each choice's echo as its one and last chunk."""
+    extra = _usage_extra(body)
+    for choice in choices:
+        yield envelope([choice], **extra)
+    if body.include_usage:
+        yield envelope([], usage=rs.token_usage(prompt_tokens, 0))
+
+
+async def _completion_chunks(job: Job, body: CompletionRequest, envelope: rs.Envelope, echoes: list[Echo],
                              text_of: rs.TokenText) -> AsyncIterator[dict]:
     extra = _usage_extra(body)
     offsets = {}  # choice -> characters streamed so far (logprobs' text_offset)
     for i in range(len(job.prompts) * job.n):
-        offsets[i] = len(echoes[i // job.n])
-        if echoes[i // job.n]:
-            yield envelope([{"index": i, "text": echoes[i // job.n], "logprobs": None, "finish_reason": None}],
+        echo = echoes[i // job.n]
+        offsets[i] = len(echo.text)
+        if echo.text:
+            yield envelope([{"index": i, "text": echo.text, "logprobs": echo.logprobs, "finish_reason": None}],
                            **extra)
     async for p, out in job.events():
         for s in out.samples:

@@ -90,7 +90,7 @@ class SamplingFields(BaseModel):
     min_p: float | None = None
     min_tokens: int | None = None
     bad_words: list[str] | None = None
-    prompt_logprobs: int | None = None
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # vLLM's: each prompt token's, top n
     guided_json: object = None
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
@@ -114,9 +114,8 @@ class SamplingFields(BaseModel):
             raise ValueError("min_tokens is not supported by forerun; use ignore_eos with max_tokens")
         if self.bad_words:
             raise ValueError("bad_words is not supported by forerun")
-        if self.prompt_logprobs is not None:
-            raise ValueError("prompt_logprobs is not supported by forerun (it computes logprobs of generated "
-                             "tokens only)")
+        if self.prompt_logprobs is not None and self.stream:
+            raise ValueError("prompt_logprobs is not available with stream (as in vLLM); ask without streaming")
         for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs"):
             if getattr(self, name) is not None:
                 raise ValueError(f"{name}: structured output (constrained decoding) is not supported by forerun")
@@ -134,7 +133,7 @@ class SamplingFields(BaseModel):
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=0)  # 0 only with echo: the prompt back (with its logprobs), no new tokens
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
@@ -142,6 +141,8 @@ class CompletionRequest(SamplingFields):
 
     @model_validator(mode="after")
     def _no_insertion(self):
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens 0 generates nothing: it is only allowed with echo (to score the prompt)")
         if self.suffix:
             raise ValueError("suffix (insertion) is not supported by forerun")
         if self.best_of is not None and self.best_of != self.n:
@@ -200,6 +201,8 @@ class ChatCompletionRequest(SamplingFields, TemplateOptions):
             raise ValueError("tool_choice names a tool, but forerun supports no tools")
         if self.echo:
             raise ValueError("echo is not supported on chat completions; use /v1/completions with echo")
+        if self.scaling is not None and self.prompt_logprobs is not None:
+            raise ValueError("prompt_logprobs is not available with scaling")
         return self
 
     @property

@@ -129,11 +129,14 @@ def sampling_params(body: SamplingFields, max_tokens: int, logprobs: int | None,
         raise bad_request(str(e)) from None
 
 
-def completion_logprobs(body: CompletionRequest) -> int | None:
-    if body.logprobs is not None and body.echo:
-        raise bad_request("echo with logprobs needs the prompt's log-probabilities, which forerun does not "
-                          "compute; ask for one or the other", param="echo")
-    return body.logprobs
+def prompt_logprobs_top(body: SamplingFields) -> int | None:
+    """How many top tokens the prompt's own log-probabilities need per position (an echo with
+    logprobs, vLLM's prompt_logprobs, or both), or None when the request wants none."""
+    wanted = [body.prompt_logprobs]
+    if isinstance(body, CompletionRequest) and body.echo:
+        wanted.append(body.logprobs)
+    wanted = [k for k in wanted if k is not None]
+    return max(wanted) if wanted else None
 
 
 def chat_logprobs(body: ChatCompletionRequest) -> int | None:

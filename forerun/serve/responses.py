@@ -78,17 +78,45 @@ def _value(logprob: float) -> float:
     return max(float(logprob), MIN_LOGPROB)
 
 
-def completion_logprobs(entries, text_of: TokenText, offset: int = 0) -> dict:
-    """The legacy completions shape: parallel lists, offsets into the choice's text."""
+def completion_logprobs(entries, text_of: TokenText, offset: int = 0, top: int | None = None) -> dict:
+    """The legacy completions shape: parallel lists, offsets into the choice's text, at most `top`
+    alternatives a token. An entry is a TokenLogprob, or a bare token id: an echoed prompt's first
+    token, which has no context, so its logprob and alternatives are null (as OpenAI and vLLM send it)."""
     tokens, values, tops, offsets = [], [], [], []
     for e in entries:
-        text = text_of(e.token_id)
+        text = text_of(e if isinstance(e, int) else e.token_id)
         tokens.append(text)
-        values.append(_value(e.logprob))
-        tops.append({text_of(t): _value(lp) for t, lp in e.top})
+        values.append(None if isinstance(e, int) else _value(e.logprob))
+        tops.append(None if isinstance(e, int) else {text_of(t): _value(lp) for t, lp in e.top[:top]})
         offsets.append(offset)
         offset += len(text)
     return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+
+
+def echo_logprobs(prompt_ids: list[int], entries: list, text_of: TokenText, top: int) -> dict:
+    """An echoed prompt's tokens in the legacy shape, from the engine's prompt_logprobs."""
+    return completion_logprobs([prompt_ids[0], *entries[1:]], text_of, 0, top)
+
+
+def joined_logprobs(first: dict, then: dict) -> dict:
+    """Two legacy logprobs objects, one after the other (an echo's, then the generated tokens')."""
+    return {key: first[key] + then[key] for key in first}
+
+
+def prompt_logprobs(entries: list, text_of: TokenText, top: int) -> list[dict | None]:
+    """vLLM's prompt_logprobs: per prompt token, None for the first, else {token id: logprob, rank,
+    decoded_token} for the token itself and the `top` most likely there."""
+    out = []
+    for e in entries:
+        if e is None:
+            out.append(None)
+            continue
+        alternatives = {str(e.token_id): {"logprob": _value(e.logprob), "rank": e.rank,
+                                          "decoded_token": text_of(e.token_id)}}
+        for rank, (t, lp) in enumerate(e.top[:top], 1):
+            alternatives.setdefault(str(t), {"logprob": _value(lp), "rank": rank, "decoded_token": text_of(t)})
+        out.append(alternatives)
+    return out
 
 
 def chat_logprobs(entries, text_of: TokenText) -> dict:
