@@ -128,3 +128,19 @@ def test_prompt_logprobs_match_one_forward_in_any_chunking(monkeypatch, chunk):
     assert llm.score(prompt[:30], prompt[30:]) == pytest.approx([ref[j - 1, prompt[j]].item() for j in range(30, 40)],
                                                                abs=1e-4)
     assert llm.engine.pool.used == 0
+
+
+def test_scoring_a_text_the_pool_cannot_hold_now_is_busy_and_one_it_never_can_is_invalid():
+    from forerun.config import EngineConfig
+    from forerun.engine.kv_pool import PoolBusy
+    llm = LLM(runtime=tiny_runtime(seed=3), engine=EngineConfig(kv_cache_tokens=128, max_draft_rows=16,
+                                                                 prefix_caching=False))
+    text = [(7 * i) % 60 + 3 for i in range(150)]
+    held = llm.engine.prefilled(text[:60], SamplingParams(max_new_tokens=8), SpecConfig(method="ar"))
+    with pytest.raises(PoolBusy, match="retry"):  # 8 blocks: 5 held, 4 needed: retry later
+        llm.engine.prompt_logprobs(text[:64])
+    llm.engine.release(held)
+    assert len(llm.engine.prompt_logprobs(text[:64])) == 64
+    with pytest.raises(ValueError, match="the pool holds 128") as e:
+        llm.engine.prompt_logprobs(text)
+    assert not isinstance(e.value, PoolBusy)

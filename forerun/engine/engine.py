@@ -25,7 +25,7 @@ from forerun.drafters.registry import build_drafter
 from forerun.engine.batch import pack
 from forerun.engine.draft_length import DraftLength, SpeedGuard
 from forerun.engine.goodput import Entry, Goodput
-from forerun.engine.kv_pool import KVPool
+from forerun.engine.kv_pool import KVPool, PoolBusy
 from forerun.engine.scheduler import Scheduler, Work
 from forerun.engine.sequence import Sequence, Status
 from forerun.models.batch import ForwardBatch, ForwardOutput, Segment
@@ -134,7 +134,7 @@ class Engine:
         seq.room = min(self.config.max_draft_rows, self.runtime.context_length - len(prompt_ids) + 1)
         if not self.pool.reserve(seq, seq.cached + seq.pending + seq.room):
             self.pool.free_sequence(seq)
-            raise ValueError("the KV pool has no room for another sequence now")
+            raise PoolBusy("the KV pool has no room for another sequence now")
         work = Work(seq, seq.pending - 1, False)
         if work.chunk:
             self.model(pack([work], {}), self.pool.store)
@@ -174,7 +174,7 @@ class Engine:
         seq.tokens = tokens
         try:
             if not self.pool.reserve(seq, len(tokens)):
-                raise ValueError("the KV pool has no room to score this now")
+                raise PoolBusy("the KV pool has no room to score this now; retry when requests in flight finish")
             first_logit = len(prompt_ids) - 1  # the row predicting continuation_ids[0]
             entries = []
             for start in range(seq.cached, len(tokens) - 1, SCORE_CHUNK):  # the last token predicts nothing

@@ -33,6 +33,11 @@ class PoolExhausted(RuntimeError):
     """No free or evictable block is left."""
 
 
+class PoolBusy(ValueError):
+    """Work outside the schedule (a score, a prefilled sequence) that the pool could hold, but not
+    while the sequences in flight hold their blocks: worth retrying later."""
+
+
 class KVPool:
     def __init__(self, store: KVCache, block_size: int = 16, caching: bool = True):
         if block_size < 1 or store.slots < block_size:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from forerun.config import SamplingParams, SpecConfig
 from forerun.engine.engine import Engine, RequestOutput
+from forerun.engine.kv_pool import PoolBusy
 from forerun.serve.errors import APIError, bad_request, unavailable
 from forerun.serve.metrics import Metrics
 
@@ -259,6 +260,8 @@ class EngineWorker:
             return
         try:
             call.result.set_result(call.fn(self.engine))
+        except PoolBusy as e:  # a retry can succeed: 503, which OpenAI clients retry by themselves
+            call.result.set_exception(unavailable(str(e)))
         except ValueError as e:
             call.result.set_exception(bad_request(str(e)))
         except Exception as e:  # noqa: BLE001  (reported to the caller; the engine thread goes on)
