@@ -214,14 +214,17 @@ def warm_up(its_hub_side: ItsHub, forerun_side: Forerun) -> None:
     forerun_side.answer("best-of-n", question, "warm-up", 2)
 
 
-def run(problems, task, budgets: list[int], sides: dict, journal: Path) -> list[dict]:
+def run(problems, task, budgets: list[int], sides: dict, journal: Path, done: set | None = None) -> list[dict]:
     """Every question at every budget with every method pair; its_hub first on even questions. Each
-    record is also appended to `journal` as it comes, so a run that fails keeps what it measured."""
+    record is also appended to `journal` as it comes, so a run that fails keeps what it measured;
+    (id, budget, method) keys in `done` are skipped (a resumed run)."""
     records = []
     for i, problem in enumerate(problems):
         order = list(sides) if i % 2 == 0 else list(reversed(sides))
         for budget in budgets:
             for pair in METHODS:
+                if (problem.id, budget, pair[0]) in (done or ()):
+                    continue
                 record = {"id": problem.id, "budget": budget, "method": pair[0], "reference": problem.reference}
                 for side in order:
                     method = pair[0] if side == "its_hub" else pair[1]
@@ -309,12 +312,18 @@ def main() -> int:
     p.add_argument("--method", default="ar", help="forerun's decoding method, both sides (default: %(default)s)")
     p.add_argument("--port", type=int, default=0, help="for forerun serve (default: a free one)")
     p.add_argument("--out", type=Path, default=Path("its-hub-out"))
+    p.add_argument("--resume", action="store_true",
+                   help="keep OUT/questions.jsonl and measure only what it lacks (a stopped run goes on)")
     a = p.parse_args()
     budgets = [int(b) for b in a.budgets.split(",") if b.strip()]
     task = build_task(a.task, a.data, a.limit, a.seed)
     problems = task.problems(a.limit)
     a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "questions.jsonl").unlink(missing_ok=True)
+    journal = a.out / "questions.jsonl"
+    kept = [json.loads(line) for line in journal.read_text().splitlines() if line.strip()] \
+        if a.resume and journal.exists() else []
+    if not a.resume:
+        journal.unlink(missing_ok=True)
     port, log = a.port or free_port(), a.out / "server.log"
     begin, load_before = time.perf_counter(), os.getloadavg()
     server = start_server(port, a, log)
@@ -324,7 +333,10 @@ def main() -> int:
         sides = {"its_hub": ItsHub(f"http://127.0.0.1:{port}", llm, task.answer_of, a),
                  "forerun": Forerun(llm, task.answer_of, a)}
         warm_up(sides["its_hub"], sides["forerun"])
-        records = run(problems, task, budgets, sides, a.out / "questions.jsonl")
+        ids = {p.id for p in problems}
+        kept = [r for r in kept if r["id"] in ids and r["budget"] in budgets]
+        done = {(r["id"], r["budget"], r["method"]) for r in kept}
+        records = kept + run(problems, task, budgets, sides, journal, done)
     finally:
         stop_process(server)
     rows = summarize(records, budgets)
