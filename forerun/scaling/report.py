@@ -69,7 +69,7 @@ def _accuracy_plot(plt, results: dict, path: Path) -> Path:
         for r in rows:
             ax.annotate(str(r["budget"]), (r["generated_tokens_per_question"], r["accuracy"]), fontsize=7)
     ax.set_xscale("log")
-    ax.set_ylim(-0.02, 1.02)
+    ax.set_ylim(*_accuracy_range([r["accuracy"] for r in results["runs"]]))
     ax.set_xlabel("generated tokens per question")
     ax.set_ylabel("accuracy")
     ax.set_title(f"{results['task']}: accuracy against tokens (labels: budget n)")
@@ -80,11 +80,18 @@ def _coverage_plot(plt, cov: dict, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(cov["k"], cov["pass_at_k"], marker="o")
     ax.set_xscale("log", base=2)
-    ax.set_ylim(-0.02, 1.02)
+    ax.set_ylim(*_accuracy_range(cov["pass_at_k"]))
     ax.set_xlabel("k samples")
     ax.set_ylabel("coverage (pass@k)")
     ax.set_title(f"coverage from {cov['n']} samples per question")
     return _save(fig, ax, path)
+
+
+def _accuracy_range(values: list[float]) -> tuple[float, float]:
+    """The whole 0-1 scale, unless every value is below 0.4: then up to a little above the largest,
+    so a small model's few percent are not a flat line at the bottom."""
+    top = max(values, default=1.0)
+    return (-0.02, 1.02) if top >= 0.4 else (-0.005, max(0.05, round(top * 1.25, 2)))
 
 
 def _save(fig, ax, path: Path) -> Path:
