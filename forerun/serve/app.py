@@ -135,10 +135,11 @@ class _Api:
         if body.max_tokens == 0:  # the prompts back, scored: nothing to decode
             choices = [{"index": i, "text": echoes[i // body.n].text, "logprobs": echoes[i // body.n].logprobs,
                         "finish_reason": "length"} for i in range(len(prompts) * body.n)]
+            prompt_tokens = sum(map(len, prompts))
             if body.stream:
-                return _sse(None, _echo_chunks(choices, body, envelope, sum(map(len, prompts))))
+                return _sse(None, _echo_chunks(choices, body, envelope, prompt_tokens))
             return JSONResponse(envelope(self._with_prompt_logprobs(choices, body, scored, body.n, text_of),
-                                         usage=rs.token_usage(sum(map(len, prompts)), 0)))
+                                         usage=rs.token_usage(prompt_tokens, 0)))
         job = Job(self.worker, prompts, params, rq.request_spec(body.speculation, self.config.spec))
         await job.start(stream_text=body.stream)
         if body.stream:
@@ -167,11 +168,12 @@ class _Api:
 
     @staticmethod
     def _with_prompt_logprobs(choices: list[dict], body, scored: list, n: int, text_of: rs.TokenText) -> list[dict]:
-        """vLLM's prompt_logprobs on each choice, when asked for."""
+        """vLLM's prompt_logprobs on each choice, when asked for: formatted once per prompt, shared by
+        its n choices."""
         if body.prompt_logprobs is not None:
+            formatted = [rs.prompt_logprobs(entries, text_of, body.prompt_logprobs) for entries in scored]
             for choice in choices:
-                choice["prompt_logprobs"] = rs.prompt_logprobs(scored[choice["index"] // n], text_of,
-                                                               body.prompt_logprobs)
+                choice["prompt_logprobs"] = formatted[choice["index"] // n]
         return choices
 
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:

@@ -84,10 +84,11 @@ def completion_logprobs(entries, text_of: TokenText, offset: int = 0, top: int |
     token, which has no context, so its logprob and alternatives are null (as OpenAI and vLLM send it)."""
     tokens, values, tops, offsets = [], [], [], []
     for e in entries:
-        text = text_of(e if isinstance(e, int) else e.token_id)
+        bare = isinstance(e, int)
+        text = text_of(e if bare else e.token_id)
         tokens.append(text)
-        values.append(None if isinstance(e, int) else _value(e.logprob))
-        tops.append(None if isinstance(e, int) else {text_of(t): _value(lp) for t, lp in e.top[:top]})
+        values.append(None if bare else _value(e.logprob))
+        tops.append(None if bare else {text_of(t): _value(lp) for t, lp in e.top[:top]})
         offsets.append(offset)
         offset += len(text)
     return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
