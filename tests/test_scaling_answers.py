@@ -28,6 +28,32 @@ def test_extract_answer(text, answer):
     assert extract_answer(text) == answer
 
 
+@pytest.mark.parametrize("text, answer", [
+    # a comma joins digits only in thousands groups
+    ("3,4", "4"), ("1,234", "1234"), ("12,345,678 in all", "12345678"), ("$1,000.50", "2001/2"),
+    ("1,2345", "2345"), ("#### 72", "72"), ("#### 1,000", "1000"),
+    # U+2212 is a minus; an en dash only right before the digits, not between numbers (a range)
+    ("\u22125", "-5"), ("The answer is \u22125.", "-5"), ("#### \u221212", "-12"), ("\u20135 degrees", "-5"),
+    ("pages 3\u20135", "5"), ("3 \u2013 5", "5"), ("10-3=7", "7"), ("#### -7", "-7"),
+    # percent, dollar, units and spacing inside \boxed{}
+    ("\\boxed{18\\%}", "18"), ("\\boxed{18\\,\\%}", "18"), ("\\boxed{\\$18}", "18"), ("\\boxed{$18$}", "18"),
+    ("\\boxed{18 \\text{ cm}}", "18"), ("\\boxed{\\text{18}}", "18"), ("\\boxed{1\\!000}", "1000"),
+    ("\\boxed{1{,}000}", "1000"), ("\\boxed{\\frac{3}{4}\\text{ cup}}", "3/4"), ("\\boxed{\u22125}", "-5"),
+    ("\\boxed{3,4}", "3,4"), ("#### 18%", "18"), ("that is 18% of them", "18"),
+    # scientific notation
+    ("1.5e3", "1500"), ("about 1.5E3 m", "1500"), ("2e-3", "1/500"), ("12 eggs", "12"),
+])
+def test_extract_answer_reads_separators_signs_units_and_exponents(text, answer):
+    assert extract_answer(text) == answer
+
+
+def test_normalize_number_rejects_a_comma_outside_thousands_groups():
+    assert normalize_number("3,4") is None and normalize_number("1,234") == "1234"
+    assert normalize_number("\u22125") == normalize_number("\u20135") == "-5" and normalize_number("3\u20135") is None
+    assert normalize_number("18%") == "18" and normalize_number("1.5e3") == "1500"
+    assert not same_number("3,4", "34") and same_number("\u22125", "-5") and same_number("1500", "1.5e3")
+
+
 def test_boxed_balances_braces_and_math_verify_reads_latex():
     assert boxed("x \\boxed{\\frac{1}{2}} y") == "\\frac{1}{2}"
     assert boxed("\\boxed{unclosed") is None

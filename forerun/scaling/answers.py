@@ -6,13 +6,23 @@ import re
 import threading
 from fractions import Fraction
 
-_NUMBER = r"-?\$?\d[\d,]*(?:\.\d+)?(?:/\d+)?"
+# A sign: '-', U+2212 (the minus sign), or an en dash (U+2013). Typeset text often puts an en dash for a
+# minus ('–5 °C'), but its proper use is ranges ('pages 3–5'), so it counts as a sign only right before
+# the digits and not right after a letter or digit: '–5' is -5, '3–5' reads as 3 and 5, not 3 and -5.
+_SIGN = r"(?:[-\u2212]|(?<!\w)\u2013)"
+# Commas only in thousands groups (1,234 and 12,345,678): '3,4' is two numbers, not 34.
+_DIGITS = r"(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)"
+_NUMBER = _SIGN + r"?\$?" + _DIGITS + r"(?:\.\d+)?(?:[eE][-+]?\d+)?(?:/\d+)?"
 _PATTERNS = (
     re.compile(r"####\s*(" + _NUMBER + ")"),
     re.compile(r"answer is[:\s]*\**\s*(" + _NUMBER + ")", re.IGNORECASE),
 )
 _ANY_NUMBER = re.compile(_NUMBER)
 _FRAC = re.compile(r"\\[dt]?frac\{\s*(-?\d+)\s*\}\{\s*(\d+)\s*\}")
+_LATEX_SPACING_AND_SIGNS = re.compile(r"\\[!,;:]|\\?[$%]")  # '1\,000', '\$5', '18\%'
+_UNIT_AFTER_NUMBER = re.compile(r"(\d)\s*\\(?:text|mbox|mathrm)\{[^{}\d]*\}")  # '18 \text{ cm}'
+_TEXT = re.compile(r"\\(?:text|mbox|mathrm)\{([^{}]*)\}")
+_THOUSANDS = re.compile(r"(?<!\d)\d{1,3}(?:,\d{3})+(?![\d,])")
 
 
 def boxed(text: str) -> str | None:
@@ -32,7 +42,7 @@ def extract_answer(text: str) -> str | None:
     """The final numeric answer of a solution, normalized (see normalize_number); None if none."""
     inside = boxed(text)
     if inside is not None:
-        plain = _FRAC.sub(r"\1/\2", inside).replace("\\$", "").replace("\\!", "").replace("\\,", "").strip()
+        plain = latex_plain(inside)
         return normalize_number(plain) or plain or None
     for pattern in _PATTERNS:
         found = pattern.findall(text)
@@ -42,9 +52,18 @@ def extract_answer(text: str) -> str | None:
     return normalize_number(numbers[-1]) if numbers else None
 
 
+def latex_plain(inside: str) -> str:
+    """A boxed answer without its LaTeX dressing: '\\frac{3}{4}' -> '3/4', '18\\%' -> '18', '\\$5' -> '5',
+    '18 \\text{ cm}' -> '18' (a unit), '\\text{18}' -> '18', '1\\,000' -> '1000', '1{,}000' -> '1,000'."""
+    plain = _LATEX_SPACING_AND_SIGNS.sub("", _FRAC.sub(r"\1/\2", inside).replace("{,}", ","))
+    return _TEXT.sub(r"\1", _UNIT_AFTER_NUMBER.sub(r"\1", plain)).strip()
+
+
 def normalize_number(s: str) -> str | None:
-    """'1,234' -> '1234', '$5.00' -> '5', '3/4' -> '3/4', '0.50' -> '1/2'; None if not a number."""
-    s = s.replace(",", "").replace("$", "").strip().rstrip(".")
+    """'1,234' -> '1234', '$5.00' -> '5', '18%' -> '18', '−5' -> '-5', '1.5e3' -> '1500', '3/4' -> '3/4',
+    '0.50' -> '1/2'; None if not a number ('3,4' is not: its comma separates no thousands)."""
+    s = _THOUSANDS.sub(lambda m: m[0].replace(",", ""), s.strip().rstrip(".").removesuffix("%"))
+    s = s.replace("$", "").replace("\u2212", "-").replace("\u2013", "-")  # Fraction takes a sign only in front
     try:
         value = Fraction(s)
     except (ValueError, ZeroDivisionError):
