@@ -24,7 +24,7 @@ from forerun.types import Generation
 class Generator(Protocol):
     account: Account  # grows with every call
 
-    def query(self, question: str) -> Query:
+    def query(self, question: str, problem_id: str = "") -> Query:
         ...
 
     def extend(self, query: Query, requests: list[tuple[Branch, int]], stop: str | None,
@@ -68,10 +68,11 @@ class EngineDriver:
 class EngineGenerator:
     """A Generator on an LLM's engine.
 
-    Each request's seed derives from (seed, the question, how many extend() calls this answer made
-    before it: query() starts the count), so a question's samples depend on nothing that ran before
-    or beside it. A request therefore repeats exactly for the same tokens, stop, limit and seed, and
-    the generator keeps what it returned: a budget-4 vote after a budget-16 vote of the same question
+    Each request's seed derives from (seed, the problem: its id, else the question's text, how many
+    extend() calls this answer made before it: query() starts the count), so a problem's samples depend
+    on nothing that ran before or beside it, not even another problem asking the same question. A
+    request therefore repeats exactly for the same tokens, stop, limit and seed, and the generator
+    keeps what it returned: a budget-4 vote after a budget-16 vote of the same problem
     gets the first 4 of those 16 samples without decoding them again (sample i of a request does not
     depend on how many were asked for, nor on what else shares the batch: the engine is
     batch-invariant; under a speculative method whose outputs can vary with load they are still exact
@@ -89,7 +90,7 @@ class EngineGenerator:
         self.spec = spec or SpecConfig(method="ar")
         self.driver = driver or EngineDriver(llm.engine)
         self.account = Account()
-        self._calls: dict[int, int] = {}  # question key -> extend() calls since query() (shared by clones)
+        self._calls: dict[int, int] = {}  # problem key -> extend() calls since query() (shared by clones)
         self._kept: dict[tuple, tuple[Generation, ...]] = {}  # samples by request (shared by clones)
         self.keep = keep  # False: every request decodes (a timed comparison must pay for every sample)
 
@@ -104,9 +105,9 @@ class EngineGenerator:
     def tokenizer(self):
         return self.llm.tokenizer
 
-    def query(self, question: str) -> Query:
-        """Start answering a question (its extend() calls count from here)."""
-        query = Query(question, tuple(self.llm.encode(question, chat=self.chat)))
+    def query(self, question: str, problem_id: str = "") -> Query:
+        """Start answering a problem (its extend() calls count from here)."""
+        query = Query(question, tuple(self.llm.encode(question, chat=self.chat)), problem_id)
         self._calls[query.key] = 0
         return query
 

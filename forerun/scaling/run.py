@@ -22,13 +22,16 @@ from forerun.scaling.tasks import Problem, Task
 from forerun.scaling.types import Account, Outcome
 
 
-def solve(strategy: Strategy, solver: Solver, question: str, n: int) -> Outcome:
+def solve(strategy: Strategy, solver: Solver, question: str, n: int, problem_id: str = "") -> Outcome:
     """Run one strategy on one question; the outcome's account is what this call cost (the
-    generator's account grows by the same amount)."""
+    generator's account grows by the same amount). The generator keys its random streams and kept
+    samples by problem_id when given (two problems may ask the same question), else by the question."""
     if strategy.needs_scorer and solver.scorer is None:
         raise ValueError(f"strategy {strategy.name!r} needs a scorer (--reward)")
     before, start = solver.generator.account.copy(), time.perf_counter()
-    outcome = strategy.run(solver, solver.generator.query(question), n)
+    # a generator answering one request (forerun serve's) takes the question alone
+    query = solver.generator.query(question, problem_id) if problem_id else solver.generator.query(question)
+    outcome = strategy.run(solver, query, n)
     outcome.account = solver.generator.account.minus(before)
     outcome.account.wall_s = time.perf_counter() - start
     return outcome
@@ -93,7 +96,8 @@ def answer(task: Task, problems: list[Problem], runs: list[Run], budgets: list[i
         solvers = local.__dict__.setdefault("solvers", {})  # this thread's solver per run
         if id(run) not in solvers:
             solvers[id(run)] = solver_for(run.strategy)
-        return _question_record(problem, solve(run.strategy, solvers[id(run)], problem.question, n), check)
+        outcome = solve(run.strategy, solvers[id(run)], problem.question, n, problem.id)
+        return _question_record(problem, outcome, check)
 
     with ThreadPoolExecutor(concurrency, thread_name_prefix="question") as pool:
         for run in runs:

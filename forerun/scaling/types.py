@@ -12,12 +12,14 @@ class Query:
 
     question: str
     prompt_ids: tuple[int, ...]
+    problem_id: str = ""  # the problem it answers (forerun scale's); "" for a question on its own
 
     @property
     def key(self) -> int:
-        """A stable number for the question: random streams derive from it, so a question's samples do
-        not depend on which questions were answered before it (or in which process)."""
-        return int.from_bytes(hashlib.sha256(self.question.encode()).digest()[:8], "little")
+        """A stable number for the problem (its id, else the question's text): random streams derive from
+        it, so a problem's samples do not depend on which problems were answered before it (or in which
+        process), and two problems that ask the same question draw their own."""
+        return int.from_bytes(hashlib.sha256((self.problem_id or self.question).encode()).digest()[:8], "little")
 
 
 @dataclass(frozen=True, slots=True)
