@@ -8,8 +8,10 @@ a solution gives (what votes are counted on), and checks a solution.
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
+import string
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -92,17 +94,40 @@ _ARITH = (
      lambda a, b, c, d: a + b - c),
 )
 _NAMES = ("Tom", "Ana", "Sam", "Mia", "Leo", "Eva")
+_OPERANDS = {"a": range(2, 10), "b": range(2, 6), "c": range(1, 5), "d": range(1, 5)}
+
+
+def _questions_asked_by(template: str) -> int:
+    """How many different questions a template can ask."""
+    fields = {name for _, name, _, _ in string.Formatter().parse(template) if name}
+    return math.prod(len(_NAMES) if name == "name" else len(_OPERANDS[name]) for name in fields)
+
+
+# Cycling through the templates, no template asks more than count / len(_ARITH) (rounded up) questions.
+MAX_ARITH = len(_ARITH) * min(_questions_asked_by(template) for template, _ in _ARITH)
+
+
+def _draw(template: str, rng: random.Random) -> tuple[str, dict[str, int]]:
+    """A question from the template and its operands."""
+    operands = {name: rng.choice(values) for name, values in _OPERANDS.items()}
+    return template.format(name=rng.choice(_NAMES), **operands), operands
 
 
 def arithmetic(count: int = 100, seed: int = 0) -> NumericTask:
-    """`count` seeded problems cycling through the templates; every answer is a non-negative integer."""
-    rng = random.Random(seed)
-    problems = []
+    """`count` distinct seeded problems cycling through the templates; every answer is a non-negative
+    integer. A repeated question would count one problem twice: it is replaced by one drawn from a second
+    stream, so the others keep the questions they had when repeats were allowed (docs/scaling.md's runs)."""
+    if not 0 <= count <= MAX_ARITH:
+        raise ValueError(f"arith generates 0 to {MAX_ARITH} distinct problems, not {count}")
+    draws, redraws = random.Random(seed), random.Random(f"arith redraws {seed}")
+    problems, asked = [], set()
     for i in range(count):
         template, answer = _ARITH[i % len(_ARITH)]
-        a, b, c, d = rng.randint(2, 9), rng.randint(2, 5), rng.randint(1, 4), rng.randint(1, 4)
-        text = template.format(name=rng.choice(_NAMES), a=a, b=b, c=c, d=d)
-        problems.append(Problem(f"arith-{i}", text + ARITH_INSTRUCTION, str(answer(a, b, c, d))))
+        question, operands = _draw(template, draws)
+        while question in asked:
+            question, operands = _draw(template, redraws)
+        asked.add(question)
+        problems.append(Problem(f"arith-{i}", question + ARITH_INSTRUCTION, str(answer(**operands))))
     return NumericTask("arith", problems)
 
 
