@@ -99,31 +99,33 @@ def _fields(params: SamplingParams) -> dict:
 
 
 def prefix_ttft(llm: LLM, articles: list[list[int]], questions: list[list[int]], log) -> dict:
-    """For each article (cut to 500 tokens): TTFT of a question after it on a cold cache, then of a
-    second question after the same article (the article's blocks cached), alternating the order in
-    which the two questions go first."""
+    """For each article (cut to 500 tokens): TTFT of a question after it on a cold cache, and of the
+    same question after another question on the same article (untimed) cached the article's blocks.
+    Each measurement starts from an emptied cache; which goes first alternates per article (cold
+    first on even articles, warm first on odd), so drift of a shared machine falls on both."""
     params = SamplingParams(max_new_tokens=8, ignore_eos=True)
     pairs = []
     for i, article in enumerate(articles):
         prefix = article[:500]
         first, second = questions[i % len(questions)], questions[(i + 1) % len(questions)]
-        llm.engine.reset_prefix_cache()
-        warmup = llm.generate_ids(prefix + first, params, SpecConfig())
-        warm = llm.generate_ids(prefix + second, params, SpecConfig())
-        llm.engine.reset_prefix_cache()
-        cold = llm.generate_ids(prefix + second, params, SpecConfig())
+        order = (_cold_ttft, _warm_ttft) if i % 2 == 0 else (_warm_ttft, _cold_ttft)
+        runs = {}
+        for measure in order:
+            runs.update(measure(llm, prefix, first, second, params))
+        cold, warm = runs["cold"], runs["warm"]
         pairs.append(
             {
+                "order": "cold first" if i % 2 == 0 else "warm first",
                 "prompt_tokens": len(prefix + second),
                 "cached_tokens": warm.stats.cached_tokens,
                 "cold_ttft_s": cold.stats.ttft_s,
                 "warm_ttft_s": warm.stats.ttft_s,
-                "first_ttft_s": warmup.stats.ttft_s,
+                "first_ttft_s": runs["primer"].stats.ttft_s,
                 "same_output": cold.token_ids == warm.token_ids,
             }
         )
         log(
-            f"prefix {i + 1}/{len(articles)}: cold {cold.stats.ttft_s * 1e3:.0f} ms, "
+            f"prefix {i + 1}/{len(articles)} ({pairs[-1]['order']}): cold {cold.stats.ttft_s * 1e3:.0f} ms, "
             f"warm {warm.stats.ttft_s * 1e3:.0f} ms ({warm.stats.cached_tokens} tokens cached)"
         )
     ratios = [p["cold_ttft_s"] / p["warm_ttft_s"] for p in pairs]
@@ -134,6 +136,19 @@ def prefix_ttft(llm: LLM, articles: list[list[int]], questions: list[list[int]],
         "median_warm_ttft_s": statistics.median(p["warm_ttft_s"] for p in pairs),
         "outputs_equal": sum(p["same_output"] for p in pairs),
     }
+
+
+def _cold_ttft(llm: LLM, prefix: list[int], first: list[int], second: list[int], params) -> dict:
+    """The second question after the article on an emptied cache."""
+    llm.engine.reset_prefix_cache()
+    return {"cold": llm.generate_ids(prefix + second, params, SpecConfig())}
+
+
+def _warm_ttft(llm: LLM, prefix: list[int], first: list[int], second: list[int], params) -> dict:
+    """The second question after the article once the first question (the primer) has cached it."""
+    llm.engine.reset_prefix_cache()
+    primer = llm.generate_ids(prefix + first, params, SpecConfig())
+    return {"primer": primer, "warm": llm.generate_ids(prefix + second, params, SpecConfig())}
 
 
 def goodput(llm: LLM, prompts: list[list[int]], repeats: int, log) -> dict:
