@@ -8,6 +8,7 @@ from pathlib import Path
 
 from forerun.bench.metrics import OVERALL, Summary
 from forerun.bench.runner import Record
+from forerun.plotting import pyplot
 
 
 @dataclass
@@ -164,11 +165,9 @@ def _pct(v) -> str:
 
 
 def write_plots(result: BenchResult, out: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
+    if plt is None:
+        return []
     paths = [_speedup_plot(plt, result, out / "speedup_by_category.png"),
              _tau_plot(plt, result, out / "tau_histogram.png"),
              _roofline_plot(plt, result, out / "roofline.png")]

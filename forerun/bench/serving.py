@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from forerun.bench.datasets import Question
+from forerun.plotting import pyplot
 
 PERCENTILES = (50, 90, 99)
 
@@ -327,13 +328,9 @@ def _ms(values: dict, *ps: int) -> str:
 
 def write_plot(result: dict, path: Path) -> Path | None:
     """TTFT and TPOT percentiles against the load level (concurrency or request rate)."""
-    try:
-        import matplotlib
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     runs = result["runs"]
     xs = [Load(**run["load"]).x for run in runs]
     by_concurrency = runs and runs[0]["load"]["concurrency"] is not None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -25,6 +26,18 @@ def _cpu_has_avx2() -> bool:
     return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
+def _put_ninja_on_path() -> None:
+    """torch builds extensions with `ninja` found on PATH; a virtual environment that was not
+    activated has the `ninja` package's binary but not on PATH, so add its directory."""
+    if shutil.which("ninja"):
+        return
+    try:
+        import ninja
+    except ImportError:
+        return
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
 @functools.cache
 def cpu_kernels() -> ModuleType | None:
     """The float32 CPU kernels of cpu.cpp (quantized linears, decode attention, RMSNorm), or None
@@ -33,6 +46,7 @@ def cpu_kernels() -> ModuleType | None:
         return None
     from torch.utils.cpp_extension import load
 
+    _put_ninja_on_path()
     # -fopenmp: at::parallel_for is inline OpenMP code; the process shares the libgomp torch loaded.
     try:
         return load(name="forerun_cpu", sources=[str(_SOURCE)],

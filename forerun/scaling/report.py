@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from forerun.plotting import pyplot
+
 
 def write_results(results: dict, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
@@ -44,13 +46,9 @@ def markdown(results: dict, plots: list[str] = ()) -> str:
 
 
 def write_plots(results: dict, out: Path) -> list[Path]:
-    try:
-        import matplotlib
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return []
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     paths = [_accuracy_plot(plt, results, out / "accuracy_vs_tokens.png")]
     if results.get("coverage"):
         paths.append(_coverage_plot(plt, results["coverage"], out / "coverage.png"))
@@ -100,7 +98,5 @@ def _save(fig, ax, path: Path) -> Path:
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
+    pyplot().close(fig)
     return path
