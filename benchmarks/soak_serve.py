@@ -251,6 +251,10 @@ class Tally:
                 seen["mismatches"].append(text)
 
     @property
+    def greedy_texts(self) -> int:
+        return sum(a["repeats"] for a in self.greedy_answers.values())
+
+    @property
     def mismatched(self) -> int:
         return sum(a["mismatched"] for a in self.greedy_answers.values())
 
@@ -538,8 +542,8 @@ def judge(run: dict) -> dict[str, dict]:
         "every load answer 200": (not t.other_status, f"other statuses {dict(t.other_status) or 'none'}"),
         "well-formed": (t.malformed == 0, f"{t.malformed} malformed"),
         "none lost": (t.lost == 0, f"{t.lost} lost"),
-        "greedy repeats identical": (t.mismatched == 0, f"{t.mismatched} of {t.greedy} mismatched, "
-                                                        f"{len(t.greedy_answers)} keys"),
+        "greedy repeats identical": (t.mismatched == 0, f"{t.mismatched} of {t.greedy_texts} greedy texts "
+                                                        f"mismatched, over {len(t.greedy_answers)} keys"),
         "hostile requests all 4xx": (all(h["ok"] for h in run["hostile"]),
                                      f"{sum(not h['ok'] for h in run['hostile'])} of {len(run['hostile'])} not 4xx"),
         "in-flight drained": (run["settle_seconds"] is not None, f"after {run['settle_seconds']} s"),
