@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
+from forerun.tree import Tree
+
 
 @dataclass(frozen=True, slots=True)
 class Extra:
@@ -20,10 +22,10 @@ class Extra:
 
 @dataclass(frozen=True, slots=True)
 class Draft:
-    """A token tree proposed by a drafter. A chain is a tree whose node i has parent i - 1."""
+    """A drafter's proposal: a token tree (a chain is the degenerate one), how its tokens were drawn,
+    and the nodes that ride along in its verification forward."""
 
-    tokens: Tensor  # [N] long; node 0 is the root: the newest token, not yet in the KV cache
-    parents: list[int]  # [N]; parents[0] == -1 and parents[i] < i (topological order)
+    tree: Tree  # N nodes; its root is the newest token, not yet in the KV cache
     q: Tensor | None = None  # [N, V] float; row i = the distribution node i was drawn from;
     # None means every node was chosen deterministically (a point mass on its token)
     extra: Extra | None = None  # nodes run in the same forward, outside the tree
@@ -33,7 +35,7 @@ class Draft:
 
     @property
     def size(self) -> int:
-        return len(self.parents)
+        return self.tree.size
 
     @property
     def rows(self) -> int:

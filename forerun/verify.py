@@ -10,7 +10,6 @@ from torch import Tensor
 
 from forerun.config import SamplingParams
 from forerun.sampling import sample, target_probs
-from forerun.tree import children
 from forerun.types import Draft, Verdict
 
 
@@ -27,8 +26,7 @@ def verify_greedy(draft: Draft, logits: Tensor, best: list[int] | None = None) -
     """Exact match: accept the child whose token is the target's argmax at its parent.
     logits: [N, V] (or best, their argmax). The output equals plain greedy decoding token for token."""
     best = logits.argmax(dim=-1).tolist() if best is None else best  # [N]
-    tokens = draft.tokens.tolist()
-    kids = children(draft.parents)
+    tokens, kids = draft.tree.tokens.tolist(), draft.tree.children
     path, node = [0], 0
     while True:
         match = next((c for c in kids[node] if tokens[c] == best[node]), None)
@@ -53,8 +51,7 @@ def verify_stochastic(draft: Draft, probs: Tensor, generator: torch.Generator | 
     choice is a point mass (draft.q is None), for which acceptance is p(x) and the residual is p
     with x removed.
     """
-    tokens = draft.tokens.tolist()
-    kids = children(draft.parents)
+    tokens, kids = draft.tree.tokens.tolist(), draft.tree.children
     draft_q = None if draft.q is None else draft.q.to(probs.device)  # a CUDA drafter's q, on the CPU
     path, node = [0], 0
     while True:

@@ -28,6 +28,7 @@ from forerun import LLM, SamplingParams, SpecConfig
 from forerun.drafters.draft_model import DraftModel
 from forerun.models.batch import ForwardBatch
 from forerun.sampling import gumbel_top_k, target_probs
+from forerun.tree import Tree
 from forerun.types import Draft
 from forerun.verify import verify_stochastic
 
@@ -98,8 +99,8 @@ def emit_pairs(propose: Proposer, P: torch.Tensor, Q: torch.Tensor, n: int, seed
         while len(emitted) < 2:
             draft = propose(root, Q, rng)
             seen = q_seen(draft) if q_seen else draft
-            verdict = verify_stochastic(seen, P[draft.tokens], rng.torch)
-            emitted += draft.tokens[verdict.path[1:]].tolist() + [verdict.next_token]
+            verdict = verify_stochastic(seen, P[draft.tree.tokens], rng.torch)
+            emitted += draft.tree.tokens[verdict.path[1:]].tolist() + [verdict.next_token]
             root = emitted[-1]
         out.append(emitted[:2])
     return torch.tensor(out)
@@ -113,7 +114,7 @@ def chain(depth: int) -> Proposer:
         for _ in range(depth):
             tokens += rng.draw(Q[tokens[-1]])
         q = torch.cat([torch.zeros(1, Q.shape[1]), Q[tokens[:-1]]])  # node i drawn from Q[parent token]
-        return Draft(torch.tensor(tokens), list(range(-1, depth)), q)
+        return Draft(Tree(tokens=torch.tensor(tokens), parents=list(range(-1, depth))), q)
     return propose
 
 
@@ -121,7 +122,7 @@ def iid_siblings(k: int) -> Proposer:
     """SpecInfer: k children of the root drawn independently (repeats allowed) from one q."""
     def propose(root, Q, rng):
         q = torch.cat([torch.zeros(1, Q.shape[1]), Q[root].expand(k, -1)])
-        return Draft(torch.tensor([root, *rng.draw(Q[root], k)]), [-1] + [0] * k, q)
+        return Draft(Tree(tokens=torch.tensor([root, *rng.draw(Q[root], k)]), parents=[-1] + [0] * k), q)
     return propose
 
 
@@ -138,14 +139,14 @@ def without_replacement(k: int, grandchildren: bool = False) -> Proposer:
             for child in range(1, len(tokens)):
                 tokens += rng.draw(Q[tokens[child]])
                 parents.append(child), rows.append(Q[tokens[child]])
-        return Draft(torch.tensor(tokens), parents, torch.stack(rows))
+        return Draft(Tree(tokens=torch.tensor(tokens), parents=parents), torch.stack(rows))
     return propose
 
 
 def fixed_children(kids: list[int]) -> Proposer:
     """Deterministic children (e.g. greedy top-k): q is None, a point mass on each token."""
     def propose(root, Q, rng):
-        return Draft(torch.tensor([root, *kids]), [-1] + [0] * len(kids))
+        return Draft(Tree(tokens=torch.tensor([root, *kids]), parents=[-1] + [0] * len(kids)))
     return propose
 
 
@@ -191,14 +192,14 @@ def test_processed_target_distribution():
 
 
 def claim_uniform(draft: Draft) -> Draft:
-    return Draft(draft.tokens, draft.parents, torch.full_like(draft.q, 1 / draft.q.shape[1]))
+    return Draft(draft.tree, torch.full_like(draft.q, 1 / draft.q.shape[1]))
 
 
 def claim_iid(draft: Draft) -> Draft:
     """The classic slip: siblings drawn without replacement verified as if drawn i.i.d."""
     q = draft.q.clone()
     q[1:] = draft.q[1]
-    return Draft(draft.tokens, draft.parents, q)
+    return Draft(draft.tree, q)
 
 
 @pytest.mark.parametrize("propose, wrong_q", [

@@ -124,8 +124,8 @@ def proposers(tmp_path_factory) -> dict[str, Callable[[], Proposer]]:
 
 def paths_of(draft: Draft) -> list[tuple[int, ...]]:
     """Each node's tokens after the root, the root's own path being ()."""
-    tokens, out = draft.tokens.tolist(), []
-    for i, parent in enumerate(draft.parents):
+    tokens, out = draft.tree.tokens.tolist(), []
+    for i, parent in enumerate(draft.tree.parents):
         out.append(() if parent < 0 else out[parent] + (tokens[i],))
     return out
 
@@ -134,11 +134,11 @@ def assert_rows_draw_without_replacement(draft: Draft, p: Proposer) -> None:
     """Row i of q is the proposal at i's parent without the tokens of i's earlier sampled siblings.
     Where p.point_masses, a node may instead be a deterministic choice (a one-hot row on its token),
     which must come after its parent's sampled children (they were drawn first)."""
-    tokens, paths = draft.tokens.tolist(), paths_of(draft)
+    tokens, paths = draft.tree.tokens.tolist(), paths_of(draft)
     taken: dict[int, list[int]] = {}  # parent -> tokens of its sampled children so far
     chosen: set[int] = set()  # parents that already have a deterministic child
     for i in range(1, draft.size):
-        parent, row = draft.parents[i], draft.q[i].double()
+        parent, row = draft.tree.parents[i], draft.q[i].double()
         if p.point_masses and torch.equal(row, torch.nn.functional.one_hot(torch.tensor(tokens[i]), VOCAB).double()):
             chosen.add(parent)
             continue
@@ -156,9 +156,9 @@ def claim_iid(draft: Draft) -> Draft:
     """The rows a drafter would report if it forgot that siblings exclude each other: each sibling
     gets the first sibling's row."""
     q, first = draft.q.clone(), {}
-    for i, parent in enumerate(draft.parents[1:], 1):
+    for i, parent in enumerate(draft.tree.parents[1:], 1):
         q[i] = draft.q[first.setdefault(parent, i)]
-    return Draft(draft.tokens, draft.parents, q)
+    return Draft(draft.tree, q)
 
 
 def claim_stale(draft: Draft) -> Draft:
@@ -166,14 +166,14 @@ def claim_stale(draft: Draft) -> Draft:
     gets the first node's row."""
     q = draft.q.clone()
     q[1:] = draft.q[1]
-    return Draft(draft.tokens, draft.parents, q)
+    return Draft(draft.tree, q)
 
 
 def first_two(p: Proposer, draft: Draft) -> tuple[int, int]:
     """The root's first two children, or a chain's first two tokens."""
-    tokens = draft.tokens.tolist()
+    tokens = draft.tree.tokens.tolist()
     if p.siblings:
-        kids = [i for i, parent in enumerate(draft.parents) if parent == 0]
+        kids = draft.tree.children[0]
         return tokens[kids[0]], tokens[kids[1]]
     return tokens[1], tokens[2]
 
@@ -200,10 +200,10 @@ def test_q_rows_are_the_proposal_without_earlier_siblings(proposers, name):
     drafts = [p.draft(seed, depth=2) for seed in range(ROW_PROPOSALS)]
     assert all(d.q is not None for d in drafts)
     if p.siblings:
-        assert max(len([i for i in d.parents if i == 0]) for d in drafts) >= 2, "no siblings were drawn"
-        assert any(d.parents[i] > 0 for d in drafts for i in range(1, d.size)), "no second level was drawn"
+        assert max(len(d.tree.children[0]) for d in drafts) >= 2, "no siblings were drawn"
+        assert any(max(d.tree.depths) >= 2 for d in drafts), "no second level was drawn"
     if p.point_masses:
-        assert any(torch.equal(d.q[i], torch.nn.functional.one_hot(d.tokens[i], VOCAB).to(d.q.dtype))
+        assert any(torch.equal(d.q[i], torch.nn.functional.one_hot(d.tree.tokens[i], VOCAB).to(d.q.dtype))
                    for d in drafts for i in range(1, d.size)), "no deterministic node was added"
     for d in drafts:
         assert_rows_draw_without_replacement(d, p)

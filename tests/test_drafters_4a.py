@@ -16,7 +16,7 @@ from forerun.engine.sequence import Sequence
 from forerun.drafters.draft_model import DraftModel
 from forerun.drafters.recycle import TokenRecycling
 from forerun.drafters.stand import Stand
-from forerun.drafters.tree_shape import grow_shape, sibling_ranks
+from forerun.drafters.tree_shape import cut_shape, grow_shape
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -67,12 +67,25 @@ def test_recycle_matrix_fits_2mb_for_smollm_vocab():
     assert TokenRecycling(target, SpecConfig(method="recycle")).successors.nbytes < 2 * 2**20
 
 
-def test_grown_shape_gives_every_node_a_prefix_of_ranks():
-    shape = grow_shape(lambda depth, rank: 0.9 ** rank / depth, nodes=30, max_depth=4, max_rank=5)
-    assert shape.size == 30 and max(shape.depths) <= 4
-    assert shape.ranks[1:] == sibling_ranks(shape.parents)[1:]
-    cut = shape.cut(12, 2)
-    assert cut.size == 12 and max(cut.depths) <= 2 and cut.ranks[1:] == sibling_ranks(cut.parents)[1:]
+ACCEPT = lambda depth, rank: 0.9 ** rank / depth  # noqa: E731
+
+
+def values(shape) -> list[float]:
+    """Each node's value: the product of ACCEPT(depth, sibling rank) along its path."""
+    out = [1.0]
+    for parent, depth, rank in zip(shape.parents[1:], shape.depths[1:], shape.ranks[1:]):
+        out.append(out[parent] * ACCEPT(depth, rank))
+    return out
+
+
+def test_grown_shape_is_best_first_and_its_cut_keeps_the_best():
+    """Nodes come in falling value only if each was grown for the rank it holds among its siblings."""
+    shape = grow_shape(ACCEPT, nodes=30, max_depth=4, max_rank=5)
+    assert shape.size == 30 and max(shape.depths) <= 4 and max(shape.ranks) < 5
+    assert values(shape) == sorted(values(shape), reverse=True)
+    cut = cut_shape(shape, 12, 2)
+    shallow = [v for v, depth in zip(values(shape), shape.depths) if depth <= 2]
+    assert cut.size == 12 and max(cut.depths) <= 2 and values(cut) == shallow[:12]
 
 
 # --- distributions at temperature > 0 -------------------------------------------------------------

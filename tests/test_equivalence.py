@@ -6,6 +6,7 @@ from conftest import VOCAB, tiny_hf_runtime, tiny_runtime
 from forerun import LLM, SamplingParams, SpecConfig
 from forerun.drafters.base import Drafter, chain
 from forerun.drafters.draft_model import DraftModel
+from forerun.tree import Tree
 from forerun.types import Draft
 
 PROMPTS = [[1, 5, 9, 13, 5, 9], [7, 7, 7, 2], list(range(3, 40, 3)) * 2]
@@ -38,7 +39,7 @@ class Oracle(Drafter):
             tokens += [(t + 7) % VOCAB, t]
             parents += [last, last]
             last = len(tokens) - 1
-        return Draft(tokens=torch.tensor(tokens), parents=parents)
+        return Draft(Tree(tokens=torch.tensor(tokens), parents=parents))
 
 
 def draft_runtime(llm, seed: int):

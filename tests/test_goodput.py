@@ -10,10 +10,11 @@ from test_drafters_4b import datastore_for
 from test_equivalence import GREEDY, PROMPTS, generate, reference
 
 from forerun import LLM, SamplingParams, SpecConfig
-from forerun.engine.goodput import CheckSchedule, Entry, Goodput, NodeOdds, RowCost, best_cut, keep_nodes, rank_paths
+from forerun.engine.goodput import CheckSchedule, Entry, Goodput, NodeOdds, RowCost, best_cut, keep_nodes
 from forerun.drafters.draft_model import DraftModel
 from forerun.drafters.rasd import RetrievalAugmented
 from forerun.retrieval.datastore import build, fingerprint_of
+from forerun.tree import Tree, TreeShape
 from forerun.types import Draft, Extra
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -23,7 +24,7 @@ TREE = [-1, 0, 0, 1, 1, 3]
 
 
 def tree_draft(parents=TREE, q=None, extra=None) -> Draft:
-    return Draft(tokens=torch.arange(10, 10 + len(parents)), parents=list(parents), q=q, extra=extra)
+    return Draft(Tree(tokens=torch.arange(10, 10 + len(parents)), parents=list(parents)), q=q, extra=extra)
 
 
 def test_cost_line_fits_and_stays_sane():
@@ -92,34 +93,34 @@ def test_odds_per_context_once_trusted_and_optimistic_before():
     """A context (draft key, previous step) gets its own odds after TRUST visits; before that, no
     less than the unseen prior, so a promising context is tried rather than judged by the others."""
     odds = NodeOdds()
-    chain = [-1, 0]
+    chain = TreeShape([-1, 0])
     for _ in range(20):
-        odds.record(rank_paths(chain), {0}, (1, "none"))  # 1-gram matches: never accepted
+        odds.record(chain, {0}, (1, "none"))  # 1-gram matches: never accepted
     for _ in range(3):
-        odds.record(rank_paths(chain), {0, 1}, (3, "all"))
-    assert odds.estimate(rank_paths(chain), chain, (1, "none"))[1] == 0  # trusted: its own odds
-    assert odds.estimate(rank_paths(chain), chain, (3, "all"))[1] == 0.5  # untrusted: the prior
-    assert 0 < odds.estimate(rank_paths(chain), chain)[1] < 0.2  # over all contexts (a running mean)
+        odds.record(chain, {0, 1}, (3, "all"))
+    assert odds.estimate(chain, (1, "none"))[1] == 0  # trusted: its own odds
+    assert odds.estimate(chain, (3, "all"))[1] == 0.5  # untrusted: the prior
+    assert 0 < odds.estimate(chain)[1] < 0.2  # over all contexts (a running mean)
     for _ in range(NodeOdds.TRUST):
-        odds.record(rank_paths(chain), {0, 1}, (3, "all"))
-    assert odds.estimate(rank_paths(chain), chain, (3, "all"))[1] == 1.0
+        odds.record(chain, {0, 1}, (3, "all"))
+    assert odds.estimate(chain, (3, "all"))[1] == 1.0
 
 
 def test_odds_are_monotone_and_keyed_by_rank_paths():
-    paths = rank_paths(TREE)
-    assert paths == [(), (0,), (1,), (0, 0), (0, 1), (0, 0, 0)]
+    tree = TreeShape(TREE)
+    assert tree.rank_paths == ((), (0,), (1,), (0, 0), (0, 1), (0, 0, 0))
     odds = NodeOdds()
     for accepted in ({0, 1, 3}, {0, 1, 4}, {0, 2}, {0}):
-        odds.record(paths, accepted)
-    est = odds.estimate(paths, TREE)
+        odds.record(tree, accepted)
+    est = odds.estimate(tree)
     assert est[1] == pytest.approx(0.5) and est[2] == pytest.approx(0.25)
     assert est[3] == est[4] == pytest.approx(0.25)
     assert est[5] == 0  # never accepted
     # a later sibling that did better is capped by the earlier one, so a cut keeps draw order
-    odds.record(paths, {0, 2}), odds.record(paths, {0, 2}), odds.record(paths, {0, 2})
-    est = odds.estimate(paths, TREE)
+    odds.record(tree, {0, 2}), odds.record(tree, {0, 2}), odds.record(tree, {0, 2})
+    est = odds.estimate(tree)
     assert est[2] <= est[1]
-    fresh = NodeOdds().estimate(paths, TREE)
+    fresh = NodeOdds().estimate(tree)
     assert fresh[1] == 0.5 and fresh[3] == 0.25  # unseen: half the parent's odds
 
 
@@ -128,8 +129,8 @@ def test_keep_nodes_remaps_parents_q_and_extra_columns():
     extra = Extra(tokens=torch.tensor([1, 2]), depths=torch.tensor([1, 2]),
                   mask=torch.rand(2, len(TREE) + 2) > 0.5)
     cut = keep_nodes(tree_draft(q=q, extra=extra), [0, 1, 3, 5])
-    assert cut.parents == [-1, 0, 1, 2]
-    assert cut.tokens.tolist() == [10, 11, 13, 15]
+    assert cut.tree.parents == [-1, 0, 1, 2]
+    assert cut.tree.tokens.tolist() == [10, 11, 13, 15]
     assert torch.equal(cut.q, q[[0, 1, 3, 5]])
     assert torch.equal(cut.extra.mask, extra.mask[:, [0, 1, 3, 5, 6, 7]])
     plain = keep_nodes(tree_draft(extra=extra), [0])
@@ -145,7 +146,7 @@ def learned_policy(line=(1.0, 0.25)) -> Goodput:
     memory = policy.memory(SPEC)
     memory.checks.next_check = 10**9  # no checks
     for accepted in ({0, 1, 3}, {0, 1}, {0, 1, 3, 5}, {0, 2}):
-        memory.odds.record(rank_paths(TREE), accepted)
+        memory.odds.record(TreeShape(TREE), accepted)
     return policy
 
 
@@ -156,7 +157,7 @@ def cut_one(policy: Goodput, draft: Draft, cuttable: bool = True, ratio: float =
 def test_cut_keeps_the_best_nodes_closed_under_parents():
     # odds: 1: 0.75, 2: 0.25, 3: 0.5, 4: 0, 5: 0.25 -> k=2 keeps {1, 3}: 2.25 / 1.75 beats 1.75 / 1.5
     cut = cut_one(learned_policy(), tree_draft())
-    assert cut.tokens.tolist() == [10, 11, 13] and cut.parents == [-1, 0, 1]
+    assert cut.tree.tokens.tolist() == [10, 11, 13] and cut.tree.parents == [-1, 0, 1]
     assert cut_one(learned_policy(line=(1.0, 0.0)), tree_draft()).size == len(TREE)
     assert cut_one(learned_policy(line=(0.0, 1.0)), tree_draft()).size == 1
 
@@ -204,7 +205,7 @@ def test_depths_for_model_drafters_fall_to_plain_under_load():
     chain_spec = SpecConfig(method="layer-skip", budget="goodput")
     odds = policy.memory(chain_spec).odds
     for accepted in [{0, 1, 2}] * 10 + [{0}]:  # the first two positions accepted 10 times in 11
-        odds.record(rank_paths([-1, 0, 1, 2]), accepted, (None, "plain"))
+        odds.record(TreeShape([-1, 0, 1, 2]), accepted, (None, "plain"))
     assert policy.depths([(chain_spec, 1.0, 3, False, "plain", False)], 1, 1.0) == [2]  # the third position never pays
     policy.cost.record(64, 1.0 + 0.05 * 64)
     loaded = policy.depths([(chain_spec, 1.0, 3, False, "plain", False)] * 2, 64, 64.0)

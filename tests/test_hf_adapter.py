@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_hf_runtime
 from forerun import LLM, SamplingParams, SpecConfig
 from forerun.models.batch import ForwardBatch, Segment
-from forerun.tree import depths, tree_mask
+from forerun.tree import TreeShape
 
 transformers = pytest.importorskip("transformers")
 
@@ -46,8 +46,9 @@ def test_prompt_then_steps_match_one_hf_forward(adapter):
 def test_tree_nodes_match_their_paths_and_commit_keeps_the_path(adapter):
     cache = adapter.new_cache(32)
     run(adapter, cache, PREFIX, 0)
-    positions = len(PREFIX) + torch.tensor(depths(PARENTS))
-    tree = run(adapter, cache, TREE, len(PREFIX), positions, tree_mask(PARENTS))
+    shape = TreeShape(PARENTS)
+    positions = len(PREFIX) + torch.tensor(shape.depths)
+    tree = run(adapter, cache, TREE, len(PREFIX), positions, shape.mask)
     for node in range(len(PARENTS)):
         path, n = [], node
         while n >= 0:

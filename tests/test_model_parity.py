@@ -15,13 +15,14 @@ from forerun.cache import KVCache
 from forerun.models.args import ModelArgs
 from forerun.models.batch import ForwardBatch, Segment
 from forerun.models.llama import Transformer
-from forerun.tree import children, depths, is_chain, tree_mask
+from forerun.tree import TreeShape
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 SEQ = [3, 17, 42, 8, 99, 0, 23, 57, 61, 5, 77, 31]  # 12 tokens: longer than the Mistral window
 PARENTS = [-1, 0, 0, 1, 1, 2]  # root; two children; two grandchildren under 1, one under 2
+SHAPE = TreeShape(PARENTS)
 TREE_TOKENS = [11, 64, 9, 64, 2, 90]  # node 3 repeats node 1's token on purpose
 PREFIX = 7  # tokens committed before the tree's root
 FP32_ATOL = 1e-4
@@ -104,8 +105,8 @@ def tree_forward(model: Transformer, cache: KVCache) -> torch.Tensor:
     The prefix goes in one token at a time, the path test_incremental_decoding checks on its own, so
     that a failure here is the tree's."""
     feed(model, cache, SEQ[:PREFIX])
-    positions = PREFIX + torch.tensor(depths(PARENTS))
-    return run(model, cache, TREE_TOKENS, PREFIX, positions, tree_mask(PARENTS))
+    positions = PREFIX + torch.tensor(SHAPE.depths)
+    return run(model, cache, TREE_TOKENS, PREFIX, positions, SHAPE.mask)
 
 
 def root_path(node: int) -> list[int]:
@@ -154,8 +155,8 @@ def test_ragged_batch_matches_hf_and_each_sequence_alone(pair):
     segments = [
         Segment(torch.tensor(SEQ[4:10]), torch.arange(4, 10), a[:10]),
         Segment(torch.tensor([SEQ[9]]), torch.tensor([9]), b[:10]),
-        Segment(torch.tensor(TREE_TOKENS), PREFIX + torch.tensor(depths(PARENTS)), c[:PREFIX + len(PARENTS)],
-                tree_mask(PARENTS)),
+        Segment(torch.tensor(TREE_TOKENS), PREFIX + torch.tensor(SHAPE.depths), c[:PREFIX + len(PARENTS)],
+                SHAPE.mask),
     ]
     together = run_rows(segments)
     alone = torch.cat([run_rows([s]) for s in segments])
@@ -233,49 +234,3 @@ def test_store_copy_moves_every_layers_entries():
     untouched = [0, 1, 2, 5, 6, 7]
     assert torch.equal(cache.k[:, :, untouched], before_k[:, :, untouched])
     assert cache.bytes_per_slot == 2 * 2 * 2 * 3 * 4
-
-
-# --- forerun.tree ------------------------------------------------------------------------------
-
-def test_tree_of_two_branches():
-    m = tree_mask(PARENTS)
-    expected = torch.tensor([
-        [1, 0, 0, 0, 0, 0],
-        [1, 1, 0, 0, 0, 0],
-        [1, 0, 1, 0, 0, 0],
-        [1, 1, 0, 1, 0, 0],
-        [1, 1, 0, 0, 1, 0],
-        [1, 0, 1, 0, 0, 1],
-    ], dtype=torch.bool)
-    assert m.dtype == torch.bool and torch.equal(m, expected)
-    assert depths(PARENTS) == [0, 1, 1, 2, 2, 2]
-    assert children(PARENTS) == [[1, 2], [3, 4], [5], [], [], []]
-    assert not is_chain(PARENTS)
-
-
-def test_chain_is_a_degenerate_tree():
-    parents = [-1, 0, 1, 2]
-    assert torch.equal(tree_mask(parents), torch.ones(4, 4, dtype=torch.bool).tril())
-    assert depths(parents) == [0, 1, 2, 3]
-    assert children(parents) == [[1], [2], [3], []]
-    assert is_chain(parents) and is_chain([-1])
-
-
-def test_root_only_and_star_trees():
-    assert torch.equal(tree_mask([-1]), torch.ones(1, 1, dtype=torch.bool))
-    star = [-1, 0, 0, 0]
-    assert torch.equal(tree_mask(star), torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 0, 1]],
-                                                     dtype=torch.bool))
-    assert depths(star) == [0, 1, 1, 1]
-    assert children(star) == [[1, 2, 3], [], [], []]
-    assert not is_chain(star)
-
-
-def test_deep_tree_with_late_branch():
-    parents = [-1, 0, 1, 1, 3, 2]  # a chain 0-1-2 with a second branch 3-4 under node 1
-    m = tree_mask(parents)
-    assert m[4].tolist() == [True, True, False, True, True, False]
-    assert m[5].tolist() == [True, True, True, False, False, True]
-    assert depths(parents) == [0, 1, 2, 2, 3, 3]
-    assert children(parents) == [[1], [2, 3], [5], [4], [], []]
-    assert not is_chain(parents) and not is_chain([-1, 0, 0])

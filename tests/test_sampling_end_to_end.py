@@ -35,7 +35,7 @@ class UniformQ(DraftModel):
 
     def propose(self, seq, depth):
         draft = super().propose(seq, depth)
-        return Draft(draft.tokens, draft.parents, torch.full_like(draft.q, 1 / draft.q.shape[1]))
+        return Draft(draft.tree, torch.full_like(draft.q, 1 / draft.q.shape[1]))
 
 
 @torch.inference_mode()

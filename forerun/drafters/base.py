@@ -22,6 +22,7 @@ import torch
 
 from forerun.config import SpecConfig
 from forerun.engine.sequence import Sequence
+from forerun.tree import Tree
 from forerun.types import Draft, Scores, Verdict
 
 
@@ -71,10 +72,10 @@ def room(seq: Sequence) -> int:
 
 def root_only(seq: Sequence) -> Draft:
     """The empty draft: verification of the root alone is one autoregressive step."""
-    return Draft(tokens=torch.tensor([seq.root]), parents=[-1])
+    return Draft(Tree(tokens=torch.tensor([seq.root]), parents=[-1]))
 
 
 def chain(seq: Sequence, proposal: list[int], q=None) -> Draft:
     """A chain draft: root followed by `proposal`; q ([len+1, V]) as in Draft."""
     tokens = torch.tensor([seq.root, *proposal])
-    return Draft(tokens=tokens, parents=list(range(-1, len(proposal))), q=q)
+    return Draft(Tree(tokens=tokens, parents=list(range(-1, len(proposal)))), q=q)

@@ -109,7 +109,7 @@ class DynamicExit(Drafter):
         the target produced there."""
         model = self.target.model
         path = torch.tensor(verdict.path)
-        truth = torch.tensor(draft.tokens[path[1:]].tolist() + [verdict.next_token])  # [A]
+        truth = torch.tensor(draft.tree.tokens[path[1:]].tolist() + [verdict.next_token])  # [A]
         states = torch.stack([scores.layers[layer][path] for layer in self.layers])  # [C, A, hidden]
         shadow = model.head(model.norm(states.flatten(0, 1))).argmax(-1).view(len(self.layers), -1).cpu()
         matches = (shadow == truth).sum(-1).tolist()  # [C]

@@ -23,7 +23,7 @@ from forerun.drafters.base import Drafter, Sequence, room
 from forerun.drafters.registry import register
 from forerun.models.batch import ForwardBatch
 from forerun.sampling import gumbel_top_k, target_probs
-from forerun.tree import depths, tree_mask
+from forerun.tree import Tree, TreeShape
 from forerun.types import Draft
 
 # Draft-cache slots past a request's longest sequence, for the tree nodes of one step (the engine
@@ -81,7 +81,7 @@ class DraftModel(Drafter):
         hidden = self.draft.model(ForwardBatch.contiguous(torch.tensor(pending), torch.arange(reuse, base + 1), reuse,
                                                           logits=False), state.cache).hidden[-1:]
         grow = self._grow_dynamic if self.opts.tree == "dynamic" else self._grow_beam
-        tree = _Tree(tokens=[seq.root], parents=[-1], q_rows=[None], score=[0.0], base=base, cache=state.cache)
+        tree = _GrowingTree(tokens=[seq.root], parents=[-1], q_rows=[None], score=[0.0], base=base, cache=state.cache)
         forwarded = grow(tree, hidden, seq, depth)
         # Slots base.. hold tree nodes by index; the chain prefix of the tree is a valid sequence.
         parents = tree.parents
@@ -89,9 +89,9 @@ class DraftModel(Drafter):
         state.tokens = seq.tokens[:-1] + tree.tokens[:min(chain_len, forwarded)]
         q = None if seq.params.greedy else torch.stack([torch.zeros_like(tree.q_rows[1]) if r is None else r
                                                         for r in tree.q_rows])
-        return Draft(tokens=torch.tensor(tree.tokens), parents=parents, q=q)
+        return Draft(Tree(tokens=torch.tensor(tree.tokens), parents=parents), q=q)
 
-    def _grow_beam(self, tree: _Tree, hidden: torch.Tensor, seq: Sequence, depth: int) -> int:
+    def _grow_beam(self, tree: _GrowingTree, hidden: torch.Tensor, seq: Sequence, depth: int) -> int:
         """Level by level: the `tree_width` best nodes of the newest level get `tree_width` children
         each. Returns how many nodes (a prefix) went through the draft model."""
         width, level = self.spec.tree_width, [0]  # level: the nodes whose outputs `hidden` holds
@@ -108,7 +108,7 @@ class DraftModel(Drafter):
             level = list(range(lo, tree.size))
         return tree.size
 
-    def _grow_dynamic(self, tree: _Tree, hidden: torch.Tensor, seq: Sequence, depth: int) -> int:
+    def _grow_dynamic(self, tree: _GrowingTree, hidden: torch.Tensor, seq: Sequence, depth: int) -> int:
         """Best-first growth under a node budget (EAGLE-2 / DySpec): each round adds the candidate
         children with the highest cumulative draft log-probability, anywhere in the tree, then runs
         the new nodes through the draft model in one forward to offer their own children.
@@ -142,17 +142,17 @@ class DraftModel(Drafter):
                 offer(node, row)
         return tree.size
 
-    def _run(self, tree: _Tree, lo: int) -> torch.Tensor:
+    def _run(self, tree: _GrowingTree, lo: int) -> torch.Tensor:
         """Run nodes [lo, size) through the draft model (attending to their ancestors); their hidden states."""
-        hi = tree.size
-        mask = tree_mask(tree.parents)[lo:hi, :hi]
-        positions = torch.tensor(depths(tree.parents)[lo:hi]) + tree.base
+        hi, shape = tree.size, TreeShape(list(tree.parents))  # a copy: the tree grows on
+        mask = shape.mask[lo:hi, :hi]
+        positions = torch.tensor(shape.depths[lo:hi]) + tree.base
         batch = ForwardBatch.contiguous(torch.tensor(tree.tokens[lo:hi]), positions, tree.base + lo, mask, logits=False)
         return self.draft.model(batch, tree.cache).hidden
 
 
 @dataclass(slots=True)
-class _Tree:
+class _GrowingTree:
     """A draft tree being grown; node i's K/V go to draft-cache slot base + i."""
 
     tokens: list[int]

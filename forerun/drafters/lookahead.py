@@ -70,7 +70,7 @@ class Lookahead(Drafter):
         window = self._window(state, tree.size)
         if window is not None and tree.size + window.tokens.shape[0] > space:
             window = None  # near the end of the room: verify only
-        return Draft(tokens=tree.tokens, parents=tree.parents, extra=window)
+        return Draft(tree, extra=window)
 
     def observe(self, seq: Sequence, draft: Draft, verdict, scores: Scores) -> None:
         state: LookaheadState = seq.draft_state

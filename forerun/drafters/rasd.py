@@ -26,7 +26,7 @@ from forerun.drafters.retrieval import RETRIEVAL_OPTIONS, RetrievalOptions, chec
 from forerun.drafters.tries import prune
 from forerun.models.batch import ForwardBatch
 from forerun.sampling import target_probs
-from forerun.tree import depths, tree_mask
+from forerun.tree import Tree
 from forerun.types import Draft
 
 
@@ -48,28 +48,28 @@ class RetrievalAugmented(Drafter):
         return self.model.begin(seq)
 
     def propose(self, seq: Sequence, depth: int) -> Draft:
-        tree = self.model.propose(seq, depth)
+        drafted = self.model.propose(seq, depth)
         trie = retrieve(self.store, seq, self.opts)
-        keep = min(self.opts.budget, room(seq) - tree.size - 1)
+        keep = min(self.opts.budget, room(seq) - drafted.size - 1)
         if len(trie.tokens) == 1 or keep < 1:
-            return tree
-        candidates = trie.pruned(min(2 * keep, room(seq) - tree.size - 1))  # frequency first: bounds the forward
-        retrieved = prune(candidates, keep, self._draft_scores(seq, candidates, tree.size))
-        return fuse(tree, retrieved, seq.params.greedy)
+            return drafted
+        candidates = trie.pruned(min(2 * keep, room(seq) - drafted.size - 1))  # frequency first: bounds the forward
+        retrieved = prune(candidates, keep, self._draft_scores(seq, candidates, drafted.size))
+        return fuse(drafted, retrieved, seq.params.greedy)
 
     @torch.inference_mode()
-    def _draft_scores(self, seq: Sequence, trie: Draft, model_nodes: int) -> list[float]:
+    def _draft_scores(self, seq: Sequence, trie: Tree, model_nodes: int) -> list[float]:
         """Each trie node's cumulative draft-model probability, from one draft forward over the trie
         (its root again first, for the root's distribution). It runs at cache slots past the model
         tree's, which the draft model never reuses."""
         rt, params = self.model.draft, seq.params
         base, parents = len(seq.tokens) - 1, trie.parents
         n, tokens = len(parents), trie.tokens.tolist()
-        mask = torch.cat([torch.zeros(n, model_nodes, dtype=torch.bool), tree_mask(parents)], dim=1)
+        mask = torch.cat([torch.zeros(n, model_nodes, dtype=torch.bool), trie.mask], dim=1)
         # Column 0 is the model tree's root, whose K/V the draft model wrote at slot `base`; every trie
         # node sees the root there, not the root copy's own entry (which would count it twice).
         mask[:, 0], mask[:, model_nodes] = True, False
-        batch = ForwardBatch.contiguous(trie.tokens, torch.tensor(depths(parents)) + base, base + model_nodes, mask)
+        batch = ForwardBatch.contiguous(trie.tokens, torch.tensor(trie.depths) + base, base + model_nodes, mask)
         logits = rt.model(batch, seq.draft_state.cache).logits.cpu()
         probs = torch.softmax(logits, -1) if params.greedy else target_probs(logits, params)
         score = [1.0] * n
@@ -78,9 +78,9 @@ class RetrievalAugmented(Drafter):
         return score
 
 
-def fuse(tree: Draft, retrieved: Draft, greedy: bool) -> Draft:
-    """The model tree with the retrieved tree merged in by longest-prefix matching."""
-    tokens, parents = tree.tokens.tolist(), list(tree.parents)
+def fuse(drafted: Draft, retrieved: Tree, greedy: bool) -> Draft:
+    """The model's draft with the retrieved tree merged in by longest-prefix matching."""
+    tokens, parents = drafted.tree.tokens.tolist(), list(drafted.tree.parents)
     child = {(p, t): i for i, (p, t) in enumerate(zip(parents, tokens)) if p >= 0}
     where = [0]  # retrieved node -> fused node
     for t, p in zip(retrieved.tokens.tolist()[1:], retrieved.parents[1:]):
@@ -91,6 +91,6 @@ def fuse(tree: Draft, retrieved: Draft, greedy: bool) -> Draft:
         where.append(child[key])
     q = None
     if not greedy:
-        added = torch.nn.functional.one_hot(torch.tensor(tokens[tree.size:]), tree.q.shape[1]).to(tree.q.dtype)
-        q = torch.cat([tree.q, added])
-    return Draft(tokens=torch.tensor(tokens), parents=parents, q=q)
+        added = torch.nn.functional.one_hot(torch.tensor(tokens[drafted.size:]), drafted.q.shape[1]).to(drafted.q.dtype)
+        q = torch.cat([drafted.q, added])
+    return Draft(Tree(tokens=torch.tensor(tokens), parents=parents), q=q)

@@ -18,7 +18,8 @@ import torch
 
 from forerun.drafters.base import Drafter, Sequence, room
 from forerun.drafters.registry import register
-from forerun.drafters.tree_shape import RANK_PRIOR, grow_shape
+from forerun.drafters.tree_shape import RANK_PRIOR, cut_shape, grow_shape
+from forerun.tree import Tree
 from forerun.types import Draft, Scores, Verdict
 
 
@@ -47,7 +48,7 @@ class TokenRecycling(Drafter):
         self.shape = grow_shape(lambda depth, rank: RANK_PRIOR[rank], opts.nodes, opts.depth, opts.k)
 
     def propose(self, seq: Sequence, depth: int) -> Draft:
-        shape = self.shape.cut(room(seq), depth)
+        shape = cut_shape(self.shape, room(seq), depth)
         tokens, parents = [seq.root], [-1]
         placed = {0: 0}  # shape node -> draft node; nodes under an unknown successor are dropped
         for i in range(1, shape.size):
@@ -58,8 +59,8 @@ class TokenRecycling(Drafter):
             if token >= 0:
                 placed[i] = len(tokens)
                 tokens.append(token), parents.append(parent)
-        return Draft(tokens=torch.tensor(tokens), parents=parents)
+        return Draft(Tree(tokens=torch.tensor(tokens), parents=parents))
 
     def observe(self, seq: Sequence, draft: Draft, verdict: Verdict, scores: Scores) -> None:
         top = torch.topk(scores.logits[: draft.size], self.k, dim=-1).indices  # [N, k]
-        self.successors[draft.tokens.numpy()] = top.to(torch.int32).cpu().numpy()
+        self.successors[draft.tree.tokens.numpy()] = top.to(torch.int32).cpu().numpy()

@@ -74,4 +74,4 @@ class Retrieval(Drafter):
         trie = retrieve(self.store, seq, self.opts)
         if len(trie.tokens) == 1:
             return root_only(seq)
-        return trie.pruned(min(self.opts.budget, room(seq) - 1))
+        return Draft(trie.pruned(min(self.opts.budget, room(seq) - 1)))

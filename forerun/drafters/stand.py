@@ -23,9 +23,9 @@ import torch
 
 from forerun.drafters.base import Drafter, Sequence, room
 from forerun.drafters.registry import register
-from forerun.drafters.tree_shape import RANK_PRIOR, grow_shape, sibling_ranks
+from forerun.drafters.tree_shape import RANK_PRIOR, cut_shape, grow_shape
 from forerun.sampling import gumbel_top_k
-from forerun.tree import depths
+from forerun.tree import Tree
 from forerun.types import Draft, Scores, Verdict
 
 PRIOR_TRIALS = 4.0  # pseudo-counts behind RANK_PRIOR before any acceptance has been seen
@@ -105,7 +105,7 @@ class Stand(Drafter):
     # --- drafting ---------------------------------------------------------------------------------
 
     def propose(self, seq: Sequence, depth: int) -> Draft:
-        shape = self.shape.cut(room(seq), depth)
+        shape = cut_shape(self.shape, room(seq), depth)
         n = self.opts.n
         tokens, parents, q_rows = [seq.root], [-1], [None]
         contexts = [seq.tokens[-n:]]
@@ -127,7 +127,7 @@ class Stand(Drafter):
         q = None
         if not seq.params.greedy:
             q = torch.stack([torch.zeros(self.vocab) if r is None else r for r in q_rows])
-        return Draft(tokens=torch.tensor(tokens), parents=parents, q=q)
+        return Draft(Tree(tokens=torch.tensor(tokens), parents=parents), q=q)
 
     def _children(self, context: list[int], seq: Sequence) -> tuple[list[int], list[torch.Tensor | None]]:
         """A node's candidate children in draw order, with the distribution each was drawn from."""
@@ -164,16 +164,15 @@ class Stand(Drafter):
         probs, ids = top.values.exp().double().cpu().numpy(), top.indices.cpu().numpy()  # [N, k]
         before = len(seq.tokens) - verdict.accepted - 1  # tokens up to and including the root
         contexts = [seq.tokens[max(0, before - self.opts.n):before]]
-        tokens = draft.tokens.tolist()
-        for i, parent in enumerate(draft.parents):
+        tokens = draft.tree.tokens.tolist()
+        for i, parent in enumerate(draft.tree.parents):
             if i:
                 contexts.append((contexts[parent] + [tokens[i]])[-self.opts.n:])
             self.memory.update(contexts[i], ids[i], probs[i])
 
     def _count_acceptance(self, draft: Draft, verdict: Verdict) -> None:
-        accepted = set(verdict.path)
-        for i, (parent, depth, rank) in enumerate(zip(draft.parents, depths(draft.parents),
-                                                      sibling_ranks(draft.parents))):
+        accepted, tree = set(verdict.path), draft.tree
+        for i, (parent, depth, rank) in enumerate(zip(tree.parents, tree.depths, tree.ranks)):
             if i and parent in accepted:
                 self.trials[depth, rank] += 1
                 self.hits[depth, rank] += i in accepted

@@ -9,12 +9,11 @@ from collections.abc import Iterable
 
 import torch
 
-from forerun.tree import depths
-from forerun.types import Draft
+from forerun.tree import Tree
 
 
 class Trie:
-    """Nodes in insertion order, so parents[i] < i (the order a Draft needs)."""
+    """Nodes in insertion order, so parents[i] < i (the order a Tree needs)."""
 
     def __init__(self, root: int):
         self.tokens: list[int] = [root]
@@ -37,17 +36,13 @@ class Trie:
             self.tokens.append(token), self.parents.append(parent), self.counts.append(0.0)
         return self._child[key]
 
-    def pruned(self, budget: int) -> Draft:
+    def pruned(self, budget: int) -> Tree:
         """The root plus the `budget` most counted nodes."""
-        return prune(Draft(torch.tensor(self.tokens), self.parents), budget, self.counts)
+        return prune(Tree(tokens=torch.tensor(self.tokens), parents=list(self.parents)), budget, self.counts)
 
 
-def prune(tree: Draft, budget: int, score: list[float]) -> Draft:
-    """The root plus the `budget` best nodes of a deterministic tree by score. Scores must never grow
-    from parent to child; ties go to the shallower, then the older node, so every kept node's parent
-    is kept."""
-    depth = depths(tree.parents)
-    ranked = sorted(range(1, tree.size), key=lambda i: (-score[i], depth[i], i))
-    keep = sorted([0, *ranked[:max(budget, 0)]])
-    index = {old: new for new, old in enumerate(keep)}
-    return Draft(tokens=tree.tokens[keep], parents=[-1] + [index[tree.parents[i]] for i in keep[1:]])
+def prune(tree: Tree, budget: int, score: list[float]) -> Tree:
+    """The root plus the `budget` best nodes of a tree by score. Scores must never grow from parent to
+    child; ties go to the shallower, then the older node, so every kept node's parent is kept."""
+    ranked = sorted(range(1, tree.size), key=lambda i: (-score[i], tree.depths[i], i))
+    return tree.subtree(sorted([0, *ranked[:max(budget, 0)]]))

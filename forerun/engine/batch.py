@@ -6,19 +6,18 @@ from torch import Tensor
 
 from forerun.engine.scheduler import Work
 from forerun.models.batch import ForwardBatch, Segment
-from forerun.tree import depths, is_chain, tree_mask
 from forerun.types import Draft
 
 
 def draft_layout(draft: Draft) -> tuple[Tensor, Tensor, Tensor | None]:
     """The rows a draft adds to a forward: tokens [N + M], position offsets from the root [N + M],
     and the mask among them ([N + M, N + M] bool; None for a chain, which is causal)."""
-    tokens, offsets = draft.tokens, torch.tensor(depths(draft.parents))
-    extra = draft.extra
+    tree, extra = draft.tree, draft.extra
+    tokens, offsets = tree.tokens, torch.tensor(tree.depths)
     if extra is None:
-        return tokens, offsets, None if is_chain(draft.parents) else tree_mask(draft.parents)
+        return tokens, offsets, None if tree.is_chain else tree.mask
     m = extra.tokens.shape[0]
-    mask = torch.cat([torch.nn.functional.pad(tree_mask(draft.parents), (0, m)), extra.mask])
+    mask = torch.cat([torch.nn.functional.pad(tree.mask, (0, m)), extra.mask])
     return torch.cat([tokens, extra.tokens]), torch.cat([offsets, extra.depths]), mask
 
 

@@ -30,7 +30,6 @@ from forerun.engine.scheduler import Scheduler, Work
 from forerun.engine.sequence import Sequence, Status
 from forerun.models.batch import ForwardBatch, ForwardOutput, Segment
 from forerun.stream import TextStream
-from forerun.tree import depths
 from forerun.types import Draft, Generation, Scores, TokenLogprob, Verdict
 from forerun.verify import verify
 
@@ -386,7 +385,7 @@ class Engine:
                 continue
             draft, verdict = drafts[i], verdicts[i]
             self.pool.commit(seq, verdict.path)
-            new = draft.tokens[verdict.path[1:]].tolist() + [verdict.next_token]
+            new = draft.tree.tokens[verdict.path[1:]].tolist() + [verdict.next_token]
             seq.tokens.extend(new)
             logprobs = None if seq.params.logprobs is None else token_logprobs(
                 scores[i].logits[verdict.path], new, seq.params.logprobs)
@@ -410,7 +409,7 @@ class Engine:
         seconds = time.perf_counter() - start
         for seq, draft, verdict, emitted, chunk in finished_steps:
             share = None if chunk else seconds * draft.rows / total_rows  # a prefill's time is not drafting's
-            seq.length.update(max(depths(draft.parents)), verdict.accepted, share, emitted)
+            seq.length.update(max(draft.tree.depths), verdict.accepted, share, emitted)
         return seconds
 
     # -- outputs --------------------------------------------------------------------------------------
@@ -498,7 +497,7 @@ def _outcome(draft: Draft, verdict: Verdict) -> str:
         return "plain"
     if verdict.accepted == 0:
         return "none"
-    return "all" if verdict.accepted == max(depths(draft.parents)) else "some"
+    return "all" if verdict.accepted == max(draft.tree.depths) else "some"
 
 
 def _generator(params: SamplingParams, index: int) -> torch.Generator | None:

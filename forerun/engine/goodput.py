@@ -46,7 +46,7 @@ from dataclasses import dataclass
 
 import torch
 
-from forerun.drafters.tree_shape import sibling_ranks
+from forerun.tree import TreeShape
 from forerun.types import Draft, Extra, Verdict
 
 
@@ -137,11 +137,11 @@ class NodeOdds:
             return self.odds[context, path]
         return unseen if overall is None else max(overall, unseen)
 
-    def estimate(self, paths: list[tuple[int, ...]], parents: list[int], context: object = None) -> list[float]:
+    def estimate(self, shape: TreeShape, context: object = None) -> list[float]:
         """Odds per node (root 1.0), made monotone: no node above its parent or an earlier sibling."""
         out: list[float] = []
         last_child: dict[int, int] = {}
-        for i, (path, parent) in enumerate(zip(paths, parents)):
+        for i, (path, parent) in enumerate(zip(shape.rank_paths, shape.parents)):
             if parent < 0:
                 out.append(1.0)
                 continue
@@ -157,8 +157,8 @@ class NodeOdds:
         contexts = {c for c, path in self.visits if c is not None and path == (0,)}
         return max([self._odds(c, (0,), self.UNSEEN) for c in contexts | {None}])
 
-    def record(self, paths: list[tuple[int, ...]], accepted: set[int], context: object = None) -> None:
-        for i, path in enumerate(paths[1:], 1):
+    def record(self, shape: TreeShape, accepted: set[int], context: object = None) -> None:
+        for i, path in enumerate(shape.rank_paths[1:], 1):
             for key in ((None, path), (context, path)) if context is not None else ((None, path),):
                 n = self.visits.get(key, 0) + 1
                 w = max(1.0 / n, self.MIN_WEIGHT)
@@ -166,27 +166,19 @@ class NodeOdds:
                 self.odds[key] = (1 - w) * self.odds.get(key, 0.0) + w * (i in accepted)
 
 
-def rank_paths(parents: list[int]) -> list[tuple[int, ...]]:
-    """Each node's path of sibling ranks from the root (the root's is ())."""
-    ranks, out = sibling_ranks(parents), []
-    for i, p in enumerate(parents):
-        out.append(() if p < 0 else out[p] + (ranks[i],))
-    return out
-
-
 def keep_nodes(draft: Draft, keep: list[int]) -> Draft:
-    """The draft restricted to `keep` (sorted node indices, root included, closed under parents)."""
-    index = {old: new for new, old in enumerate(keep)}
-    parents = [-1 if draft.parents[i] < 0 else index[draft.parents[i]] for i in keep]
+    """The draft restricted to `keep` (sorted node indices, root included, closed under parents): its
+    subtree, with the kept nodes' q rows and the extra nodes' mask columns for them."""
+    tree = draft.tree.subtree(keep)
     if len(keep) == 1:
-        return Draft(tokens=draft.tokens[:1], parents=parents)  # a plain step: no extra nodes either
+        return Draft(tree)  # a plain step: no extra nodes either
     rows = torch.tensor(keep)
     extra = draft.extra
     if extra is not None:
         columns = torch.cat([rows, torch.arange(draft.size, draft.rows)])
         extra = Extra(tokens=extra.tokens, depths=extra.depths, mask=extra.mask[:, columns])
     q = None if draft.q is None else draft.q[rows]
-    return Draft(tokens=draft.tokens[rows], parents=parents, q=q, extra=extra, key=draft.key)
+    return Draft(tree, q=q, extra=extra, key=draft.key)
 
 
 def best_cut(odds: list[tuple[float, int]], sure_tokens: float, sure_rows: int, extra_rows: dict[int, int],
@@ -284,8 +276,8 @@ class Goodput:
             if keyed:
                 candidates.append((min(1.0, ratio * odds.best_first()), owner))
                 continue
-            chain = list(range(-1, depth))
-            positions = odds.estimate(rank_paths(chain), chain, (None, state))
+            chain = TreeShape(list(range(-1, depth)))
+            positions = odds.estimate(chain, (None, state))
             candidates += [(min(1.0, ratio * p), owner) for p in positions[1:]]
         candidates.sort(key=lambda c: -c[0])  # stable: a chain's positions stay in order
         out = [chain[2] if chain[3] else 0 for chain in chains]
@@ -307,7 +299,7 @@ class Goodput:
                 sure_rows += e.draft.rows - 1
                 orders.append(None)
                 continue
-            odds = e.memory.odds.estimate(rank_paths(e.draft.parents), e.draft.parents, e.context)
+            odds = e.memory.odds.estimate(e.draft.tree, e.context)
             odds = [min(1.0, e.ratio * p) for p in odds]
             order = sorted(range(1, e.draft.size), key=lambda i: (-odds[i], i))
             orders.append(order)
@@ -332,7 +324,6 @@ class Goodput:
         if draft.size == 1:
             return 0.0
         memory = self.memory(spec)
-        paths = rank_paths(draft.parents)
-        expected = sum(memory.odds.estimate(paths, draft.parents, context)[1:])
-        memory.odds.record(paths, set(verdict.path), context)
+        expected = sum(memory.odds.estimate(draft.tree, context)[1:])
+        memory.odds.record(draft.tree, set(verdict.path), context)
         return expected
