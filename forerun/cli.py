@@ -21,7 +21,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                         "only); none: dequantize to --dtype; auto (default): q4 for a Q4_1 GGUF such as the "
                         "embedded model on the CPU in float32, none otherwise")
     p.add_argument("--kv-cache-tokens", type=int, default=None,
-                   help="KV pool size in tokens (default: a quarter of free memory, at most 32 full contexts)")
+                   help="KV pool size in tokens (default: --max-num-seqs sequences of 2048 tokens, at most a quarter "
+                        "of free memory, at least one full context)")
     p.add_argument("--max-num-seqs", type=int, default=EngineConfig().max_num_seqs,
                    help="sequences decoding at once (default: %(default)s)")
     p.add_argument("--max-step-tokens", type=int, default=EngineConfig().max_step_tokens,

@@ -13,6 +13,7 @@ autoregressive decoding is the same step with the `ar` drafter, whose draft is t
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -33,9 +34,11 @@ from forerun.stream import TextStream
 from forerun.types import Draft, Generation, Scores, TokenLogprob, Verdict
 from forerun.verify import verify
 
-FREE_MEMORY_SHARE = 0.25  # of free memory the KV pool takes by default
+log = logging.getLogger("forerun.engine")
+
+FREE_MEMORY_SHARE = 0.25  # of free memory the KV pool takes at most by default
+WORKING_CONTEXT = 2048  # tokens (prompt and output) the default pool holds for each of max_num_seqs sequences
 RATIO_DECAY = 0.8  # per verified draft, of a sequence's accepted and expected draft tokens
-MAX_DEFAULT_CONTEXTS = 32  # ... but no more than this many full contexts
 SCORE_CHUNK = 512  # rows per forward when scoring a text (each row's logits span the vocabulary)
 
 
@@ -76,8 +79,12 @@ class Engine:
         self.runtime = runtime
         self.model = runtime.model
         self.config = config or EngineConfig()
-        slots = self.config.kv_cache_tokens or default_kv_tokens(self.model, runtime.context_length)
+        slots = self.config.kv_cache_tokens or default_kv_tokens(self.model, runtime.context_length,
+                                                                 self.config.max_num_seqs)
         self.pool = KVPool(self.model.new_cache(slots), self.config.block_size, self.config.prefix_caching)
+        log.info("%s%s", pool_size(self.pool), "" if self.config.kv_cache_tokens else
+                 f" (default: {self.config.max_num_seqs} sequences of up to {WORKING_CONTEXT} tokens, at most "
+                 f"{FREE_MEMORY_SHARE:.0%} of free memory; set --kv-cache-tokens to change it)")
         self.scheduler = Scheduler(self.pool, self.config)
         self.goodput = Goodput()
         self.drafters: dict[SpecConfig, Drafter] = {}  # one per SpecConfig, kept across requests
@@ -514,17 +521,27 @@ def _generator(params: SamplingParams, index: int) -> torch.Generator | None:
     return torch.Generator().manual_seed(seed)
 
 
-def default_kv_tokens(model, context_length: int) -> int:
-    """A pool of FREE_MEMORY_SHARE of the device's free memory, at most MAX_DEFAULT_CONTEXTS full
-    contexts (the store is allocated but its pages are only touched as sequences fill them)."""
+def default_kv_tokens(model, context_length: int, max_num_seqs: int) -> int:
+    """A pool the engine can use: max_num_seqs sequences of WORKING_CONTEXT tokens each (what they
+    leave free holds the prefix cache; longer ones wait or are preempted), at most FREE_MEMORY_SHARE
+    of the device's free memory, and at least one full context. Sized by what the engine uses rather
+    than by the memory there is: the prefix cache keeps every block it ever filled until the pool runs
+    out, so a server in use ends up holding its whole pool, and a share of a big machine's memory
+    (255k tokens, 5.6 GiB for a 135M model) is far more than one CPU can decode for."""
     a = model.args
     per_token = 2 * a.num_layers * a.num_kv_heads * a.head_dim * model.kv_dtype.itemsize
     if model.device.type == "cuda":
         free = torch.cuda.mem_get_info(model.device)[0]
     else:
         free = _available_memory()
-    tokens = int(FREE_MEMORY_SHARE * free / per_token)
-    return max(min(tokens, MAX_DEFAULT_CONTEXTS * context_length), context_length)
+    wanted = max_num_seqs * min(context_length, WORKING_CONTEXT)
+    return max(min(wanted, int(FREE_MEMORY_SHARE * free / per_token)), context_length)
+
+
+def pool_size(pool: KVPool) -> str:
+    """The pool's size, as a log line: tokens, blocks and memory."""
+    return (f"KV pool: {pool.num_blocks * pool.block_size} tokens in {pool.num_blocks} blocks of {pool.block_size}, "
+            f"{pool.store.slots * pool.store.bytes_per_slot / 2**20:.0f} MiB")
 
 
 def _available_memory() -> int:
