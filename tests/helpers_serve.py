@@ -42,15 +42,17 @@ def tiny_model_dir(path: Path, context: int = 256, seed: int = 0) -> Path:
 
 
 class ServerProcess:
-    """`python -m forerun serve ARGS` on a free loopback port, stopped by stop() (SIGTERM, then kill)."""
+    """`python -m forerun serve ARGS` on a free loopback port, stopped by stop() (SIGTERM, then kill);
+    `env` adds to the environment it inherits."""
 
-    def __init__(self, *args: str, log: Path):
+    def __init__(self, *args: str, log: Path, env: dict[str, str] | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log
         self._log = open(log, "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "forerun", "serve", "--port", str(self.port), *args],
-                                     cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT, env=os.environ.copy())
+                                     cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(env or {})})
 
     def wait_ready(self, timeout: float = 300) -> "ServerProcess":
         if wait_healthy(self.proc, self.url + "/health", timeout):
@@ -77,9 +79,9 @@ class ServerProcess:
         raise RuntimeError("no VmRSS")
 
 
-def running_server(*args: str, log: Path):
+def running_server(*args: str, log: Path, env: dict[str, str] | None = None):
     """For a module fixture: `yield from running_server(...)` yields the server once ready and stops it after."""
-    proc = ServerProcess(*args, log=log)
+    proc = ServerProcess(*args, log=log, env=env)
     try:
         yield proc.wait_ready()
     finally:

@@ -1,6 +1,7 @@
 """`forerun serve` with a `scaling` object in a chat request's extra_body, through the official openai
 client against a real server process. The model is a tiny random Llama whose head favours digits and
 EOS, so its samples carry numbers that votes and answers can be read from."""
+import asyncio
 import time
 from collections import Counter
 
@@ -12,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from helpers_serve import metric, openai_client, running_server, tiny_model_dir
 
 MAX_NUM_SEQS = 8
+MAX_SCALING_JOBS = 2
 MESSAGES = [{"role": "user", "content": "What is 2 + 3?"}]
 DIGITS, EOS = range(32, 42), 2  # the embedded tokenizer's ids of "0".."9" and <|im_end|>
 
@@ -33,7 +35,8 @@ def numeric_model_dir(path):
 def server(tmp_path_factory):
     model = numeric_model_dir(tmp_path_factory.mktemp("numeric-model"))
     yield from running_server("--model", str(model), "--served-model-name", "tiny", "--kv-cache-tokens", "16384",
-                              "--max-num-seqs", str(MAX_NUM_SEQS), log=tmp_path_factory.mktemp("logs") / "scaling.log")
+                              "--max-num-seqs", str(MAX_NUM_SEQS), "--max-scaling-jobs", str(MAX_SCALING_JOBS),
+                              log=tmp_path_factory.mktemp("logs") / "scaling.log")
 
 
 @pytest.fixture(scope="module")
@@ -138,3 +141,37 @@ def test_plain_requests_still_work(client):
     out = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=8, temperature=0)
     assert len(out.choices) == 1 and out.usage.completion_tokens <= 8
     assert "scaling" not in out.model_extra["forerun"]
+
+
+def _wait_metric(url: str, name: str, value: float, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while metric(url, name) != value:
+        assert time.monotonic() < deadline, f"{name} never reached {value}"
+        time.sleep(0.05)
+
+
+def test_scaling_requests_past_the_limit_get_a_429_and_others_go_on(server):
+    """Each strategy holds a thread for its whole run: past --max-scaling-jobs a scaling request is
+    refused at once with Retry-After rather than queued, and every other request is still served."""
+    body = {"messages": MESSAGES, "max_tokens": 900, "ignore_eos": True,
+            "scaling": {"strategy": "vote", "n": MAX_NUM_SEQS // MAX_SCALING_JOBS}}
+
+    async def scenario():
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as http:
+            running = [asyncio.ensure_future(http.post("/v1/chat/completions", json=body))
+                       for _ in range(MAX_SCALING_JOBS)]
+            await asyncio.to_thread(_wait_metric, server.url, "forerun:scaling_requests_running", MAX_SCALING_JOBS)
+            refused = await http.post("/v1/chat/completions", json=body)
+            models = await http.get("/v1/models")
+            plain = await http.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 4})
+            for request in running:  # their clients go away: the strategies are aborted
+                request.cancel()
+            return refused, models, plain
+
+    refused, models, plain = asyncio.run(scenario())
+    assert refused.status_code == 429 and int(refused.headers["Retry-After"]) >= 1
+    error = refused.json()["error"]
+    assert error["type"] == "rate_limit_error" and "--max-scaling-jobs" in error["message"]
+    assert models.status_code == 200 and plain.status_code == 200
+    _wait_metric(server.url, "forerun:scaling_requests_running", 0)
+    _wait_metric(server.url, "forerun:num_seqs_running", 0)

@@ -21,12 +21,14 @@ from forerun.engine.engine import Engine
 from forerun.serve import requests as rq
 from forerun.serve import responses as rs
 from forerun.serve import scaling as sc
+from forerun.serve.cli import DEFAULT_MAX_SCALING_JOBS
+from forerun.serve.drafts import DraftModels
 from forerun.serve.errors import APIError, error_response, install_error_handlers
 from forerun.serve.jobs import Job
 from forerun.serve.limits import BodyLimit, CountRequests
 from forerun.serve.metrics import Metrics
 from forerun.serve.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ErrorResponse,
-                                    TokenizeRequest)
+                                    SamplingFields, TokenizeRequest)
 from forerun.serve.worker import EngineWorker
 
 log = logging.getLogger("forerun.serve")
@@ -34,7 +36,8 @@ log = logging.getLogger("forerun.serve")
 MAX_BODY_BYTES = 4 * 2**20
 ERRORS = {status: {"model": ErrorResponse, "description": what} for status, what in (
     (400, "invalid parameters, or a prompt longer than the context"), (401, "a missing or wrong API key"),
-    (404, "an unknown model"), (413, "a request body over the limit"), (503, "the model is loading"))}
+    (404, "an unknown model"), (413, "a request body over the limit"),
+    (429, "as many scaling requests as the server runs at once are running"), (503, "the model is loading"))}
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +46,11 @@ class ServeConfig:
     spec: SpecConfig = field(default_factory=SpecConfig)  # the default speculation; requests may override it
     api_key: str | None = None  # required as `Authorization: Bearer KEY` on /v1, /tokenize, /detokenize
     max_body_bytes: int = MAX_BODY_BYTES
+    max_scaling_jobs: int = DEFAULT_MAX_SCALING_JOBS  # chat requests with `scaling` at once; more get a 429
+    draft_models: tuple[str, ...] = ()  # draft models requests may name, besides spec's (forerun.serve.drafts)
+
+    def allowed_draft_models(self) -> tuple[str, ...]:
+        return self.draft_models + ((self.spec.draft_model,) if self.spec.draft_model else ())
 
 
 def create_app(load: Callable[[], Engine], config: ServeConfig,
@@ -51,7 +59,16 @@ def create_app(load: Callable[[], Engine], config: ServeConfig,
     returns, every model endpoint and /health answer 503. on_failure(reason) is called if the engine
     can no longer serve (load() raised, or the engine thread failed)."""
     metrics = Metrics()
-    worker = EngineWorker(load, metrics, on_failure)
+    drafts = DraftModels(config.allowed_draft_models())
+
+    def load_for_serving() -> Engine:
+        engine = load()
+        drafts.load(engine)
+        drafts.add_drafter(engine, config.spec)
+        engine.drafter(config.spec)  # a bad default option fails now, not at the first request
+        return engine
+
+    worker = EngineWorker(load_for_serving, metrics, drafts, on_failure)
     metrics.watch_engine(lambda: worker.snapshot)
 
     @asynccontextmanager
@@ -66,7 +83,7 @@ def create_app(load: Callable[[], Engine], config: ServeConfig,
     install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
     app.add_middleware(CountRequests, metrics=metrics)  # the outermost: it also counts the 413s
-    api = _Api(worker, metrics, config)
+    api = _Api(worker, metrics, config, drafts)
     auth = [Depends(_api_key_check(config.api_key))]
 
     app.get("/health", summary="200 once the model is loaded, 503 before")(api.health)
@@ -84,7 +101,7 @@ def create_app(load: Callable[[], Engine], config: ServeConfig,
 def _api_key_check(key: str | None):
     bearer = HTTPBearer(auto_error=False)
 
-    def check(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+    async def check(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:  # async: no thread
         if key is None:
             return
         given = credentials.credentials if credentials is not None else ""
@@ -95,14 +112,21 @@ def _api_key_check(key: str | None):
 
 
 class _Api:
-    def __init__(self, worker: EngineWorker, metrics: Metrics, config: ServeConfig):
-        self.worker, self.metrics, self.config = worker, metrics, config
+    def __init__(self, worker: EngineWorker, metrics: Metrics, config: ServeConfig, drafts: DraftModels):
+        self.worker, self.metrics, self.config, self.drafts = worker, metrics, config, drafts
+        self.scaling_slots = sc.ScalingSlots(config.max_scaling_jobs, metrics.scaling_running)
 
     def _served(self, model: str | None = None) -> rq.Served:
         """The served model's facts, once it is ready and `model` names it."""
         self.worker.check_ready()
         rq.check_model(model, self.config.model_name)
         return rq.Served.of(self.worker.engine)
+
+    def _spec(self, body: SamplingFields) -> SpecConfig:
+        """The request's speculation, whose draft model (if it names one) the server allows."""
+        spec = rq.request_spec(body.speculation, self.config.spec)
+        self.drafts.check(spec.draft_model)
+        return spec
 
     async def health(self) -> Response:
         try:
@@ -140,7 +164,7 @@ class _Api:
                 return _sse(None, _echo_chunks(choices, body, envelope, prompt_tokens))
             return JSONResponse(envelope(self._with_prompt_logprobs(choices, body, scored, body.n, text_of),
                                          usage=rs.token_usage(prompt_tokens, 0)))
-        job = Job(self.worker, prompts, params, rq.request_spec(body.speculation, self.config.spec))
+        job = Job(self.worker, prompts, params, self._spec(body))
         await job.start(stream_text=body.stream)
         if body.stream:
             return _sse(job, _completion_chunks(job, body, envelope, echoes, text_of))
@@ -185,7 +209,7 @@ class _Api:
         params = rq.sampling_params(body, rq.max_new_tokens(body.completion_limit, len(prompt), body.n, served),
                                     logprobs, served)
         scored = (await self._prompt_logprobs([prompt], body.prompt_logprobs))[0]
-        job = Job(self.worker, [prompt], [params], rq.request_spec(body.speculation, self.config.spec))
+        job = Job(self.worker, [prompt], [params], self._spec(body))
         await job.start(stream_text=body.stream)
         envelope = rs.Envelope("chatcmpl", "chat.completion", self.config.model_name)
         text_of = rs.TokenText(served.tokenizer)
@@ -207,9 +231,10 @@ class _Api:
         plan = sc.plan(body, served)
         params = rq.sampling_params(body, rq.max_new_tokens(body.completion_limit, len(prompt), plan.n, served),
                                     None, served)
-        spec = rq.request_spec(body.speculation, self.config.spec)
-        answer = await sc.answer(self.worker, request, plan, sc.question_of(body.messages), prompt, params, spec,
-                                 served.tokenizer)
+        spec = self._spec(body)
+        with self.scaling_slots.claim() as threads:
+            answer = await sc.answer(self.worker, request, plan, sc.question_of(body.messages), prompt, params, spec,
+                                     served.tokenizer, threads)
         outcome = answer.outcome
         choice = {"index": 0, "message": {"role": "assistant", "content": answer.text}, "logprobs": None,
                   "finish_reason": rs.finish_reason(answer.finish_reason)}

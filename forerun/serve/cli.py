@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+API_KEY_VARIABLE = "FORERUN_API_KEY"  # the server's key, kept out of its command line (which ps shows)
+CLIENT_KEY_VARIABLE = "OPENAI_API_KEY"  # bench-serve's, as the openai client reads it
+DEFAULT_MAX_SCALING_JOBS = 4  # each runs up to --max-num-seqs samples already
 
 
 def add_serve_parsers(subparsers) -> None:
@@ -30,9 +34,18 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     speculation_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, loopback only)")
     p.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
-    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on the API routes")
+    p.add_argument("--api-key", default=None,
+                   help=f"require `Authorization: Bearer KEY` on the API routes (default: ${API_KEY_VARIABLE} if set, "
+                        "which keeps the key out of the command line that other users of the machine can read)")
     p.add_argument("--served-model-name", default=None,
                    help="the model name clients send (default: --model as given, or SmolLM2-135M-Instruct)")
+    p.add_argument("--allow-draft-model", action="append", default=[], metavar="PATH",
+                   help="a draft model (HF directory or .gguf) requests may name as speculation.draft_model, "
+                        "besides --draft-model (repeatable); each is loaded once at start-up. Requests naming "
+                        "any other path get a 400")
+    p.add_argument("--max-scaling-jobs", type=int, default=DEFAULT_MAX_SCALING_JOBS,
+                   help="chat requests with a `scaling` strategy running at once; one more is answered 429 with "
+                        "Retry-After (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads for the engine's forwards (default: torch's choice, one per core); "
                         "on a small CPU one fewer leaves a core to the HTTP event loop")
@@ -45,6 +58,21 @@ def served_name(a: argparse.Namespace) -> str:
     return a.served_model_name or a.model or EMBEDDED_NAME
 
 
+def serve_config(a: argparse.Namespace, spec) -> "ServeConfig":
+    from forerun.serve.app import ServeConfig
+
+    if a.max_scaling_jobs < 1:
+        raise ValueError(f"--max-scaling-jobs must be >= 1, got {a.max_scaling_jobs}")
+    return ServeConfig(served_name(a), spec, key_of(a.api_key, API_KEY_VARIABLE), max_scaling_jobs=a.max_scaling_jobs,
+                       draft_models=tuple(a.allow_draft_model))
+
+
+def key_of(flag: str | None, variable: str) -> str | None:
+    """The API key: the flag's, else the environment variable's; None (no key) when neither is set
+    or the one given is empty."""
+    return (flag if flag is not None else os.environ.get(variable)) or None
+
+
 def cmd_serve(a: argparse.Namespace) -> int:
     try:
         import fastapi  # noqa: F401
@@ -55,9 +83,10 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
     from forerun.cli import engine_config, spec_config
     from forerun.models.runtime import resolve_quant
-    from forerun.serve.app import ServeConfig, create_app
+    from forerun.serve.app import create_app
 
     spec, limits = spec_config(a), engine_config(a)  # bad flags fail here, before anything loads
+    config = serve_config(a, spec)
     if a.quant != "auto":  # auto needs the model file, read when it loads
         resolve_quant(a.quant, a.model, a.dtype, a.device)
     if not 0 <= a.port < 65536:
@@ -79,15 +108,13 @@ def cmd_serve(a: argparse.Namespace) -> int:
         runtime = load_runtime(a.model, dtype=a.dtype, device=a.device, quant=a.quant)
         if runtime.tokenizer is None:
             raise ValueError("serving needs a model with a tokenizer")
-        engine = Engine(runtime, limits)
-        engine.drafter(spec)  # a bad draft model or option fails now, not at the first request
-        return engine
+        return Engine(runtime, limits)
 
     def failed(reason: str) -> None:  # the engine cannot serve: exit (a supervisor may restart it)
         if server is not None:
             server.should_exit = True
 
-    app = create_app(load, ServeConfig(served_name(a), spec, a.api_key), on_failure=failed)
+    app = create_app(load, config, on_failure=failed)
     server = uvicorn.Server(uvicorn.Config(app, host=a.host, port=a.port, log_level=a.log_level,
                                            timeout_graceful_shutdown=None))
     server.run()
@@ -117,7 +144,7 @@ def add_bench_serve_parser(subparsers) -> argparse.ArgumentParser:
                    help="arrivals at a request rate (default: %(default)s)")
     p.add_argument("--goodput", nargs="*", default=[], metavar="NAME:MS",
                    help="SLOs for goodput, e.g. --goodput ttft:500 tpot:50 (names: ttft, tpot, e2e)")
-    p.add_argument("--api-key", help="sent as `Authorization: Bearer KEY`")
+    p.add_argument("--api-key", help=f"sent as `Authorization: Bearer KEY` (default: ${CLIENT_KEY_VARIABLE} if set)")
     p.add_argument("--extra-body", default="{}",
                    help='JSON merged into every request, e.g. \'{"speculation": {"method": "ar"}}\'')
     p.add_argument("--label", default="", help="names the server in the report")
@@ -156,7 +183,8 @@ def cmd_bench_serve(a: argparse.Namespace) -> int:
     options = ServeBenchOptions(
         base_url=a.base_url, model=a.model, questions=tuple(questions),
         loads=parse_loads(a.concurrency, a.request_rate), num_prompts=a.num_prompts, max_tokens=a.max_tokens,
-        temperature=a.temperature, arrival=a.arrival, slos_ms=parse_slos(a.goodput), api_key=a.api_key,
+        temperature=a.temperature, arrival=a.arrival, slos_ms=parse_slos(a.goodput),
+        api_key=key_of(a.api_key, CLIENT_KEY_VARIABLE),
         extra_body=tuple(extra.items()), warmup=a.warmup, seed=a.seed, timeout_s=a.timeout, label=a.label,
         command="forerun " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["bench-serve"] else shlex.join(sys.argv))
     result = run_serve_bench(options, log=lambda msg: print(msg, file=sys.stderr))

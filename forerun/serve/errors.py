@@ -14,12 +14,20 @@ class APIError(Exception):
     """An error answered with an OpenAI error body."""
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
+                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers  # of the response, e.g. Retry-After
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return {"error": {"message": _encodable(self.message), "type": self.type,
+                          "param": None if self.param is None else _encodable(self.param), "code": self.code}}
+
+
+def _encodable(text: str) -> str:
+    """text with any lone surrogate (from a client's input quoted in a message) escaped: the body
+    must encode as UTF-8."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def bad_request(message: str, param: str | None = None) -> APIError:
@@ -31,7 +39,7 @@ def unavailable(message: str) -> APIError:
 
 
 def error_response(error: APIError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status)
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from forerun.config import SpecConfig
@@ -36,6 +36,8 @@ class Metrics:
                               registry=r)
         self.e2e = Histogram("forerun:e2e_request_latency_seconds", "arrival at the engine to the last token",
                              buckets=LATENCY_BUCKETS, registry=r)
+        self.scaling_running = Gauge("forerun:scaling_requests_running",
+                                     "chat requests whose scaling strategy is running", registry=r)
         method = ["method"]
         self.num_drafts = Counter("forerun:spec_decode_num_drafts", "verification forwards that checked a draft",
                                   method, registry=r)

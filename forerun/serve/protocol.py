@@ -7,11 +7,57 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_SEED = 2**63 - 1
 MAX_LOGPROBS = 20
 MAX_N = 128
+MAX_STOP_STRINGS = 16  # OpenAI allows 4; vLLM any number. Each step searches them all
+MAX_STOP_CHARS = 256  # per stop string: the text held back from a stream while it may start one
+ROLES = ("system", "user", "assistant", "developer", "tool")  # OpenAI's (developer: system, for newer models)
+
+
+class RequestBody(BaseModel):
+    """A request body. Every string in it, the fields forerun reads and those it ignores, keys
+    too, must be valid Unicode: JSON may escape a lone UTF-16 surrogate ("\\ud800"), which Python's
+    json accepts but no tokenizer, chat template or UTF-8 encoder does."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data):
+        where = _lone_surrogate_at(data)
+        if where is not None:
+            raise ValueError(f"{where} holds a lone UTF-16 surrogate, which is not valid Unicode")
+        return data
+
+
+def _lone_surrogate_at(data) -> str | None:
+    """Where in parsed JSON (a dotted path, or "the body") a string or key holds a lone surrogate.
+    Walked with a stack of its own: a deeply nested body must not exhaust the recursion limit."""
+    stack = [("", data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str) and not _is_unicode(value):
+            return path or "the body"
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if not _is_unicode(key):
+                    return f"a key in {path or 'the body'}"
+                stack.append((f"{path}.{key}" if path else key, item))
+        elif isinstance(value, list):
+            stack.extend((f"{path}.{i}" if path else str(i), item) for i, item in enumerate(value)
+                         if isinstance(item, (str, dict, list)))
+    return None
+
+
+def _is_unicode(text: str) -> bool:
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class StreamOptions(BaseModel):
@@ -19,10 +65,14 @@ class StreamOptions(BaseModel):
 
 
 class Speculation(BaseModel):
-    """Overrides the server's speculative decoding for one request (in `extra_body`). A draft model
-    or method options that name files come only from the server's own flags."""
+    """Overrides the server's speculative decoding for one request (in `extra_body`). Its draft
+    model may be one the server allows (forerun.serve.drafts); method options, which may name files,
+    come only from the server's own flags. Unlike the body, unknown fields here are an error."""
+
+    model_config = ConfigDict(extra="forbid")
 
     method: str | None = None
+    draft_model: str | None = Field(None, max_length=4096)  # a path the server allows, as its operator gave it
     num_draft: int | None = Field(None, ge=1, le=64)
     max_draft: int | None = Field(None, ge=1, le=64)
     adaptive: bool | None = None
@@ -45,7 +95,8 @@ class Scaling(BaseModel):
     reward: str | None = None  # the scorer, for the strategies that score
     task: str | None = None  # whose answer extraction to vote on (default: the last number or \boxed{})
     options: dict[str, float | int | bool | str | None] = Field(default_factory=dict)  # the strategy's own
-    delimiter: str = Field("\n\n", min_length=1)  # between solution steps, for step-level strategies
+    # between solution steps, for step-level strategies: a stop string of each step's requests
+    delimiter: str = Field("\n\n", min_length=1, max_length=MAX_STOP_CHARS)
     max_steps: int = Field(8, ge=1, le=64)  # a step-level strategy finishes its branches on this step
 
 
@@ -65,7 +116,7 @@ class TemplateOptions(BaseModel):
         return self
 
 
-class SamplingFields(BaseModel):
+class SamplingFields(RequestBody):
     """Fields completions and chat share."""
 
     model: str | None = None
@@ -121,6 +172,16 @@ class SamplingFields(BaseModel):
                 raise ValueError(f"{name}: structured output (constrained decoding) is not supported by forerun")
         return self
 
+    @field_validator("stop")
+    @classmethod
+    def _bounded_stop(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        strings = [stop] if isinstance(stop, str) else stop or []
+        if len(strings) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(strings)}")
+        if any(len(s) > MAX_STOP_CHARS for s in strings):
+            raise ValueError(f"a stop string may have at most {MAX_STOP_CHARS} characters")
+        return stop
+
     @property
     def include_usage(self) -> bool:
         return self.stream and self.stream_options is not None and self.stream_options.include_usage
@@ -157,7 +218,7 @@ class TextPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    role: str
+    role: Literal[ROLES]
     content: str | list[TextPart] | None = None
     name: str | None = None
 
@@ -211,7 +272,7 @@ class ChatCompletionRequest(SamplingFields, TemplateOptions):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
-class TokenizeRequest(TemplateOptions):  # the template options apply to messages, as in chat completions
+class TokenizeRequest(RequestBody, TemplateOptions):  # the template options apply to messages, as in chat completions
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
@@ -224,7 +285,7 @@ class TokenizeRequest(TemplateOptions):  # the template options apply to message
         return self
 
 
-class DetokenizeRequest(BaseModel):
+class DetokenizeRequest(RequestBody):
     model: str | None = None
     tokens: list[int]
 

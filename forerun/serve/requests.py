@@ -14,6 +14,7 @@ from forerun.serve.protocol import (ChatCompletionRequest, ChatMessage, Completi
 
 MAX_PROMPTS = 64  # prompts in one completions request
 GREEDY_BELOW = 1e-5  # a temperature this low is greedy decoding (dividing logits by it overflows)
+TEMPLATE_ROLE = {"developer": "system"}  # OpenAI's newer name; chat templates know the older one
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +75,7 @@ def chat_prompt(messages: list[ChatMessage], tokenizer, options: TemplateOptions
         raise bad_request("continue_final_message needs the last message to be the assistant's",
                           param="continue_final_message")
     try:
-        turns = [{"role": m.role, "content": m.text()} for m in messages]
+        turns = [{"role": TEMPLATE_ROLE.get(m.role, m.role), "content": m.text()} for m in messages]
         if not continue_final_message:
             text = tokenizer.apply_chat_template(turns, add_generation_prompt=options.add_generation_prompt)
         else:  # render the partial answer followed by a marker, and cut the text at the marker

@@ -8,7 +8,7 @@ strategies on the server's own engine, and the answer is the candidate the strat
 
 A strategy's run() is synchronous, so it runs in a thread of its own and blocks on coroutines it hands
 to the event loop. Its samples are ordinary engine requests: batched with every other client's,
-counted in /metrics, aborted when the client goes away.
+counted in /metrics, aborted when the client goes away. ScalingSlots bounds how many run at once.
 """
 from __future__ import annotations
 
@@ -18,11 +18,13 @@ import dataclasses
 import functools
 import secrets
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import anyio
 from fastapi import Request
+from prometheus_client import Gauge
 
 from forerun.config import SamplingParams, SpecConfig
 from forerun.llm import LLM
@@ -42,6 +44,35 @@ from forerun.serve.worker import EngineWorker
 from forerun.types import Generation
 
 SERVED_SCORERS = tuple(s for s in SCORERS if s != "reward")  # `reward` loads a second model: not per request
+RETRY_AFTER_S = 2  # what a refused scaling request is told to wait
+
+
+class ScalingSlots:
+    """At most `size` scaling strategies at once. Each holds a thread for its whole run, so they run
+    in a pool of their own (`threads`): in anyio's shared pool, which FastAPI's sync work uses too,
+    enough long strategies would stall every other request. One more is refused with a 429 and a
+    Retry-After (which OpenAI clients honour), not queued without bound."""
+
+    def __init__(self, size: int, running: Gauge):
+        self.size, self.running = size, running
+        self.claimed = 0
+        self.threads = anyio.CapacityLimiter(size)
+
+    @contextmanager
+    def claim(self) -> Iterator[anyio.CapacityLimiter]:
+        """A slot for one strategy (on the event loop, so no two requests can take the last one), and
+        the thread pool to run it in."""
+        if self.claimed >= self.size:
+            raise APIError(429, f"this server already runs {self.size} scaling requests (--max-scaling-jobs); "
+                           "retry shortly", type="rate_limit_error", code="rate_limit_exceeded",
+                           headers={"Retry-After": str(RETRY_AFTER_S)})
+        self.claimed += 1
+        self.running.inc()
+        try:
+            yield self.threads
+        finally:
+            self.claimed -= 1
+            self.running.dec()
 
 
 @dataclass(frozen=True)
@@ -116,16 +147,18 @@ class Answer:
 
 
 async def answer(worker: EngineWorker, request: Request, plan: Plan, question: str, prompt: list[int],
-                 params: SamplingParams, spec: SpecConfig, tokenizer) -> Answer:
-    """Run the plan's strategy on the prompt; each engine request samples with `params` (n and the seed
-    set per request). Ends early, aborting what is in flight, if the client goes away."""
+                 params: SamplingParams, spec: SpecConfig, tokenizer, threads: anyio.CapacityLimiter) -> Answer:
+    """Run the plan's strategy on the prompt, in a thread that `threads` lends; each engine request
+    samples with `params` (n and the seed set per request). Ends early, aborting what is in flight, if
+    the client goes away."""
     if params.seed is None:  # every sample's seed derives from this one
         params = dataclasses.replace(params, seed=secrets.randbits(63))
     generator = ServedGenerator(worker, Query(question, tuple(prompt)), params, spec, tokenizer)
     scorer = build_scorer(plan.reward, ModelScore(generator, generator.account)) if plan.reward else None
     generator.logprobs = scorer is not None and scorer.needs_logprobs
     solver = Solver(generator, plan.answer_of, scorer, plan.delimiter, plan.max_steps, params.seed)
-    work = asyncio.ensure_future(anyio.to_thread.run_sync(solve, plan.strategy, solver, question, plan.n))
+    work = asyncio.ensure_future(anyio.to_thread.run_sync(solve, plan.strategy, solver, question, plan.n,
+                                                          limiter=threads))
     try:
         await until_done_or_gone(work, request)
     finally:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from forerun.config import SamplingParams, SpecConfig
 from forerun.engine.engine import Engine, RequestOutput
 from forerun.engine.kv_pool import PoolBusy
+from forerun.serve.drafts import DraftModels
 from forerun.serve.errors import APIError, bad_request, unavailable
 from forerun.serve.metrics import Metrics
 
@@ -122,9 +123,10 @@ class _Live:
 
 
 class EngineWorker:
-    def __init__(self, load: Callable[[], Engine], metrics: Metrics,
+    def __init__(self, load: Callable[[], Engine], metrics: Metrics, drafts: DraftModels,
                  on_failure: Callable[[str], None] | None = None):
         self._load = load
+        self._drafts = drafts  # the allowed draft models, shared by the drafters that name them
         self._metrics = metrics
         self._on_failure = on_failure
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
@@ -243,6 +245,7 @@ class EngineWorker:
             if add.spec not in engine.drafters and len(engine.drafters) >= MAX_SPEC_CONFIGS:
                 raise ValueError(f"this server already keeps {MAX_SPEC_CONFIGS} speculation configurations; "
                                  "reuse one of the earlier ones")
+            self._drafts.add_drafter(engine, add.spec)
             engine.add_request(add.prompt_ids, add.params, add.spec, request_id=stream.request_id,
                                stream_text=add.stream_text)
         except (ValueError, FileNotFoundError) as e:
