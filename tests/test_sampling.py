@@ -17,10 +17,25 @@ def test_top_p_over_a_large_vocabulary_matches_a_full_sort(scale, top_p, top_k):
     logits = torch.randn(3, 49152, generator=g) * scale
     got = target_probs(logits, SamplingParams(temperature=0.7, top_p=top_p, top_k=top_k))
     want = reference_probs(logits, 0.7, top_k, top_p)
-    assert torch.equal(got > 0, want > 0)
+    on_the_edge = _mass_before_is_near(logits, 0.7, top_k, top_p)
+    assert torch.equal((got > 0) | on_the_edge, (want > 0) | on_the_edge)
     torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=1e-4)
     if scale == 0.01:
         assert int((got[0] > 0).sum()) > TOP_P_PREFIX  # the wide case took the widening path
+
+
+def _mass_before_is_near(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                         tol: float = 1e-5) -> torch.Tensor:
+    """Tokens whose more likely tokens' mass lies within `tol` of top_p: float32 (forerun) and float64
+    (the reference) may decide these either way, since a float32 sum over a 49k vocabulary carries
+    errors of ~1e-7 (seen: 2.8e-7 on the AMD EPYC, where the sums' vector order differs from Intel's)."""
+    probs = torch.softmax(logits.double() / temperature, dim=-1)
+    if top_k:
+        probs = probs * (probs >= probs.topk(top_k, dim=-1).values[..., -1:])
+        probs = probs / probs.sum(-1, keepdim=True)
+    ranked, order = probs.sort(dim=-1, descending=True)
+    before = torch.zeros_like(probs).scatter(-1, order, ranked.cumsum(-1) - ranked)
+    return (before - top_p).abs() <= tol
 
 
 def test_the_draw_never_picks_a_token_without_mass_and_follows_the_distribution():
