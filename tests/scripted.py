@@ -17,8 +17,8 @@ class ScriptedGenerator:
         self.account = Account()
         self.calls: list[list[tuple[str, int, str | None]]] = []  # per call: (branch text, n, stop)
 
-    def query(self, question: str) -> Query:
-        return Query(question, tuple(ord(c) for c in question))
+    def query(self, question: str, problem_id: str = "") -> Query:
+        return Query(question, tuple(ord(c) for c in question), problem_id)
 
     def extend(self, query, requests, stop, max_new_tokens=None):
         self.calls.append([(b.text, n, stop) for b, n in requests])

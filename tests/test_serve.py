@@ -642,8 +642,9 @@ def test_default_max_tokens_fits_the_kv_pool(tiny_dir):
 
 
 def test_speculation_configurations_are_bounded(tiny_dir):
-    """Each distinct speculation configuration keeps a drafter for the engine's life: a client may
-    not create them without end."""
+    """Each distinct speculation configuration keeps a drafter (and its learned odds): a client may
+    not create them without end, nor lock others out by creating many. Past the bound the least
+    recently used idle one is forgotten, and the server's own is kept."""
     from fastapi.testclient import TestClient
 
     from forerun.engine.engine import Engine
@@ -651,15 +652,41 @@ def test_speculation_configurations_are_bounded(tiny_dir):
     from forerun.serve.app import ServeConfig, create_app
     from forerun.serve.worker import MAX_SPEC_CONFIGS
 
-    with TestClient(create_app(lambda: Engine(load(str(tiny_dir))), ServeConfig("tiny"))) as c:
-        _wait_healthy(c)
-        codes = [c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 1, "speculation": {
+    engines = []
+
+    def make_engine():
+        engines.append(Engine(load(str(tiny_dir))))
+        return engines[-1]
+
+    def complete(i: int) -> int:
+        return c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 1, "speculation": {
             "method": "pld", "num_draft": 1 + i % 16, "ngram_max": 1 + i // 16}}).status_code
-            for i in range(MAX_SPEC_CONFIGS)]
-        assert codes == [200] * (MAX_SPEC_CONFIGS - 1) + [400]  # the server's own configuration is one
-        again = c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 1, "speculation": {
-            "method": "pld", "num_draft": 1, "ngram_max": 1}})
-        assert again.status_code == 200  # one seen before is reused
+
+    default = ServeConfig("tiny").spec
+    with TestClient(create_app(make_engine, ServeConfig("tiny"))) as c:
+        _wait_healthy(c)
+        codes = [complete(i) for i in range(MAX_SPEC_CONFIGS + 8)]
+        assert codes == [200] * (MAX_SPEC_CONFIGS + 8)
+        kept = engines[0].drafters
+        assert len(kept) == MAX_SPEC_CONFIGS and default in kept
+        assert complete(MAX_SPEC_CONFIGS + 7) == 200 and len(kept) == MAX_SPEC_CONFIGS  # a kept one is reused
+
+
+def test_the_engine_forgets_a_configuration_only_when_no_request_uses_it(tiny_dir):
+    from forerun.config import SamplingParams, SpecConfig
+    from forerun.engine.engine import Engine
+    from forerun.models.runtime import load
+
+    engine = Engine(load(str(tiny_dir)))
+    spec = SpecConfig(method="pld", budget="goodput", guard=True)
+    engine.add_request([1, 2, 3], SamplingParams(max_new_tokens=4, temperature=0.0), spec, request_id="a")
+    engine.step()
+    assert spec in engine.drafters and not engine.forget(spec)  # in use: kept
+    while engine.has_unfinished():
+        engine.step()
+    assert spec in engine.guards and spec in engine.goodput._memory
+    assert engine.forget(spec)
+    assert spec not in engine.drafters and spec not in engine.guards and spec not in engine.goodput._memory
 
 
 def test_allowed_draft_models_load_once_and_are_shared(tiny_dir, tmp_path, monkeypatch):

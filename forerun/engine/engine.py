@@ -206,6 +206,19 @@ class Engine:
         returns how many blocks were dropped."""
         return self.pool.clear_cache()
 
+    def forget(self, spec: SpecConfig) -> bool:
+        """Drop what the engine keeps for `spec` across requests (its drafter, speed guard and goodput
+        odds), unless a sequence still uses it; returns whether it was dropped. A later request with
+        the same spec starts it afresh: only speed is lost, never exactness. A server that bounds the
+        configurations clients may create evicts the idle ones with this."""
+        in_use = any(request.spec == spec for request in self.requests.values())
+        if in_use or any(seq.spec == spec for seq in (*self.scheduler.running, *self.scheduler.waiting)):
+            return False
+        self.drafters.pop(spec, None)
+        self.guards.pop(spec, None)
+        self.goodput.forget(spec)
+        return True
+
     def drafter(self, spec: SpecConfig) -> Drafter:
         if spec not in self.drafters:
             self.drafters[spec] = build_drafter(self.runtime, spec)
@@ -236,8 +249,8 @@ class Engine:
         spec, params = request.spec, request.params
         seq = Sequence(id=next(self._seq_ids), request_id=request.id, index=index, tokens=tokens,
                        prompt_len=len(request.prompt_ids), params=params, spec=spec, generator=generator,
-                       eos_ids=self.eos_ids, kv=self.pool.store, block_size=self.pool.block_size,
-                       arrival=request.arrival)
+                       eos_ids=self.eos_ids, stop_ids=frozenset(params.stop_token_ids), kv=self.pool.store,
+                       block_size=self.pool.block_size, arrival=request.arrival)
         guard = self.guards.setdefault(spec, SpeedGuard()) if spec.guard else None
         seq.length = DraftLength(spec, guard)
         seq.stats.prompt_tokens = len(request.prompt_ids)
@@ -427,7 +440,7 @@ class Engine:
         new = new[: params.max_new_tokens - len(seq.output)]
         reason = None
         ends = seq.eos_ids if not params.ignore_eos else frozenset()
-        end_at = next((j for j, t in enumerate(new) if t in ends or t in params.stop_token_ids), None)
+        end_at = next((j for j, t in enumerate(new) if t in ends or t in seq.stop_ids), None)
         if end_at is not None:
             reason = "eos" if new[end_at] in ends else "stop"
             new = new[:end_at]

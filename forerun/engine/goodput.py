@@ -251,6 +251,9 @@ class Goodput:
             self._memory[spec] = SpecOdds(NodeOdds(), CheckSchedule())
         return self._memory[spec]
 
+    def forget(self, spec) -> None:
+        self._memory.pop(spec, None)
+
     def due_checks(self, specs) -> set:
         """The SpecConfigs (each with a sequence in this step) whose check is due: one of their
         sequences drafts to its full depth and is verified whole. Counts the step for each."""

@@ -31,6 +31,7 @@ class Sequence:
     spec: SpecConfig = field(default_factory=SpecConfig)
     generator: torch.Generator | None = None
     eos_ids: frozenset[int] = frozenset()
+    stop_ids: frozenset[int] = frozenset()  # params.stop_token_ids as a set: checked for every new token
     id: int = 0
     request_id: str = ""
     index: int = 0  # which of its request's n samples

@@ -29,9 +29,7 @@ def solve(strategy: Strategy, solver: Solver, question: str, n: int, problem_id:
     if strategy.needs_scorer and solver.scorer is None:
         raise ValueError(f"strategy {strategy.name!r} needs a scorer (--reward)")
     before, start = solver.generator.account.copy(), time.perf_counter()
-    # a generator answering one request (forerun serve's) takes the question alone
-    query = solver.generator.query(question, problem_id) if problem_id else solver.generator.query(question)
-    outcome = strategy.run(solver, query, n)
+    outcome = strategy.run(solver, solver.generator.query(question, problem_id), n)
     outcome.account = solver.generator.account.minus(before)
     outcome.account.wall_s = time.perf_counter() - start
     return outcome

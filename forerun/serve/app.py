@@ -68,7 +68,7 @@ def create_app(load: Callable[[], Engine], config: ServeConfig,
         engine.drafter(config.spec)  # a bad default option fails now, not at the first request
         return engine
 
-    worker = EngineWorker(load_for_serving, metrics, drafts, on_failure)
+    worker = EngineWorker(load_for_serving, metrics, drafts, config.spec, on_failure)
     metrics.watch_engine(lambda: worker.snapshot)
 
     @asynccontextmanager

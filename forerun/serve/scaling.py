@@ -200,8 +200,9 @@ class ServedGenerator:
         self._waiting: set[concurrent.futures.Future] = set()
         self._cancelled = False
 
-    def query(self, question: str) -> Query:
-        """The request's query: its prompt is the whole conversation, whatever `question` says."""
+    def query(self, question: str, problem_id: str = "") -> Query:
+        """The request's query: its prompt is the whole conversation, whatever `question` says (one
+        request answers one problem, so there is no other problem to keep apart)."""
         return self.request_query
 
     def extend(self, query: Query, requests: list[tuple[Branch, int]], stop: str | None,

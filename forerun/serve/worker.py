@@ -30,7 +30,9 @@ from forerun.serve.metrics import Metrics
 
 log = logging.getLogger("forerun.serve")
 
-MAX_SPEC_CONFIGS = 32  # distinct SpecConfigs (one drafter each, kept for the engine's life) clients may create
+# Distinct SpecConfigs the engine keeps a drafter (and its learned odds) for at once: a new one past
+# this evicts the least recently used that no request is using; none idle is a 503 (retry).
+MAX_SPEC_CONFIGS = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,9 +126,11 @@ class _Live:
 
 class EngineWorker:
     def __init__(self, load: Callable[[], Engine], metrics: Metrics, drafts: DraftModels,
-                 on_failure: Callable[[str], None] | None = None):
+                 default_spec: SpecConfig, on_failure: Callable[[str], None] | None = None):
         self._load = load
         self._drafts = drafts  # the allowed draft models, shared by the drafters that name them
+        self._default_spec = default_spec  # the server's own configuration, never evicted
+        self._spec_use: dict[SpecConfig, None] = {}  # configurations requests used, least recent first
         self._metrics = metrics
         self._on_failure = on_failure
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
@@ -242,9 +246,13 @@ class EngineWorker:
             stream.settle(unavailable("the server is shutting down"))
             return
         try:
-            if add.spec not in engine.drafters and len(engine.drafters) >= MAX_SPEC_CONFIGS:
-                raise ValueError(f"this server already keeps {MAX_SPEC_CONFIGS} speculation configurations; "
-                                 "reuse one of the earlier ones")
+            if add.spec not in engine.drafters and len(engine.drafters) >= MAX_SPEC_CONFIGS \
+                    and not self._evicted_a_spec():
+                stream.settle(unavailable(f"all {MAX_SPEC_CONFIGS} speculation configurations this server keeps "
+                                          "are in use; retry, or use one of theirs"))
+                return
+            self._spec_use.pop(add.spec, None)
+            self._spec_use[add.spec] = None
             self._drafts.add_drafter(engine, add.spec)
             engine.add_request(add.prompt_ids, add.params, add.spec, request_id=stream.request_id,
                                stream_text=add.stream_text)
@@ -257,6 +265,17 @@ class EngineWorker:
             return
         self._live[stream.request_id] = _Live(stream, add.spec, add.params.n, time.perf_counter())
         stream.settle(None)
+
+    def _evicted_a_spec(self) -> bool:
+        """Make room for one more configuration: forget the least recently used one that no request
+        is using (the server's own is kept); False where every one is in use."""
+        for spec in list(self._spec_use):
+            if spec not in self.engine.drafters:  # its request failed before a drafter was kept
+                del self._spec_use[spec]
+            elif spec != self._default_spec and self.engine.forget(spec):
+                del self._spec_use[spec]
+                return True
+        return False
 
     def _call(self, call: _Call) -> None:
         if not call.result.set_running_or_notify_cancel():
