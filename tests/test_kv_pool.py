@@ -50,6 +50,20 @@ def test_blocks_are_counted_and_given_back():
     assert pool.reserve(b, 13) and pool.used == 4
 
 
+def test_blocks_given_back_are_reused_before_untouched_ones():
+    """A block's pages become resident when it is first written: reusing warm blocks first keeps the
+    process's memory at what the load needs, and `touched` says how much of the pool that is."""
+    pool = KVPool(KVCache(num_layers=1, num_kv_heads=1, head_dim=2, slots=64 * B, dtype=torch.float32),
+                  block_size=B, caching=False)
+    for round_ in range(20):
+        seqs = [sequence(list(range(100 * round_ + 10 * i, 100 * round_ + 10 * i + 7))) for i in range(3)]
+        for seq in seqs:
+            assert pool.reserve(seq, 7)  # 2 blocks each
+        for seq in seqs:
+            pool.free_sequence(seq)
+    assert pool.touched == 6 and pool.used == 0
+
+
 def test_fork_shares_blocks_and_copies_the_partial_block_on_write():
     pool = pool_of(8)
     parent = sequence(list(range(7)))

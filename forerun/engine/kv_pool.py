@@ -47,7 +47,10 @@ class KVPool:
         self.caching = caching  # the prefix cache: off, blocks are only ever shared by forks
         self.num_blocks = store.slots // block_size
         self.refs = [0] * self.num_blocks
-        self.free: deque[int] = deque(range(self.num_blocks))  # unreferenced and unregistered
+        # Unreferenced and unregistered: blocks given back first (their memory is warm), then those
+        # never used, in order, so the pool touches a new block's pages only when it needs one more.
+        self.free: deque[int] = deque(range(self.num_blocks))
+        self.touched = 0  # blocks ever handed out (0 .. touched - 1): the pool's resident share
         self.evictable: OrderedDict[int, None] = OrderedDict()  # unreferenced, registered; oldest first
         self.content_of: dict[int, tuple[int, tuple[int, ...]]] = {}  # block -> its content key
         self.block_of: dict[tuple[int, tuple[int, ...]], int] = {}  # content key -> block
@@ -86,6 +89,7 @@ class KVPool:
         else:
             raise PoolExhausted("the KV pool is full")
         self.refs[block] = 1
+        self.touched = max(self.touched, block + 1)
         return block
 
     def _hold(self, block: int) -> None:
@@ -100,7 +104,7 @@ class KVPool:
         if block in self.content_of:
             self.evictable[block] = None  # most recently used last
         else:
-            self.free.append(block)
+            self.free.appendleft(block)
 
     def _unregister(self, block: int) -> None:
         key = self.content_of.pop(block)

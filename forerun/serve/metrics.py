@@ -85,6 +85,9 @@ class _EngineCollector:
         yield GaugeMetricFamily("forerun:kv_cache_used_blocks", "KV pool blocks held by sequences",
                                 value=s.used_blocks)
         yield GaugeMetricFamily("forerun:kv_cache_total_blocks", "KV pool blocks", value=s.total_blocks)
+        yield GaugeMetricFamily("forerun:kv_cache_touched_bytes",
+                                "bytes of the KV pool's blocks ever used (resident from then on: the prefix cache "
+                                "fills the pool over time)", value=s.touched_bytes)
         usage = s.used_blocks / s.total_blocks if s.total_blocks else 0.0
         yield GaugeMetricFamily("forerun:kv_cache_usage_perc", "share of the KV pool held by sequences (0 to 1)",
                                 value=usage)
