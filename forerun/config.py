@@ -53,12 +53,12 @@ class SamplingParams:
 
 @dataclass(frozen=True, slots=True)
 class SpecConfig:
-    method: str = "ar"  # a registered drafter: ar, pld, draft, layer-skip
+    method: str = "ar"  # a registered drafter (forerun.drafters.registry.methods())
     num_draft: int = 4  # draft tokens per step (tree depth); the start value when adaptive
     adaptive: bool = True  # grow after full acceptance, shrink after a rejection
     max_draft: int = 12  # ceiling for the adaptive length
     # Take plain one-token steps while speculative steps measure slower per token than plain ones
-    # (decode.SpeedGuard, kept per SpecConfig across requests); outputs are unchanged, only which
+    # (engine.draft_length.SpeedGuard, kept per SpecConfig across requests); outputs are unchanged, only which
     # steps speculate.
     guard: bool = False
     # "fixed": verify the drafter's tree as proposed. "goodput": each step, keep of every sequence's

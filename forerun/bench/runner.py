@@ -51,14 +51,6 @@ class Record:
             d["accept_histogram"] = {str(k): v for k, v in sorted(self.accept_histogram.items())}
         return d
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "Record":
-        names = {f.name for f in dataclasses.fields(cls)}
-        d = {k: v for k, v in d.items() if k in names}
-        if d.get("accept_histogram") is not None:
-            d["accept_histogram"] = {int(k): v for k, v in d["accept_histogram"].items()}
-        return cls(**d)
-
 
 @dataclass(frozen=True, slots=True)
 class RunConfig:

@@ -12,7 +12,8 @@ its SpecConfig, so what it knows lives in one of two places, and each strategy s
   across requests on purpose, because they learn from everything the target says: STAND's n-gram
   tables and tree-shape statistics, Token Recycling's successor matrix, a retrieval datastore.
   (The engine also keeps per SpecConfig a SpeedGuard's measurements and the goodput policy's odds.)
-Stateless strategies (ar, pld, retrieval, layer-skip) keep neither.
+Some keep only per-request state (pld: the sequence's tokens as a growing array for its n-gram
+search); stateless ones (ar, retrieval, layer-skip) keep neither.
 """
 from __future__ import annotations
 

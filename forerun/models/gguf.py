@@ -60,11 +60,6 @@ _LLAMA3_PRE = ("llama-bpe", "llama3", "llama-v3", "smaug-bpe")
 _QWEN2_PRE = ("qwen2", "deepseek-r1-qwen")
 
 
-def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
-    """All key/value metadata of a GGUF file as Python values (arrays as lists)."""
-    return _metadata(gguf.GGUFReader(path))
-
-
 def gguf_to_hf_dir(gguf_path: str | Path, out_dir: str | Path) -> Path:
     """Write config.json, model.safetensors, generation_config.json and tokenizer files into `out_dir`."""
     reader = gguf.GGUFReader(gguf_path)

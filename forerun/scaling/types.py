@@ -33,12 +33,6 @@ class Branch:
     steps: int = 0  # step delimiters reached, plus one once finished
     logprobs: tuple[float, ...] | None = None  # per token of token_ids, when the generator was asked for them
 
-    @property
-    def mean_logprob(self) -> float:
-        if not self.logprobs:
-            raise ValueError("this branch carries no token log-probabilities")
-        return sum(self.logprobs) / len(self.logprobs)
-
 
 ROOT = Branch()
 
