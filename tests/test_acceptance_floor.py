@@ -12,7 +12,6 @@ forward on average: proposing nothing gives 1, proposing a single token at most 
 import pytest
 
 from conftest import cycle_case
-from helpers_parity import single_thread  # noqa: F401  (a fixture)
 from forerun import LLM, SamplingParams, SpecConfig
 from forerun.drafters.draft_model import DraftModel
 from forerun.drafters.rasd import RetrievalAugmented

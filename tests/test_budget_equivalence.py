@@ -5,7 +5,6 @@ the measured line, whatever this machine's timings choose."""
 import pytest
 
 from conftest import DEVICE, continuations_datastore, tiny_runtime
-from helpers_parity import single_thread  # noqa: F401  (a fixture)
 from test_equivalence import PROMPTS
 from forerun import LLM, SamplingParams, SpecConfig
 from forerun.engine.goodput import Goodput, RowCost

@@ -23,7 +23,6 @@ import pytest
 import torch
 
 from conftest import tiny_runtime
-from helpers_parity import single_thread  # noqa: F401  (a fixture)
 from forerun import LLM, SamplingParams, SpecConfig
 from forerun.drafters.draft_model import DraftModel
 from forerun.models.batch import ForwardBatch
@@ -256,7 +255,7 @@ def target():
     SpecConfig(method="draft", tree_width=2, num_draft=2, max_draft=2, adaptive=False),
     SpecConfig(method="layer-skip", num_draft=2, max_draft=2, adaptive=False),
 ], ids=lambda s: s.method)
-def test_decode_loop_reproduces_target(target, spec):
+def test_sampling_through_a_model_drafter_follows_the_target(target, spec):
     llm = LLM(runtime=target)
     if spec.method == "draft":
         llm._drafters[spec] = DraftModel(target, spec, draft=flat_runtime(seed=4))

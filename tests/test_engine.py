@@ -5,9 +5,8 @@ import pytest
 import torch
 
 from conftest import tiny_runtime
-from helpers_parity import single_thread  # noqa: F401  (a fixture)
 from test_distribution import E2E_PROMPT, E2E_VOCAB, assert_distributed_as, exact_first_two, flat_runtime
-from test_drafters_4b import datastore_for
+from test_drafters_retrieval_rasd_del_lookahead import datastore_for
 from test_equivalence import PROMPTS
 
 from forerun import LLM, SamplingParams, SpecConfig

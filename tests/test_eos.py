@@ -10,7 +10,6 @@ that runs through the EOS; the step's token count in stats.accept_histogram show
 import pytest
 
 from conftest import StubTokenizer, cycle_case, cycle_runtime
-from helpers_parity import single_thread  # noqa: F401  (a fixture)
 from forerun import LLM, SamplingParams, SpecConfig
 from forerun.drafters.draft_model import DraftModel
 from forerun.drafters.rasd import RetrievalAugmented

@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from conftest import tiny_runtime
-from helpers_parity import single_thread  # noqa: F401  (a fixture)
 from forerun import LLM, SamplingParams, SpecConfig
 from forerun.cache import KVCache
 from forerun.config import EngineConfig

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from conftest import tiny_runtime
-from helpers_parity import single_thread  # noqa: F401  (a fixture)
 from test_equivalence import PROMPTS
 
 from forerun import LLM, SamplingParams, SpecConfig

@@ -10,7 +10,6 @@ from dataclasses import replace
 import pytest
 import torch
 
-from helpers_parity import single_thread  # noqa: F401  (a fixture)
 from forerun.cache import KVCache
 from forerun.models.args import ModelArgs
 from forerun.models.batch import ForwardBatch, Segment

@@ -5,7 +5,6 @@ must round alike for this to hold, which is what quantized kernels can get wrong
 import pytest
 
 from conftest import DEVICE, continuations_datastore, tiny_runtime
-from helpers_parity import single_thread  # noqa: F401  (a fixture)
 from test_equivalence import PROMPTS
 from forerun import LLM, SamplingParams, SpecConfig
 from forerun.drafters.rasd import RetrievalAugmented

@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from conftest import reference_probs, small_vocab_runtime
-from helpers_parity import single_thread  # noqa: F401  (a fixture)
 from test_distribution import assert_distributed_as
 from forerun import LLM, SamplingParams, SpecConfig
 from forerun.drafters.draft_model import DraftModel

@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_runtime
-from helpers_parity import single_thread  # noqa: F401  (a fixture)
 from test_distribution import E2E_PARAMS, E2E_PROMPT, E2E_VOCAB, assert_distributed_as, exact_first_two, flat_runtime
 from test_equivalence import GREEDY, PROMPTS, generate, reference
 

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from conftest import tiny_runtime
-from helpers_parity import single_thread  # noqa: F401  (a fixture)
 from test_distribution import (E2E_PARAMS, E2E_PROMPT, E2E_TRIALS, TRIALS, assert_distributed_as,
                                assert_first_two_match, bigram_world, emit_pairs, exact_first_two,
                                flat_runtime)
@@ -120,7 +119,7 @@ def test_stand_proposer_keeps_sampling_exact():
                options={"tree": "dynamic", "nodes": 5, "branch": 3}),
     SpecConfig(method="stand", num_draft=2, max_draft=2, adaptive=False, options={"nodes": 6, "k": 3}),
 ], ids=lambda s: f"{s.method}-{dict(s.options).get('tree', '')}")
-def test_decode_loop_reproduces_target(spec):
+def test_sampled_tree_drafts_follow_the_target(spec):
     target = flat_runtime(seed=3)
     llm = LLM(runtime=target)
     if spec.method == "draft":

@@ -6,7 +6,7 @@ test split (question + reference answer). Methods run interleaved, prompt by pro
 times; per (prompt, method) the median wall time is kept. Reported: tokens/s and tau per category
 and overall (total tokens / total time), and the ratio to `ar` measured in the same process.
 
-    python benchmarks/drafters_4b.py --max-new-tokens 96 --rounds 2
+    python benchmarks/drafters_retrieval_del_lookahead.py --max-new-tokens 96 --rounds 2
 """
 from __future__ import annotations
 
