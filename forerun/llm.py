@@ -30,10 +30,10 @@ class LLM:
     def tokenizer(self):
         return self.runtime.tokenizer
 
-    @property
-    def _drafters(self) -> dict[SpecConfig, Drafter]:
-        """The engine's drafter per SpecConfig (tests put their own drafters here)."""
-        return self.engine.drafters
+    def use_drafter(self, spec: SpecConfig, drafter: Drafter) -> None:
+        """Draft with `drafter` for every request of `spec` from now on (one built outside the
+        registry: a draft model already in memory, a scripted drafter in a test)."""
+        self.engine.use_drafter(spec, drafter)
 
     def drafter(self, spec: SpecConfig) -> Drafter:
         return self.engine.drafter(spec)

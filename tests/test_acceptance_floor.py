@@ -15,12 +15,13 @@ from conftest import cycle_case
 from forerun import LLM, SamplingParams, SpecConfig
 from forerun.drafters.draft_model import DraftModel
 from forerun.drafters.rasd import RetrievalAugmented
+from forerun.drafters.registry import methods
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 FLOOR = 3.0
 LEARN_ACROSS_REQUESTS = {"recycle", "stand", "del"}
-METHODS = ["pld", "draft", "layer-skip", "recycle", "stand", "retrieval", "rasd", "del", "lookahead"]
+METHODS = [m for m in methods() if m != "ar"]  # every registered drafter
 PARAMS = SamplingParams(max_new_tokens=40, ignore_eos=True)
 
 
@@ -39,9 +40,9 @@ def test_matches_ar_and_accepts_drafts(world, method):
     spec = SpecConfig(method=method, options={"datastore": store} if method in ("retrieval", "rasd") else {})
     llm = LLM(runtime=runtime)
     if method == "draft":
-        llm._drafters[spec] = DraftModel(runtime, spec, draft=runtime)
+        llm.use_drafter(spec, DraftModel(runtime, spec, draft=runtime))
     elif method == "rasd":
-        llm._drafters[spec] = RetrievalAugmented(runtime, spec, draft=runtime)
+        llm.use_drafter(spec, RetrievalAugmented(runtime, spec, draft=runtime))
     first = llm.generate_ids(prompt, PARAMS, spec)
     second = llm.generate_ids(prompt, PARAMS, spec)
     assert first.token_ids == second.token_ids == ar

@@ -5,7 +5,7 @@ the measured line, whatever this machine's timings choose."""
 import pytest
 
 from conftest import DEVICE, continuations_datastore, tiny_runtime
-from test_equivalence import PROMPTS
+from helpers_decoding import PROMPTS
 from forerun import LLM, SamplingParams, SpecConfig
 from forerun.engine.goodput import Goodput, RowCost
 from forerun.drafters.draft_model import DraftModel
@@ -79,9 +79,9 @@ def test_cut_drafts_match_ar(world, cut_sizes, monkeypatch, method, same, line):
     if line is not None:
         monkeypatch.setattr(RowCost, "curve", lambda self: lambda rows: line[0] + line[1] * rows)
     spec, drafter = spec_and_drafter(world, method, same)
-    llm._drafters.pop(spec, None)
+    llm.engine.forget(spec)  # a fresh drafter, guard and odds for this case
     if drafter is not None:
-        llm._drafters[spec] = drafter
+        llm.use_drafter(spec, drafter)
     llm.engine.goodput = Goodput()  # what another test's runs measured stays there
     for prompt in PROMPTS:
         assert llm.generate_ids(prompt, GREEDY, spec).token_ids == reference[tuple(prompt)]

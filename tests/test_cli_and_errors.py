@@ -66,7 +66,7 @@ def test_embedded_model_methods_match_ar(embedded, prompt):
     for spec in (SpecConfig(method="pld"), SpecConfig(method="layer-skip", exit_layer=20)):
         assert embedded.generate_ids(ids, params, spec).token_ids == ref, spec.method
     spec = SpecConfig(method="draft", tree_width=2)
-    embedded._drafters[spec] = DraftModel(embedded.runtime, spec, draft=embedded.runtime)
+    embedded.use_drafter(spec, DraftModel(embedded.runtime, spec, draft=embedded.runtime))
     out = embedded.generate_ids(ids, params, spec)
     assert out.token_ids == ref and out.stats.mean_accepted > 2
 

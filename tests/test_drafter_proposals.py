@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from conftest import reference_probs, small_vocab_runtime
-from test_distribution import assert_distributed_as
+from helpers_distribution import assert_distributed_as
 from forerun import LLM, SamplingParams, SpecConfig
 from forerun.drafters.draft_model import DraftModel
 from forerun.drafters.rasd import RetrievalAugmented
@@ -103,7 +103,7 @@ def proposers(tmp_path_factory) -> dict[str, Callable[[], Proposer]]:
 
     def with_draft_model(spec, cls=DraftModel, **kw) -> Proposer:
         llm = LLM(runtime=target)
-        llm._drafters[spec] = cls(target, spec, draft=draft)
+        llm.use_drafter(spec, cls(target, spec, draft=draft))
         return Proposer(llm, spec, model_proposal(draft), siblings=True, **kw)
 
     return {

@@ -6,10 +6,9 @@ import pytest
 import torch
 
 from conftest import tiny_runtime
-from test_distribution import (E2E_PARAMS, E2E_PROMPT, E2E_TRIALS, TRIALS, assert_distributed_as,
-                               assert_first_two_match, bigram_world, emit_pairs, exact_first_two,
-                               flat_runtime)
-from test_equivalence import PROMPTS, generate, reference
+from helpers_distribution import (E2E_PARAMS, E2E_PROMPT, E2E_TRIALS, TRIALS, assert_distributed_as,
+                                  assert_first_two_match, bigram_world, emit_pairs, exact_first_two, flat_runtime)
+from helpers_decoding import PROMPTS, generate, reference
 from forerun import LLM, SamplingParams, SpecConfig
 from forerun.engine.sequence import Sequence
 from forerun.drafters.draft_model import DraftModel
@@ -123,7 +122,7 @@ def test_sampled_tree_drafts_follow_the_target(spec):
     target = flat_runtime(seed=3)
     llm = LLM(runtime=target)
     if spec.method == "draft":
-        llm._drafters[spec] = DraftModel(target, spec, draft=flat_runtime(seed=4))
+        llm.use_drafter(spec, DraftModel(target, spec, draft=flat_runtime(seed=4)))
     joint = exact_first_two(target)
     runs = [llm.generate_ids(E2E_PROMPT, SamplingParams(seed=trial, **E2E_PARAMS), spec)
             for trial in range(E2E_TRIALS)]

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_runtime
-from test_distribution import E2E_PARAMS, E2E_PROMPT, E2E_VOCAB, assert_distributed_as, exact_first_two, flat_runtime
-from test_equivalence import GREEDY, PROMPTS, generate, reference
+from helpers_distribution import (E2E_PARAMS, E2E_PROMPT, E2E_VOCAB, assert_distributed_as, exact_first_two,
+                                  flat_runtime)
+from helpers_decoding import GREEDY, PROMPTS, datastore_for, generate, reference
 
 from forerun import LLM, SamplingParams, SpecConfig
 from forerun.engine.draft_length import DraftLength, SpeedGuard
@@ -21,16 +22,6 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 def llm(request):
     kw = {"sliding_window": 16} if request.param == "mistral" else {}
     return LLM(runtime=tiny_runtime(request.param, seed=1, **kw))
-
-
-def datastore_for(llm, tmp_path, extra_docs=()) -> str:
-    """A datastore holding the greedy continuations of two of the prompts (so retrieval hits) and
-    random documents (so it also proposes wrong branches)."""
-    rng = np.random.default_rng(0)
-    docs = [p + reference(llm, p) for p in PROMPTS[:2]] + [rng.integers(0, 64, 50).tolist() for _ in range(20)]
-    path = tmp_path / f"ds-{llm.runtime.name}"
-    build([*docs, *extra_docs], fingerprint_of(llm.runtime)).save(path)
-    return str(path)
 
 
 # --- datastore --------------------------------------------------------------------------------------
@@ -165,7 +156,7 @@ def test_sampling_reproduces_target(target, tmp_path, method):
         build([[5, x, y] for x in range(E2E_VOCAB) for y in (1, 2)], fingerprint_of(target)).save(tmp_path / "ds")
         spec = SpecConfig(method="rasd", num_draft=2, max_draft=2, adaptive=False,
                           options={"datastore": str(tmp_path / "ds"), "n_min": 1, "budget": 6})
-        llm._drafters[spec] = RetrievalAugmented(target, spec, draft=flat_runtime(seed=4))
+        llm.use_drafter(spec, RetrievalAugmented(target, spec, draft=flat_runtime(seed=4)))
     else:
         spec = SpecConfig(method="del", num_draft=2, max_draft=2, options={"min_length": 2, "probe_every": 1})
     joint = exact_first_two(target)

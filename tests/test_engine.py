@@ -5,14 +5,14 @@ import pytest
 import torch
 
 from conftest import tiny_runtime
-from test_distribution import E2E_PROMPT, E2E_VOCAB, assert_distributed_as, exact_first_two, flat_runtime
-from test_drafters_retrieval_rasd_del_lookahead import datastore_for
-from test_equivalence import PROMPTS
+from helpers_distribution import E2E_PROMPT, E2E_VOCAB, assert_distributed_as, exact_first_two, flat_runtime
+from helpers_decoding import PROMPTS, datastore_for
 
 from forerun import LLM, SamplingParams, SpecConfig
 from forerun.config import EngineConfig
 from forerun.drafters.draft_model import DraftModel
 from forerun.drafters.rasd import RetrievalAugmented
+from forerun.drafters.registry import methods
 from forerun.engine.engine import Engine
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 BATCH = [(PROMPTS[0], 40), (PROMPTS[1], 25), (PROMPTS[2], 33), (list(range(5, 60)) + [7, 7, 9], 30),
          ([9, 4, 9, 4, 9, 4, 1], 18), (list(range(60, 0, -1)) + PROMPTS[2], 37)]
 ENGINE = EngineConfig(max_step_tokens=24, max_num_seqs=4)  # chunked prompts, and a queue
-METHODS = ["ar", "pld", "draft", "layer-skip", "recycle", "stand", "retrieval", "rasd", "del", "lookahead"]
+METHODS = methods()  # every registered drafter: a new one is checked batched against alone too
 
 
 def greedy(max_new: int) -> SamplingParams:
@@ -49,9 +49,9 @@ def install_drafters(llm: LLM, specs: list[SpecConfig], draft_runtime) -> None:
     """draft and rasd drafters with an in-memory draft model (another random model: mostly wrong)."""
     for spec in specs:
         if spec.method == "draft":
-            llm._drafters[spec] = DraftModel(llm.runtime, spec, draft=draft_runtime)
+            llm.use_drafter(spec, DraftModel(llm.runtime, spec, draft=draft_runtime))
         elif spec.method == "rasd":
-            llm._drafters[spec] = RetrievalAugmented(llm.runtime, spec, draft=draft_runtime)
+            llm.use_drafter(spec, RetrievalAugmented(llm.runtime, spec, draft=draft_runtime))
 
 
 class Forwards:
@@ -174,7 +174,7 @@ def test_batched_sampling_follows_the_target(spec):
     target = flat_runtime(seed=3)
     llm = LLM(runtime=target, engine=EngineConfig(max_num_seqs=32))
     if spec.method == "draft":
-        llm._drafters[spec] = DraftModel(target, spec, draft=flat_runtime(seed=4))
+        llm.use_drafter(spec, DraftModel(target, spec, draft=flat_runtime(seed=4)))
     forwards = Forwards(llm.engine)
     rids = [llm.engine.add_request(E2E_PROMPT, SamplingParams(temperature=1.0, max_new_tokens=2, ignore_eos=True,
                                                               seed=t), spec) for t in range(1500)]

@@ -37,9 +37,9 @@ def llm_for(world, method: str) -> tuple[LLM, SpecConfig]:
     spec = SpecConfig(method=method, options={"datastore": store} if method in ("retrieval", "rasd") else {})
     llm = LLM(runtime=runtime)
     if method == "draft":  # the target as its own draft model: always right
-        llm._drafters[spec] = DraftModel(runtime, spec, draft=runtime)
+        llm.use_drafter(spec, DraftModel(runtime, spec, draft=runtime))
     elif method == "rasd":
-        llm._drafters[spec] = RetrievalAugmented(runtime, spec, draft=runtime)
+        llm.use_drafter(spec, RetrievalAugmented(runtime, spec, draft=runtime))
     return llm, spec
 
 

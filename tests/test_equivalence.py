@@ -3,20 +3,12 @@ import pytest
 import torch
 
 from conftest import VOCAB, tiny_hf_runtime, tiny_runtime
-from forerun import LLM, SamplingParams, SpecConfig
+from helpers_decoding import GREEDY, PROMPTS, generate, reference
+from forerun import LLM, SpecConfig
 from forerun.drafters.base import Drafter, chain
 from forerun.drafters.draft_model import DraftModel
 from forerun.tree import Tree
 from forerun.types import Draft
-
-PROMPTS = [[1, 5, 9, 13, 5, 9], [7, 7, 7, 2], list(range(3, 40, 3)) * 2]
-GREEDY = SamplingParams(max_new_tokens=40, ignore_eos=True)
-
-
-def generate(llm: LLM, prompt, spec, params=GREEDY, drafter=None):
-    if drafter is not None:
-        llm._drafters[spec] = drafter
-    return llm.generate_ids(prompt, params, spec)
 
 
 class Oracle(Drafter):
@@ -63,10 +55,6 @@ def llm(request):
             pytest.skip("q4 is a CPU format")
         assert runtime.model.quantize()
     return LLM(runtime=runtime)
-
-
-def reference(llm, prompt):
-    return generate(llm, prompt, SpecConfig(method="ar")).token_ids
 
 
 @pytest.mark.parametrize("wrong", [False, True])

@@ -4,9 +4,9 @@ cutting trees keeps greedy output equal to `ar` and sampled output distributed a
 import pytest
 import torch
 from conftest import tiny_runtime
-from test_distribution import E2E_PARAMS, E2E_PROMPT, E2E_VOCAB, assert_distributed_as, exact_first_two, flat_runtime
-from test_drafters_retrieval_rasd_del_lookahead import datastore_for
-from test_equivalence import GREEDY, PROMPTS, generate, reference
+from helpers_distribution import (E2E_PARAMS, E2E_PROMPT, E2E_VOCAB, assert_distributed_as, exact_first_two,
+                                  flat_runtime)
+from helpers_decoding import GREEDY, PROMPTS, datastore_for, generate, reference
 
 from forerun import LLM, SamplingParams, SpecConfig
 from forerun.engine.goodput import CheckSchedule, Entry, Goodput, NodeOdds, RowCost, best_cut, keep_nodes
@@ -254,7 +254,7 @@ def test_cut_trees_match_ar(llm, tmp_path, monkeypatch, method, line):
                       options=options)
     if method in ("draft", "rasd"):
         drafter = {"draft": DraftModel, "rasd": RetrievalAugmented}[method]
-        llm._drafters[spec] = drafter(llm.runtime, spec, draft=llm.runtime)
+        llm.use_drafter(spec, drafter(llm.runtime, spec, draft=llm.runtime))
     refs = [reference(llm, prompt) for prompt in PROMPTS]
     for prompt, ref in zip(PROMPTS, refs):
         assert generate(llm, prompt, spec).token_ids == ref

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import tiny_runtime
-from test_equivalence import PROMPTS
+from helpers_decoding import PROMPTS
 
 from forerun import LLM, SamplingParams, SpecConfig
 from forerun.models.batch import ForwardBatch

@@ -5,7 +5,7 @@ must round alike for this to hold, which is what quantized kernels can get wrong
 import pytest
 
 from conftest import DEVICE, continuations_datastore, tiny_runtime
-from test_equivalence import PROMPTS
+from helpers_decoding import PROMPTS
 from forerun import LLM, SamplingParams, SpecConfig
 from forerun.drafters.rasd import RetrievalAugmented
 
@@ -39,7 +39,7 @@ def reference(llm):
 
 def run(llm, prompt, spec, drafter=None):
     if drafter is not None:
-        llm._drafters[spec] = drafter
+        llm.use_drafter(spec, drafter)
     return llm.generate_ids(prompt, GREEDY, spec)
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import reference_probs, small_vocab_runtime
-from test_distribution import assert_distributed_as
+from helpers_distribution import assert_distributed_as
 from forerun import LLM, SamplingParams, SpecConfig
 from forerun.drafters.draft_model import DraftModel
 from forerun.models.batch import ForwardBatch
@@ -98,7 +98,7 @@ def world() -> World:
 def sample(world: World, spec: SpecConfig, drafter=DraftModel, trials: int = TRIALS):
     """(runs, triples [trials, 3]) from LLM.generate_ids with one seed per trial."""
     llm = LLM(runtime=world.target)
-    llm._drafters[spec] = drafter(world.target, spec, draft=world.draft)
+    llm.use_drafter(spec, drafter(world.target, spec, draft=world.draft))
     runs = [llm.generate_ids(PROMPT, SamplingParams(**PROCESSING, seed=trial, max_new_tokens=3, ignore_eos=True),
                              spec) for trial in range(trials)]
     return runs, torch.tensor([run.token_ids for run in runs])

@@ -219,6 +219,10 @@ class Engine:
         self.goodput.forget(spec)
         return True
 
+    def use_drafter(self, spec: SpecConfig, drafter: Drafter) -> None:
+        """Draft with `drafter` for `spec` instead of the registry's (kept until forget(spec))."""
+        self.drafters[spec] = drafter
+
     def drafter(self, spec: SpecConfig) -> Drafter:
         if spec not in self.drafters:
             self.drafters[spec] = build_drafter(self.runtime, spec)

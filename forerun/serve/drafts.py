@@ -43,4 +43,4 @@ class DraftModels:
             return  # without a draft model, the engine's drafter says what is missing
         if spec.draft_model not in self.loaded:  # check() refused it already; never load it here
             raise ValueError("speculation.draft_model: not a draft model this server allows")
-        engine.drafters[spec] = method(engine.runtime, spec, draft=self.loaded[spec.draft_model])
+        engine.use_drafter(spec, method(engine.runtime, spec, draft=self.loaded[spec.draft_model]))
