@@ -208,11 +208,11 @@ class Engine:
 
     def forget(self, spec: SpecConfig) -> bool:
         """Drop what the engine keeps for `spec` across requests (its drafter, speed guard and goodput
-        odds), unless a sequence still uses it; returns whether it was dropped. A later request with
-        the same spec starts it afresh: only speed is lost, never exactness. A server that bounds the
-        configurations clients may create evicts the idle ones with this."""
-        in_use = any(request.spec == spec for request in self.requests.values())
-        if in_use or any(seq.spec == spec for seq in (*self.scheduler.running, *self.scheduler.waiting)):
+        odds), unless a request still uses it (every scheduled sequence belongs to one; a sequence
+        from prefilled() is its caller's, to release() first); returns whether it was dropped. A later
+        request with the same spec starts it afresh: only speed is lost, never exactness. A server
+        that bounds the configurations clients may create evicts the idle ones with this."""
+        if any(request.spec == spec for request in self.requests.values()):
             return False
         self.drafters.pop(spec, None)
         self.guards.pop(spec, None)

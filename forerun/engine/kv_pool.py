@@ -72,6 +72,11 @@ class KVPool:
         return self.num_blocks - self.available
 
     @property
+    def touched_bytes(self) -> int:
+        """Memory of the blocks ever used: resident from their first use on."""
+        return self.touched * self.block_size * self.store.bytes_per_slot
+
+    @property
     def hit_rate(self) -> float:
         return self.hit_blocks / self.queried_blocks if self.queried_blocks else 0.0
 

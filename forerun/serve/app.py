@@ -18,10 +18,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from forerun.config import SpecConfig
 from forerun.engine.engine import Engine
+from forerun.serve import DEFAULT_MAX_SCALING_JOBS
 from forerun.serve import requests as rq
 from forerun.serve import responses as rs
 from forerun.serve import scaling as sc
-from forerun.serve.cli import DEFAULT_MAX_SCALING_JOBS
 from forerun.serve.drafts import DraftModels
 from forerun.serve.errors import APIError, error_response, install_error_handlers
 from forerun.serve.jobs import Job

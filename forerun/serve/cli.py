@@ -11,10 +11,11 @@ import logging
 import os
 import sys
 
+from forerun.serve import DEFAULT_MAX_SCALING_JOBS
+
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 API_KEY_VARIABLE = "FORERUN_API_KEY"  # the server's key, kept out of its command line (which ps shows)
 CLIENT_KEY_VARIABLE = "OPENAI_API_KEY"  # bench-serve's, as the openai client reads it
-DEFAULT_MAX_SCALING_JOBS = 4  # each runs up to --max-num-seqs samples already
 
 
 def add_serve_parsers(subparsers) -> None:

@@ -43,8 +43,7 @@ class EngineSnapshot:
     waiting: int = 0  # sequences queued or preempted
     used_blocks: int = 0  # KV pool blocks held by sequences
     total_blocks: int = 0
-    touched_blocks: int = 0  # KV pool blocks ever used: their pages are resident from then on
-    touched_bytes: int = 0
+    touched_bytes: int = 0  # of the KV pool blocks ever used: their pages are resident from then on
     prefix_queried_blocks: int = 0  # prompt blocks looked up in the prefix cache
     prefix_hit_blocks: int = 0  # ... and found there
     preemptions: int = 0
@@ -338,8 +337,7 @@ class EngineWorker:
         pool, scheduler = engine.pool, engine.scheduler
         self.snapshot = EngineSnapshot(
             running=len(scheduler.running), waiting=len(scheduler.waiting), used_blocks=pool.used,
-            total_blocks=pool.num_blocks, touched_blocks=pool.touched,
-            touched_bytes=pool.touched * pool.block_size * pool.store.bytes_per_slot, prefix_queried_blocks=pool.queried_blocks,
+            total_blocks=pool.num_blocks, touched_bytes=pool.touched_bytes, prefix_queried_blocks=pool.queried_blocks,
             prefix_hit_blocks=pool.hit_blocks, preemptions=scheduler.preemptions)
 
     def _refuse_late_commands(self) -> None:
