@@ -246,3 +246,20 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def random_eagle_head(runtime: Runtime, seed: int = 0, draft_vocab: int | None = None, aux=(1, 2, 3)):
+    """An EAGLE-3 head with random weights for a tiny target: its drafts are mostly wrong, which is
+    what the equivalence tests want. draft_vocab < the target's: a reduced vocabulary of every other id."""
+    from forerun.heads.eagle3 import Eagle3Config, Eagle3Head
+
+    args = runtime.model.args
+    size = draft_vocab or args.vocab_size
+    torch.manual_seed(seed)
+    head = Eagle3Head(Eagle3Config.for_target(args, aux, size, runtime.name), runtime.model.embed.detach().float().cpu())
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_(0, 0.3) if p.dim() > 1 else p.fill_(1.0)
+    if size < args.vocab_size:
+        head.set_vocabulary(torch.arange(0, args.vocab_size, args.vocab_size // size)[:size])
+    return head.eval().requires_grad_(False)

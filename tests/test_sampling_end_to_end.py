@@ -12,10 +12,11 @@ from typing import NamedTuple
 import pytest
 import torch
 
-from conftest import reference_probs, small_vocab_runtime
+from conftest import random_eagle_head, reference_probs, small_vocab_runtime
 from helpers_distribution import assert_distributed_as
 from forerun import LLM, SamplingParams, SpecConfig
 from forerun.drafters.draft_model import DraftModel
+from forerun.drafters.eagle import Eagle
 from forerun.models.batch import ForwardBatch
 from forerun.types import Draft
 
@@ -27,6 +28,27 @@ PROCESSING = dict(temperature=0.7, top_k=5, top_p=0.9)
 TRIALS = 2_000
 CHAIN = SpecConfig(method="draft", tree_width=1, num_draft=2, max_draft=2, adaptive=False)
 TREE = SpecConfig(method="draft", tree_width=2, num_draft=2, max_draft=2, adaptive=False)
+
+
+EAGLE_CHAIN = SpecConfig(method="eagle", tree_width=1, num_draft=2, max_draft=2, adaptive=False)
+EAGLE_TREE = SpecConfig(method="eagle", tree_width=2, num_draft=2, max_draft=2, adaptive=False)
+
+
+def eagle(target, spec, draft):
+    """An EAGLE-3 head with random weights for the target (`draft` unused: a head drafts from the
+    target's own features), its output scaled so that its drafts are often accepted."""
+    head = random_eagle_head(target, seed=6, aux=(1, 2))
+    with torch.no_grad():
+        head.lm_head.weight.mul_(0.3)
+    return Eagle(target, spec, head=head)
+
+
+class EagleUniformQ(Eagle):
+    """An EAGLE chain that reports uniform draws for tokens drawn from its head."""
+
+    def propose(self, seq, depth):
+        draft = super().propose(seq, depth)
+        return draft if draft.q is None else Draft(draft.tree, torch.full_like(draft.q, 1 / draft.q.shape[1]))
 
 
 class UniformQ(DraftModel):
@@ -134,3 +156,22 @@ def test_negative_control_wrong_q_is_rejected(world):
     _, triples = sample(world, CHAIN, drafter=UniformQ, trials=TRIALS // 3)
     with pytest.raises(AssertionError, match="chi-square|probability 0"):
         assert_follows(triples, world.joint, "uniform q")
+
+
+@pytest.mark.parametrize("spec", [EAGLE_CHAIN, EAGLE_TREE], ids=["eagle-chain", "eagle-tree-2-wide"])
+def test_eagle_samples_follow_the_processed_target(world, spec):
+    """A head's chain (tokens drawn from its own processed distribution, Draft.q) and its tree (children
+    chosen by confidence: point masses) through the whole loop. The head drafts from the second step
+    on (the first one computes the prompt's features as it verifies the root), so tokens 2 and 3 are
+    the drafted ones."""
+    runs, triples = sample(world, spec, drafter=eagle)
+    both = sum(run.stats.accept_histogram.get(3, 0) > 0 for run in runs)
+    assert both > TRIALS // 20, f"only {both} runs accepted both drafts: accepted drafts were hardly tested"
+    assert_follows(triples, world.joint, spec.method)
+
+
+def test_negative_control_eagle_claiming_uniform_q_is_rejected(world):
+    _, triples = sample(world, EAGLE_CHAIN, drafter=lambda t, s, draft: EagleUniformQ(t, s, head=eagle(t, s, draft).head),
+                        trials=TRIALS // 2)
+    with pytest.raises(AssertionError, match="chi-square|probability 0"):
+        assert_follows(triples, world.joint, "eagle claiming uniform q")

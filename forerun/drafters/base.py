@@ -40,6 +40,8 @@ class Drafter(ABC):
     plans_length: bool = False
     # its drafts carry a Draft.key (how good it thinks they are), by which the goodput policy keeps odds
     keyed: bool = False
+    # residual streams (after how many layers) it reads at prompt rows, through observe_prefill()
+    prefill_layers: tuple[int, ...] = ()
 
     def __init__(self, target, spec: SpecConfig):
         self.target = target  # forerun.models.runtime.Runtime
@@ -59,6 +61,12 @@ class Drafter(ABC):
         """Residual streams (after how many layers) the next verification should return for this
         sequence's rows, in Scores.layers (DEL's shadow tokens)."""
         return ()
+
+    def observe_prefill(self, seq: Sequence, start: int, layers: dict[int, torch.Tensor]) -> None:
+        """The target's residual streams (k -> [T, D], for k in prefill_layers) at the T prompt rows
+        this step computed for seq, at positions start..start + T - 1: the prompt, or what a preempted
+        sequence recomputes (then start lies before positions seen earlier, which it replaces). Rows a
+        prefix-cache hit skipped are never computed, so never seen."""
 
     def observe(self, seq: Sequence, draft: Draft, verdict: Verdict, scores: Scores) -> None:
         """Feedback after verification; seq already holds the accepted tokens. scores holds the

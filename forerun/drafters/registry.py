@@ -30,4 +30,4 @@ def build_drafter(target, spec: SpecConfig) -> Drafter:
 
 def _load_builtins() -> None:
     from forerun.drafters import ar, draft_model, layer_skip, pld, recycle, stand  # noqa: F401  (registers them)
-    from forerun.drafters import del_exit, lookahead, rasd, retrieval  # noqa: F401
+    from forerun.drafters import del_exit, eagle, lookahead, rasd, retrieval  # noqa: F401

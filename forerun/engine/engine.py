@@ -274,10 +274,12 @@ class Engine:
             return self._collect()
         drafts = self._propose(work)
         batch = pack(work, drafts)
-        layers = sorted({k for i in drafts for k in self.drafter(work[i].seq.spec).layers_wanted(work[i].seq)})
+        layers = {k for i in drafts for k in self.drafter(work[i].seq.spec).layers_wanted(work[i].seq)}
+        layers |= {k for w in work if w.chunk for k in self.drafter(w.seq.spec).prefill_layers}
         forward_start = time.perf_counter()
-        out = self.model(batch, self.pool.store, keep_layers=tuple(layers))
+        out = self.model(batch, self.pool.store, keep_layers=tuple(sorted(layers)))
         forward_s = time.perf_counter() - forward_start
+        self._observe_prefill(work, batch, out)
         verdicts, scores = self._verify(work, drafts, batch, out)
         seconds = self._commit(work, drafts, verdicts, scores, forward_s, start, batch.rows)
         if not any(w.chunk for w in work):  # a prompt chunk's rows cost unlike decoding rows
@@ -377,6 +379,21 @@ class Engine:
                                  context=(draft.key, seq.last_draft)))
         for i, cut in zip(policed, self.goodput.cut(entries, sure_rows, float(len(drafts)))):
             drafts[i] = cut
+
+    def _observe_prefill(self, work: list[Work], batch, out: ForwardOutput) -> None:
+        """Hand each drafter that asks for them (Drafter.prefill_layers) the residual streams at the
+        prompt (or recomputed) rows its sequences computed this step; a drafter sees them before its
+        sequence's first draft, so it is begun here if it has not been."""
+        for i, w in enumerate(work):
+            drafter = self.drafter(w.seq.spec)
+            if not w.chunk or not drafter.prefill_layers:
+                continue
+            seq = w.seq
+            if not seq.begun:
+                seq.draft_state, seq.begun = drafter.begin(seq), True
+            first = int(batch.row_start[i])
+            rows = slice(first, first + w.chunk)
+            drafter.observe_prefill(seq, seq.cached, {k: out.layers[k][rows] for k in drafter.prefill_layers})
 
     def _verify(self, work: list[Work], drafts: dict[int, Draft], batch, out: ForwardOutput
                 ) -> tuple[dict[int, Verdict], dict[int, Scores]]:

@@ -328,11 +328,13 @@ class Transformer(CausalLM):
         kept = {}
         layers = self.layers if num_layers is None else self.layers[:num_layers]
         plans = [layer.q4_plan for layer in layers]
-        if not keep_layers and all(plan is not None for plan in plans):
+        if all(plan is not None for plan in plans):
             # q4 on native kernels: two calls a layer and nothing else (a decoding step's Python overhead)
             native, nb, x = kernels.cpu_kernels(), batch.native(), x.contiguous()
-            for plan, k, v in zip(plans, kv.k, kv.v):
+            for i, (plan, k, v) in enumerate(zip(plans, kv.k, kv.v)):
                 x = _q4_run(native, plan, x, k, v, nb, cos, sin)
+                if i + 1 in keep_layers:
+                    kept[i + 1] = x
         else:
             for i, layer in enumerate(layers):
                 x = layer(x, i, kv, batch, cos, sin)

@@ -1,0 +1,211 @@
+"""EAGLE-3: a trained draft head reading the target's own features (forerun.heads.eagle3).
+
+Each verification forward returns, at the accepted nodes, the target's residual streams after the
+head's three layers (Drafter.layers_wanted; the prompt's come through observe_prefill). They become
+the head's committed rows: row i holds (f_i, x_{i+1}), so the last one, at the position before the
+root, scores the root's first child. Drafting runs the head on its own output from there:
+
+- chain (tree_width 1): one head row per drafted token, the most likely draft token when greedy, one
+  drawn from the head's distribution (temperature, top-k and top-p applied; Draft.q) when sampling;
+- tree (tree_width w > 1, EAGLE-2's dynamic tree): each depth expands the w best leaves so far by the
+  head's cumulative confidence, w children each, in one head forward for all of them; of every node
+  drafted, the `nodes` most confident make the tree. Its children are chosen deterministically, so the
+  verifier treats them as point masses, which keeps sampling exact too.
+
+The head keeps a KV cache of its own per sequence (a few kB a token: one layer, its kv heads), in the
+sequence's draft state rather than in the engine's pool: it is a different shape from the target's, and
+drafted rows are dropped after every step. Rows the prefix cache spared the target (a cached prompt) are
+never seen, so the head drafts from what it has; outputs never depend on it.
+"""
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, fields
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from forerun.drafters.base import Drafter, Sequence, root_only
+from forerun.drafters.registry import register
+from forerun.heads.eagle3 import Eagle3Head, HeadCache, load_head
+from forerun.sampling import sample, target_probs
+from forerun.tree import Tree
+from forerun.types import Draft, Scores, Verdict
+
+SHIPPED_HEAD = "smollm2-135m-instruct-eagle3"  # forerun/heads/<this>: the head for the embedded model
+
+
+@dataclass(frozen=True, slots=True)
+class EagleOptions:
+    head: str = ""  # head folder (speculators or original EAGLE-3 layout); "" = the one shipped for the embedded model
+    nodes: int = 16  # tree: nodes kept below the root
+
+
+@dataclass(eq=False)
+class EagleState:
+    cache: HeadCache
+    pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # committed rows not yet run: (tokens, hidden, positions)
+    last: tuple[torch.Tensor, torch.Tensor, int] | None = None  # the last committed row's output, logits, position
+
+
+def shipped_head() -> Path:
+    return Path(str(resources.files("forerun.heads") / SHIPPED_HEAD))
+
+
+@register("eagle")
+class Eagle(Drafter):
+    drafts_with_model = True
+
+    def __init__(self, target, spec, head: Eagle3Head | None = None):
+        super().__init__(target, spec)
+        self.opts = EagleOptions(**spec.option_values({f.name: f.default for f in fields(EagleOptions)}))
+        if self.opts.nodes < 1:
+            raise ValueError(f"eagle: nodes must be >= 1, got {self.opts.nodes}")
+        if head is None:
+            path = Path(self.opts.head or spec.draft_model or shipped_head())
+            if not (path / "config.json").is_file():
+                raise ValueError(f"eagle: no head at {path} (give head=PATH or --draft-head)")
+            head = load_head(path, target)
+        self.head = head
+        self.aux = tuple(head.config.aux_layers)
+        self.prefill_layers = self.aux
+        self.draft_ids = head.draft_ids
+
+    def begin(self, seq: Sequence) -> EagleState:
+        return EagleState(self.head.new_cache(), [])
+
+    def layers_wanted(self, seq: Sequence) -> tuple[int, ...]:
+        return self.aux
+
+    # -- what the target computed -------------------------------------------------------------------
+
+    def _commit_rows(self, state: EagleState, features: torch.Tensor, tokens: list[int], first: int) -> None:
+        """Rows at positions first.. from the target's features there and the tokens after them; any
+        rows at those positions or later (a recomputed stretch, a rejected draft) give way."""
+        state.cache.keep_before(first)
+        state.pending = [p for p in state.pending if int(p[2][0]) < first]
+        if state.last is not None and state.last[2] >= first:
+            state.last = None
+        hidden = self.head.fc(features.to(self.head.fc.weight.dtype))
+        state.pending.append((torch.tensor(tokens), hidden, torch.arange(first, first + len(tokens))))
+
+    def observe_prefill(self, seq: Sequence, start: int, layers: dict[int, torch.Tensor]) -> None:
+        features = torch.cat([layers[k] for k in self.aux], dim=-1)
+        n = features.shape[0]
+        self._commit_rows(seq.draft_state, features, seq.tokens[start + 1:start + n + 1], start)
+
+    def observe(self, seq: Sequence, draft: Draft, verdict: Verdict, scores: Scores) -> None:
+        if not all(k in scores.layers for k in self.aux):
+            return
+        path = torch.tensor(verdict.path)
+        features = torch.cat([scores.layers[k][path] for k in self.aux], dim=-1)
+        tokens = draft.tree.tokens[path[1:]].tolist() + [verdict.next_token]
+        root = len(seq.tokens) - len(tokens) - 1  # seq already holds the accepted tokens and the next one
+        self._commit_rows(seq.draft_state, features, tokens, root)
+
+    # -- drafting -------------------------------------------------------------------------------------
+
+    def _catch_up(self, state: EagleState) -> None:
+        """Run the committed rows not yet run, keeping the last one's output."""
+        if not state.pending:
+            return
+        tokens = torch.cat([p[0] for p in state.pending])
+        hidden = torch.cat([p[1] for p in state.pending])
+        positions = torch.cat([p[2] for p in state.pending])
+        state.pending = []
+        out, logits = self.head.step(state.cache, tokens, hidden, positions)
+        state.last = (out[-1], logits[-1], int(positions[-1]))
+
+    def propose(self, seq: Sequence, depth: int) -> Draft:
+        state: EagleState = seq.draft_state
+        self._catch_up(state)
+        root_position = len(seq.tokens) - 1
+        if state.last is None or state.last[2] != root_position - 1:  # the head has not seen the root's context
+            return root_only(seq)
+        committed = state.cache.length
+        try:
+            if self.spec.tree_width > 1:
+                return self._tree(seq, state, depth, root_position)
+            return self._chain(seq, state, depth, root_position)
+        finally:
+            state.cache.truncate(committed)
+
+    def _pick(self, logits: torch.Tensor, seq: Sequence) -> tuple[int, torch.Tensor | None]:
+        """The next draft token (a target id) and, when sampling, the distribution it was drawn from."""
+        if seq.params.greedy:
+            return int(self.draft_ids[int(logits.argmax())]), None
+        probs = target_probs(logits.float()[None], seq.params)[0]
+        j = sample(probs, seq.generator)
+        q = torch.zeros(self.target.model.args.vocab_size)
+        q[self.draft_ids] = probs
+        return int(self.draft_ids[j]), q
+
+    def _chain(self, seq: Sequence, state: EagleState, depth: int, root_position: int) -> Draft:
+        hidden, logits, _ = state.last
+        tokens, qs = [seq.root], []
+        for d in range(1, depth + 1):
+            token, q = self._pick(logits, seq)
+            tokens.append(token)
+            qs.append(q)
+            if d < depth:
+                out, lg = self.head.step(state.cache, torch.tensor([token]), hidden[None],
+                                         torch.tensor([root_position + d - 1]))
+                hidden, logits = out[0], lg[0]
+        q = None
+        if not seq.params.greedy:
+            q = torch.stack([torch.zeros_like(qs[0]), *qs])  # row 0: the root, never drawn
+        return Draft(Tree(tokens=torch.tensor(tokens), parents=list(range(-1, len(tokens) - 1))), q=q)
+
+    def _tree(self, seq: Sequence, state: EagleState, depth: int, root_position: int) -> Draft:
+        """EAGLE-2: expand the `width` most confident leaves each depth; keep the most confident nodes."""
+        width, budget = self.spec.tree_width, min(self.opts.nodes, seq.room - 1)
+        hidden, logits, _ = state.last
+        committed = state.cache.length
+        # node j (1-based; 0 is the root): token, parent, cumulative log-probability, depth, cache row
+        tokens, parents, score, depths, rows = [seq.root], [-1], [0.0], [0], [-1]
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        top = logp.topk(width)
+        frontier = []
+        for v, j in zip(top.values.tolist(), top.indices.tolist()):
+            tokens.append(int(self.draft_ids[j])), parents.append(0), score.append(v), depths.append(1), rows.append(-1)
+            frontier.append(len(tokens) - 1)
+        inputs = {0: hidden}  # node -> the hidden state its children's rows read
+        for d in range(1, depth):
+            frontier = heapq.nlargest(width, frontier, key=lambda n: score[n])
+            if not frontier:
+                break
+            # one head forward over the frontier: each row sees the committed rows and its own ancestors
+            start = state.cache.length
+            for n in frontier:
+                rows[n] = start + frontier.index(n)
+            mask = torch.zeros(len(frontier), start + len(frontier) - committed, dtype=torch.bool)
+            for i, n in enumerate(frontier):
+                a = n
+                while a > 0:
+                    mask[i, rows[a] - committed] = True
+                    a = parents[a]
+            out, lg = self.head.step(state.cache, torch.tensor([tokens[n] for n in frontier]),
+                                     torch.stack([inputs[parents[n]] for n in frontier]),
+                                     torch.tensor([root_position + depths[n] - 1 for n in frontier]),
+                                     mask=mask, visible=committed)
+            logp = torch.log_softmax(lg.float(), dim=-1)
+            top = logp.topk(width, dim=-1)
+            new = []
+            for i, n in enumerate(frontier):
+                inputs[n] = out[i]
+                for v, j in zip(top.values[i].tolist(), top.indices[i].tolist()):
+                    tokens.append(int(self.draft_ids[j])), parents.append(n), score.append(score[n] + v)
+                    depths.append(d + 1), rows.append(-1)
+                    new.append(len(tokens) - 1)
+            frontier = new
+        kept: set[int] = set()
+        for n in sorted(range(1, len(tokens)), key=lambda n: (-score[n], n)):  # a parent sorts before its children
+            if len(kept) == budget:
+                break
+            if parents[n] == 0 or parents[n] in kept:
+                kept.add(n)
+        keep = [0] + sorted(kept, key=lambda n: (depths[n], n))
+        index = {n: i for i, n in enumerate(keep)}
+        return Draft(Tree(tokens=torch.tensor([tokens[n] for n in keep]),
+                          parents=[-1] + [index[parents[n]] for n in keep[1:]]))

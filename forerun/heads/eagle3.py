@@ -1,0 +1,405 @@
+"""EAGLE-3 draft heads (Li et al. 2025, arXiv 2503.01840), in the checkpoint layout of vLLM's
+`speculators` (Eagle3Speculator), so a head trained here loads in vLLM and a speculators head loads here.
+
+A head drafts from the target's own features. At target position i it reads f_i, the target's residual
+streams after three of its layers (low, middle, high; concatenated, then projected by `fc`), and the
+embedding of the next token x_{i+1}; one decoder layer whose attention takes [norm(embedding); norm(hidden)]
+(2 x hidden wide) runs over those rows with a KV cache of its own, and its output through `norm` and
+`lm_head` scores the token after: x_{i+2}, over a reduced draft vocabulary (`d2t` maps draft ids to target
+ids). To draft further it feeds its own output hidden state back in place of f, with the token it drafted.
+
+Layout (safetensors names, as speculators saves them):
+    fc.weight                     [D, 3 * D_target]
+    layers.0.input_layernorm      the embedding's norm       layers.0.hidden_norm   the hidden state's norm
+    layers.0.self_attn.{q,k,v}_proj [*, 2 * D]               layers.0.self_attn.o_proj
+    layers.0.post_attention_layernorm, layers.0.mlp.{gate,up,down}_proj
+    norm.weight, lm_head.weight   [V_draft, D]
+    d2t [V_draft] (target id - draft id), t2d [V_target] bool
+    embed_tokens.weight           optional: absent, the target's embedding is used (as vLLM does)
+The original EAGLE-3 release names the layer `midlayer.*` and keeps the config in a Llama config
+(`LlamaForCausalLMEagle3`); load_head reads both.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from forerun.models.llama import apply_rope
+
+SPECULATORS_VERSION = "0.9.0"  # the speculators release whose config classes the saved config.json follows
+
+
+@dataclass(frozen=True)
+class Eagle3Config:
+    hidden_size: int  # D, the head's width (the target's in every published head)
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    vocab_size: int  # the target's
+    draft_vocab_size: int
+    aux_layers: tuple[int, ...]  # the target's residual streams after these numbers of layers, concatenated
+    target_hidden_size: int | None = None  # D_target when it differs from D
+    norm_before_residual: bool = False  # the residual after attention starts from norm(hidden), not hidden
+    max_position_embeddings: int = 8192
+    verifier: str | None = None  # the target this head was trained for (a name or path, for people)
+    verifier_architecture: str = "LlamaForCausalLM"
+    extra: dict = field(default_factory=dict, compare=False)  # further speculators keys, kept on save
+
+    @property
+    def feature_size(self) -> int:
+        return len(self.aux_layers) * (self.target_hidden_size or self.hidden_size)
+
+    @staticmethod
+    def for_target(args, aux_layers: tuple[int, ...], draft_vocab_size: int, verifier: str | None) -> Eagle3Config:
+        """A head as wide as the target, its one layer shaped like the target's layers."""
+        return Eagle3Config(hidden_size=args.hidden_size, num_heads=args.num_heads, num_kv_heads=args.num_kv_heads,
+                            head_dim=args.head_dim, intermediate_size=args.intermediate_size,
+                            rms_norm_eps=args.rms_norm_eps, rope_theta=args.rope_theta, vocab_size=args.vocab_size,
+                            draft_vocab_size=draft_vocab_size, aux_layers=tuple(aux_layers),
+                            max_position_embeddings=args.max_position_embeddings, verifier=verifier)
+
+    # -- config.json ----------------------------------------------------------------------------------
+
+    def to_speculators(self) -> dict:
+        """config.json as speculators' Eagle3SpeculatorConfig writes it (and vLLM reads it)."""
+        layer = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": self.hidden_size,
+                 "num_attention_heads": self.num_heads, "num_key_value_heads": self.num_kv_heads,
+                 "head_dim": self.head_dim, "intermediate_size": self.intermediate_size,
+                 "rms_norm_eps": self.rms_norm_eps, "rope_theta": self.rope_theta, "vocab_size": self.vocab_size,
+                 "max_position_embeddings": self.max_position_embeddings, "num_hidden_layers": 1,
+                 "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False}
+        out = {
+            **self.extra,
+            "architectures": ["Eagle3Speculator"],
+            "speculators_model_type": "eagle3",
+            "speculators_version": SPECULATORS_VERSION,
+            "draft_vocab_size": self.draft_vocab_size,
+            "norm_before_residual": self.norm_before_residual,
+            "target_hidden_size": self.target_hidden_size,
+            "eagle_aux_hidden_state_layer_ids": list(self.aux_layers),
+            "transformer_layer_config": layer,
+            "speculators_config": {
+                "algorithm": "eagle3",
+                "default_proposal_method": "greedy",
+                "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": 4,
+                                      "verifier_accept_k": 1, "accept_tolerance": 0.0}],
+                "verifier": {"name_or_path": self.verifier, "architectures": [self.verifier_architecture]},
+            },
+        }
+        return out
+
+    @staticmethod
+    def from_dict(raw: dict, target_layers: int | None = None) -> Eagle3Config:
+        """From a speculators config.json, or the original EAGLE-3 one (a Llama config with
+        draft_vocab_size); target_layers fills in the aux layers a config leaves to the default."""
+        if "transformer_layer_config" in raw:
+            layer, known = raw["transformer_layer_config"], {
+                "architectures", "speculators_model_type", "speculators_version", "draft_vocab_size",
+                "norm_before_residual", "target_hidden_size", "eagle_aux_hidden_state_layer_ids",
+                "transformer_layer_config", "speculators_config"}
+            if raw.get("speculators_model_type", "eagle3") != "eagle3":
+                raise ValueError(f"not an EAGLE-3 head: speculators_model_type {raw.get('speculators_model_type')!r}")
+            for flag in ("norm_before_fc", "fc_norm", "norm_output"):
+                if raw.get(flag):
+                    raise ValueError(f"this head uses speculators' {flag}, which forerun does not implement yet")
+            verifier = raw.get("speculators_config", {}).get("verifier", {})
+            aux = raw.get("eagle_aux_hidden_state_layer_ids")
+            norm_before_residual = bool(raw.get("norm_before_residual", False))
+            extra = {k: v for k, v in raw.items() if k not in known}
+        else:  # the original release: one Llama config
+            layer, aux, verifier, extra = raw, raw.get("eagle_aux_hidden_state_layer_ids"), {}, {}
+            norm_before_residual = bool(raw.get("norm_before_residual", False))
+        if not aux:
+            if target_layers is None:
+                raise ValueError("the head does not name its target layers and the target's depth is unknown")
+            aux = [2, target_layers // 2, target_layers - 3]  # EAGLE-3's (and vLLM's) default choice
+        heads = layer["num_attention_heads"]
+        head_dim = layer.get("head_dim") or layer["hidden_size"] // heads
+        return Eagle3Config(
+            hidden_size=layer["hidden_size"], num_heads=heads, num_kv_heads=layer.get("num_key_value_heads", heads),
+            head_dim=head_dim, intermediate_size=layer["intermediate_size"],
+            rms_norm_eps=layer.get("rms_norm_eps", 1e-6), rope_theta=layer.get("rope_theta", 10000.0),
+            vocab_size=layer["vocab_size"], draft_vocab_size=raw.get("draft_vocab_size") or layer["vocab_size"],
+            aux_layers=tuple(aux), target_hidden_size=raw.get("target_hidden_size"),
+            norm_before_residual=norm_before_residual,
+            max_position_embeddings=layer.get("max_position_embeddings", 8192),
+            verifier=verifier.get("name_or_path"), verifier_architecture=(verifier.get("architectures") or
+                                                                          ["LlamaForCausalLM"])[0],
+            extra=extra)
+
+
+class HeadCache:
+    """One sequence's keys and values in the head's single layer: committed rows, then (while a step
+    drafts) the draft's rows, which truncate() drops. Grows by doubling."""
+
+    def __init__(self, kv_width: int, dtype: torch.dtype = torch.float32, capacity: int = 256):
+        self.k = torch.empty(capacity, kv_width, dtype=dtype)
+        self.v = torch.empty(capacity, kv_width, dtype=dtype)
+        self.positions = torch.empty(capacity, dtype=torch.long)
+        self.length = 0
+
+    def append(self, k: Tensor, v: Tensor, positions: Tensor) -> None:
+        n = k.shape[0]
+        if self.length + n > self.k.shape[0]:
+            grow = max(2 * self.k.shape[0], self.length + n)
+            for name in ("k", "v", "positions"):
+                old = getattr(self, name)
+                new = old.new_empty((grow, *old.shape[1:]))
+                new[:self.length] = old[:self.length]
+                setattr(self, name, new)
+        self.k[self.length:self.length + n] = k
+        self.v[self.length:self.length + n] = v
+        self.positions[self.length:self.length + n] = positions
+        self.length += n
+
+    def truncate(self, length: int) -> None:
+        self.length = min(self.length, length)
+
+    def keep_before(self, position: int) -> None:
+        """Drop the rows at `position` and later (a recomputed stretch replaces them)."""
+        self.length = int((self.positions[:self.length] < position).sum())
+
+
+class Eagle3Head(nn.Module):
+    def __init__(self, config: Eagle3Config, embed: Tensor):
+        super().__init__()
+        c = self.config = config
+        D, q_out, kv_out = c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        self.fc = nn.Linear(c.feature_size, D, bias=False)
+        self.input_layernorm = nn.RMSNorm(D, eps=c.rms_norm_eps)
+        self.hidden_norm = nn.RMSNorm(D, eps=c.rms_norm_eps)
+        self.q_proj = nn.Linear(2 * D, q_out, bias=False)
+        self.k_proj = nn.Linear(2 * D, kv_out, bias=False)
+        self.v_proj = nn.Linear(2 * D, kv_out, bias=False)
+        self.o_proj = nn.Linear(q_out, D, bias=False)
+        self.post_attention_layernorm = nn.RMSNorm(D, eps=c.rms_norm_eps)
+        self.gate_proj = nn.Linear(D, c.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(D, c.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(c.intermediate_size, D, bias=False)
+        self.norm = nn.RMSNorm(D, eps=c.rms_norm_eps)
+        self.lm_head = nn.Linear(D, c.draft_vocab_size, bias=False)
+        self.register_buffer("d2t", torch.zeros(c.draft_vocab_size, dtype=torch.long))
+        self.register_buffer("t2d", torch.ones(c.vocab_size, dtype=torch.bool))
+        self.embed = embed  # [V, D] the target's (or the checkpoint's) token embedding, never trained
+        inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float64) / c.head_dim))
+        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+
+    # -- vocabulary -----------------------------------------------------------------------------------
+
+    @property
+    def draft_ids(self) -> Tensor:
+        """[V_draft] the target id of each draft id."""
+        return torch.arange(self.config.draft_vocab_size, device=self.d2t.device) + self.d2t
+
+    def set_vocabulary(self, target_ids: Tensor) -> None:
+        """Draft id j stands for target id target_ids[j] (sorted ascending, as speculators keeps them)."""
+        target_ids = target_ids.sort().values
+        self.d2t.copy_(target_ids - torch.arange(len(target_ids)))
+        self.t2d.zero_()
+        self.t2d[target_ids] = True
+
+    # -- the layer ------------------------------------------------------------------------------------
+
+    def rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        angles = positions.to(self.inv_freq.device, torch.float32)[..., None] * self.inv_freq
+        angles = torch.cat((angles, angles), dim=-1)
+        return angles.cos().unsqueeze(-2), angles.sin().unsqueeze(-2)  # [..., 1, head_dim]
+
+    def project(self, tokens: Tensor, hidden: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The layer up to attention: q, k, v ([..., heads, head_dim], rotated) and the residual."""
+        c = self.config
+        embeds = self.input_layernorm(F.embedding(tokens, self.embed).to(hidden.dtype))
+        normed = self.hidden_norm(hidden)
+        residual = normed if c.norm_before_residual else hidden
+        x = torch.cat([embeds, normed], dim=-1)
+        shape = x.shape[:-1]
+        q = self.q_proj(x).view(*shape, c.num_heads, c.head_dim)
+        k = self.k_proj(x).view(*shape, c.num_kv_heads, c.head_dim)
+        v = self.v_proj(x).view(*shape, c.num_kv_heads, c.head_dim)
+        cos, sin = self.rope(positions)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, residual
+
+    def finish(self, attended: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
+        """The layer after attention ([..., heads * head_dim]): its output hidden state, and logits over
+        the draft vocabulary."""
+        x = self.layer_out(attended, residual)
+        return x, self.logits(x)
+
+    def layer_out(self, attended: Tensor, residual: Tensor) -> Tensor:
+        x = residual + self.o_proj(attended)
+        h = self.post_attention_layernorm(x)
+        return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        return self.lm_head(self.norm(hidden))
+
+    # -- inference ------------------------------------------------------------------------------------
+
+    def step(self, cache: HeadCache, tokens: Tensor, hidden: Tensor, positions: Tensor,
+             mask: Tensor | None = None, visible: int | None = None) -> tuple[Tensor, Tensor]:
+        """Run T rows of one sequence ([T] tokens, [T, D] hidden inputs: fc(features) or the head's own
+        output) after the rows in `cache`, appending their keys and values. Every row sees the cache's
+        first `visible` rows (default: all of them); mask [T, L - visible + T] bool says which of the
+        later cache rows and of these T rows each sees (default: all earlier ones and causal among the
+        T). Returns the output hidden states [T, D] and draft-vocabulary logits [T, V_draft]."""
+        c = self.config
+        q, k, v, residual = self.project(tokens, hidden, positions)
+        before = cache.length
+        visible = before if visible is None else visible
+        cache.append(k.reshape(k.shape[0], -1), v.reshape(v.shape[0], -1), positions)
+        keys = cache.k[:cache.length].view(-1, c.num_kv_heads, c.head_dim).transpose(0, 1)
+        values = cache.v[:cache.length].view(-1, c.num_kv_heads, c.head_dim).transpose(0, 1)
+        T = tokens.shape[0]
+        if mask is None:
+            mask = torch.cat([torch.ones(T, before - visible, dtype=torch.bool),
+                              torch.ones(T, T, dtype=torch.bool).tril_()], dim=1)
+        full = torch.cat([torch.ones(T, visible, dtype=torch.bool), mask], dim=1)
+        out = F.scaled_dot_product_attention(q.transpose(0, 1), keys, values, attn_mask=full,
+                                             enable_gqa=c.num_heads != c.num_kv_heads)
+        return self.finish(out.transpose(0, 1).reshape(T, -1), residual)
+
+    def new_cache(self) -> HeadCache:
+        return HeadCache(self.config.num_kv_heads * self.config.head_dim, self.fc.weight.dtype)
+
+    # -- training: a whole sequence, unrolled over its own predictions (training-time test) -------------
+
+    def unrolled(self, features: Tensor, tokens: Tensor, positions: Tensor, valid: Tensor, steps: int) -> list[Tensor]:
+        """The output hidden states ([B, T, D] each; logits() scores them) of `steps` unrolled drafting
+        steps over padded rows.
+
+        features [B, T, F] the target's features f_i; tokens [B, T + steps] the tokens x_{i+1}, x_{i+2}, ...
+        (teacher forced, as speculators does: a draft only matters where its earlier tokens were right);
+        positions [B, T]; valid [B, T] bool (padding false). Step k's row i drafts x_{i+k+2} from the head's
+        own step k - 1 output at row i and sees the target's rows <= i (step 0's keys) plus its own earlier
+        steps' rows at i: exactly what it sees when drafting k + 1 tokens past a root at i + 1."""
+        c = self.config
+        B, T = features.shape[:2]
+        hidden = self.fc(features)
+        causal = torch.ones(T, T, dtype=torch.bool, device=features.device).tril_()
+        allowed = causal[None] & valid[:, None, :]  # [B, T, T]
+        scale = 1.0 / math.sqrt(c.head_dim)
+        group = c.num_heads // c.num_kv_heads
+        keys, values, out = [], [], []
+        for k in range(steps):
+            q, key, value, residual = self.project(tokens[:, k:k + T], hidden, positions + k)
+            q = q.transpose(1, 2)  # [B, H, T, hd]
+            key = key.repeat_interleave(group, dim=2).transpose(1, 2)
+            value = value.repeat_interleave(group, dim=2).transpose(1, 2)
+            if k == 0:
+                keys0, values0 = key, value
+            else:
+                keys.append(key)
+                values.append(value)
+            scores = (q @ keys0.transpose(-1, -2)) * scale  # [B, H, T, T]
+            scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+            own = [(q * kk).sum(-1, keepdim=True) * scale for kk in keys]  # [B, H, T, 1] each
+            probs = torch.softmax(torch.cat([scores, *own], dim=-1), dim=-1)
+            attended = probs[..., :T] @ values0
+            for j, vv in enumerate(values):
+                attended = attended + probs[..., T + j:T + j + 1] * vv
+            hidden = self.layer_out(attended.transpose(1, 2).reshape(B, T, -1), residual)
+            out.append(hidden)
+        return out
+
+
+# -- files ------------------------------------------------------------------------------------------
+
+HEAD_TENSORS = {  # our attribute -> speculators' name (the original release puts "midlayer." for "layers.0.")
+    "fc.weight": "fc.weight",
+    "input_layernorm.weight": "layers.0.input_layernorm.weight",
+    "hidden_norm.weight": "layers.0.hidden_norm.weight",
+    "q_proj.weight": "layers.0.self_attn.q_proj.weight",
+    "k_proj.weight": "layers.0.self_attn.k_proj.weight",
+    "v_proj.weight": "layers.0.self_attn.v_proj.weight",
+    "o_proj.weight": "layers.0.self_attn.o_proj.weight",
+    "post_attention_layernorm.weight": "layers.0.post_attention_layernorm.weight",
+    "gate_proj.weight": "layers.0.mlp.gate_proj.weight",
+    "up_proj.weight": "layers.0.mlp.up_proj.weight",
+    "down_proj.weight": "layers.0.mlp.down_proj.weight",
+    "norm.weight": "norm.weight",
+    "lm_head.weight": "lm_head.weight",
+}
+
+
+def save_head(head: Eagle3Head, folder: str | Path, dtype: torch.dtype = torch.float16) -> None:
+    """config.json and model.safetensors in speculators' layout (floats as `dtype`)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = head.state_dict()
+    tensors = {name: state[ours].detach().to(dtype).contiguous() for ours, name in HEAD_TENSORS.items()}
+    tensors["d2t"] = head.d2t.clone()
+    tensors["t2d"] = head.t2d.clone()
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(head.config.to_speculators(), indent=2) + "\n")
+
+
+def load_head(folder: str | Path, target) -> Eagle3Head:
+    """A head from a speculators or original EAGLE-3 folder, checked against the target (a Runtime):
+    every error names what does not fit."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"{folder}: no config.json (expected an EAGLE-3 head folder)")
+    weights_path = next((p for p in (folder / "model.safetensors", folder / "pytorch_model.bin") if p.is_file()), None)
+    if weights_path is None:
+        raise ValueError(f"{folder}: no model.safetensors")
+    args = target.model.args
+    try:
+        config = Eagle3Config.from_dict(json.loads((folder / "config.json").read_text()), args.num_layers)
+    except (KeyError, TypeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{folder}/config.json is not an EAGLE-3 config: {e!r}") from e
+    raw = load_file(str(weights_path)) if weights_path.suffix == ".safetensors" else torch.load(weights_path)
+    raw = {name.replace("midlayer.", "layers.0.").removeprefix("model."): t for name, t in raw.items()}
+    problems = []
+    if config.vocab_size != args.vocab_size:
+        problems.append(f"its vocabulary has {config.vocab_size} tokens, the target's {args.vocab_size}")
+    if (config.target_hidden_size or config.hidden_size) != args.hidden_size:
+        problems.append(f"it reads features {config.target_hidden_size or config.hidden_size} wide, the target's "
+                        f"hidden size is {args.hidden_size}")
+    if max(config.aux_layers) > args.num_layers or min(config.aux_layers) < 0:
+        problems.append(f"it reads layers {list(config.aux_layers)}, the target has {args.num_layers}")
+    if problems:
+        raise ValueError(f"{folder}: this head does not fit the target: " + "; ".join(problems))
+    embed = raw.pop("embed_tokens.weight", None)
+    if embed is not None and embed.shape != (args.vocab_size, config.hidden_size):
+        raise ValueError(f"{folder}: embed_tokens.weight has shape {tuple(embed.shape)}")
+    if embed is None:
+        if config.hidden_size != args.hidden_size:
+            raise ValueError(f"{folder}: the head is {config.hidden_size} wide and carries no embedding")
+        embed = target.model.embed.detach()
+    head = Eagle3Head(config, embed.float())
+    state = {}
+    expected = head.state_dict()
+    for ours, name in HEAD_TENSORS.items():
+        if name not in raw:
+            raise ValueError(f"{folder}: missing tensor {name}")
+        if tuple(raw[name].shape) != tuple(expected[ours].shape):
+            raise ValueError(f"{folder}: {name} has shape {tuple(raw[name].shape)}, expected {tuple(expected[ours].shape)}"
+                             " for this config")
+        state[ours] = raw[name].float()
+    if config.draft_vocab_size != config.vocab_size:
+        for name, size in (("d2t", config.draft_vocab_size), ("t2d", config.vocab_size)):
+            if name not in raw or raw[name].shape != (size,):
+                raise ValueError(f"{folder}: {name} missing or not of shape ({size},)")
+        ids = torch.arange(config.draft_vocab_size) + raw["d2t"].long()
+        if int(ids.min()) < 0 or int(ids.max()) >= config.vocab_size or not bool(raw["t2d"].bool()[ids].all()) \
+                or int(raw["t2d"].bool().sum()) != config.draft_vocab_size:
+            raise ValueError(f"{folder}: d2t and t2d do not describe the same {config.draft_vocab_size} target tokens")
+        state["d2t"], state["t2d"] = raw["d2t"].long(), raw["t2d"].bool()
+    else:
+        state["d2t"], state["t2d"] = expected["d2t"], expected["t2d"]
+    head.load_state_dict(state)
+    return head.eval().requires_grad_(False)
+

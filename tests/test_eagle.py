@@ -1,0 +1,264 @@
+"""EAGLE-3 heads: the checkpoint layout (speculators' and the original release's), the head's training
+and inference paths agreeing, greedy output equal to `ar` through chains and trees, training on a tiny
+target (loss falls, acceptance beats an untrained head's, a stopped run resumes to the same state), and
+the shipped head for the embedded model.
+
+The sampling distribution through a head's chain and tree is checked in test_sampling_end_to_end.py,
+batched-equals-alone and every-method-at-once in test_engine.py (eagle is a registered method)."""
+import json
+import random
+
+import pytest
+import torch
+
+from conftest import cycle_runtime, random_eagle_head, tiny_runtime
+from helpers_decoding import GREEDY, PROMPTS, reference
+from forerun import LLM, SamplingParams, SpecConfig
+from forerun.config import EngineConfig
+from forerun.drafters.eagle import Eagle, shipped_head
+from forerun.heads import data as head_data
+from forerun.heads.eagle3 import HEAD_TENSORS, load_head, save_head
+import forerun.heads.train as trainer
+from forerun.heads.train import TrainConfig, train, vocabulary
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+AUX = (1, 2, 3)
+
+
+@pytest.fixture(scope="module", params=["float32", "q4"])
+def target(request):
+    rt = tiny_runtime("llama", seed=1)
+    if request.param == "q4":
+        assert rt.model.quantize()
+    return rt
+
+
+# -- the two paths of the head ----------------------------------------------------------------------------
+
+def test_unrolled_training_rows_equal_inference_drafting():
+    """Step k of the unrolled training forward at row i is what inference computes when it drafts k + 1
+    tokens past a root at position i + 1: the same keys, positions and inputs."""
+    rt = tiny_runtime("llama", seed=1)
+    head = random_eagle_head(rt, draft_vocab=32)
+    T, steps = 10, 3
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(1, T, head.config.feature_size, generator=g)
+    tokens = torch.randint(0, 64, (1, T + steps), generator=g)
+    positions = torch.arange(5, 5 + T)[None]
+    with torch.no_grad():
+        outs = head.unrolled(features, tokens, positions, torch.ones(1, T, dtype=torch.bool), steps)
+        for i in (0, 4, T - 1):
+            cache = head.new_cache()
+            out, logits = head.step(cache, tokens[0, :i + 1], head.fc(features[0, :i + 1]), positions[0, :i + 1])
+            torch.testing.assert_close(logits[-1], head.logits(outs[0][0, i]), atol=1e-5, rtol=1e-5)
+            hidden = out[-1]
+            for k in range(1, steps):
+                out, logits = head.step(cache, tokens[0, i + k:i + k + 1], hidden[None], positions[0, i:i + 1] + k)
+                torch.testing.assert_close(logits[0], head.logits(outs[k][0, i]), atol=1e-5, rtol=1e-5)
+                hidden = out[0]
+
+
+# -- files ------------------------------------------------------------------------------------------------
+
+def test_saved_head_loads_in_speculators_layout(tmp_path):
+    rt = tiny_runtime("llama", seed=1)
+    head = random_eagle_head(rt, draft_vocab=32)
+    save_head(head, tmp_path, dtype=torch.float32)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["speculators_model_type"] == "eagle3" and config["architectures"] == ["Eagle3Speculator"]
+    assert config["draft_vocab_size"] == 32 and config["eagle_aux_hidden_state_layer_ids"] == list(AUX)
+    assert config["transformer_layer_config"]["hidden_size"] == 32
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        assert set(f.keys()) == set(HEAD_TENSORS.values()) | {"d2t", "t2d"}
+    loaded = load_head(tmp_path, rt)
+    for name, tensor in head.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    rows = torch.randn(4, head.config.feature_size)
+    a = head.step(head.new_cache(), torch.tensor([1, 2, 3, 4]), head.fc(rows), torch.arange(4))[1]
+    b = loaded.step(loaded.new_cache(), torch.tensor([1, 2, 3, 4]), loaded.fc(rows), torch.arange(4))[1]
+    assert torch.equal(a, b)
+
+
+def test_original_eagle3_layout_loads(tmp_path):
+    """The original release: `midlayer.*` tensor names, a Llama config with draft_vocab_size and no
+    layer ids (the default low/middle/high layers of the target)."""
+    from safetensors.torch import load_file, save_file
+
+    rt = tiny_runtime("llama", seed=1)
+    n = rt.model.args.num_layers
+    head = random_eagle_head(rt, draft_vocab=32, aux=(2, n // 2, n - 3) if n > 4 else (1, 2, 1 + 1))
+    save_head(head, tmp_path / "ours", dtype=torch.float32)
+    tensors = {k.replace("layers.0.", "midlayer."): v for k, v in load_file(tmp_path / "ours" / "model.safetensors").items()}
+    (tmp_path / "orig").mkdir()
+    save_file(tensors, str(tmp_path / "orig" / "model.safetensors"))
+    layer = json.loads((tmp_path / "ours" / "config.json").read_text())["transformer_layer_config"]
+    (tmp_path / "orig" / "config.json").write_text(json.dumps({
+        **layer, "architectures": ["LlamaForCausalLMEagle3"], "draft_vocab_size": 32,
+        "eagle_aux_hidden_state_layer_ids": list(head.config.aux_layers)}))
+    loaded = load_head(tmp_path / "orig", rt)
+    for name, tensor in head.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
+@pytest.mark.parametrize("break_it, message", [
+    (lambda cfg, t: cfg["transformer_layer_config"].update(hidden_size=48), "hidden size|shape"),
+    (lambda cfg, t: t.pop("layers.0.self_attn.q_proj.weight"), "missing tensor layers.0.self_attn.q_proj.weight"),
+    (lambda cfg, t: t.update(d2t=t["d2t"] + 40), "d2t and t2d"),
+    (lambda cfg, t: cfg["transformer_layer_config"].update(vocab_size=100), "vocabulary has 100 tokens"),
+    (lambda cfg, t: cfg.update(eagle_aux_hidden_state_layer_ids=[1, 2, 9]), "reads layers"),
+])
+def test_a_malformed_head_gets_one_clear_error(tmp_path, break_it, message):
+    from safetensors.torch import load_file, save_file
+
+    rt = tiny_runtime("llama", seed=1)
+    save_head(random_eagle_head(rt, draft_vocab=32), tmp_path, dtype=torch.float32)
+    config = json.loads((tmp_path / "config.json").read_text())
+    tensors = load_file(tmp_path / "model.safetensors")
+    break_it(config, tensors)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match=message):
+        load_head(tmp_path, rt)
+
+
+def test_no_head_for_a_target_is_a_clear_error(tmp_path):
+    rt = tiny_runtime("llama", seed=1)
+    with pytest.raises(ValueError, match="does not fit the target"):  # the shipped head is for SmolLM2
+        LLM(runtime=rt).generate_ids([1, 2], GREEDY, SpecConfig(method="eagle"))
+    with pytest.raises(ValueError, match="no head at"):
+        LLM(runtime=rt).generate_ids([1, 2], GREEDY, SpecConfig(method="eagle", options={"head": str(tmp_path)}))
+
+
+def test_speculators_config_classes_read_the_saved_config(tmp_path):
+    speculators = pytest.importorskip("speculators")
+    rt = tiny_runtime("llama", seed=1)
+    save_head(random_eagle_head(rt, draft_vocab=32), tmp_path)
+    from speculators.models.eagle3 import Eagle3SpeculatorConfig
+
+    config = Eagle3SpeculatorConfig.from_pretrained(str(tmp_path))
+    assert config.draft_vocab_size == 32 and speculators is not None
+    assert config.transformer_layer_config.hidden_size == 32
+
+
+# -- greedy output equals ar --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("spec", [SpecConfig(method="eagle"), SpecConfig(method="eagle", adaptive=False, num_draft=3),
+                                  SpecConfig(method="eagle", tree_width=3, options={"nodes": 10}),
+                                  SpecConfig(method="eagle", tree_width=2, budget="goodput")],
+                         ids=["chain", "chain-fixed", "tree", "tree-goodput"])
+def test_greedy_matches_ar(target, spec):
+    llm = LLM(runtime=target)
+    llm.use_drafter(spec, Eagle(target, spec, head=random_eagle_head(target, draft_vocab=32)))
+    drafted = []
+    for prompt in PROMPTS:
+        out = llm.generate_ids(prompt, GREEDY, spec)
+        assert out.token_ids == reference(llm, prompt)
+        drafted.append(out.stats.draft_tokens)
+    # the goodput policy stops drafting once it has seen a random head's drafts fail, as it should
+    assert all(drafted) if not spec.goodput else drafted[0], drafted
+
+
+def test_a_cached_prefix_and_preemption_keep_the_output(target):
+    """The head sees no features for a prompt the prefix cache served, and sees a preempted sequence's
+    stretch again when it is recomputed; neither changes the output."""
+    spec = SpecConfig(method="eagle", tree_width=2)
+    llm = LLM(runtime=target, engine=EngineConfig(kv_cache_tokens=160, block_size=4, max_num_seqs=4))
+    llm.use_drafter(spec, Eagle(target, spec, head=random_eagle_head(target, draft_vocab=32)))
+    prompts = [PROMPTS[2], PROMPTS[2] + [3], PROMPTS[0], PROMPTS[1]]
+    params = SamplingParams(max_new_tokens=30, ignore_eos=True)
+    outs = llm.generate_batch_ids(prompts, params, spec)
+    assert [o.token_ids for o in outs] == [reference(llm, p)[:30] for p in prompts]
+
+
+# -- training ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cycle_records(tmp_path_factory):
+    """Replies of the cycle model (conftest.cycle_runtime) to random prompts, with their features."""
+    runtime, _ = cycle_runtime(seed=3)
+    llm = LLM(runtime=runtime, engine=EngineConfig(prefix_caching=False))
+    rng = random.Random(0)
+    prompts = [{"id": f"p{i}", "source": "random", "ids": [rng.randrange(64) for _ in range(rng.randrange(3, 12))]}
+               for i in range(48)]
+    out = tmp_path_factory.mktemp("records")
+    head_data.record(llm, prompts, out, AUX, max_new_tokens=24, in_flight=16, shard_size=20)
+    meta, records = head_data.load_shards(out)
+    assert len(records) == 48 and {m["temperature"] for m in meta} == {0.0, 0.7}
+    return runtime, records
+
+
+def test_recorded_features_are_the_target_forward(cycle_records):
+    from forerun.models.batch import ForwardBatch
+
+    runtime, records = cycle_records
+    rec = records[0]
+    n = rec["feats"].shape[0]
+    tokens = rec["tokens"][:n].long()
+    with torch.no_grad():
+        out = runtime.model(ForwardBatch.contiguous(tokens, torch.arange(n), 0), runtime.model.new_cache(n),
+                            keep_layers=AUX)
+    torch.testing.assert_close(rec["feats"].float(), torch.cat([out.layers[k] for k in AUX], -1), atol=2e-2, rtol=1e-2)
+    first = rec["prompt_len"] - 1
+    assert torch.equal(rec["argmax"].long(), out.logits[first:].argmax(-1))
+
+
+def test_training_beats_an_untrained_head_and_resumes_exactly(cycle_records, tmp_path, monkeypatch):
+    runtime, records = cycle_records
+    config = TrainConfig(draft_vocab=48, epochs=20, lr=3e-3, warmup=5, batch_tokens=256, eval_every=1000,
+                         checkpoint_every=1000, heldout=0.25)
+    head = train(runtime, records, tmp_path / "full", AUX, config, log=lambda *_: None)
+    curve = json.loads((tmp_path / "full" / "curve.json").read_text())["curve"]
+    before, after = curve[0]["acceptance"], curve[-1]["acceptance"]
+    assert after[0] > before[0] + 0.3 and after[0] > 0.6, (before, after)
+    assert after[2] > before[2]
+    # stopped at its first progress report (step 10; a checkpoint after every step), then resumed: the
+    # same head as a straight run
+    every_step = TrainConfig(**{**config.__dict__, "checkpoint_every": 1})
+
+    class Stop(Exception):
+        pass
+
+    def interrupt(*args):
+        raise Stop()
+
+    with monkeypatch.context() as m:
+        m.setattr(trainer, "_progress", interrupt)
+        with pytest.raises(Stop):
+            train(runtime, records, tmp_path / "resumed", AUX, every_step, log=lambda *_: None)
+    assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)["step"] == 9
+    resumed = train(runtime, records, tmp_path / "resumed", AUX, every_step, log=lambda *_: None)
+    straight = train(runtime, records, tmp_path / "straight", AUX, every_step, log=lambda *_: None)
+    for name, tensor in straight.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], tensor), name
+    assert all(torch.equal(a, b) for a, b in zip(head.state_dict().values(), straight.state_dict().values()))
+
+
+def test_a_trained_head_accepts_and_matches_ar(cycle_records, tmp_path):
+    """The acceptance floor: a head trained on the cycle model's replies drafts what it says next."""
+    runtime, records = cycle_records
+    config = TrainConfig(draft_vocab=64, epochs=20, lr=3e-3, warmup=5, batch_tokens=256, eval_every=1000,
+                         checkpoint_every=1000, heldout=0.1)
+    train(runtime, records, tmp_path, AUX, config, log=lambda *_: None)
+    llm = LLM(runtime=runtime)
+    for spec in (SpecConfig(method="eagle", options={"head": str(tmp_path / "head")}),
+                 SpecConfig(method="eagle", tree_width=2, options={"head": str(tmp_path / "head")})):
+        prompt = [5, 9, 1, 30, 2]
+        out = llm.generate_ids(prompt, GREEDY, spec)
+        assert out.token_ids == reference(llm, prompt)
+        assert out.stats.mean_accepted > 3.0, out.stats.mean_accepted
+
+
+def test_vocabulary_keeps_the_most_chosen_tokens():
+    records = [{"argmax": torch.tensor([5, 5, 5, 7, 7, 9])}]
+    ids, coverage = vocabulary(records, 2)
+    assert ids.tolist() == [5, 7] and coverage[2] == pytest.approx(5 / 6)
+
+
+# -- the shipped head -----------------------------------------------------------------------------------
+
+def test_shipped_head_fits_the_embedded_model():
+    config = json.loads((shipped_head() / "config.json").read_text())
+    assert config["speculators_model_type"] == "eagle3"
+    assert (shipped_head() / "model.safetensors").stat().st_size < 26e6
