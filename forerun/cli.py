@@ -7,6 +7,7 @@ import sys
 
 from forerun.bench.cli import add_bench_parser
 from forerun.config import EngineConfig, SamplingParams, SpecConfig
+from forerun.heads.cli import add_train_head_parser
 from forerun.retrieval.cli import add_datastore_parser
 from forerun.scaling.cli import add_scale_parser
 from forerun.serve.cli import add_serve_parsers
@@ -47,8 +48,10 @@ def speculation_args(p: argparse.ArgumentParser) -> None:
     """The flags spec_config() reads (also `forerun serve`'s defaults for its requests)."""
     p.add_argument("--method", default="pld", help="ar, pld, draft, layer-skip, ... (default: pld)")
     p.add_argument("--draft-model", help="draft model for --method draft (HF directory or .gguf)")
+    p.add_argument("--draft-head", help="--method eagle: an EAGLE-3 head folder (speculators or original layout; "
+                   "default: the head shipped for the embedded model)")
     p.add_argument("--num-draft", type=int, default=None, help="draft tokens per step (fixes the length)")
-    p.add_argument("--tree-width", type=int, default=1, help="--method draft: children per tree node")
+    p.add_argument("--tree-width", type=int, default=1, help="--method draft, eagle: children per tree node")
     p.add_argument("--guard", action="store_true",
                    help="take plain steps while speculation measures slower per token (same output)")
     p.add_argument("--budget", choices=["fixed", "goodput", "cost"], default="fixed",
@@ -83,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_datastore_parser(sub)
     add_scale_parser(sub)
     add_serve_parsers(sub)
+    add_train_head_parser(sub)
     return parser
 
 
@@ -100,13 +104,18 @@ def spec_config(a: argparse.Namespace) -> SpecConfig:
     from forerun.drafters.registry import methods
     if a.method not in methods():  # before the model loads
         raise ValueError(f"unknown method {a.method!r}; choose one of {', '.join(methods())}")
+    options = _options(a.opt)
+    if getattr(a, "draft_head", None):
+        if a.method != "eagle":
+            raise ValueError("--draft-head goes with --method eagle")
+        options["head"] = a.draft_head
     default = SpecConfig()
     fixed = a.num_draft is not None
     num = a.num_draft if fixed else default.num_draft
     return SpecConfig(method=a.method, num_draft=num, adaptive=not fixed,
                       max_draft=max(num, default.max_draft), draft_model=a.draft_model,
                       tree_width=a.tree_width, exit_layer=a.exit_layer, guard=a.guard, budget=a.budget,
-                      options=_options(a.opt))
+                      options=options)
 
 
 def _options(pairs: list[str]) -> dict[str, str]:

@@ -47,6 +47,8 @@ def test_generate_json_on_embedded_model():
     (["--quant", "q4", "--dtype", "bfloat16"], "float32"),
     (["--budget", "auto"], "invalid choice: 'auto'"),
     (["--quant", "q8"], "invalid choice: 'q8'"),
+    (["--method", "pld", "--draft-head", "/tmp"], "--draft-head goes with --method eagle"),
+    (["--method", "eagle", "--draft-head", "/no/such/head"], "no head at /no/such/head"),
 ])
 def test_cli_bad_input_is_a_clear_error(args, message):
     proc = run_cli("generate", "hi", *args)
@@ -80,6 +82,24 @@ def test_embedded_model_q4_methods_match_ar():
     for spec in (SpecConfig(method="pld"), SpecConfig(method="layer-skip", exit_layer=20),
                  SpecConfig(method="recycle"), SpecConfig(method="stand", budget="cost")):
         assert llm.generate_ids(ids, params, spec).token_ids == ref, spec.method
+
+
+def test_shipped_eagle_head_matches_ar_and_accepts():
+    """The head shipped for the embedded model, on the q4 engine it was trained on: greedy chain and tree
+    equal ar, and it accepts on real text (its floor: well above one token per forward)."""
+    llm = LLM(quant="q4")
+    params = SamplingParams(max_new_tokens=48, ignore_eos=True)
+    prompts = ["Explain why the sky is blue in two sentences.", "Write a Python function that reverses a list.",
+               "Natalie has 5 apples and buys 7 more. How many apples does she have now?"]
+    for spec in (SpecConfig(method="eagle"), SpecConfig(method="eagle", tree_width=3)):
+        new, forwards = 0, 0
+        for prompt in prompts:
+            ids = llm.encode(prompt)
+            ref = llm.generate_ids(ids, params, SpecConfig(method="ar")).token_ids
+            out = llm.generate_ids(ids, params, spec)
+            assert out.token_ids == ref, (spec, prompt)
+            new, forwards = new + out.stats.new_tokens, forwards + out.stats.target_forwards
+        assert new / forwards > 1.6, f"tau {new / forwards:.2f} with {spec}"
 
 
 def test_stop_strings_cut_the_text(embedded):

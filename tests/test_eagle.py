@@ -47,7 +47,14 @@ def test_unrolled_training_rows_equal_inference_drafting():
     tokens = torch.randint(0, 64, (1, T + steps), generator=g)
     positions = torch.arange(5, 5 + T)[None]
     with torch.no_grad():
-        outs = head.unrolled(features, tokens, positions, torch.ones(1, T, dtype=torch.bool), steps)
+        outs, index, _ = head.unrolled(features, tokens, positions, torch.ones(1, T, dtype=torch.bool), steps)
+        assert index[0].tolist() == list(range(T))
+        active = torch.zeros(1, T, dtype=torch.bool)
+        active[0, 4:] = True  # rows 0-3 only lend keys: the rows computed are the same
+        part, index, _ = head.unrolled(features, tokens, positions, torch.ones(1, T, dtype=torch.bool), steps, active)
+        assert index[0].tolist() == list(range(4, T))
+        for k in range(steps):
+            torch.testing.assert_close(part[k][0], outs[k][0, 4:], atol=1e-5, rtol=1e-5)
         for i in (0, 4, T - 1):
             cache = head.new_cache()
             out, logits = head.step(cache, tokens[0, :i + 1], head.fc(features[0, :i + 1]), positions[0, :i + 1])

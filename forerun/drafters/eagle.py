@@ -40,6 +40,7 @@ SHIPPED_HEAD = "smollm2-135m-instruct-eagle3"  # forerun/heads/<this>: the head 
 class EagleOptions:
     head: str = ""  # head folder (speculators or original EAGLE-3 layout); "" = the one shipped for the embedded model
     nodes: int = 16  # tree: nodes kept below the root
+    weights: str = "q8"  # how the head's projections run on the CPU: q8 blocks (fastest) or float32
 
 
 @dataclass(eq=False)
@@ -53,6 +54,22 @@ def shipped_head() -> Path:
     return Path(str(resources.files("forerun.heads") / SHIPPED_HEAD))
 
 
+_LOADED: dict[tuple[str, int], Eagle3Head] = {}  # (folder, id of the target model) -> its head, loaded once
+
+
+def _head(path: Path, target) -> Eagle3Head:
+    """The head in `path` for `target`, shared by every SpecConfig that names it (a server builds one
+    drafter per configuration; the head is read once)."""
+    if not (path / "config.json").is_file():
+        raise ValueError(f"eagle: no head at {path} (give head=PATH or --draft-head)")
+    key = (str(path.resolve()), id(target.model))
+    if key not in _LOADED:
+        if len(_LOADED) >= 8:
+            _LOADED.pop(next(iter(_LOADED)))
+        _LOADED[key] = load_head(path, target)
+    return _LOADED[key]
+
+
 @register("eagle")
 class Eagle(Drafter):
     drafts_with_model = True
@@ -62,15 +79,14 @@ class Eagle(Drafter):
         self.opts = EagleOptions(**spec.option_values({f.name: f.default for f in fields(EagleOptions)}))
         if self.opts.nodes < 1:
             raise ValueError(f"eagle: nodes must be >= 1, got {self.opts.nodes}")
-        if head is None:
-            path = Path(self.opts.head or spec.draft_model or shipped_head())
-            if not (path / "config.json").is_file():
-                raise ValueError(f"eagle: no head at {path} (give head=PATH or --draft-head)")
-            head = load_head(path, target)
-        self.head = head
-        self.aux = tuple(head.config.aux_layers)
+        if self.opts.weights not in ("q8", "float32"):
+            raise ValueError(f"eagle: weights must be q8 or float32, got {self.opts.weights!r}")
+        self.head = head if head is not None else _head(Path(self.opts.head or shipped_head()), target)
+        if target.device.type == "cpu" and getattr(self.head, "fast", None) is None:
+            self.head.pack_for_cpu(self.opts.weights if self.opts.weights != "float32" else None)
+        self.aux = tuple(self.head.config.aux_layers)
         self.prefill_layers = self.aux
-        self.draft_ids = head.draft_ids
+        self.draft_ids = self.head.draft_ids
 
     def begin(self, seq: Sequence) -> EagleState:
         return EagleState(self.head.new_cache(), [])
@@ -87,7 +103,7 @@ class Eagle(Drafter):
         state.pending = [p for p in state.pending if int(p[2][0]) < first]
         if state.last is not None and state.last[2] >= first:
             state.last = None
-        hidden = self.head.fc(features.to(self.head.fc.weight.dtype))
+        hidden = self.head.features(features)
         state.pending.append((torch.tensor(tokens), hidden, torch.arange(first, first + len(tokens))))
 
     def observe_prefill(self, seq: Sequence, start: int, layers: dict[int, torch.Tensor]) -> None:

@@ -252,7 +252,7 @@ class Eagle3Head(nn.Module):
         later cache rows and of these T rows each sees (default: all earlier ones and causal among the
         T). Returns the output hidden states [T, D] and draft-vocabulary logits [T, V_draft]."""
         c = self.config
-        q, k, v, residual = self.project(tokens, hidden, positions)
+        q, k, v, residual = self._step_layer(tokens, hidden, positions)
         before = cache.length
         visible = before if visible is None else visible
         cache.append(k.reshape(k.shape[0], -1), v.reshape(v.shape[0], -1), positions)
@@ -265,50 +265,110 @@ class Eagle3Head(nn.Module):
         full = torch.cat([torch.ones(T, visible, dtype=torch.bool), mask], dim=1)
         out = F.scaled_dot_product_attention(q.transpose(0, 1), keys, values, attn_mask=full,
                                              enable_gqa=c.num_heads != c.num_kv_heads)
-        return self.finish(out.transpose(0, 1).reshape(T, -1), residual)
+        return self._step_out(out.transpose(0, 1).reshape(T, -1), residual)
+
+    def pack_for_cpu(self, kind: str | None = "q8") -> None:
+        """Inference copies of the projections on forerun's CPU kernels (forerun.models.llama.Linear):
+        q, k and v fused, gate and up fused, as `kind` ("q8": GGUF-style 8-bit blocks, a quarter of
+        float32's bytes; None: pre-packed float32). A drafting step reads every weight of the head for
+        one or a few rows, so its time is the bytes it reads. step() uses them from then on; training
+        never does. Drafts change by rounding only, outputs never."""
+        from forerun.models.llama import Linear
+
+        def linear(*modules: nn.Linear) -> Linear:
+            out = Linear(torch.cat([m.weight.detach().float() for m in modules]).contiguous())
+            if kind is not None:
+                out.quantize(kind)  # a shape the blocks do not fit stays float
+            return out
+
+        self.fast = {"fc": linear(self.fc), "qkv": linear(self.q_proj, self.k_proj, self.v_proj),
+                     "o": linear(self.o_proj), "gate_up": linear(self.gate_proj, self.up_proj),
+                     "down": linear(self.down_proj), "lm_head": linear(self.lm_head)}
+
+    def features(self, features: Tensor) -> Tensor:
+        """fc over the target's concatenated features: the hidden input of committed rows."""
+        fast = getattr(self, "fast", None)
+        return self.fc(features) if fast is None else fast["fc"](features.float().contiguous())
+
+    def _step_layer(self, tokens: Tensor, hidden: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        fast = getattr(self, "fast", None)
+        if fast is None:
+            return self.project(tokens, hidden, positions)
+        c = self.config
+        embeds = self.input_layernorm(F.embedding(tokens, self.embed))
+        normed = self.hidden_norm(hidden)
+        residual = normed if c.norm_before_residual else hidden
+        qkv = fast["qkv"](torch.cat([embeds, normed], dim=-1))
+        q, k, v = qkv.split([c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim], -1)
+        T = tokens.shape[0]
+        cos, sin = self.rope(positions)
+        q = apply_rope(q.view(T, c.num_heads, c.head_dim), cos, sin)
+        k = apply_rope(k.view(T, c.num_kv_heads, c.head_dim), cos, sin)
+        return q, k, v.view(T, c.num_kv_heads, c.head_dim), residual
+
+    def _step_out(self, attended: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
+        fast = getattr(self, "fast", None)
+        if fast is None:
+            return self.finish(attended, residual)
+        x = residual + fast["o"](attended.contiguous())
+        gate, up = fast["gate_up"](self.post_attention_layernorm(x)).chunk(2, dim=-1)
+        x = x + fast["down"]((F.silu(gate) * up).contiguous())
+        return x, fast["lm_head"](self.norm(x).contiguous())
 
     def new_cache(self) -> HeadCache:
         return HeadCache(self.config.num_kv_heads * self.config.head_dim, self.fc.weight.dtype)
 
     # -- training: a whole sequence, unrolled over its own predictions (training-time test) -------------
 
-    def unrolled(self, features: Tensor, tokens: Tensor, positions: Tensor, valid: Tensor, steps: int) -> list[Tensor]:
-        """The output hidden states ([B, T, D] each; logits() scores them) of `steps` unrolled drafting
-        steps over padded rows.
+    def unrolled(self, features: Tensor, tokens: Tensor, positions: Tensor, valid: Tensor, steps: int,
+                 active: Tensor | None = None) -> tuple[list[Tensor], Tensor, Tensor]:
+        """The output hidden states of `steps` unrolled drafting steps over padded rows (logits() scores
+        them), computed at the `active` rows only.
 
         features [B, T, F] the target's features f_i; tokens [B, T + steps] the tokens x_{i+1}, x_{i+2}, ...
         (teacher forced, as speculators does: a draft only matters where its earlier tokens were right);
-        positions [B, T]; valid [B, T] bool (padding false). Step k's row i drafts x_{i+k+2} from the head's
-        own step k - 1 output at row i and sees the target's rows <= i (step 0's keys) plus its own earlier
-        steps' rows at i: exactly what it sees when drafting k + 1 tokens past a root at i + 1."""
+        positions [B, T]; valid [B, T] bool (padding false); active [B, T] bool, the rows whose drafts are
+        scored (default: the valid ones); the others only lend their keys. Step k's row i drafts x_{i+k+2}
+        from the head's own step k - 1 output at row i and sees the target's rows <= i (step 0's keys) plus
+        its own earlier steps' rows at i: exactly what it sees when drafting k + 1 tokens past a root at
+        i + 1. Returns ([B, A, D] per step, index [B, A] of the active rows, index_valid [B, A])."""
         c = self.config
         B, T = features.shape[:2]
-        hidden = self.fc(features)
+        active = valid if active is None else active & valid
+        A = max(int(active.sum(1).max()), 1)
+        order = torch.argsort((~active).to(torch.int8), dim=1, stable=True)[:, :A]  # active rows first, in order
+        index_valid = torch.gather(active, 1, order)
+        index = torch.where(index_valid, order, torch.zeros_like(order))
         causal = torch.ones(T, T, dtype=torch.bool, device=features.device).tril_()
-        allowed = causal[None] & valid[:, None, :]  # [B, T, T]
+        allowed = torch.gather(causal[None].expand(B, T, T) & valid[:, None, :], 1, index[:, :, None].expand(B, A, T))
         scale = 1.0 / math.sqrt(c.head_dim)
         group = c.num_heads // c.num_kv_heads
+
+        def rows(t: Tensor, k: int = 0) -> Tensor:  # [B, T + ..., *] -> the active rows, shifted by k
+            return torch.gather(t, 1, (index + k).view(B, A, *([1] * (t.dim() - 2))).expand(B, A, *t.shape[2:]))
+
+        hidden = self.fc(features)
+        _, key0, value0, _ = self.project(tokens[:, :T], hidden, positions)  # every row's keys
+        keys0 = key0.repeat_interleave(group, dim=2).transpose(1, 2)  # [B, H, T, hd]
+        values0 = value0.repeat_interleave(group, dim=2).transpose(1, 2)
+        hidden = rows(hidden)
         keys, values, out = [], [], []
         for k in range(steps):
-            q, key, value, residual = self.project(tokens[:, k:k + T], hidden, positions + k)
-            q = q.transpose(1, 2)  # [B, H, T, hd]
-            key = key.repeat_interleave(group, dim=2).transpose(1, 2)
-            value = value.repeat_interleave(group, dim=2).transpose(1, 2)
-            if k == 0:
-                keys0, values0 = key, value
-            else:
-                keys.append(key)
-                values.append(value)
-            scores = (q @ keys0.transpose(-1, -2)) * scale  # [B, H, T, T]
+            q, key, value, residual = self.project(rows(tokens, k), hidden, rows(positions) + k)
+            q = q.transpose(1, 2)  # [B, H, A, hd]
+            if k > 0:
+                keys.append(key.repeat_interleave(group, dim=2).transpose(1, 2))
+                values.append(value.repeat_interleave(group, dim=2).transpose(1, 2))
+            scores = (q @ keys0.transpose(-1, -2)) * scale  # [B, H, A, T]
             scores = scores.masked_fill(~allowed[:, None], float("-inf"))
-            own = [(q * kk).sum(-1, keepdim=True) * scale for kk in keys]  # [B, H, T, 1] each
+            own = [(q * kk).sum(-1, keepdim=True) * scale for kk in keys]  # [B, H, A, 1] each
             probs = torch.softmax(torch.cat([scores, *own], dim=-1), dim=-1)
             attended = probs[..., :T] @ values0
             for j, vv in enumerate(values):
                 attended = attended + probs[..., T + j:T + j + 1] * vv
-            hidden = self.layer_out(attended.transpose(1, 2).reshape(B, T, -1), residual)
+            hidden = self.layer_out(attended.transpose(1, 2).reshape(B, A, -1), residual)
             out.append(hidden)
-        return out
+        return out, index, index_valid
 
 
 # -- files ------------------------------------------------------------------------------------------

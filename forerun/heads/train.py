@@ -130,23 +130,32 @@ def losses(head: Eagle3Head, target_rows: torch.Tensor, batch: dict[str, torch.T
     """(loss, hits [unroll], counted [unroll]): hits[k] counts rows whose drafts 1..k+1 all match the
     target's choice, among the rows where step k has a label."""
     T = batch["features"].shape[1]
-    outputs = head.unrolled(batch["features"], batch["tokens"], batch["positions"], batch["valid"], unroll)
+    label = batch["label"]
+    scored = torch.zeros_like(batch["valid"])  # rows with a label at some step: the others only lend keys
+    for k in range(unroll):
+        scored |= label[:, k:k + T] >= 0
+    outputs, index, index_valid = head.unrolled(batch["features"], batch["tokens"], batch["positions"],
+                                                batch["valid"], unroll, active=scored)
+    with torch.no_grad():  # the target's distribution at every labelled position, once (steps share them)
+        labelled = label >= 0
+        slot = torch.full(label.shape, -1, dtype=torch.long)
+        slot[labelled] = torch.arange(int(labelled.sum()))
+        targets = torch.softmax(batch["hidden"][labelled] @ target_rows.T, dim=-1)
     loss = torch.zeros(())
     hits, counted = torch.zeros(unroll), torch.zeros(unroll)
-    all_right = torch.ones_like(batch["valid"])
+    all_right = torch.ones_like(index_valid)
     for k, out in enumerate(outputs):
-        label = batch["label"][:, k:k + T]
-        mask = (label >= 0) & batch["valid"]
+        lab = torch.gather(label, 1, index + k)
+        mask = (lab >= 0) & index_valid
         if not bool(mask.any()):
             continue
-        with torch.no_grad():
-            target = torch.softmax(batch["hidden"][:, k:k + T][mask] @ target_rows.T, dim=-1)
+        target = targets[torch.gather(slot, 1, index + k)[mask]]
         logits = head.logits(out[mask])  # the labelled rows only: the head's output layer is most of its cost
         logp = torch.log_softmax(logits, dim=-1)
         loss = loss + -(target * logp).sum(-1).mean()
         with torch.no_grad():
             right = torch.zeros_like(mask)
-            right[mask] = logits.argmax(-1) == label[mask]
+            right[mask] = logits.argmax(-1) == lab[mask]
             all_right = all_right & (right | ~mask)
             hits[k] = (all_right & mask).sum()
             counted[k] = mask.sum()

@@ -1,0 +1,80 @@
+"""`forerun train-head`: record the target's replies to training prompts, then train an EAGLE-3 head on
+them. Both stages resume where a stopped run left off (shards under OUT/data, OUT/checkpoint.pt)."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from forerun.heads.data import PromptSpec
+from forerun.heads.train import TrainConfig
+
+
+def add_train_head_parser(sub) -> None:
+    p = sub.add_parser("train-head", help="train an EAGLE-3 draft head on the target's own replies (CPU)",
+                       description=__doc__)
+    p.add_argument("--out", required=True, help="folder for the data, checkpoints, head/ and curve.png")
+    p.add_argument("--model", help="target: HF directory or .gguf (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--quant", choices=["auto", "q4", "none"], default="auto",
+                   help="how the target runs while it writes the replies (default: as it serves)")
+    d, t = PromptSpec(), TrainConfig()
+    p.add_argument("--instruct", default=d.instruct, help="instruction prompts, JSON lines with 'prompt' and "
+                   "'source' (default: %(default)s)")
+    p.add_argument("--gsm8k", default=d.gsm8k, help="GSM8K train questions (default: %(default)s)")
+    p.add_argument("--instruct-count", type=int, default=d.instruct_count, help="default: %(default)s")
+    p.add_argument("--gsm8k-count", type=int, default=d.gsm8k_count, help="default: %(default)s")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="reply length cap (default: %(default)s)")
+    p.add_argument("--in-flight", type=int, default=48, help="replies decoding at once (default: %(default)s)")
+    p.add_argument("--layers", default="", help="the target layers the head reads, e.g. 2,15,27 "
+                   "(default: 2, half, last - 3, as EAGLE-3 and vLLM choose)")
+    p.add_argument("--draft-vocab", type=int, default=t.draft_vocab, help="default: %(default)s")
+    p.add_argument("--epochs", type=float, default=t.epochs, help="default: %(default)s")
+    p.add_argument("--lr", type=float, default=t.lr, help="default: %(default)s")
+    p.add_argument("--unroll", type=int, default=t.unroll, help="drafting steps per row (default: %(default)s)")
+    p.add_argument("--batch-tokens", type=int, default=t.batch_tokens, help="default: %(default)s")
+    p.add_argument("--prompt-context", type=int, default=t.prompt_context, help="default: %(default)s")
+    p.add_argument("--max-replies", type=int, default=0, help="train on the first N recorded replies (0: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-recording", action="store_true", help="train on the shards already in OUT/data")
+    p.set_defaults(func=cmd_train_head)
+
+
+def cmd_train_head(a: argparse.Namespace) -> int:
+    from forerun.config import EngineConfig
+    from forerun.heads.data import load_shards, record, training_prompts
+    from forerun.heads.train import train
+    from forerun.llm import LLM
+
+    out = Path(a.out)
+    prompts_spec = PromptSpec(instruct=a.instruct, gsm8k=a.gsm8k, instruct_count=a.instruct_count,
+                              gsm8k_count=a.gsm8k_count, seed=a.seed)
+    config = TrainConfig(draft_vocab=a.draft_vocab, epochs=a.epochs, lr=a.lr, unroll=a.unroll,
+                         batch_tokens=a.batch_tokens, prompt_context=a.prompt_context, seed=a.seed)
+    llm = LLM(a.model, quant=a.quant, engine=EngineConfig(prefix_caching=False, max_num_seqs=max(a.in_flight, 1)))
+    args = llm.runtime.model.args
+    layers = tuple(int(x) for x in a.layers.split(",")) if a.layers else \
+        (2, args.num_layers // 2, args.num_layers - 3)
+    if not a.skip_recording:
+        prompts = training_prompts(prompts_spec)
+        started, totals = time.perf_counter(), [0, 0]
+
+        def progress(replies: int, tokens: int, seconds: float) -> None:
+            totals[0] += replies
+            totals[1] += tokens
+            print(f"\rrecorded {totals[0]}/{len(prompts)} replies, {totals[1]} tokens "
+                  f"({tokens / max(seconds, 1e-9):.0f} tok/s, {time.perf_counter() - started:.0f} s)",
+                  end="", file=sys.stderr, flush=True)
+
+        record(llm, prompts, out / "data", layers, max_new_tokens=a.max_new_tokens, in_flight=a.in_flight,
+               seed=a.seed, progress=progress)
+        print(file=sys.stderr)
+    meta, records = load_shards(out / "data")
+    if a.max_replies:
+        records = records[:a.max_replies]
+    print(f"{len(records)} replies, {sum(len(r['tokens']) - r['prompt_len'] for r in records)} reply tokens",
+          file=sys.stderr)
+    train(llm.runtime, records, out, layers, config, verifier=llm.runtime.name,
+          log=lambda message: print(message, file=sys.stderr, flush=True))
+    print(f"head: {out / 'head'}  learning curve: {out / 'curve.png'}")
+    return 0
