@@ -179,6 +179,15 @@ def test_a_cached_prefix_and_preemption_keep_the_output(target):
     assert [o.token_ids for o in outs] == [reference(llm, p)[:30] for p in prompts]
 
 
+def test_n_samples_start_from_the_prompt_rows(target):
+    spec = SpecConfig(method="eagle")
+    llm = LLM(runtime=target)
+    llm.use_drafter(spec, Eagle(target, spec, head=random_eagle_head(target, draft_vocab=32)))
+    out = llm.generate_batch_ids([PROMPTS[2]], SamplingParams(n=3, max_new_tokens=20, ignore_eos=True), spec)[0]
+    assert all(s.token_ids == reference(llm, PROMPTS[2])[:20] for s in out.samples)
+    assert all(s.stats.draft_tokens > 0 for s in out.samples)
+
+
 # -- training ---------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

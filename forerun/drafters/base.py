@@ -51,6 +51,11 @@ class Drafter(ABC):
         """Called once per sequence before its first draft; returns its per-request state."""
         return None
 
+    def fork(self, parent: Sequence, child: Sequence) -> object | None:
+        """A new sample of parent's request, at the same tokens: its own per-request state, or None to
+        have begin(child) called at its first draft (the default)."""
+        return None
+
     def end(self, seq: Sequence) -> None:
         """Called once when the sequence finishes or is aborted, before its state is dropped."""
 

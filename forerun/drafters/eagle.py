@@ -91,6 +91,14 @@ class Eagle(Drafter):
     def begin(self, seq: Sequence) -> EagleState:
         return EagleState(self.head.new_cache(), [])
 
+    def fork(self, parent: Sequence, child: Sequence) -> EagleState:
+        """The samples of an n > 1 request start from the prompt rows the head saw for the first."""
+        state: EagleState = parent.draft_state
+        cache = HeadCache(state.cache.k.shape[1], state.cache.k.dtype, state.cache.k.shape[0])
+        n = state.cache.length
+        cache.append(state.cache.k[:n], state.cache.v[:n], state.cache.positions[:n])
+        return EagleState(cache, list(state.pending), state.last)
+
     def layers_wanted(self, seq: Sequence) -> tuple[int, ...]:
         return self.aux
 

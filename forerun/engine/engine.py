@@ -300,6 +300,9 @@ class Engine:
             for i in range(1, request.params.n):
                 child = self._sequence(request, i, list(parent.tokens), _generator(request.params, i))
                 self.pool.fork(parent, child)
+                if parent.begun:  # what the drafter saw of the shared prompt (a head's prompt rows)
+                    child.draft_state = self.drafter(request.spec).fork(parent, child)
+                    child.begun = child.draft_state is not None
                 child.stats.cached_tokens = len(request.prompt_ids)
                 child.status = Status.RUNNING
                 request.samples.append(child)

@@ -34,7 +34,7 @@ def add_train_head_parser(sub) -> None:
     p.add_argument("--unroll", type=int, default=t.unroll, help="drafting steps per row (default: %(default)s)")
     p.add_argument("--batch-tokens", type=int, default=t.batch_tokens, help="default: %(default)s")
     p.add_argument("--prompt-context", type=int, default=t.prompt_context, help="default: %(default)s")
-    p.add_argument("--max-replies", type=int, default=0, help="train on the first N recorded replies (0: all)")
+    p.add_argument("--max-prompts", type=int, default=0, help="record replies to the first N prompts drawn (0: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-recording", action="store_true", help="train on the shards already in OUT/data")
     p.set_defaults(func=cmd_train_head)
@@ -55,8 +55,10 @@ def cmd_train_head(a: argparse.Namespace) -> int:
     args = llm.runtime.model.args
     layers = tuple(int(x) for x in a.layers.split(",")) if a.layers else \
         (2, args.num_layers // 2, args.num_layers - 3)
+    prompts = training_prompts(prompts_spec)
+    if a.max_prompts:
+        prompts = prompts[:a.max_prompts]
     if not a.skip_recording:
-        prompts = training_prompts(prompts_spec)
         started, totals = time.perf_counter(), [0, 0]
 
         def progress(replies: int, tokens: int, seconds: float) -> None:
@@ -70,8 +72,10 @@ def cmd_train_head(a: argparse.Namespace) -> int:
                seed=a.seed, progress=progress)
         print(file=sys.stderr)
     meta, records = load_shards(out / "data")
-    if a.max_replies:
-        records = records[:a.max_replies]
+    # in prompt order (shards hold replies in the order they finished); a larger earlier run's extra
+    # replies stay out
+    rank = {p["id"]: i for i, p in enumerate(prompts)}
+    records = [r for m, r in sorted(zip(meta, records), key=lambda mr: rank.get(mr[0]["id"], -1)) if m["id"] in rank]
     print(f"{len(records)} replies, {sum(len(r['tokens']) - r['prompt_len'] for r in records)} reply tokens",
           file=sys.stderr)
     train(llm.runtime, records, out, layers, config, verifier=llm.runtime.name,

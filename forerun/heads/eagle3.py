@@ -256,16 +256,21 @@ class Eagle3Head(nn.Module):
         before = cache.length
         visible = before if visible is None else visible
         cache.append(k.reshape(k.shape[0], -1), v.reshape(v.shape[0], -1), positions)
-        keys = cache.k[:cache.length].view(-1, c.num_kv_heads, c.head_dim).transpose(0, 1)
+        keys = cache.k[:cache.length].view(-1, c.num_kv_heads, c.head_dim).transpose(0, 1)  # [KV, L, hd]
         values = cache.v[:cache.length].view(-1, c.num_kv_heads, c.head_dim).transpose(0, 1)
-        T = tokens.shape[0]
-        if mask is None:
-            mask = torch.cat([torch.ones(T, before - visible, dtype=torch.bool),
-                              torch.ones(T, T, dtype=torch.bool).tril_()], dim=1)
-        full = torch.cat([torch.ones(T, visible, dtype=torch.bool), mask], dim=1)
-        out = F.scaled_dot_product_attention(q.transpose(0, 1), keys, values, attn_mask=full,
-                                             enable_gqa=c.num_heads != c.num_kv_heads)
-        return self._step_out(out.transpose(0, 1).reshape(T, -1), residual)
+        T, group = tokens.shape[0], c.num_heads // c.num_kv_heads
+        # each kv head's queries as one block of group * T rows (SDPA's grouped path copies the keys)
+        q = q.view(T, c.num_kv_heads, group, c.head_dim).permute(1, 2, 0, 3).reshape(c.num_kv_heads, group * T, -1)
+        scores = (q @ keys.transpose(1, 2)) * (1.0 / math.sqrt(c.head_dim))  # [KV, group * T, L]
+        if mask is not None or T > 1:
+            if mask is None:
+                mask = torch.cat([torch.ones(T, before - visible, dtype=torch.bool),
+                                  torch.ones(T, T, dtype=torch.bool).tril_()], dim=1)
+            full = torch.cat([torch.ones(T, visible, dtype=torch.bool), mask], dim=1).repeat(group, 1)
+            scores = scores.masked_fill(~full, float("-inf"))
+        out = torch.softmax(scores, dim=-1) @ values  # [KV, group * T, hd]
+        out = out.view(c.num_kv_heads, group, T, c.head_dim).permute(2, 0, 1, 3).reshape(T, -1)
+        return self._step_out(out, residual)
 
     def pack_for_cpu(self, kind: str | None = "q8") -> None:
         """Inference copies of the projections on forerun's CPU kernels (forerun.models.llama.Linear):
@@ -273,7 +278,7 @@ class Eagle3Head(nn.Module):
         float32's bytes; None: pre-packed float32). A drafting step reads every weight of the head for
         one or a few rows, so its time is the bytes it reads. step() uses them from then on; training
         never does. Drafts change by rounding only, outputs never."""
-        from forerun.models.llama import Linear
+        from forerun.models.llama import Linear, RMSNorm
 
         def linear(*modules: nn.Linear) -> Linear:
             out = Linear(torch.cat([m.weight.detach().float() for m in modules]).contiguous())
@@ -284,6 +289,9 @@ class Eagle3Head(nn.Module):
         self.fast = {"fc": linear(self.fc), "qkv": linear(self.q_proj, self.k_proj, self.v_proj),
                      "o": linear(self.o_proj), "gate_up": linear(self.gate_proj, self.up_proj),
                      "down": linear(self.down_proj), "lm_head": linear(self.lm_head)}
+        for name in ("input_layernorm", "hidden_norm", "post_attention_layernorm", "norm"):  # the native kernel
+            module = getattr(self, name)
+            self.fast[name] = RMSNorm(module.weight.detach().float().clone(), module.eps)
 
     def features(self, features: Tensor) -> Tensor:
         """fc over the target's concatenated features: the hidden input of committed rows."""
@@ -295,8 +303,8 @@ class Eagle3Head(nn.Module):
         if fast is None:
             return self.project(tokens, hidden, positions)
         c = self.config
-        embeds = self.input_layernorm(F.embedding(tokens, self.embed))
-        normed = self.hidden_norm(hidden)
+        embeds = fast["input_layernorm"](F.embedding(tokens, self.embed).contiguous())
+        normed = fast["hidden_norm"](hidden.contiguous())
         residual = normed if c.norm_before_residual else hidden
         qkv = fast["qkv"](torch.cat([embeds, normed], dim=-1))
         q, k, v = qkv.split([c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim], -1)
@@ -311,9 +319,9 @@ class Eagle3Head(nn.Module):
         if fast is None:
             return self.finish(attended, residual)
         x = residual + fast["o"](attended.contiguous())
-        gate, up = fast["gate_up"](self.post_attention_layernorm(x)).chunk(2, dim=-1)
+        gate, up = fast["gate_up"](fast["post_attention_layernorm"](x)).chunk(2, dim=-1)
         x = x + fast["down"]((F.silu(gate) * up).contiguous())
-        return x, fast["lm_head"](self.norm(x).contiguous())
+        return x, fast["lm_head"](fast["norm"](x))
 
     def new_cache(self) -> HeadCache:
         return HeadCache(self.config.num_kv_heads * self.config.head_dim, self.fc.weight.dtype)
