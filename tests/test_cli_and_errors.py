@@ -99,7 +99,7 @@ def test_shipped_eagle_head_matches_ar_and_accepts():
             out = llm.generate_ids(ids, params, spec)
             assert out.token_ids == ref, (spec, prompt)
             new, forwards = new + out.stats.new_tokens, forwards + out.stats.target_forwards
-        assert new / forwards > 1.6, f"tau {new / forwards:.2f} with {spec}"
+        assert new / forwards > 1.1, f"tau {new / forwards:.2f} with {spec}"
 
 
 def test_stop_strings_cut_the_text(embedded):

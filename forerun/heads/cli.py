@@ -35,6 +35,8 @@ def add_train_head_parser(sub) -> None:
     p.add_argument("--batch-tokens", type=int, default=t.batch_tokens, help="default: %(default)s")
     p.add_argument("--prompt-context", type=int, default=t.prompt_context, help="default: %(default)s")
     p.add_argument("--max-prompts", type=int, default=0, help="record replies to the first N prompts drawn (0: all)")
+    p.add_argument("--data", help="folder of recorded shards (default: OUT/data)")
+    p.add_argument("--init-head", help="start from this head (a further stage of training) instead of a fresh one")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-recording", action="store_true", help="train on the shards already in OUT/data")
     p.set_defaults(func=cmd_train_head)
@@ -47,6 +49,7 @@ def cmd_train_head(a: argparse.Namespace) -> int:
     from forerun.llm import LLM
 
     out = Path(a.out)
+    data = Path(a.data) if a.data else out / "data"
     prompts_spec = PromptSpec(instruct=a.instruct, gsm8k=a.gsm8k, instruct_count=a.instruct_count,
                               gsm8k_count=a.gsm8k_count, seed=a.seed)
     config = TrainConfig(draft_vocab=a.draft_vocab, epochs=a.epochs, lr=a.lr, unroll=a.unroll,
@@ -68,17 +71,21 @@ def cmd_train_head(a: argparse.Namespace) -> int:
                   f"({tokens / max(seconds, 1e-9):.0f} tok/s, {time.perf_counter() - started:.0f} s)",
                   end="", file=sys.stderr, flush=True)
 
-        record(llm, prompts, out / "data", layers, max_new_tokens=a.max_new_tokens, in_flight=a.in_flight,
+        record(llm, prompts, data, layers, max_new_tokens=a.max_new_tokens, in_flight=a.in_flight,
                seed=a.seed, progress=progress)
         print(file=sys.stderr)
-    meta, records = load_shards(out / "data")
+    meta, records = load_shards(data)
     # in prompt order (shards hold replies in the order they finished); a larger earlier run's extra
     # replies stay out
     rank = {p["id"]: i for i, p in enumerate(prompts)}
     records = [r for m, r in sorted(zip(meta, records), key=lambda mr: rank.get(mr[0]["id"], -1)) if m["id"] in rank]
     print(f"{len(records)} replies, {sum(len(r['tokens']) - r['prompt_len'] for r in records)} reply tokens",
           file=sys.stderr)
-    train(llm.runtime, records, out, layers, config, verifier=llm.runtime.name,
+    init = None
+    if a.init_head:
+        from forerun.heads.eagle3 import load_head
+        init = load_head(a.init_head, llm.runtime)
+    train(llm.runtime, records, out, layers, config, verifier=llm.runtime.name, init=init,
           log=lambda message: print(message, file=sys.stderr, flush=True))
     print(f"head: {out / 'head'}  learning curve: {out / 'curve.png'}")
     return 0

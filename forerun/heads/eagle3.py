@@ -59,13 +59,15 @@ class Eagle3Config:
         return len(self.aux_layers) * (self.target_hidden_size or self.hidden_size)
 
     @staticmethod
-    def for_target(args, aux_layers: tuple[int, ...], draft_vocab_size: int, verifier: str | None) -> Eagle3Config:
+    def for_target(args, aux_layers: tuple[int, ...], draft_vocab_size: int, verifier: str | None,
+                   norm_before_residual: bool = False) -> Eagle3Config:
         """A head as wide as the target, its one layer shaped like the target's layers."""
         return Eagle3Config(hidden_size=args.hidden_size, num_heads=args.num_heads, num_kv_heads=args.num_kv_heads,
                             head_dim=args.head_dim, intermediate_size=args.intermediate_size,
                             rms_norm_eps=args.rms_norm_eps, rope_theta=args.rope_theta, vocab_size=args.vocab_size,
                             draft_vocab_size=draft_vocab_size, aux_layers=tuple(aux_layers),
-                            max_position_embeddings=args.max_position_embeddings, verifier=verifier)
+                            max_position_embeddings=args.max_position_embeddings, verifier=verifier,
+                            norm_before_residual=norm_before_residual)
 
     # -- config.json ----------------------------------------------------------------------------------
 
@@ -398,8 +400,10 @@ HEAD_TENSORS = {  # our attribute -> speculators' name (the original release put
 }
 
 
-def save_head(head: Eagle3Head, folder: str | Path, dtype: torch.dtype = torch.float16) -> None:
-    """config.json and model.safetensors in speculators' layout (floats as `dtype`)."""
+def save_head(head: Eagle3Head, folder: str | Path, dtype: torch.dtype = torch.bfloat16) -> None:
+    """config.json and model.safetensors in speculators' layout (floats as `dtype`). bfloat16, not
+    float16: fc's weights for the target's outlier dimensions (values near 1e4) are near 1e-6, which
+    float16 flushes to subnormals; bfloat16 keeps float32's range."""
     from safetensors.torch import save_file
 
     folder = Path(folder)

@@ -34,14 +34,17 @@ class TrainConfig:
     unroll: int = 3  # drafting steps per training row (training-time test)
     epochs: float = 3.0
     lr: float = 1e-3
-    warmup: int = 50  # steps of linear warm-up, then cosine decay to lr / 20
-    batch_tokens: int = 4096  # rows per batch (padding included)
+    warmup: int = 30  # steps of linear warm-up, then cosine decay to lr / 20
+    batch_tokens: int = 1024  # rows per batch (padding included): many small steps learn faster than few big ones
     prompt_context: int = 96  # prompt rows kept before each reply (its keys; the rest cost without teaching)
     heldout: float = 0.05  # share of replies held back for the learning curve
-    eval_every: int = 100  # steps between evaluations
+    eval_every: int = 200  # steps between evaluations
     checkpoint_every: int = 100
     seed: int = 0
     threads: int = 0  # torch threads (0: leave as is)
+    # the residual around the head's attention starts from norm(hidden) (speculators' option; vLLM's
+    # default): the target's residual streams carry outliers of 1e4, which fc passes on unnormalised
+    norm_before_residual: bool = True
 
 
 def vocabulary(records: list[dict], size: int) -> tuple[torch.Tensor, dict[int, float]]:
@@ -108,7 +111,16 @@ def batches(items: list[Example], batch_tokens: int, rng: random.Random) -> list
     return [[items[i] for i in b] for b in out]
 
 
-def collate(batch: list[Example], unroll: int) -> dict[str, torch.Tensor]:
+def feature_scale(items: list[Example], rows: int = 50_000) -> torch.Tensor:
+    """[F] each feature's root mean square over (up to) `rows` training rows. The target's residual
+    streams differ in scale by four orders of magnitude between dimensions (a few carry values near
+    1e4), so an optimizer step on fc's weights would move the output by very different amounts per
+    dimension; training feeds fc the features divided by this, and the saved fc folds it back in."""
+    sample = torch.cat([e.features for e in items])[:rows].float()
+    return sample.pow(2).mean(0).sqrt().clamp(min=1e-3)
+
+
+def collate(batch: list[Example], unroll: int, scale: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     T = max(len(e.tokens) for e in batch)
     B, F_, D = len(batch), batch[0].features.shape[1], batch[0].hidden.shape[1]
     out = {"features": torch.zeros(B, T, F_), "tokens": torch.zeros(B, T + unroll, dtype=torch.long),
@@ -116,7 +128,7 @@ def collate(batch: list[Example], unroll: int) -> dict[str, torch.Tensor]:
            "hidden": torch.zeros(B, T + unroll, D), "label": torch.full((B, T + unroll), -1, dtype=torch.long)}
     for b, e in enumerate(batch):
         n = len(e.tokens)
-        out["features"][b, :n] = e.features.float()
+        out["features"][b, :n] = e.features.float() if scale is None else e.features.float() / scale
         out["tokens"][b, :n] = e.tokens
         out["positions"][b, :n] = e.positions
         out["valid"][b, :n] = True
@@ -163,12 +175,12 @@ def losses(head: Eagle3Head, target_rows: torch.Tensor, batch: dict[str, torch.T
 
 
 def new_head(target, aux_layers: tuple[int, ...], draft_ids: torch.Tensor, verifier: str | None,
-             seed: int) -> tuple[Eagle3Head, torch.Tensor]:
+             seed: int, norm_before_residual: bool = True) -> tuple[Eagle3Head, torch.Tensor]:
     """A fresh head for the target and the target's output rows for the draft vocabulary (the training
     targets' head, and the head's lm_head to start from)."""
     torch.manual_seed(seed)
     model = target.model
-    config = Eagle3Config.for_target(model.args, aux_layers, len(draft_ids), verifier)
+    config = Eagle3Config.for_target(model.args, aux_layers, len(draft_ids), verifier, norm_before_residual)
     head = Eagle3Head(config, model.embed.detach().float())
     head.set_vocabulary(draft_ids)
     weight = model.head.weight if model.head.quant is None else quant.dequantize(model.head.quant)
@@ -179,20 +191,21 @@ def new_head(target, aux_layers: tuple[int, ...], draft_ids: torch.Tensor, verif
     return head, rows
 
 
-def evaluate(head, target_rows, held: list[Example], config: TrainConfig) -> list[float]:
+def evaluate(head, target_rows, held: list[Example], config: TrainConfig, scale: torch.Tensor | None = None) -> list[float]:
     hits, counted = torch.zeros(config.unroll), torch.zeros(config.unroll)
     with torch.no_grad():
         for batch in batches(held, config.batch_tokens, random.Random(0)):
-            _, h, c = losses(head, target_rows, collate(batch, config.unroll), config.unroll)
+            _, h, c = losses(head, target_rows, collate(batch, config.unroll, scale), config.unroll)
             hits += h
             counted += c
     return (hits / counted.clamp(min=1)).tolist()
 
 
 def train(target, records: list[dict], out: Path, aux_layers: tuple[int, ...], config: TrainConfig,
-          verifier: str | None = None, log=print) -> Eagle3Head:
+          verifier: str | None = None, init: Eagle3Head | None = None, log=print) -> Eagle3Head:
     """Train a head on `records` into `out` (checkpoint.pt while it runs, resumed from if present; head/
-    with config.json and model.safetensors, curve.json and curve.png at the end)."""
+    with config.json and model.safetensors, curve.json and curve.png at the end). init: a head to start
+    from (its vocabulary and layers are kept) instead of a fresh one."""
     if config.threads:
         torch.set_num_threads(config.threads)
     out.mkdir(parents=True, exist_ok=True)
@@ -204,9 +217,17 @@ def train(target, records: list[dict], out: Path, aux_layers: tuple[int, ...], c
     draft_ids, coverage = vocabulary([records[i] for i in train_ids], config.draft_vocab)
     log(f"draft vocabulary {config.draft_vocab}: covers {coverage[config.draft_vocab]:.1%} of the target's choices "
         f"in the replies (" + ", ".join(f"{k}: {v:.1%}" for k, v in sorted(coverage.items())) + ")")
-    head, target_rows = new_head(target, aux_layers, draft_ids, verifier, config.seed)
+    if init is not None:
+        draft_ids, aux_layers = init.draft_ids.clone(), init.config.aux_layers
+    head, target_rows = new_head(target, aux_layers, draft_ids, verifier, config.seed, config.norm_before_residual)
     train_set = examples([records[i] for i in train_ids], head.t2d, config.prompt_context)
     held = examples([records[i] for i in held_ids], head.t2d, config.prompt_context)
+    scale = feature_scale(train_set)
+    if init is not None:
+        head.load_state_dict(init.state_dict())
+        with torch.no_grad():
+            head.fc.weight.mul_(scale)  # unfold: training feeds fc scaled features
+        log("starting from the given head")
     per_epoch = len(batches(train_set, config.batch_tokens, random.Random(0)))
     total = max(1, int(per_epoch * config.epochs))
     trained_tokens = sum(int((e.label >= 0).sum()) for e in train_set)
@@ -228,12 +249,12 @@ def train(target, records: list[dict], out: Path, aux_layers: tuple[int, ...], c
         step, curve, tokens_seen = state["step"], state["curve"], state["tokens_seen"]
         log(f"resumed at step {step} of {total}")
     if not curve:
-        curve.append({"step": 0, "tokens": 0, "acceptance": evaluate(head, target_rows, held, config)})
+        curve.append({"step": 0, "tokens": 0, "acceptance": evaluate(head, target_rows, held, config, scale)})
     t0, window = time.perf_counter(), []
     while step < total:
         epoch, index = divmod(step, per_epoch)
         order = batches(train_set, config.batch_tokens, random.Random(config.seed * 1000 + epoch))
-        batch = collate(order[index], config.unroll)
+        batch = collate(order[index], config.unroll, scale)
         loss, hits, counted = losses(head, target_rows, batch, config.unroll)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -249,7 +270,7 @@ def train(target, records: list[dict], out: Path, aux_layers: tuple[int, ...], c
             acc = [sum(w[1][k] for w in recent) / len(recent) for k in range(config.unroll)]
             _progress(step, total, sum(w[0] for w in recent) / len(recent), acc, rate)
         if step % config.eval_every == 0 or step == total:
-            curve.append({"step": step, "tokens": tokens_seen, "acceptance": evaluate(head, target_rows, held, config)})
+            curve.append({"step": step, "tokens": tokens_seen, "acceptance": evaluate(head, target_rows, held, config, scale)})
             log(f"\nheld-back acceptance at {tokens_seen} tokens: " +
                 " ".join(f"{a:.3f}" for a in curve[-1]["acceptance"]))
         if step % config.checkpoint_every == 0 or step == total:
@@ -258,6 +279,8 @@ def train(target, records: list[dict], out: Path, aux_layers: tuple[int, ...], c
                         "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "step": step,
                         "curve": curve, "tokens_seen": tokens_seen}, tmp)
             tmp.replace(checkpoint)
+    with torch.no_grad():
+        head.fc.weight.div_(scale)  # fold the feature scale in: the saved head reads the target's raw features
     save_head(head, out / "head")
     (out / "curve.json").write_text(json.dumps({"coverage": coverage, "curve": curve, "config": asdict(config)},
                                                indent=1) + "\n")
