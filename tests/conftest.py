@@ -77,6 +77,15 @@ def tiny():
     return tiny_runtime()
 
 
+@pytest.fixture(scope="module", params=["float32", "q4"])
+def tiny_llama_each_format(request):
+    """The tiny Llama (seed 1) in float32, then in q4 blocks on the native kernels."""
+    rt = tiny_runtime("llama", seed=1)
+    if request.param == "q4":
+        assert rt.model.quantize()
+    return rt
+
+
 def tiny_hf_runtime(seed: int = 0, layers: int = 3) -> Runtime:
     """A random GPT-2 (outside the native Llama family) behind the transformers adapter. Weights are
     drawn wide (std 1 rather than GPT-2's 0.02) so that greedy choices are not near-ties."""

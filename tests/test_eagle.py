@@ -26,12 +26,9 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 AUX = (1, 2, 3)
 
 
-@pytest.fixture(scope="module", params=["float32", "q4"])
-def target(request):
-    rt = tiny_runtime("llama", seed=1)
-    if request.param == "q4":
-        assert rt.model.quantize()
-    return rt
+@pytest.fixture(scope="module")
+def target(tiny_llama_each_format):
+    return tiny_llama_each_format
 
 
 # -- the two paths of the head ----------------------------------------------------------------------------

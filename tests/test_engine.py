@@ -91,12 +91,9 @@ def run_engine(engine: Engine, requests: list[tuple[list[int], SamplingParams, S
     return [done[i] for i in ids]
 
 
-@pytest.fixture(scope="module", params=["float32", "q4"])
-def target(request):
-    rt = tiny_runtime("llama", seed=1)
-    if request.param == "q4":
-        assert rt.model.quantize()
-    return rt
+@pytest.fixture(scope="module")
+def target(tiny_llama_each_format):
+    return tiny_llama_each_format
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from forerun.heads.eagle3 import Eagle3Config, Eagle3Head, save_head
 from forerun.models import quant
