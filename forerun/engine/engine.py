@@ -330,8 +330,7 @@ class Engine:
         for i in decoding:
             seq = work[i].seq
             drafter = self.drafter(seq.spec)
-            if not seq.begun:
-                seq.draft_state, seq.begun = drafter.begin(seq), True
+            self._begin(seq)
             t0 = time.perf_counter()
             d = depth[i]
             if d and drafter.writes_target_kv and not self.pool.reserve(seq, seq.cached + d + 1):
@@ -383,6 +382,12 @@ class Engine:
         for i, cut in zip(policed, self.goodput.cut(entries, sure_rows, float(len(drafts)))):
             drafts[i] = cut
 
+    def _begin(self, seq: Sequence) -> None:
+        """The drafter's per-request state for seq, made once: at its first draft, or earlier when its
+        drafter reads its prompt rows."""
+        if not seq.begun:
+            seq.draft_state, seq.begun = self.drafter(seq.spec).begin(seq), True
+
     def _observe_prefill(self, work: list[Work], batch, out: ForwardOutput) -> None:
         """Hand each drafter that asks for them (Drafter.prefill_layers) the residual streams at the
         prompt (or recomputed) rows its sequences computed this step; a drafter sees them before its
@@ -392,8 +397,7 @@ class Engine:
             if not w.chunk or not drafter.prefill_layers:
                 continue
             seq = w.seq
-            if not seq.begun:
-                seq.draft_state, seq.begun = drafter.begin(seq), True
+            self._begin(seq)
             first = int(batch.row_start[i])
             rows = slice(first, first + w.chunk)
             drafter.observe_prefill(seq, seq.cached, {k: out.layers[k][rows] for k in drafter.prefill_layers})
