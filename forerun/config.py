@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from forerun.options import coerce
+
 MAX_LOGPROBS = 20  # most likely alternatives a generated token can carry
 
 
@@ -98,21 +100,15 @@ class SpecConfig:
 
     def option_values(self, known: dict[str, object]) -> dict[str, object]:
         """The drafter's options: `known` (name -> default) updated from self.options, which may
-        only name known keys; values keep the default's type (so CLI strings are converted)."""
+        only name known keys; text takes the default's type (forerun.options.coerce: so CLI strings are
+        converted), and stays text where the default is None."""
         out = dict(known)
         for name, value in self.options:
             if name not in known:
                 raise ValueError(f"method {self.method!r} has no option {name!r}; known: {', '.join(known)}")
-            out[name] = _coerce(value, known[name])
+            default = known[name]
+            out[name] = coerce(name, value, str if default is None else type(default))
         return out
-
-
-def _coerce(value: object, default: object) -> object:
-    if not isinstance(value, str) or default is None or isinstance(default, str):
-        return value
-    if isinstance(default, bool):
-        return value.lower() in ("1", "true", "yes", "on")
-    return type(default)(value)
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,7 +5,6 @@ every contender gets the same prompt ids, and the runner times every call the sa
 """
 from __future__ import annotations
 
-import ast
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -14,6 +13,7 @@ import torch
 
 from forerun.config import SamplingParams, SpecConfig
 from forerun.llm import LLM
+from forerun.options import coerce, parse_options, split_option
 
 Messages = list[dict]  # chat messages [{"role": ..., "content": ...}]
 
@@ -117,8 +117,8 @@ class ContenderSpec:
         options = []
         for part in rest:
             if "=" in part:
-                key, value = part.split("=", 1)
-                options.append((key, _literal(value)))
+                key, value = split_option(part, f"{text!r}: an option")
+                options.append((key, coerce(key, value, None)))
             elif dtype is None:
                 dtype = part
             else:
@@ -130,25 +130,9 @@ def parse_list(text: str | None) -> list[str]:
     return [part.strip() for part in (text or "").split(",") if part.strip()]
 
 
-def parse_key_values(pairs: list[str] | None) -> dict[str, object]:
-    """["quant=q4", "num_draft=6"] -> {"quant": "q4", "num_draft": 6}"""
-    out = {}
-    for pair in pairs or []:
-        if "=" not in pair:
-            raise ValueError(f"expected KEY=VALUE, got {pair!r}")
-        key, value = pair.split("=", 1)
-        out[key.strip()] = _literal(value.strip())
-    return out
-
-
-def _literal(value: str) -> object:
-    """"8" -> 8, "0.5" -> 0.5, "true" -> True, "q4" -> "q4"."""
-    if value.lower() in ("true", "false"):
-        return value.lower() == "true"
-    try:
-        return ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        return value
+def parse_key_values(pairs: list[str] | None, flag: str = "--engine-arg") -> dict[str, object]:
+    """["quant=q4", "num_draft=6"] -> {"quant": "q4", "num_draft": 6}: each value's type read from its text."""
+    return {key: coerce(key, value, None) for key, value in parse_options(pairs, flag).items()}
 
 
 class EngineCache:

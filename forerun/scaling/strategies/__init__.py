@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 
+from forerun.options import coerce
 from forerun.scaling.strategies.adaptive import Adaptive
 from forerun.scaling.strategies.astar import AStar
 from forerun.scaling.strategies.base import Solver, Strategy
@@ -23,13 +26,15 @@ def build_strategy(name: str, **options) -> Strategy:
     unknown = set(options) - set(known)
     if unknown:
         raise ValueError(f"strategy {name!r} has no option {sorted(unknown)[0]!r}; known: {', '.join(known) or 'none'}")
-    return cls(**{k: _coerce(v, known[k].default) for k, v in options.items()})
+    hints = typing.get_type_hints(cls)
+    return cls(**{k: coerce(f"{name}.{k}", v, _plain(hints[k])) for k, v in options.items()})
 
 
-def _coerce(value, default):
-    if not isinstance(value, str) or default is None or isinstance(default, str):
-        return float(value) if isinstance(value, str) and default is None else value
-    return type(default)(value)
+def _plain(hint) -> type:
+    """`float | None` -> float: an optional option's text is read as its type."""
+    if isinstance(hint, types.UnionType):
+        (hint,) = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+    return hint
 
 
 __all__ = ["STRATEGIES", "Solver", "Strategy", "build_strategy"]
