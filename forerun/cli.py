@@ -6,34 +6,16 @@ import json
 import sys
 
 from forerun.bench.cli import add_bench_parser
-from forerun.config import EngineConfig, SamplingParams, SpecConfig
+from forerun.cli_args import add_engine_args, add_model_args, add_speculation_args, engine_config, spec_config
+from forerun.config import SamplingParams, SpecConfig
 from forerun.heads.cli import add_train_head_parser
 from forerun.retrieval.cli import add_datastore_parser
 from forerun.scaling.cli import add_scale_parser
 from forerun.serve.cli import add_serve_parsers
 
 
-def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="HF model directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--quant", choices=["auto", "q4", "none"], default="auto",
-                   help="q4: GGUF-style 4-bit block weights and an 8-bit head on native CPU kernels (float32 "
-                        "only); none: dequantize to --dtype; auto (default): q4 for a Q4_1 GGUF such as the "
-                        "embedded model on the CPU in float32, none otherwise")
-    p.add_argument("--kv-cache-tokens", type=int, default=None,
-                   help="KV pool size in tokens (default: --max-num-seqs sequences of 2048 tokens, at most a quarter "
-                        "of free memory, at least one full context)")
-    p.add_argument("--max-num-seqs", type=int, default=EngineConfig().max_num_seqs,
-                   help="sequences decoding at once (default: %(default)s)")
-    p.add_argument("--max-step-tokens", type=int, default=EngineConfig().max_step_tokens,
-                   help="prompt tokens a step may compute beside decoding (default: %(default)s)")
-    p.add_argument("--no-prefix-caching", action="store_true",
-                   help="do not reuse the KV of prompt blocks computed by earlier requests")
-
-
 def _decode_args(p: argparse.ArgumentParser) -> None:
-    speculation_args(p)
+    add_speculation_args(p)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -42,25 +24,6 @@ def _decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("-n", "--n", type=int, default=1, help="samples of the prompt, from one prefill (default: 1)")
-
-
-def speculation_args(p: argparse.ArgumentParser) -> None:
-    """The flags spec_config() reads (also `forerun serve`'s defaults for its requests)."""
-    p.add_argument("--method", default="pld", help="ar, pld, draft, layer-skip, ... (default: pld)")
-    p.add_argument("--draft-model", help="draft model for --method draft (HF directory or .gguf)")
-    p.add_argument("--draft-head", help="--method eagle: an EAGLE-3 head folder (speculators or original layout; "
-                   "default: the head shipped for the embedded model)")
-    p.add_argument("--num-draft", type=int, default=None, help="draft tokens per step (fixes the length)")
-    p.add_argument("--tree-width", type=int, default=1, help="--method draft, eagle: children per tree node")
-    p.add_argument("--guard", action="store_true",
-                   help="take plain steps while speculation measures slower per token (same output)")
-    p.add_argument("--budget", choices=["fixed", "goodput", "cost"], default="fixed",
-                   help="goodput: verify of each draft the nodes worth their rows for the whole batch, from "
-                        "measured step costs and acceptance per tree position (same output; 'cost' is its "
-                        "earlier name)")
-    p.add_argument("--exit-layer", type=int, default=None, help="--method layer-skip: layers the drafter runs")
-    p.add_argument("--opt", action="append", default=[], metavar="NAME=VALUE",
-                   help="a method-specific option (repeatable), e.g. --opt datastore=DS")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,12 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                      help="apply the chat template (default: when the model has one)")
     gen.add_argument("--json", action="store_true", help="print one JSON object")
-    _model_args(gen)
+    add_model_args(gen)
+    add_engine_args(gen)
     _decode_args(gen)
     gen.set_defaults(func=cmd_generate)
 
     chat = sub.add_parser("chat", help="interactive chat, streaming tokens as they are accepted")
-    _model_args(chat)
+    add_model_args(chat)
+    add_engine_args(chat)
     _decode_args(chat)
     chat.set_defaults(func=cmd_chat)
 
@@ -93,36 +58,6 @@ def build_parser() -> argparse.ArgumentParser:
 def sampling_params(a: argparse.Namespace) -> SamplingParams:
     return SamplingParams(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed,
                           max_new_tokens=a.max_new_tokens, stop=tuple(a.stop), ignore_eos=a.ignore_eos, n=a.n)
-
-
-def engine_config(a: argparse.Namespace) -> EngineConfig:
-    return EngineConfig(kv_cache_tokens=a.kv_cache_tokens, max_num_seqs=a.max_num_seqs,
-                        max_step_tokens=a.max_step_tokens, prefix_caching=not a.no_prefix_caching)
-
-
-def spec_config(a: argparse.Namespace) -> SpecConfig:
-    from forerun.drafters.registry import methods
-    if a.method not in methods():  # before the model loads
-        raise ValueError(f"unknown method {a.method!r}; choose one of {', '.join(methods())}")
-    options = _options(a.opt)
-    if getattr(a, "draft_head", None):
-        if a.method != "eagle":
-            raise ValueError("--draft-head goes with --method eagle")
-        options["head"] = a.draft_head
-    default = SpecConfig()
-    fixed = a.num_draft is not None
-    num = a.num_draft if fixed else default.num_draft
-    return SpecConfig(method=a.method, num_draft=num, adaptive=not fixed,
-                      max_draft=max(num, default.max_draft), draft_model=a.draft_model,
-                      tree_width=a.tree_width, exit_layer=a.exit_layer, guard=a.guard, budget=a.budget,
-                      options=options)
-
-
-def _options(pairs: list[str]) -> dict[str, str]:
-    bad = [p for p in pairs if "=" not in p]
-    if bad:
-        raise ValueError(f"--opt takes NAME=VALUE, got {bad[0]!r}")
-    return dict(p.split("=", 1) for p in pairs)
 
 
 def _llm(a: argparse.Namespace):

@@ -9,9 +9,14 @@ import tokenizers
 
 from conftest import tiny_runtime
 from forerun import LLM, SamplingParams, SpecConfig
+from forerun.cli import build_parser
+from forerun.cli_args import engine_config, spec_config
+from forerun.config import EngineConfig
 from forerun.drafters.draft_model import DraftModel
 from forerun.models.runtime import Runtime
 from forerun.models.tokenizer import Tokenizer
+from forerun.options import coerce, parse_options
+from forerun.scaling.strategies import build_strategy
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,6 +53,7 @@ def test_generate_json_on_embedded_model():
     (["--budget", "auto"], "invalid choice: 'auto'"),
     (["--quant", "q8"], "invalid choice: 'q8'"),
     (["--method", "pld", "--draft-head", "/tmp"], "--draft-head goes with --method eagle"),
+    (["--opt", "datastore"], "--opt takes NAME=VALUE, got 'datastore'"),
     (["--method", "eagle", "--draft-head", "/no/such/head"], "no head at /no/such/head"),
 ])
 def test_cli_bad_input_is_a_clear_error(args, message):
@@ -143,3 +149,51 @@ def test_invalid_configs():
         SamplingParams(top_k=-1)
     with pytest.raises(ValueError, match="exit_layer"):
         LLM(runtime=tiny_runtime()).drafter(SpecConfig(method="layer-skip", exit_layer=4))
+
+
+SPECULATION_FLAGS = ["--method", "rasd", "--draft-model", "d", "--num-draft", "3", "--tree-width", "2",
+                     "--budget", "goodput", "--guard", "--opt", "datastore=DS", "--opt", "nodes=16"]
+
+
+@pytest.mark.parametrize("command", [["generate", "hi"], ["chat"], ["serve"], ["scale", "--task", "arith"]])
+def test_every_command_maps_the_speculation_flags_onto_one_spec_config(command):
+    args = build_parser().parse_args([*command, *SPECULATION_FLAGS, "--max-num-seqs", "8"])
+    assert spec_config(args) == SpecConfig(method="rasd", num_draft=3, adaptive=False, draft_model="d",
+                                           tree_width=2, budget="goodput", guard=True,
+                                           options={"datastore": "DS", "nodes": "16"})
+    assert engine_config(args) == EngineConfig(max_num_seqs=8)
+
+
+def test_scale_decodes_with_ar_unless_told():
+    assert spec_config(build_parser().parse_args(["scale", "--task", "arith"])) == SpecConfig(method="ar")
+
+
+def test_name_value_options_are_parsed_and_coerced_one_way():
+    assert parse_options(["datastore=DS", " nodes = 16", "expr=a=b"], "--opt") == \
+        {"datastore": "DS", "nodes": "16", "expr": "a=b"}
+    for bad in ("nodes", "=16"):
+        with pytest.raises(ValueError, match=f"--opt takes NAME=VALUE, got '{bad}'"):
+            parse_options([bad], "--opt")
+    for words, value in ((("true", "Yes", "1", "TRUE"), True), (("false", "no", "0", "No"), False)):
+        assert [coerce("pool", w, bool) for w in words] == [value] * 4
+    with pytest.raises(ValueError, match="option 'pool' takes true or false"):
+        coerce("pool", "on", bool)
+    with pytest.raises(ValueError, match="option 'nodes' takes an integer, got 'many'"):
+        coerce("nodes", "many", int)
+    with pytest.raises(ValueError, match="option 'mix' takes a number"):
+        coerce("mix", "half", float)
+    assert (coerce("x", "8", None), coerce("x", "0.5", None), coerce("x", "False", None), coerce("x", "q4", None)) \
+        == (8, 0.5, False, "q4")
+    assert coerce("nodes", 16, str) == 16  # a value given in Python keeps its type
+
+
+def test_drafter_and_strategy_options_take_the_same_coercion():
+    spec = SpecConfig(method="lookahead", options={"pool_from_prompt": "No", "window": "6"})
+    assert spec.option_values({"pool_from_prompt": True, "window": 4, "path": None}) == \
+        {"pool_from_prompt": False, "window": 6, "path": None}
+    with pytest.raises(ValueError, match="option 'pool_from_prompt' takes true or false"):
+        SpecConfig(options={"pool_from_prompt": "maybe"}).option_values({"pool_from_prompt": True})
+    assert SpecConfig(options={"path": "7"}).option_values({"path": None}) == {"path": "7"}  # None: text
+    assert build_strategy("astar", horizon="5", accept="-inf").horizon == 5  # int | None: an int
+    with pytest.raises(ValueError, match="option 'beam.width' takes an integer"):
+        build_strategy("beam", width="wide")

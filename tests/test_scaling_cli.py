@@ -10,7 +10,8 @@ from conftest import StubTokenizer, tiny_runtime
 from forerun import LLM
 from forerun.cli import build_parser, main
 from forerun.config import EngineConfig
-from forerun.scaling.cli import run_scale, strategies_from_args
+from forerun.scaling.arguments import strategies_from_args
+from forerun.scaling.cli import run_scale
 from forerun.scaling.report import write_results
 from forerun.scaling.tasks import NumericTask, Problem
 
@@ -20,8 +21,8 @@ from forerun.scaling.tasks import NumericTask, Problem
     (["--strategy", "best-of-n"], "need a scorer"),
     (["--n", "0"], "budgets must be >= 1"),
     (["--n", "a,b"], "integers"),
-    (["--opt", "beam.width=2"], "not in --strategy"),
-    (["--strategy", "beam", "--reward", "ptrue", "--opt", "beam.depth=2"], "no option 'depth'"),
+    (["--strategy-opt", "beam.width=2"], "not in --strategy"),
+    (["--strategy", "beam", "--reward", "ptrue", "--strategy-opt", "beam.depth=2"], "no option 'depth'"),
     (["--task", "humaneval", "--data", "x.jsonl"], "--data"),
     (["--task", "gsm8k", "--data", "/nonexistent.jsonl"], "no GSM8K file"),
 ])
@@ -43,7 +44,7 @@ def test_a_run_on_a_tiny_model_writes_results_report_and_plots(tmp_path):
                                   for i in range(3)])
     args = build_parser().parse_args(["scale", "--task", "arith", "--strategy", "sample,vote,adaptive",
                                       "--n", "1,4", "--max-new-tokens", "5", "--temperature", "1.0",
-                                      "--no-progress", "--opt", "adaptive.wave=2"])
+                                      "--no-progress", "--strategy-opt", "adaptive.wave=2"])
     saved_so_far = []
     results = run_scale(llm, task, task.problems(), strategies_from_args(args), [1, 4], args, saved_so_far.append)
     assert len(saved_so_far) == 3 * 2 and len(saved_so_far[0]["runs"]) == 1  # after each strategy and budget

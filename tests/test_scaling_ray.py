@@ -5,7 +5,8 @@ import pytest
 from scripted import digits_task, tiny_llm
 
 from forerun.cli import build_parser
-from forerun.scaling.cli import run_scale, strategies_from_args
+from forerun.scaling.arguments import strategies_from_args
+from forerun.scaling.cli import run_scale
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install ray)")
 

@@ -9,7 +9,8 @@ from conftest import StubTokenizer, tiny_runtime
 from forerun import LLM
 from forerun.cli import build_parser
 from forerun.config import EngineConfig
-from forerun.scaling.cli import run_scale, strategies_from_args
+from forerun.scaling.arguments import strategies_from_args
+from forerun.scaling.cli import run_scale
 from forerun.scaling.tasks import MAX_ARITH, NumericTask, Problem, arithmetic
 
 

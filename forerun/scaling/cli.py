@@ -8,8 +8,10 @@ import shlex
 import sys
 from pathlib import Path
 
+from forerun.cli_args import add_engine_args, add_model_args, add_speculation_args, spec_config
+from forerun.scaling.arguments import load_llm, parse_budgets, solver_factory, strategies_from_args
 from forerun.scaling.scorers import SCORERS
-from forerun.scaling.strategies import STRATEGIES, build_strategy
+from forerun.scaling.strategies import STRATEGIES
 from forerun.scaling.tasks import TASKS
 
 
@@ -27,24 +29,20 @@ def add_scale_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--reward", choices=list(SCORERS), help="scorer for best-of-n, weighted-best-of-n, beam, "
                    "particles, astar and adaptive's pruning")
     p.add_argument("--reward-model", help="local Hugging Face sequence-classification directory for --reward reward")
-    p.add_argument("--opt", action="append", default=[], metavar="STRATEGY.NAME=VALUE",
+    p.add_argument("--strategy-opt", action="append", default=[], metavar="STRATEGY.NAME=VALUE",
                    help="a strategy option (repeatable), e.g. beam.width=4, particles.temperature=0.5, "
                         "adaptive.prune=-1.6")
     p.add_argument("--limit", type=int, help="first N problems")
     p.add_argument("--out", default="scale-out", help="output directory (default: %(default)s)")
-    p.add_argument("--model", help="HF model directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--quant", choices=["auto", "q4", "none"], default="auto",
-                   help="as forerun generate: q4 by default for the embedded Q4_1 GGUF on the CPU")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--method", default="ar", help="speculative method for decoding (exact; default: %(default)s)")
+    add_model_args(p)
+    add_engine_args(p)
+    add_speculation_args(p, method="ar")  # exact: any method gives the answers of ar
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--delimiter", default="\n\n", help="between solution steps (default: a blank line)")
     p.add_argument("--max-steps", type=int, default=8, help="step-level strategies finish on this step")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences the engine decodes at once")
     p.add_argument("--concurrency", type=int, default=1,
                    help="questions answered at once, their requests batched together (default: %(default)s)")
     p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
@@ -56,39 +54,12 @@ def add_scale_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _budgets(text: str) -> list[int]:
-    try:
-        budgets = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"--n takes integers separated by commas, got {text!r}") from None
-    if not budgets or min(budgets) < 1:
-        raise ValueError(f"--n budgets must be >= 1, got {text!r}")
-    return budgets
-
-
-def strategies_from_args(a: argparse.Namespace) -> list:
-    names = [s.strip() for s in a.strategy.split(",") if s.strip()]
-    options: dict[str, dict[str, str]] = {name: {} for name in names}
-    for opt in a.opt:
-        key, eq, value = opt.partition("=")
-        strategy, dot, name = key.partition(".")
-        if not eq or not dot:
-            raise ValueError(f"--opt takes STRATEGY.NAME=VALUE, got {opt!r}")
-        if strategy not in options:
-            raise ValueError(f"--opt {opt!r} names a strategy not in --strategy")
-        options[strategy][name] = value
-    built = [build_strategy(name, **options[name]) for name in names]
-    needing = [s.name for s in built if s.needs_scorer or getattr(s, "prune", None) is not None]
-    if needing and not a.reward:
-        raise ValueError(f"{', '.join(needing)} need a scorer: give --reward ({', '.join(SCORERS)})")
-    return built
-
-
 def run_scale_command(a: argparse.Namespace) -> int:
     from forerun.scaling.report import markdown, write_results
     from forerun.scaling.tasks import build_task
 
-    budgets, strategies = _budgets(a.n), strategies_from_args(a)
+    budgets, strategies = parse_budgets(a.n), strategies_from_args(a)
+    spec_config(a)  # a bad method or option fails here, before the model loads
     if a.concurrency < 1:
         raise ValueError(f"--concurrency must be >= 1, got {a.concurrency}")
     task = build_task(a.task, a.data, a.count, a.seed)
@@ -109,39 +80,6 @@ def run_scale_command(a: argparse.Namespace) -> int:
     print(markdown(results))
     print("wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)
     return 0
-
-
-def load_llm(a: argparse.Namespace):
-    from forerun.config import EngineConfig
-    from forerun.llm import LLM
-
-    return LLM(a.model, dtype=a.dtype, device=a.device, quant=a.quant, engine=EngineConfig(max_num_seqs=a.max_num_seqs))
-
-
-def solver_factory(llm, task, a: argparse.Namespace):
-    """strategy -> Solver, each with its own generator (so its own account) and scorer, all on one
-    engine and sharing the kept samples; answer() asks for one per thread."""
-    from forerun.config import SpecConfig
-    from forerun.scaling.generator import EngineGenerator
-    from forerun.scaling.model import ModelScore
-    from forerun.scaling.scorers import RewardModel, build_scorer
-    from forerun.scaling.strategies import Solver
-
-    needs_logprobs = a.reward in ("mean-logprob", "sum-logprob")
-    base = EngineGenerator(llm, temperature=a.temperature, top_p=a.top_p, max_new_tokens=a.max_new_tokens,
-                           seed=a.seed, spec=SpecConfig(method=a.method), logprobs=needs_logprobs)
-    # a reward model is loaded once (it keeps no account); the model's own scorers count in each account
-    reward: RewardModel | None = build_scorer("reward", None, a.reward_model) if a.reward == "reward" else None
-    scores: dict = {}  # kept model scores, shared by every thread's scorer
-
-    def make(strategy) -> Solver:
-        generator = base.clone()
-        scorer = reward
-        if a.reward and reward is None:
-            scorer = build_scorer(a.reward, ModelScore(llm, generator.account, base.driver.lock, scores))
-        return Solver(generator, task.answer_of, scorer, a.delimiter, a.max_steps, a.seed)
-
-    return make
 
 
 def run_scale(llm, task, problems, strategies, budgets, a: argparse.Namespace, partial=None) -> dict:

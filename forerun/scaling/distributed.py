@@ -17,7 +17,7 @@ class Worker:
     """One Ray actor: an engine, the task and the strategies, built from the CLI's arguments."""
 
     def __init__(self, args: dict, make_llm: Callable | None = None, make_task: Callable | None = None):
-        from forerun.scaling.cli import load_llm, solver_factory, strategies_from_args
+        from forerun.scaling.arguments import load_llm, solver_factory, strategies_from_args
         from forerun.scaling.run import Run
         from forerun.scaling.tasks import build_task
 
@@ -42,12 +42,12 @@ def evaluate_on_ray(a: argparse.Namespace, count: int, workers: int, address: st
         import ray
     except ImportError:
         raise ValueError("--ray needs Ray: pip install ray") from None
-    from forerun.scaling.cli import _budgets
+    from forerun.scaling.arguments import parse_budgets
     from forerun.scaling.run import assemble
 
     if workers < 1:
         raise ValueError(f"--workers must be >= 1, got {workers}")
-    budgets = _budgets(a.n)
+    budgets = parse_budgets(a.n)
     started = not ray.is_initialized()
     if started:
         # local workers import forerun (and a test's helpers) from the driver's path

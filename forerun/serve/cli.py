@@ -2,16 +2,21 @@
 bench-serve`, its load generator (forerun.bench.serving). Wired into forerun/cli.py by
 add_serve_parsers(subparsers).
 
-The speculation flags are `forerun generate`'s (forerun.cli.speculation_args; sampling flags stay
-per request) and go through the same spec_config()."""
+The model, engine and speculation flags are `forerun generate`'s (forerun.cli_args; sampling flags
+stay per request) and go through the same engine_config() and spec_config()."""
 from __future__ import annotations
 
 import argparse
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING
 
+from forerun.cli_args import add_engine_args, add_model_args, add_speculation_args, engine_config, spec_config
 from forerun.serve import DEFAULT_MAX_SCALING_JOBS
+
+if TYPE_CHECKING:  # the app needs fastapi, which `forerun serve --help` does not
+    from forerun.serve.app import ServeConfig
 
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 API_KEY_VARIABLE = "FORERUN_API_KEY"  # the server's key, kept out of its command line (which ps shows)
@@ -25,14 +30,13 @@ def add_serve_parsers(subparsers) -> None:
 
 
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
-    from forerun.cli import _model_args, speculation_args  # here, not at the top: forerun.cli imports this module
-
     p = subparsers.add_parser(
         "serve", help="serve an OpenAI-compatible HTTP API (completions, chat, models, metrics)",
         description="An OpenAI-compatible server on the batched engine, with exact speculative decoding. "
                     "Requests may override the speculation with a `speculation` object in extra_body.")
-    _model_args(p)
-    speculation_args(p)
+    add_model_args(p)
+    add_engine_args(p)
+    add_speculation_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, loopback only)")
     p.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
     p.add_argument("--api-key", default=None,
@@ -59,7 +63,7 @@ def served_name(a: argparse.Namespace) -> str:
     return a.served_model_name or a.model or EMBEDDED_NAME
 
 
-def serve_config(a: argparse.Namespace, spec) -> "ServeConfig":
+def serve_config(a: argparse.Namespace, spec) -> ServeConfig:
     from forerun.serve.app import ServeConfig
 
     if a.max_scaling_jobs < 1:
@@ -82,7 +86,6 @@ def cmd_serve(a: argparse.Namespace) -> int:
     except ImportError as e:
         raise ValueError(f"forerun serve needs {e.name}: pip install 'forerun[serve]'") from None
 
-    from forerun.cli import engine_config, spec_config
     from forerun.models.runtime import resolve_quant
     from forerun.serve.app import create_app
 
