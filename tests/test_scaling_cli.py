@@ -9,8 +9,8 @@ from conftest import StubTokenizer, tiny_runtime
 
 from forerun import LLM
 from forerun.cli import build_parser, main
-from forerun.config import EngineConfig
-from forerun.scaling.arguments import strategies_from_args
+from forerun.config import EngineConfig, SpecConfig
+from forerun.scaling.arguments import solver_factory, strategies_from_args
 from forerun.scaling.cli import run_scale
 from forerun.scaling.report import write_results
 from forerun.scaling.tasks import NumericTask, Problem
@@ -96,3 +96,15 @@ def test_questions_answered_at_once_give_the_answers_of_one_at_a_time():
                      for r in results["runs"]])
         assert all(r["elapsed_s"] > 0 for r in results["runs"])
     assert seen[0] == seen[1]
+
+
+def test_the_samples_decode_with_the_speculation_flags():
+    """scale takes generate's speculation flags (drafter options through --opt), so any method can
+    decode its samples."""
+    args = build_parser().parse_args(["scale", "--task", "arith", "--method", "retrieval", "--num-draft", "3",
+                                      "--opt", "datastore=DS", "--opt", "depth=3"])
+    rt = dataclasses.replace(tiny_runtime(seed=5), tokenizer=StubTokenizer())
+    task = NumericTask("digits", [Problem("p0", "3 4 5", "7")])
+    make = solver_factory(LLM(runtime=rt, engine=EngineConfig(kv_cache_tokens=8192)), task, args)
+    assert make(None).generator.spec == SpecConfig(method="retrieval", num_draft=3, adaptive=False,
+                                                   options={"datastore": "DS", "depth": "3"})
