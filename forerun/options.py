@@ -17,7 +17,7 @@ def split_option(text: str, flag: str, form: str = "NAME=VALUE") -> tuple[str, s
 
 
 def parse_options(pairs: list[str] | None, flag: str) -> dict[str, str]:
-    """["datastore=DS", "budget=8"] -> {"datastore": "DS", "budget": "8"}; a repeated name keeps its last value."""
+    """["datastore=DS", "depth=3"] -> {"datastore": "DS", "depth": "3"}; a repeated name keeps its last value."""
     return dict(split_option(pair, flag) for pair in pairs or ())
 
 

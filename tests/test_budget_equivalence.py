@@ -64,7 +64,7 @@ def spec_and_drafter(world, method: str, same: bool):
         return spec, DraftModel(llm.runtime, spec, draft=draft)
     if method == "rasd":
         spec = SpecConfig(method="rasd", tree_width=2, num_draft=3, budget="cost",
-                          options={"datastore": store, "budget": 8})
+                          options={"datastore": store, "retrieved_nodes": 8})
         return spec, RetrievalAugmented(llm.runtime, spec, draft=draft)
     # min_length: DEL always drafts a chain, so there is something to cut
     return SpecConfig(method="del", budget="cost", options={"min_length": 3, "probe_every": 1}), None

@@ -111,7 +111,8 @@ def proposers(tmp_path_factory) -> dict[str, Callable[[], Proposer]]:
         "draft-dynamic": lambda: with_draft_model(
             SpecConfig(method="draft", options={"tree": "dynamic", "nodes": 6, "branch": 3})),
         "rasd": lambda: with_draft_model(
-            SpecConfig(method="rasd", tree_width=2, options={"datastore": str(store), "n_min": 1, "budget": 4}),
+            SpecConfig(method="rasd", tree_width=2,
+                       options={"datastore": str(store), "n_min": 1, "retrieved_nodes": 4}),
             cls=RetrievalAugmented, point_masses=True),
         "stand": lambda: stand_proposer(target),
         "layer-skip": lambda: Proposer(LLM(runtime=target), SpecConfig(method="layer-skip", exit_layer=1),

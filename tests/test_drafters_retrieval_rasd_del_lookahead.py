@@ -79,7 +79,7 @@ def test_cli_builds_with_the_models_tokenizer(tmp_path):
 
 def test_retrieval_matches_ar(llm, tmp_path):
     ds = datastore_for(llm, tmp_path)
-    for options in ({"datastore": ds}, {"datastore": ds, "budget": 4, "depth": 3, "n_min": 1}):
+    for options in ({"datastore": ds}, {"datastore": ds, "retrieved_nodes": 4, "depth": 3, "n_min": 1}):
         spec = SpecConfig(method="retrieval", options=options)
         for prompt in PROMPTS:
             out = generate(llm, prompt, spec)
@@ -94,7 +94,7 @@ def test_rasd_matches_ar(llm, tmp_path, same):
     arch = llm.runtime.model.args.arch
     kw = {"sliding_window": 16} if arch == "mistral" else {}
     draft = llm.runtime if same else tiny_runtime(arch, seed=2, layers=2, **kw)
-    spec = SpecConfig(method="rasd", tree_width=2, num_draft=3, options={"datastore": ds, "budget": 8})
+    spec = SpecConfig(method="rasd", tree_width=2, num_draft=3, options={"datastore": ds, "retrieved_nodes": 8})
     for prompt in PROMPTS:
         out = generate(llm, prompt, spec, drafter=RetrievalAugmented(llm.runtime, spec, draft=draft))
         assert out.token_ids == reference(llm, prompt)
@@ -155,7 +155,7 @@ def test_sampling_reproduces_target(target, tmp_path, method):
     if method == "rasd":
         build([[5, x, y] for x in range(E2E_VOCAB) for y in (1, 2)], fingerprint_of(target)).save(tmp_path / "ds")
         spec = SpecConfig(method="rasd", num_draft=2, max_draft=2, adaptive=False,
-                          options={"datastore": str(tmp_path / "ds"), "n_min": 1, "budget": 6})
+                          options={"datastore": str(tmp_path / "ds"), "n_min": 1, "retrieved_nodes": 6})
         llm.use_drafter(spec, RetrievalAugmented(target, spec, draft=flat_runtime(seed=4)))
     else:
         spec = SpecConfig(method="del", num_draft=2, max_draft=2, options={"min_length": 2, "probe_every": 1})

@@ -44,7 +44,8 @@ def specs_for(method: str, datastore: str) -> list[SpecConfig]:
     if method == "eagle":
         return [SpecConfig(method=method, tree_width=2, options={"nodes": 6}, **small), SpecConfig(method=method)]
     if method == "retrieval":
-        return [SpecConfig(method=method, options={**options, "budget": 4}), SpecConfig(method=method, options=options)]
+        return [SpecConfig(method=method, options={**options, "retrieved_nodes": 4}),
+                SpecConfig(method=method, options=options)]
     return [SpecConfig(method=method, **small), SpecConfig(method=method)]
 
 

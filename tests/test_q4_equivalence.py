@@ -44,7 +44,7 @@ def run(llm, prompt, spec, drafter=None):
 
 
 def test_retrieval_matches_ar(llm, datastore, reference):
-    for options in ({"datastore": datastore}, {"datastore": datastore, "budget": 4, "depth": 3, "n_min": 1}):
+    for options in ({"datastore": datastore}, {"datastore": datastore, "retrieved_nodes": 4, "depth": 3, "n_min": 1}):
         spec = SpecConfig(method="retrieval", options=options)
         for prompt in PROMPTS:
             assert run(llm, prompt, spec).token_ids == reference[tuple(prompt)]
@@ -55,7 +55,7 @@ def test_retrieval_matches_ar(llm, datastore, reference):
 @pytest.mark.parametrize("same", [True, False], ids=["draft-is-target", "other-draft"])
 def test_rasd_matches_ar(llm, datastore, reference, same):
     draft = llm.runtime if same else q4_runtime(seed=2, layers=2)
-    spec = SpecConfig(method="rasd", tree_width=2, num_draft=3, options={"datastore": datastore, "budget": 8})
+    spec = SpecConfig(method="rasd", tree_width=2, num_draft=3, options={"datastore": datastore, "retrieved_nodes": 8})
     for prompt in PROMPTS:
         out = run(llm, prompt, spec, drafter=RetrievalAugmented(llm.runtime, spec, draft=draft))
         assert out.token_ids == reference[tuple(prompt)]

@@ -3,9 +3,9 @@
 A draft model proposes its tree (forerun.drafters.draft_model, run as is); the datastore proposes
 REST's retrieval trie. The retrieval trie is pruned by the draft model's own probabilities: one
 draft-model forward over the trie scores each node by its cumulative draft probability, and the
-`budget` best survive. The survivors are fused into the model tree by longest-prefix matching: a
-retrieved node whose prefix the model tree already holds reuses that node, the rest hang below the
-deepest match.
+`retrieved_nodes` best survive. The survivors are fused into the model tree by longest-prefix
+matching: a retrieved node whose prefix the model tree already holds reuses that node, the rest hang
+below the deepest match.
 
 Exactness at temperature > 0: the model's nodes keep the q rows they were drawn from; retrieved
 nodes are deterministic (a one-hot q row) and come after the model's siblings, so recursive
@@ -50,7 +50,7 @@ class RetrievalAugmented(Drafter):
     def propose(self, seq: Sequence, depth: int) -> Draft:
         drafted = self.model.propose(seq, depth)
         trie = retrieve(self.store, seq, self.opts)
-        keep = min(self.opts.budget, room(seq) - drafted.size - 1)
+        keep = min(self.opts.retrieved_nodes, room(seq) - drafted.size - 1)
         if len(trie.tokens) == 1 or keep < 1:
             return drafted
         candidates = trie.pruned(min(2 * keep, room(seq) - drafted.size - 1))  # frequency first: bounds the forward

@@ -2,10 +2,10 @@
 
 Find the longest suffix of the context (n_max down to n_min tokens) in a datastore's suffix array,
 take up to `matches` of its continuations, merge them into a trie that counts how many continuations
-pass through each node, and keep the `budget` most frequent nodes as the draft tree. Every node is a
-deterministic choice (q = None), so verification is exact at any temperature. Costs no model forward;
-wins where the output reuses phrasing from the corpus (code, docs, templated answers), and drafts
-nothing when the context's suffix is not in it.
+pass through each node, and keep the `retrieved_nodes` most frequent nodes as the draft tree. Every
+node is a deterministic choice (q = None), so verification is exact at any temperature. Costs no model
+forward; wins where the output reuses phrasing from the corpus (code, docs, templated answers), and
+drafts nothing when the context's suffix is not in it.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from forerun.types import Draft
 @dataclass(frozen=True, slots=True)
 class RetrievalOptions:
     datastore: str | None = None  # directory written by `forerun datastore build`
-    budget: int = 24  # draft tree nodes besides the root
+    retrieved_nodes: int = 24  # draft tree nodes besides the root
     depth: int = 8  # tokens per continuation (tree depth)
     matches: int = 128  # continuations read per lookup
     n_max: int = 12  # longest context suffix to look up
@@ -35,8 +35,8 @@ class RetrievalOptions:
             raise ValueError(f"method {method!r} needs a datastore: --opt datastore=DIR "
                              "(build one with `forerun datastore build FILES... --out DIR`)")
         opts = cls(**values)
-        if min(opts.budget, opts.depth, opts.matches, opts.n_min) < 1 or opts.n_min > opts.n_max:
-            raise ValueError("retrieval options need budget, depth, matches >= 1 and 1 <= n_min <= n_max")
+        if min(opts.retrieved_nodes, opts.depth, opts.matches, opts.n_min) < 1 or opts.n_min > opts.n_max:
+            raise ValueError("retrieval options need retrieved_nodes, depth, matches >= 1 and 1 <= n_min <= n_max")
         return opts
 
 
@@ -74,4 +74,4 @@ class Retrieval(Drafter):
         trie = retrieve(self.store, seq, self.opts)
         if len(trie.tokens) == 1:
             return root_only(seq)
-        return Draft(trie.pruned(min(self.opts.budget, room(seq) - 1)))
+        return Draft(trie.pruned(min(self.opts.retrieved_nodes, room(seq) - 1)))
