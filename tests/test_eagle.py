@@ -148,9 +148,13 @@ def test_speculators_config_classes_read_the_saved_config(tmp_path):
 
 # -- greedy output equals ar --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("spec", [SpecConfig(method="eagle"), SpecConfig(method="eagle", adaptive=False, num_draft=3),
-                                  SpecConfig(method="eagle", tree_width=3, options={"nodes": 10}),
-                                  SpecConfig(method="eagle", tree_width=2, budget="goodput")],
+ALWAYS = {"min_accept": 0.0}  # a random head doubts every draft: draft anyway, to test the drafts
+
+
+@pytest.mark.parametrize("spec", [SpecConfig(method="eagle", options=ALWAYS),
+                                  SpecConfig(method="eagle", adaptive=False, num_draft=3, options=ALWAYS),
+                                  SpecConfig(method="eagle", tree_width=3, options={"nodes": 10, **ALWAYS}),
+                                  SpecConfig(method="eagle", tree_width=2, budget="goodput", options=ALWAYS)],
                          ids=["chain", "chain-fixed", "tree", "tree-goodput"])
 def test_greedy_matches_ar(target, spec):
     llm = LLM(runtime=target)
@@ -167,7 +171,7 @@ def test_greedy_matches_ar(target, spec):
 def test_a_cached_prefix_and_preemption_keep_the_output(target):
     """The head sees no features for a prompt the prefix cache served, and sees a preempted sequence's
     stretch again when it is recomputed; neither changes the output."""
-    spec = SpecConfig(method="eagle", tree_width=2)
+    spec = SpecConfig(method="eagle", tree_width=2, options=ALWAYS)
     llm = LLM(runtime=target, engine=EngineConfig(kv_cache_tokens=160, block_size=4, max_num_seqs=4))
     llm.use_drafter(spec, Eagle(target, spec, head=random_eagle_head(target, draft_vocab=32)))
     prompts = [PROMPTS[2], PROMPTS[2] + [3], PROMPTS[0], PROMPTS[1]]
@@ -177,12 +181,72 @@ def test_a_cached_prefix_and_preemption_keep_the_output(target):
 
 
 def test_n_samples_start_from_the_prompt_rows(target):
-    spec = SpecConfig(method="eagle")
+    spec = SpecConfig(method="eagle", options=ALWAYS)
     llm = LLM(runtime=target)
     llm.use_drafter(spec, Eagle(target, spec, head=random_eagle_head(target, draft_vocab=32)))
     out = llm.generate_batch_ids([PROMPTS[2]], SamplingParams(n=3, max_new_tokens=20, ignore_eos=True), spec)[0]
     assert all(s.token_ids == reference(llm, PROMPTS[2])[:20] for s in out.samples)
     assert all(s.stats.draft_tokens > 0 for s in out.samples)
+
+
+# -- where the head doubts itself ----------------------------------------------------------------------------
+
+class Watched(Eagle):
+    """Eagle, keeping each draft with the confidences the drafter gave its nodes and the floor then."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen = []
+
+    def propose(self, seq, depth):
+        floor = self.calibration.floor(self.opts.min_accept)
+        draft = super().propose(seq, depth)
+        self.seen.append((draft, seq.draft_state.confidence, floor))
+        return draft
+
+
+@pytest.mark.parametrize("tree_width", [1, 3])
+def test_nodes_below_min_accept_are_not_drafted(target, tree_width):
+    """Every drafted node's confidence (its path's probability under the head) is at least the floor
+    min_accept / calibration factor; a draft stops where the next node's best chance falls below it."""
+    spec = SpecConfig(method="eagle", num_draft=4, adaptive=False, tree_width=tree_width,
+                      options={"min_accept": 0.05, "nodes": 12})
+    head = random_eagle_head(target, draft_vocab=32)
+    with torch.no_grad():
+        head.lm_head.weight.mul_(3.0)  # confident, often wrongly: confidences on both sides of the floor
+    llm = LLM(runtime=target)
+    drafter = Watched(target, spec, head=head)
+    llm.use_drafter(spec, drafter)
+    for prompt in PROMPTS:
+        assert llm.generate_ids(prompt, GREEDY, spec).token_ids == reference(llm, prompt)
+    sizes = []
+    for draft, confidence, floor in drafter.seen:
+        if confidence is None:  # the head had not seen the root's context yet (the prompt's first step)
+            assert draft.size == 1
+            continue
+        assert len(confidence) == draft.size and all(c >= floor for c in confidence[1:]), (confidence, floor)
+        sizes.append(draft.size)
+    assert min(sizes) < 5 and max(sizes) > 1, sizes  # the floor cut some drafts and kept others
+    assert drafter.calibration.factor != 1.0  # it learnt from the verdicts
+
+
+def test_calibration_learns_how_often_confident_drafts_are_accepted():
+    from forerun.drafters.eagle import Calibration
+
+    calibration = Calibration(horizon=50)
+    assert calibration.factor == 1.0 and calibration.floor(0.2) == pytest.approx(0.2)
+    for i in range(400):  # confidence 0.8, accepted 2 times in 5: the head overstates by half
+        calibration.record(0.8, i % 5 < 2)
+    assert calibration.factor == pytest.approx(0.5, abs=0.03)
+    assert calibration.floor(0.2) == pytest.approx(0.4, abs=0.03)
+
+
+def test_a_doubtful_head_drafts_nothing_and_matches_ar(target):
+    spec = SpecConfig(method="eagle", options={"min_accept": 0.9})
+    llm = LLM(runtime=target)
+    llm.use_drafter(spec, Eagle(target, spec, head=random_eagle_head(target, draft_vocab=32)))
+    out = llm.generate_ids(PROMPTS[0], GREEDY, spec)
+    assert out.token_ids == reference(llm, PROMPTS[0]) and out.stats.draft_tokens == 0
 
 
 # -- training ---------------------------------------------------------------------------------------------

@@ -42,7 +42,9 @@ def specs_for(method: str, datastore: str) -> list[SpecConfig]:
     if method == "lookahead":
         return [SpecConfig(method=method, options={"window": 2, "ngram": 3}), SpecConfig(method=method)]
     if method == "eagle":
-        return [SpecConfig(method=method, tree_width=2, options={"nodes": 6}, **small), SpecConfig(method=method)]
+        always = {"min_accept": 0.0}  # a random head doubts every draft: draft anyway
+        return [SpecConfig(method=method, tree_width=2, options={"nodes": 6, **always}, **small),
+                SpecConfig(method=method, options=always)]
     if method == "retrieval":
         return [SpecConfig(method=method, options={**options, "retrieved_nodes": 4}),
                 SpecConfig(method=method, options=options)]

@@ -7,6 +7,7 @@ tokens per trial, the third is often that bonus. A chain and a two-wide tree fro
 model are covered; the same checks must reject a drafter that reports the wrong q, and samples compared
 against an expectation with the wrong processing. The chi-square helpers are test_distribution's.
 """
+import dataclasses
 from typing import NamedTuple
 
 import pytest
@@ -30,8 +31,12 @@ CHAIN = SpecConfig(method="draft", tree_width=1, num_draft=2, max_draft=2, adapt
 TREE = SpecConfig(method="draft", tree_width=2, num_draft=2, max_draft=2, adaptive=False)
 
 
-EAGLE_CHAIN = SpecConfig(method="eagle", tree_width=1, num_draft=2, max_draft=2, adaptive=False)
-EAGLE_TREE = SpecConfig(method="eagle", tree_width=2, num_draft=2, max_draft=2, adaptive=False)
+# The chain's min_accept stops about half its chains after the first token (their paths' confidence times
+# the head's top probability is below it): the stopping rule is under test too.
+EAGLE_CHAIN = SpecConfig(method="eagle", tree_width=1, num_draft=2, max_draft=2, adaptive=False,
+                         options={"min_accept": 0.25})
+EAGLE_TREE = SpecConfig(method="eagle", tree_width=2, num_draft=2, max_draft=2, adaptive=False,
+                        options={"min_accept": 0.05})
 
 
 def eagle(target, spec, draft):
@@ -49,6 +54,21 @@ class EagleUniformQ(Eagle):
     def propose(self, seq, depth):
         draft = super().propose(seq, depth)
         return draft if draft.q is None else Draft(draft.tree, torch.full_like(draft.q, 1 / draft.q.shape[1]))
+
+
+class EagleCutOnDrawn(Eagle):
+    """An EAGLE chain that drops drawn tokens the head found unlikely (and the rest of the chain after
+    them): a stopping rule that looks at the drawn token, so its drafts no longer follow the q it reports."""
+
+    def propose(self, seq, depth):
+        draft = super().propose(seq, depth)
+        if draft.q is None:
+            return draft
+        keep = 1
+        while keep < draft.size and draft.q[keep, draft.tree.tokens[keep]] >= 0.5:
+            keep += 1
+        seq.draft_state.confidence = None
+        return Draft(draft.tree.subtree(list(range(keep))), draft.q[:keep] if keep > 1 else None)
 
 
 class UniformQ(DraftModel):
@@ -168,7 +188,18 @@ def test_eagle_samples_follow_the_processed_target(world, spec):
     runs, triples = sample(world, spec, drafter=eagle, trials=trials)
     both = sum(run.stats.accept_histogram.get(3, 0) > 0 for run in runs)
     assert both > trials // 20, f"only {both} runs accepted both drafts: accepted drafts were hardly tested"
+    if spec is EAGLE_CHAIN:
+        stopped = sum(run.stats.draft_tokens < 2 * run.stats.drafts for run in runs)
+        assert stopped > trials // 20, f"only {stopped} runs stopped a chain early: min_accept was hardly tested"
     assert_follows(triples, world.joint, spec.method)
+
+
+def test_negative_control_eagle_cutting_on_the_drawn_token_is_rejected(world):
+    spec = dataclasses.replace(EAGLE_CHAIN, options={"min_accept": 0.0})
+    _, triples = sample(world, spec, drafter=lambda t, s, draft: EagleCutOnDrawn(t, s, head=eagle(t, s, draft).head),
+                        trials=TRIALS // 3)
+    with pytest.raises(AssertionError, match="chi-square|probability 0"):
+        assert_follows(triples, world.joint, "eagle cutting on the drawn token")
 
 
 def test_negative_control_eagle_claiming_uniform_q_is_rejected(world):

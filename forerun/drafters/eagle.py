@@ -12,6 +12,17 @@ root, scores the root's first child. Drafting runs the head on its own output fr
   drafted, the `nodes` most confident make the tree. Its children are chosen deterministically, so the
   verifier treats them as point masses, which keeps sampling exact too.
 
+Both stop where the head doubts itself. A node's confidence is the head's probability of the path
+from the root to it (a product along the path); EAGLE-2 builds its trees on it because it tracks the
+chance the target accepts that path. It tracks it up to a factor, though: a head drafting text unlike
+its training data is overconfident (the shipped head's paths of confidence 0.3-0.4 were accepted 19%
+of the time on Spec-Bench chat). So the drafter keeps that factor, accepted nodes over the sum of
+their confidences (a running mean over the last few hundred nodes it drafted), and a node whose
+confidence times the factor is below `min_accept` is neither drafted nor verified: it would cost a
+head row and a verification row for a token the target probably rejects. A step where even the first
+token is that doubtful verifies the root alone, as `ar` does. The rule reads only the drafter's own
+numbers and past steps' outcomes, never this step's target, so greedy and sampled outputs stay exact.
+
 The head keeps a KV cache of its own per sequence (a few kB a token: one layer, its kv heads), in the
 sequence's draft state rather than in the engine's pool: it is a different shape from the target's, and
 drafted rows are dropped after every step. Rows the prefix cache spared the target (a cached prompt) are
@@ -20,6 +31,7 @@ never seen, so the head drafts from what it has; outputs never depend on it.
 from __future__ import annotations
 
 import heapq
+import math
 from dataclasses import dataclass, fields
 from importlib import resources
 from pathlib import Path
@@ -41,6 +53,7 @@ class EagleOptions:
     head: str = ""  # head folder (speculators or original EAGLE-3 layout); "" = the one shipped for the embedded model
     nodes: int = 16  # tree: nodes kept below the root
     weights: str = "q8"  # how the head's projections run on the CPU: q8 blocks (fastest) or float32
+    min_accept: float = 0.2  # draft a node only if the target is expected to accept it this often (0: always)
 
 
 @dataclass(eq=False)
@@ -48,6 +61,29 @@ class EagleState:
     cache: HeadCache
     pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # committed rows not yet run: (tokens, hidden, positions)
     last: tuple[torch.Tensor, torch.Tensor, int] | None = None  # the last committed row's output, logits, position
+    confidence: list[float] | None = None  # the head's confidence in each node of the last draft (root first)
+
+
+class Calibration:
+    """How far the head's confidence in a path overstates the chance the target accepts it: accepted
+    nodes over the sum of their confidences, a running mean with a horizon of about `horizon` nodes,
+    starting from 1 (taking the head at its word)."""
+
+    def __init__(self, horizon: int = 400, prior: float = 8.0):
+        self.decay = 1.0 - 1.0 / horizon
+        self.accepted = self.confidence = prior
+
+    @property
+    def factor(self) -> float:
+        return self.accepted / self.confidence
+
+    def record(self, confidence: float, accepted: bool) -> None:
+        self.accepted = self.decay * self.accepted + accepted
+        self.confidence = self.decay * self.confidence + confidence
+
+    def floor(self, min_accept: float) -> float:
+        """The least confidence worth drafting."""
+        return min_accept / max(self.factor, 1e-3)
 
 
 def shipped_head() -> Path:
@@ -79,6 +115,8 @@ class Eagle(Drafter):
         self.opts = EagleOptions(**spec.option_values({f.name: f.default for f in fields(EagleOptions)}))
         if self.opts.nodes < 1:
             raise ValueError(f"eagle: nodes must be >= 1, got {self.opts.nodes}")
+        if not 0.0 <= self.opts.min_accept < 1.0:
+            raise ValueError(f"eagle: min_accept must be in [0, 1), got {self.opts.min_accept}")
         if self.opts.weights not in ("q8", "float32"):
             raise ValueError(f"eagle: weights must be q8 or float32, got {self.opts.weights!r}")
         self.head = head if head is not None else _head(Path(self.opts.head or shipped_head()), target)
@@ -87,6 +125,7 @@ class Eagle(Drafter):
         self.aux = tuple(self.head.config.aux_layers)
         self.prefill_layers = self.aux
         self.draft_ids = self.head.draft_ids
+        self.calibration = Calibration()
 
     def begin(self, seq: Sequence) -> EagleState:
         return EagleState(self.head.new_cache(), [])
@@ -120,6 +159,12 @@ class Eagle(Drafter):
         self._commit_rows(seq.draft_state, features, seq.tokens[start + 1:start + n + 1], start)
 
     def observe(self, seq: Sequence, draft: Draft, verdict: Verdict, scores: Scores) -> None:
+        state: EagleState = seq.draft_state
+        if state.confidence is not None and len(state.confidence) == draft.size:
+            on_path = set(verdict.path)
+            for node in range(1, draft.size):
+                self.calibration.record(state.confidence[node], node in on_path)
+        state.confidence = None
         if not all(k in scores.layers for k in self.aux):
             return
         path = torch.tensor(verdict.path)
@@ -155,35 +200,46 @@ class Eagle(Drafter):
         finally:
             state.cache.truncate(committed)
 
-    def _pick(self, logits: torch.Tensor, seq: Sequence) -> tuple[int, torch.Tensor | None]:
-        """The next draft token (a target id) and, when sampling, the distribution it was drawn from."""
+    def _distribution(self, logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
+        """The head's distribution over the draft vocabulary: as it is when greedy (its argmax is the
+        draft), processed like the target's (temperature, top-k, top-p) when sampling."""
         if seq.params.greedy:
-            return int(self.draft_ids[int(logits.argmax())]), None
-        probs = target_probs(logits.float()[None], seq.params)[0]
-        j = sample(probs, seq.generator)
-        q = torch.zeros(self.target.model.args.vocab_size)
-        q[self.draft_ids] = probs
-        return int(self.draft_ids[j]), q
+            return torch.softmax(logits.float(), dim=-1)
+        return target_probs(logits.float()[None], seq.params)[0]
 
     def _chain(self, seq: Sequence, state: EagleState, depth: int, root_position: int) -> Draft:
+        """Whether to draft the next token is decided before it is drawn, from the confidence of the
+        path so far times the head's top probability there: a rule that looked at the drawn token
+        would make the drafted tokens follow the head's distribution cut to its likelier tokens, not
+        the q the verifier is told, and sampling would no longer be exact."""
         hidden, logits, _ = state.last
-        tokens, qs = [seq.root], []
+        floor = self.calibration.floor(self.opts.min_accept)
+        tokens, qs, confidence = [seq.root], [], [1.0]
         for d in range(1, depth + 1):
-            token, q = self._pick(logits, seq)
-            tokens.append(token)
-            qs.append(q)
+            probs = self._distribution(logits, seq)
+            if confidence[-1] * float(probs.max()) < floor:
+                break
+            j = int(probs.argmax()) if seq.params.greedy else sample(probs, seq.generator)
+            tokens.append(int(self.draft_ids[j]))
+            confidence.append(confidence[-1] * float(probs[j]))
+            if not seq.params.greedy:
+                q = torch.zeros(self.target.model.args.vocab_size)
+                q[self.draft_ids] = probs
+                qs.append(q)
             if d < depth:
-                out, lg = self.head.step(state.cache, torch.tensor([token]), hidden[None],
+                out, lg = self.head.step(state.cache, torch.tensor([tokens[-1]]), hidden[None],
                                          torch.tensor([root_position + d - 1]))
                 hidden, logits = out[0], lg[0]
         q = None
-        if not seq.params.greedy:
+        if qs:
             q = torch.stack([torch.zeros_like(qs[0]), *qs])  # row 0: the root, never drawn
+        state.confidence = confidence
         return Draft(Tree(tokens=torch.tensor(tokens), parents=list(range(-1, len(tokens) - 1))), q=q)
 
     def _tree(self, seq: Sequence, state: EagleState, depth: int, root_position: int) -> Draft:
         """EAGLE-2: expand the `width` most confident leaves each depth; keep the most confident nodes."""
         width, budget = self.spec.tree_width, min(self.opts.nodes, seq.room - 1)
+        floor = math.log(self.calibration.floor(self.opts.min_accept)) if self.opts.min_accept > 0 else -math.inf
         hidden, logits, _ = state.last
         committed = state.cache.length
         # node j (1-based; 0 is the root): token, parent, cumulative log-probability, depth, cache row
@@ -192,6 +248,8 @@ class Eagle(Drafter):
         top = logp.topk(width)
         frontier = []
         for v, j in zip(top.values.tolist(), top.indices.tolist()):
+            if v < floor:
+                break
             tokens.append(int(self.draft_ids[j])), parents.append(0), score.append(v), depths.append(1), rows.append(-1)
             frontier.append(len(tokens) - 1)
         inputs = {0: hidden}  # node -> the hidden state its children's rows read
@@ -219,6 +277,8 @@ class Eagle(Drafter):
             for i, n in enumerate(frontier):
                 inputs[n] = out[i]
                 for v, j in zip(top.values[i].tolist(), top.indices[i].tolist()):
+                    if score[n] + v < floor:
+                        break
                     tokens.append(int(self.draft_ids[j])), parents.append(n), score.append(score[n] + v)
                     depths.append(d + 1), rows.append(-1)
                     new.append(len(tokens) - 1)
@@ -231,5 +291,6 @@ class Eagle(Drafter):
                 kept.add(n)
         keep = [0] + sorted(kept, key=lambda n: (depths[n], n))
         index = {n: i for i, n in enumerate(keep)}
+        state.confidence = [math.exp(score[n]) for n in keep]
         return Draft(Tree(tokens=torch.tensor([tokens[n] for n in keep]),
                           parents=[-1] + [index[parents[n]] for n in keep[1:]]))
