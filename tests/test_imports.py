@@ -60,9 +60,10 @@ def import_graph(root: Path = ROOT) -> tuple[dict[str, dict[str, int]], list[str
             if target != name:
                 graph[name].setdefault(target, line)
             if package_of(target, modules) != package_of(name, modules):
+                where = f"{path.relative_to(root.parent).as_posix()}:{line}"
                 for taken in names:
                     if taken.startswith("_") and not (taken.startswith("__") and taken.endswith("__")):
-                        private.append(f"{path.relative_to(root.parent).as_posix()}:{line}: from {target} import {taken}")
+                        private.append(f"{where}: from {target} import {taken}")
     return graph, private
 
 
