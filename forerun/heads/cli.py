@@ -24,6 +24,11 @@ def add_train_head_parser(sub) -> None:
     p.add_argument("--gsm8k", default=d.gsm8k, help="GSM8K train questions (default: %(default)s)")
     p.add_argument("--instruct-count", type=int, default=d.instruct_count, help="default: %(default)s")
     p.add_argument("--gsm8k-count", type=int, default=d.gsm8k_count, help="default: %(default)s")
+    p.add_argument("--generated-count", type=int, default=d.generated_count,
+                   help="questions the target writes itself from its chat template, Magpie-style, kept in "
+                   "OUT/generated.jsonl (default: %(default)s)")
+    p.add_argument("--code-count", type=int, default=d.code_count,
+                   help="code tasks over functions of Python's standard library (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="reply length cap (default: %(default)s)")
     p.add_argument("--in-flight", type=int, default=48, help="replies decoding at once (default: %(default)s)")
     p.add_argument("--layers", default="", help="the target layers the head reads, e.g. 2,15,27 "
@@ -39,26 +44,30 @@ def add_train_head_parser(sub) -> None:
     p.add_argument("--init-head", help="start from this head (a further stage of training) instead of a fresh one")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-recording", action="store_true", help="train on the shards already in OUT/data")
+    p.add_argument("--record-only", action="store_true", help="record the replies and stop (train later with "
+                   "--skip-recording)")
     p.set_defaults(func=cmd_train_head)
 
 
 def cmd_train_head(a: argparse.Namespace) -> int:
     from forerun.config import EngineConfig
-    from forerun.heads.data import load_shards, record, training_prompts
+    from forerun.heads.data import generated_prompts, load_shards, record, training_prompts
     from forerun.heads.train import train
     from forerun.llm import LLM
 
     out = Path(a.out)
     data = Path(a.data) if a.data else out / "data"
     prompts_spec = PromptSpec(instruct=a.instruct, gsm8k=a.gsm8k, instruct_count=a.instruct_count,
-                              gsm8k_count=a.gsm8k_count, seed=a.seed)
+                              gsm8k_count=a.gsm8k_count, generated_count=a.generated_count,
+                              code_count=a.code_count, seed=a.seed)
     config = TrainConfig(draft_vocab=a.draft_vocab, epochs=a.epochs, lr=a.lr, unroll=a.unroll,
                          batch_tokens=a.batch_tokens, prompt_context=a.prompt_context, seed=a.seed)
     llm = LLM(a.model, quant=a.quant, engine=EngineConfig(prefix_caching=False, max_num_seqs=max(a.in_flight, 1)))
     args = llm.runtime.model.args
     layers = tuple(int(x) for x in a.layers.split(",")) if a.layers else \
         (2, args.num_layers // 2, args.num_layers - 3)
-    prompts = training_prompts(prompts_spec)
+    generated = generated_prompts(llm, a.generated_count, out / "generated.jsonl", seed=a.seed)
+    prompts = training_prompts(prompts_spec, generated)
     if a.max_prompts:
         prompts = prompts[:a.max_prompts]
     if not a.skip_recording:
@@ -74,6 +83,8 @@ def cmd_train_head(a: argparse.Namespace) -> int:
         record(llm, prompts, data, layers, max_new_tokens=a.max_new_tokens, in_flight=a.in_flight,
                seed=a.seed, progress=progress)
         print(file=sys.stderr)
+        if a.record_only:
+            return 0
     meta, records = load_shards(data)
     # in prompt order (shards hold replies in the order they finished); a larger earlier run's extra
     # replies stay out

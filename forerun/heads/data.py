@@ -5,14 +5,19 @@ A head learns best from the features it will see at inference, so both stages ru
 serves (the embedded model in q4 on the CPU): replies come from the batched engine, greedy and sampled,
 and the features from a teacher-forced forward of the same runtime over prompt + reply.
 
-Prompts come from training sets only (../shared/data/train_prompts/self_instruct_mix.jsonl, GSM8K train),
-never from data used to measure. Both stages append to files and skip what is already there, so a stopped
+Prompts come from training sets only, never from data used to measure: the instruction mix
+(../shared/data/train_prompts/self_instruct_mix.jsonl), GSM8K train, questions the target writes itself
+(generated_prompts: it is given its chat template up to where a user's message begins, as Magpie does,
+arXiv 2406.08464, so the questions read like what users ask a chat model), and code tasks over
+functions of Python's own standard library (code_prompts). Both stages append to files and skip what is already there, so a stopped
 run resumes where it stopped.
 """
 from __future__ import annotations
 
+import ast
 import json
 import random
+import sysconfig
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,13 +39,16 @@ class PromptSpec:
     gsm8k: str = "../shared/data/gsm8k/train.jsonl"
     instruct_count: int = 1500
     gsm8k_count: int = 500
+    generated_count: int = 0  # questions the target writes itself (generated_prompts)
+    code_count: int = 0  # code tasks over standard-library functions (code_prompts)
     seed: int = 0
 
 
-def training_prompts(spec: PromptSpec) -> list[dict]:
+def training_prompts(spec: PromptSpec, generated: list[dict] = ()) -> list[dict]:
     """[{"id", "source", "text"}]: the instruction mix drawn evenly across its templates (T0's 11k
-    prompts come from a few hundred templates; drawing per template keeps the mix varied), then GSM8K
-    train questions. Deterministic for a seed."""
+    prompts come from a few hundred templates; drawing per template keeps the mix varied), GSM8K
+    train questions, code tasks, and `generated` (from generated_prompts), shuffled together.
+    Deterministic for a seed."""
     rng = random.Random(spec.seed)
     by_source: dict[str, list[dict]] = {}
     for i, line in enumerate(Path(spec.instruct).read_text().splitlines()):
@@ -58,8 +66,91 @@ def training_prompts(spec: PromptSpec) -> list[dict]:
     questions = [json.loads(line) for line in Path(spec.gsm8k).read_text().splitlines()]
     order = rng.sample(range(len(questions)), min(spec.gsm8k_count, len(questions)))
     picked += [{"id": f"gsm8k-{i}", "source": "gsm8k", "text": questions[i]["question"]} for i in order]
+    picked += code_prompts(spec.code_count, spec.seed)
+    picked += list(generated)[:spec.generated_count]
     rng.shuffle(picked)
     return picked
+
+
+_CODE_TASKS = (
+    "Explain what this Python function does, step by step:\n\n```python\n{source}\n```",
+    "Write a Python function `{name}{signature}` that does the following: {summary}",
+    "Rewrite this Python function so it is easier to read, and explain your changes:\n\n```python\n{source}\n```",
+    "Write unit tests for this Python function:\n\n```python\n{source}\n```",
+    "What does `{name}{signature}` return? Here is its code:\n\n```python\n{source}\n```",
+)
+
+
+def code_prompts(count: int, seed: int = 0) -> list[dict]:
+    """`count` code tasks (explain, write, rewrite, test) over documented functions of 5-40 lines in
+    the running Python's standard library: code the machine has offline, under a licence that allows it.
+    Deterministic for a seed and a Python version."""
+    if count <= 0:
+        return []
+    functions = []
+    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+        try:
+            text = path.read_text()
+            tree = ast.parse(text)
+        except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        lines = text.splitlines()
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.FunctionDef) or node.name.startswith("_"):
+                continue
+            doc = ast.get_docstring(node)
+            length = (node.end_lineno or node.lineno) - node.lineno + 1
+            if not doc or not 5 <= length <= 40:
+                continue
+            source = "\n".join(lines[node.lineno - 1:node.end_lineno])
+            indent = len(source) - len(source.lstrip())
+            source = "\n".join(line[indent:] for line in source.splitlines())
+            functions.append({"name": node.name, "signature": f"({ast.unparse(node.args)})",
+                              "summary": doc.strip().splitlines()[0], "source": source, "file": path.name})
+    rng = random.Random(seed)
+    rng.shuffle(functions)
+    return [{"id": f"code-{f['file']}-{f['name']}-{i % len(_CODE_TASKS)}", "source": "code",
+             "text": _CODE_TASKS[i % len(_CODE_TASKS)].format(**f)} for i, f in enumerate(functions[:count])]
+
+
+def generated_prompts(llm, count: int, out: Path | None = None, seed: int = 0, batch: int = 96,
+                      max_new_tokens: int = 80) -> list[dict]:
+    """`count` questions the target writes itself: its chat template up to where a user's message
+    begins (Magpie's pre-query template), continued at T = 1 until the message ends. Questions cut off
+    by the length cap, shorter than 12 characters, or repeated are dropped. Saved to `out` (JSON lines)
+    and read back from there when it holds enough, so a resumed run asks the same questions."""
+    if count <= 0:
+        return []
+    if out is not None and out.is_file():
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+        if len(rows) >= count:
+            return rows[:count]
+    tok = llm.tokenizer
+    if tok.chat_template is None:
+        raise ValueError("generated prompts need a model with a chat template")
+    marker = "\u2063QUESTION\u2063"
+    rendered = tok.apply_chat_template([{"role": "user", "content": marker}], add_generation_prompt=False)
+    prefix = tok.encode(rendered[:rendered.index(marker)], add_bos=False)
+    batch = min(batch, llm.engine.config.max_num_seqs)
+    rows, seen, round_ = [], set(), 0
+    while len(rows) < count:
+        params = SamplingParams(temperature=1.0, top_p=0.98, max_new_tokens=max_new_tokens, n=batch,
+                                seed=seed * 100_003 + round_)
+        for sample in llm.generate_batch_ids([prefix], params)[0].samples:
+            text = sample.text.strip()
+            key = " ".join(text.lower().split())
+            if sample.finish_reason == "length" or len(text) < 12 or key in seen:
+                continue
+            seen.add(key)
+            rows.append({"id": f"generated-{len(rows)}", "source": "generated", "text": text})
+        round_ += 1
+        if round_ > 4 * count // batch + 8:
+            break  # the model repeats itself: take what there is
+    rows = rows[:count]
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
 
 
 class Recorder(Drafter):
