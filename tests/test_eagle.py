@@ -327,6 +327,31 @@ def test_a_trained_head_accepts_and_matches_ar(cycle_records, tmp_path):
         assert out.stats.mean_accepted > 3.0, out.stats.mean_accepted
 
 
+def test_code_prompts_come_from_the_standard_library_and_are_reproducible():
+    prompts = head_data.code_prompts(40, seed=3)
+    assert prompts == head_data.code_prompts(40, seed=3) and prompts != head_data.code_prompts(40, seed=4)
+    assert len(prompts) == 40 and len({p["id"] for p in prompts}) == 40
+    assert all(p["source"] == "code" and ("def " in p["text"] or "Write a Python function" in p["text"])
+               for p in prompts)
+    assert head_data.code_prompts(0) == []
+
+
+def test_generated_prompts_are_kept_and_need_a_chat_template(tmp_path):
+    kept = tmp_path / "generated.jsonl"
+    rows = [{"id": f"generated-{i}", "source": "generated", "text": f"question {i}?"} for i in range(5)]
+    kept.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert head_data.generated_prompts(None, 3, kept) == rows[:3]  # read back: a resumed run asks the same
+    from types import SimpleNamespace
+
+    untemplated = SimpleNamespace(tokenizer=SimpleNamespace(chat_template=None))
+    with pytest.raises(ValueError, match="chat template"):
+        head_data.generated_prompts(untemplated, 3, tmp_path / "other.jsonl")
+    spec = head_data.PromptSpec(instruct_count=10, gsm8k_count=5, code_count=4, generated_count=2)
+    picked = head_data.training_prompts(spec, rows)
+    assert sorted(p["source"] == "generated" for p in picked).count(True) == 2
+    assert sum(p["source"] == "code" for p in picked) == 4 and len(picked) == 21
+
+
 def test_vocabulary_keeps_the_most_chosen_tokens():
     records = [{"argmax": torch.tensor([5, 5, 5, 7, 7, 9])}]
     ids, coverage = vocabulary(records, 2)

@@ -131,6 +131,8 @@ def generated_prompts(llm, count: int, out: Path | None = None, seed: int = 0, b
     marker = "\u2063QUESTION\u2063"
     rendered = tok.apply_chat_template([{"role": "user", "content": marker}], add_generation_prompt=False)
     prefix = tok.encode(rendered[:rendered.index(marker)], add_bos=False)
+    if not prefix:
+        raise ValueError("generated prompts need a chat template that marks where a user's message begins")
     batch = min(batch, llm.engine.config.max_num_seqs)
     rows, seen, round_ = [], set(), 0
     while len(rows) < count:
