@@ -272,3 +272,22 @@ def random_eagle_head(runtime: Runtime, seed: int = 0, draft_vocab: int | None =
     if size < args.vocab_size:
         head.set_vocabulary(torch.arange(0, args.vocab_size, args.vocab_size // size)[:size])
     return head.eval().requires_grad_(False)
+
+
+def random_medusa_head(runtime: Runtime, seed: int = 0, heads: int = 3, draft_vocab: int | None = None,
+                       layers: int = 1, scale: float = 0.3):
+    """A Medusa head with random weights for a tiny target: its drafts are mostly wrong, which is what
+    the equivalence tests want. draft_vocab < the target's: a reduced vocabulary of every other id."""
+    from forerun.heads.medusa import MedusaConfig, MedusaHead
+
+    args = runtime.model.args
+    size = draft_vocab or args.vocab_size
+    torch.manual_seed(seed)
+    head = MedusaHead(MedusaConfig(hidden_size=args.hidden_size, vocab_size=args.vocab_size, num_heads=heads,
+                                   num_layers=layers, draft_vocab_size=size if size < args.vocab_size else None))
+    with torch.no_grad():
+        for p in head.parameters():
+            p.normal_(0, scale)
+    if size < args.vocab_size:
+        head.set_vocabulary(torch.arange(0, args.vocab_size, args.vocab_size // size)[:size])
+    return head.eval().requires_grad_(False)

@@ -4,7 +4,7 @@ prefill; seeds that do not depend on the batch; streaming; abort."""
 import pytest
 import torch
 
-from conftest import random_eagle_head, tiny_runtime
+from conftest import random_eagle_head, random_medusa_head, tiny_runtime
 from helpers_distribution import E2E_PROMPT, E2E_VOCAB, assert_distributed_as, exact_first_two, flat_runtime
 from helpers_decoding import PROMPTS, datastore_for
 
@@ -12,6 +12,7 @@ from forerun import LLM, SamplingParams, SpecConfig
 from forerun.config import EngineConfig
 from forerun.drafters.draft_model import DraftModel
 from forerun.drafters.eagle import Eagle
+from forerun.drafters.medusa import Medusa
 from forerun.drafters.rasd import RetrievalAugmented
 from forerun.drafters.registry import methods
 from forerun.engine.engine import Engine
@@ -41,7 +42,7 @@ def specs_for(method: str, datastore: str) -> list[SpecConfig]:
         return [SpecConfig(method=method, options={"nodes": 8}), SpecConfig(method=method, options={"nodes": 40})]
     if method == "lookahead":
         return [SpecConfig(method=method, options={"window": 2, "ngram": 3}), SpecConfig(method=method)]
-    if method == "eagle":
+    if method in ("eagle", "medusa"):
         always = {"min_accept": 0.0}  # a random head doubts every draft: draft anyway
         return [SpecConfig(method=method, tree_width=2, options={"nodes": 6, **always}, **small),
                 SpecConfig(method=method, options=always)]
@@ -53,7 +54,7 @@ def specs_for(method: str, datastore: str) -> list[SpecConfig]:
 
 def install_drafters(llm: LLM, specs: list[SpecConfig], draft_runtime) -> None:
     """draft and rasd drafters with an in-memory draft model (another random model: mostly wrong), eagle
-    with a random head."""
+    and medusa with a random head."""
     for spec in specs:
         if spec.method == "draft":
             llm.use_drafter(spec, DraftModel(llm.runtime, spec, draft=draft_runtime))
@@ -61,6 +62,8 @@ def install_drafters(llm: LLM, specs: list[SpecConfig], draft_runtime) -> None:
             llm.use_drafter(spec, RetrievalAugmented(llm.runtime, spec, draft=draft_runtime))
         elif spec.method == "eagle":  # a head with random weights: mostly wrong drafts
             llm.use_drafter(spec, Eagle(llm.runtime, spec, head=random_eagle_head(llm.runtime, draft_vocab=32)))
+        elif spec.method == "medusa":
+            llm.use_drafter(spec, Medusa(llm.runtime, spec, head=random_medusa_head(llm.runtime, draft_vocab=32)))
 
 
 class Forwards:

@@ -18,6 +18,8 @@ from helpers_distribution import assert_distributed_as
 from forerun import LLM, SamplingParams, SpecConfig
 from forerun.drafters.draft_model import DraftModel
 from forerun.drafters.eagle import Eagle
+from forerun.drafters.medusa import Medusa
+from forerun.heads.medusa import new_head
 from forerun.models.batch import ForwardBatch
 from forerun.types import Draft
 
@@ -207,3 +209,23 @@ def test_negative_control_eagle_claiming_uniform_q_is_rejected(world):
                         trials=TRIALS // 3)
     with pytest.raises(AssertionError, match="chi-square|probability 0"):
         assert_follows(triples, world.joint, "eagle claiming uniform q")
+
+
+# min_accept cuts some node of nearly every tree here: the cut is under test too
+MEDUSA_TREE = SpecConfig(method="medusa", tree_width=2, num_draft=2, max_draft=2, adaptive=False,
+                         options={"min_accept": 0.1, "nodes": 4})
+
+
+def test_medusa_tree_samples_follow_the_processed_target(world):
+    """Medusa heads' tree (every node a point mass: each depth's candidates are its head's best tokens)
+    through the whole loop. The heads are untrained as Medusa starts them (identity blocks, the target's
+    LM head), so they draft the target's likeliest next tokens, often accepted here. They draft from the
+    second step on, so tokens 2 and 3 are the drafted ones."""
+    trials = TRIALS // 2
+    runs, triples = sample(world, MEDUSA_TREE, trials=trials,
+                           drafter=lambda t, s, draft: Medusa(t, s, head=new_head(t, 2, torch.arange(VOCAB))))
+    both = sum(run.stats.accept_histogram.get(3, 0) > 0 for run in runs)
+    assert both > trials // 20, f"only {both} runs accepted both drafts: accepted drafts were hardly tested"
+    cut = sum(run.stats.draft_tokens < 4 * run.stats.drafts for run in runs)
+    assert cut > trials // 20, f"only {cut} runs had a tree cut by min_accept: the cut was hardly tested"
+    assert_follows(triples, world.joint, "medusa")

@@ -13,8 +13,8 @@ _DRAFTERS: dict[str, type[Drafter]] = {}
 
 BUILTIN_MODULES = {  # method -> the module under forerun.drafters that registers it
     "ar": "ar", "del": "del_exit", "draft": "draft_model", "eagle": "eagle", "layer-skip": "layer_skip",
-    "lookahead": "lookahead", "pld": "pld", "rasd": "rasd", "recycle": "recycle", "retrieval": "retrieval",
-    "stand": "stand",
+    "lookahead": "lookahead", "medusa": "medusa", "pld": "pld", "rasd": "rasd", "recycle": "recycle",
+    "retrieval": "retrieval", "stand": "stand",
 }
 
 
