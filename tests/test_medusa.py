@@ -1,22 +1,26 @@
 """Medusa heads: both checkpoint layouts (vLLM's and FasterDecoding's) against an independent reference
 forward, one clear error for each malformed checkpoint, greedy output equal to `ar` through chains and
-trees.
+trees, training on a tiny target (acceptance far above an untrained head's, a stopped run resumes to
+the same state).
 
 The sampling distribution through a head's tree is checked in test_sampling_end_to_end.py,
 batched-equals-alone and every-method-at-once in test_engine.py (medusa is a registered method)."""
 import json
+import random
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import random_medusa_head, tiny_runtime
+from conftest import cycle_runtime, random_medusa_head, tiny_runtime
 from helpers_decoding import GREEDY, PROMPTS, reference
 from forerun import LLM, SamplingParams, SpecConfig
 from forerun.config import EngineConfig
 from forerun.drafters.medusa import Medusa
-from forerun.heads.medusa import load_head, save_head
+from forerun.heads import data as head_data
+from forerun.heads.medusa import load_head, new_head, save_head
+from forerun.heads.medusa_train import MedusaTrainConfig, train_medusa
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -288,3 +292,58 @@ def test_a_doubtful_head_drafts_nothing_and_matches_ar(target):
     llm.use_drafter(spec, Medusa(target, spec, head=random_medusa_head(target, draft_vocab=32)))
     out = llm.generate_ids(PROMPTS[0], GREEDY, spec)
     assert out.token_ids == reference(llm, PROMPTS[0]) and out.stats.draft_tokens == 0
+
+
+# -- training ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cycle_records(tmp_path_factory):
+    """Replies of the cycle model (conftest.cycle_runtime) to random prompts, with the target's hidden
+    states (the recorder's features are asked of one layer only: Medusa does not read them)."""
+    runtime, _ = cycle_runtime(seed=3)
+    llm = LLM(runtime=runtime, engine=EngineConfig(prefix_caching=False))
+    rng = random.Random(0)
+    prompts = [{"id": f"p{i}", "source": "random", "ids": [rng.randrange(64) for _ in range(rng.randrange(3, 12))]}
+               for i in range(48)]
+    out = tmp_path_factory.mktemp("records")
+    head_data.record(llm, prompts, out, (1,), max_new_tokens=24, in_flight=16, shard_size=20)
+    return runtime, head_data.load_shards(out)[1]
+
+
+CYCLE = MedusaTrainConfig(heads=3, draft_vocab=64, epochs=5, lr=1e-2, warmup=5, batch_rows=64, eval_every=1000,
+                          checkpoint_every=1000, heldout=0.25)
+
+
+def test_training_raises_acceptance_and_a_trained_head_drafts_what_the_target_says(cycle_records, tmp_path):
+    runtime, records = cycle_records
+    train_medusa(runtime, records, tmp_path, CYCLE, log=lambda *_: None, progress=False)
+    curve = json.loads((tmp_path / "curve.json").read_text())["curve"]
+    before, after = curve[0]["acceptance"], curve[-1]["acceptance"]
+    assert after[0] > before[0] + 0.8 and after[2] > 0.8, (before, after)
+    assert (tmp_path / "head" / "model.safetensors").is_file()
+    llm = LLM(runtime=runtime)
+    prompt = [5, 9, 1, 30, 2]
+    untrained = SpecConfig(method="medusa", tree_width=2, options=ALWAYS)
+    llm.use_drafter(untrained, Medusa(runtime, untrained, head=new_head(runtime, 3, torch.arange(64))))
+    tau = {"untrained": llm.generate_ids(prompt, GREEDY, untrained).stats.mean_accepted}
+    for name, spec in (("chain", SpecConfig(method="medusa", options={"head": str(tmp_path / "head")})),
+                       ("tree", SpecConfig(method="medusa", tree_width=2, options={"head": str(tmp_path / "head")}))):
+        out = llm.generate_ids(prompt, GREEDY, spec)
+        assert out.token_ids == reference(llm, prompt)
+        tau[name] = out.stats.mean_accepted
+    assert tau["chain"] > 2.5 and tau["tree"] > 2.5 and tau["untrained"] < 1.3, tau
+
+
+def test_a_stopped_run_resumes_to_the_same_state(cycle_records, tmp_path):
+    runtime, records = cycle_records
+    quiet = dict(log=lambda *_: None, progress=False)
+    stopped = train_medusa(runtime, records, tmp_path / "resumed", CYCLE, steps=9, **quiet)
+    assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)["step"] == 9
+    assert not (tmp_path / "resumed" / "head").exists()  # not finished: nothing saved but the checkpoint
+    resumed = train_medusa(runtime, records, tmp_path / "resumed", CYCLE, **quiet)
+    straight = train_medusa(runtime, records, tmp_path / "straight", CYCLE, **quiet)
+    assert any(not torch.equal(a, b) for a, b in zip(stopped.state_dict().values(), straight.state_dict().values()))
+    for name, tensor in straight.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], tensor), name
+    assert (json.loads((tmp_path / "resumed" / "curve.json").read_text())["curve"]
+            == json.loads((tmp_path / "straight" / "curve.json").read_text())["curve"])

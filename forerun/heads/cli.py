@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from forerun.heads.data import PromptSpec
+from forerun.heads.medusa_train import MedusaTrainConfig
 from forerun.heads.train import TrainConfig
 
 
@@ -43,6 +44,11 @@ def add_train_head_parser(sub) -> None:
     p.add_argument("--data", help="folder of recorded shards (default: OUT/data)")
     p.add_argument("--init-head", help="start from this head (a further stage of training) instead of a fresh one")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kind", choices=["eagle3", "medusa"], default="eagle3",
+                   help="the head to train: an EAGLE-3 head (into OUT/head) or Medusa heads (into OUT/medusa; "
+                   "--batch-tokens counts positions a step; the same recorded data serves both) (default: %(default)s)")
+    p.add_argument("--medusa-heads", type=int, default=MedusaTrainConfig().heads,
+                   help="--kind medusa: heads, i.e. tokens drafted past the root (default: %(default)s)")
     p.add_argument("--skip-recording", action="store_true", help="train on the shards already in OUT/data")
     p.add_argument("--record-only", action="store_true", help="record the replies and stop (train later with "
                    "--skip-recording)")
@@ -92,6 +98,8 @@ def cmd_train_head(a: argparse.Namespace) -> int:
     records = [r for m, r in sorted(zip(meta, records), key=lambda mr: rank.get(mr[0]["id"], -1)) if m["id"] in rank]
     print(f"{len(records)} replies, {sum(len(r['tokens']) - r['prompt_len'] for r in records)} reply tokens",
           file=sys.stderr)
+    if a.kind == "medusa":
+        return _train_medusa(a, llm, records, out)
     init = None
     if a.init_head:
         from forerun.heads.eagle3 import load_head
@@ -99,4 +107,17 @@ def cmd_train_head(a: argparse.Namespace) -> int:
     train(llm.runtime, records, out, layers, config, verifier=llm.runtime.name, init=init,
           log=lambda message: print(message, file=sys.stderr, flush=True))
     print(f"head: {out / 'head'}  learning curve: {out / 'curve.png'}")
+    return 0
+
+
+def _train_medusa(a: argparse.Namespace, llm, records: list[dict], out: Path) -> int:
+    from forerun.heads.medusa_train import train_medusa
+
+    if a.init_head:
+        raise ValueError("--init-head goes with --kind eagle3")
+    config = MedusaTrainConfig(heads=a.medusa_heads, draft_vocab=a.draft_vocab, epochs=a.epochs, lr=a.lr,
+                               batch_rows=a.batch_tokens, seed=a.seed)
+    train_medusa(llm.runtime, records, out / "medusa", config, verifier=llm.runtime.name,
+                 log=lambda message: print(message, file=sys.stderr, flush=True))
+    print(f"head: {out / 'medusa' / 'head'}  learning curve: {out / 'medusa' / 'curve.png'}")
     return 0
