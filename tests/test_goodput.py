@@ -1,6 +1,8 @@
 """The goodput policy (SpecConfig.budget = "goodput", formerly "cost"): its cost curve, its choice of
 nodes within a draft and across the sequences of a batch, its depth plan for model drafters, and that
 cutting trees keeps greedy output equal to `ar` and sampled output distributed as the target's."""
+import dataclasses
+
 import pytest
 import torch
 from conftest import tiny_runtime
@@ -9,7 +11,7 @@ from helpers_distribution import (E2E_PARAMS, E2E_PROMPT, E2E_VOCAB, assert_dist
 from helpers_decoding import GREEDY, PROMPTS, datastore_for, generate, reference
 
 from forerun import LLM, SamplingParams, SpecConfig
-from forerun.engine.goodput import CheckSchedule, Entry, Goodput, NodeOdds, RowCost, best_cut, keep_nodes
+from forerun.engine.goodput import CheckSchedule, Drafting, Entry, Goodput, NodeOdds, RowCost, best_cut, keep_nodes
 from forerun.drafters.draft_model import DraftModel
 from forerun.drafters.rasd import RetrievalAugmented
 from forerun.retrieval.datastore import build, fingerprint_of
@@ -205,15 +207,15 @@ def test_depths_for_model_drafters_fall_to_plain_under_load():
     odds = policy.memory(chain_spec).odds
     for accepted in [{0, 1, 2}] * 10 + [{0}]:  # the first two positions accepted 10 times in 11
         odds.record(TreeShape([-1, 0, 1, 2]), accepted, (None, "plain"))
-    assert policy.depths([(chain_spec, 1.0, 3, False, "plain", False)], 1, 1.0) == [2]  # the third position never pays
+    plain = Drafting(chain_spec, ratio=1.0, depth=3, checked=False, last_draft="plain", keyed=False)
+    assert policy.depths([plain], 1, 1.0) == [2]  # the third position never pays
     policy.cost.record(64, 1.0 + 0.05 * 64)
-    loaded = policy.depths([(chain_spec, 1.0, 3, False, "plain", False)] * 2, 64, 64.0)
+    loaded = policy.depths([plain] * 2, 64, 64.0)
     assert loaded == [2, 2]  # odds near 1 still pay on this line...
     steep = learned_policy(line=(0.0, 1.0))
     steep.memory(chain_spec).odds = odds
-    plain = (chain_spec, 1.0, 3, False, "plain", False)
     assert steep.depths([plain] * 2, 64, 64.0) == [0, 0]  # ...and nothing does on this one
-    checked = (chain_spec, 1.0, 3, True, "plain", False)
+    checked = dataclasses.replace(plain, checked=True)
     assert steep.depths([checked, plain], 64, 64.0) == [3, 0]  # but a check drafts its full depth
 
 
@@ -244,7 +246,7 @@ def test_cut_trees_match_ar(llm, tmp_path, monkeypatch, method, line):
     def spy_depths(self, chains, sure_rows, sure_tokens):
         steep(self)
         out = depths(self, chains, sure_rows, sure_tokens)
-        sizes.extend((chain[2] + 1, 1) for chain, planned in zip(chains, out) if planned == 0)
+        sizes.extend((chain.depth + 1, 1) for chain, planned in zip(chains, out) if planned == 0)
         return out
 
     monkeypatch.setattr(Goodput, "cut", spy)

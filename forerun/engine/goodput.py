@@ -229,9 +229,21 @@ class SpecOdds:
     checks: CheckSchedule
 
 
+@dataclass(frozen=True, slots=True)
+class Drafting:
+    """One sequence about to draft, as the policy plans how deep."""
+
+    spec: object  # its SpecConfig, whose odds apply
+    ratio: float  # the sequence's accepted_ratio
+    depth: int  # the most it may draft
+    checked: bool  # this step's check of its SpecConfig: it drafts its full depth
+    last_draft: str  # how the sequence's previous step went (Sequence.last_draft)
+    keyed: bool  # its drafter's drafts carry a Draft.key, known only once it has drafted
+
+
 @dataclass(eq=False)
 class Entry:
-    """One sequence's draft as the policy sees it."""
+    """One sequence's draft as the policy sees it, once drafted."""
 
     draft: Draft
     memory: SpecOdds
@@ -259,34 +271,31 @@ class Goodput:
         sequences drafts to its full depth and is verified whole. Counts the step for each."""
         return {spec for spec in specs if self.memory(spec).checks.due()}
 
-    def depths(self, chains: list[tuple[object, float, int, bool, object, bool]], sure_rows: int,
-               sure_tokens: float) -> list[int]:
-        """Before drafting: how deep each sequence should draft, given (spec, accepted_ratio, max
-        depth, checked, how its previous step went, whether its drafts carry a key), from the odds
-        of a chain's positions; a checked one drafts its full depth. A keyed drafter's context is
-        only known once it has drafted: it keeps its depth unless not even the first node of its
-        best context could pay. sure_rows and sure_tokens count the step's rows and certain tokens
-        besides these sequences' drafts (their roots included)."""
+    def depths(self, chains: list[Drafting], sure_rows: int, sure_tokens: float) -> list[int]:
+        """Before drafting: how deep each sequence should draft, from the odds of a chain's positions;
+        a checked one drafts its full depth. A keyed drafter's context is only known once it has
+        drafted: it keeps its depth unless not even the first node of its best context could pay.
+        sure_rows and sure_tokens count the step's rows and certain tokens besides these sequences'
+        drafts (their roots included)."""
         cost = self.cost.curve()
         if cost is None:
-            return [chain[2] for chain in chains]
+            return [c.depth for c in chains]
         candidates = []
-        for owner, (spec, ratio, depth, checked, state, keyed) in enumerate(chains):
-            if checked:
-                sure_rows += depth
+        for owner, c in enumerate(chains):
+            if c.checked:
+                sure_rows += c.depth
                 continue
-            odds = self.memory(spec).odds
-            if keyed:
-                candidates.append((min(1.0, ratio * odds.best_first()), owner))
+            odds = self.memory(c.spec).odds
+            if c.keyed:
+                candidates.append((min(1.0, c.ratio * odds.best_first()), owner))
                 continue
-            chain = TreeShape(list(range(-1, depth)))
-            positions = odds.estimate(chain, (None, state))
-            candidates += [(min(1.0, ratio * p), owner) for p in positions[1:]]
-        candidates.sort(key=lambda c: -c[0])  # stable: a chain's positions stay in order
-        out = [chain[2] if chain[3] else 0 for chain in chains]
+            positions = odds.estimate(TreeShape(list(range(-1, c.depth))), (None, c.last_draft))
+            candidates += [(min(1.0, c.ratio * p), owner) for p in positions[1:]]
+        candidates.sort(key=lambda candidate: -candidate[0])  # stable: a chain's positions stay in order
+        out = [c.depth if c.checked else 0 for c in chains]
         for _, owner in candidates[:best_cut(candidates, sure_tokens, sure_rows, {}, cost)]:
             out[owner] += 1
-        return [chain[2] if chain[5] and d else d for chain, d in zip(chains, out)]
+        return [c.depth if c.keyed and d else d for c, d in zip(chains, out)]
 
     def cut(self, entries: list[Entry], sure_rows: int, sure_tokens: float) -> list[Draft]:
         """After drafting: each entry's draft as the step should verify it. sure_rows and sure_tokens

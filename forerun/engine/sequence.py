@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 from torch import Tensor
 
 from forerun.cache import KVCache
 from forerun.config import SamplingParams, SpecConfig
+from forerun.drafters.base import SequenceView
 from forerun.types import Stats
 
 
@@ -55,6 +57,11 @@ class Sequence:
     stream: object = None  # forerun.stream.TextStream: stop strings, and text when it streams
     text: list[str] = field(default_factory=list)  # streamed text not yet handed out
     finish_reason: str | None = None
+
+    @cached_property
+    def view(self) -> SequenceView:
+        """What its drafter sees of it: one view for the sequence's life."""
+        return SequenceView(self)
 
     @property
     def root(self) -> int:
