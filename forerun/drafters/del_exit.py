@@ -1,7 +1,7 @@
 """DEL: a dynamic exit layer and speculation length for layer-skip self-speculation
 (Zarch et al. 2025, "DEL: Context-Aware Dynamic Exit Layer for Efficient Self-Speculative Decoding").
 
-Drafting is layer-skip's (forerun.drafters.layer_skip.draft_chain); what DEL adds is the choice of
+Drafting is layer-skip's (forerun.drafters.layer_skip.draft_chains); what DEL adds is the choice of
 exit layer l and length d at every step. It keeps, for each candidate exit layer, a decayed estimate
 of alpha_l, the chance that layer l's shallow prediction equals the target's token. The estimate
 comes from *shadow tokens*: the verification forward computes every layer's hidden state for the
@@ -25,8 +25,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from forerun.drafters.base import Drafter, Sequence, root_only
-from forerun.drafters.layer_skip import draft_chain
+from forerun.drafters.base import Drafter, SequenceView, root_only
+from forerun.drafters.layer_skip import draft_chains
 from forerun.drafters.registry import register
 from forerun.types import Draft, Scores
 
@@ -65,10 +65,10 @@ class DynamicExit(Drafter):
         # (alpha = 0.5, worth two observations, before any).
         self.prior = DelState(hits={layer: 1.0 for layer in self.layers}, trials={layer: 2.0 for layer in self.layers})
 
-    def begin(self, seq: Sequence) -> DelState:
+    def begin(self, seq: SequenceView) -> DelState:
         return DelState(hits=dict(self.prior.hits), trials=dict(self.prior.trials))
 
-    def end(self, seq: Sequence) -> None:
+    def end(self, seq: SequenceView) -> None:
         state: DelState = seq.draft_state
         self.prior = DelState(hits=dict(state.hits), trials=dict(state.trials))
 
@@ -86,19 +86,33 @@ class DynamicExit(Drafter):
                     best, choice = rate, (layer, d)
         return choice
 
-    def propose(self, seq: Sequence, depth: int) -> Draft:
-        state: DelState = seq.draft_state
-        layer, length = self.plan(state)
-        length = min(length, depth)
-        draft = draft_chain(self.target.model, seq, layer, length) if length else root_only(seq)
-        state.steps += 1
-        state.probing = state.steps % self.opts.probe_every == 0
-        return draft
+    def propose_batch(self, seqs: list[SequenceView], depths: list[int]) -> list[Draft]:
+        """Each sequence drafts at the exit layer it plans; the sequences that exit at one layer draft
+        together, one shallow forward per depth."""
+        drafts: list[Draft | None] = [None] * len(seqs)
+        by_layer: dict[int, list[tuple[int, int]]] = {}  # exit layer -> (sequence, length)
+        for b, (seq, depth) in enumerate(zip(seqs, depths)):
+            state: DelState = seq.draft_state
+            layer, length = self.plan(state)
+            state.steps += 1
+            state.probing = state.steps % self.opts.probe_every == 0
+            if min(length, depth):
+                by_layer.setdefault(layer, []).append((b, min(length, depth)))
+            else:
+                drafts[b] = root_only(seq)
+        for layer, group in by_layer.items():
+            chains = draft_chains(self.target.model, [seqs[b] for b, _ in group], layer, [n for _, n in group])
+            for (b, _), draft in zip(group, chains):
+                drafts[b] = draft
+        return drafts
 
-    def layers_wanted(self, seq: Sequence) -> tuple[int, ...]:
+    def propose(self, seq: SequenceView, depth: int) -> Draft:
+        return self.propose_batch([seq], [depth])[0]
+
+    def layers_wanted(self, seq: SequenceView) -> tuple[int, ...]:
         return tuple(self.layers) if seq.draft_state.probing else ()
 
-    def observe(self, seq: Sequence, draft: Draft, verdict, scores: Scores) -> None:
+    def observe(self, seq: SequenceView, draft: Draft, verdict, scores: Scores) -> None:
         state: DelState = seq.draft_state
         if state.probing and all(layer in scores.layers for layer in self.layers):
             self._learn(state, draft, verdict, scores)

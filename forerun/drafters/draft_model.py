@@ -8,7 +8,10 @@ Two tree shapes (option `tree`), both grown with one draft-model forward per lev
 Children are the top-k when greedy, and Gumbel-top-k draws (sampling without replacement) when
 sampling, which recursive rejection sampling verifies exactly (RSD).
 Each request keeps the draft model's KV in a store of its own (DraftCache, from begin; slot i holds
-position i); entries that match the committed sequence are reused from step to step.
+position i); entries that match the committed sequence are reused from step to step. So a step drafts
+for its sequences one at a time (Drafter.propose_batch's default): one forward reads one store, and
+drafting a batch in one forward per level would first need the draft model's KV in one pooled store
+with slots per request, which rasd's scoring forward would have to address too.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from forerun.cache import KVCache
-from forerun.drafters.base import Drafter, Sequence, room
+from forerun.drafters.base import Drafter, SequenceView, room
 from forerun.drafters.registry import register
 from forerun.models.batch import ForwardBatch
 from forerun.sampling import gumbel_top_k, target_probs
@@ -69,11 +72,11 @@ class DraftModel(Drafter):
         self.opts = DraftTreeOptions.from_spec(spec)
         self.draft = draft
 
-    def begin(self, seq: Sequence) -> DraftCache:
+    def begin(self, seq: SequenceView) -> DraftCache:
         slots = len(seq.tokens) + seq.params.max_new_tokens + TREE_SLOTS + 1
         return DraftCache(self.draft.model.new_cache(slots), [])
 
-    def propose(self, seq: Sequence, depth: int) -> Draft:
+    def propose(self, seq: SequenceView, depth: int) -> Draft:
         state: DraftCache = seq.draft_state
         reuse = _common_prefix(state.tokens, seq.tokens[:-1])
         base = len(seq.tokens) - 1  # the root's slot; node i of the tree goes to slot base + i
@@ -91,7 +94,7 @@ class DraftModel(Drafter):
                                                         for r in tree.q_rows])
         return Draft(Tree(tokens=torch.tensor(tree.tokens), parents=parents), q=q)
 
-    def _grow_beam(self, tree: _GrowingTree, hidden: torch.Tensor, seq: Sequence, depth: int) -> int:
+    def _grow_beam(self, tree: _GrowingTree, hidden: torch.Tensor, seq: SequenceView, depth: int) -> int:
         """Level by level: the `tree_width` best nodes of the newest level get `tree_width` children
         each. Returns how many nodes (a prefix) went through the draft model."""
         width, level = self.spec.tree_width, [0]  # level: the nodes whose outputs `hidden` holds
@@ -108,7 +111,7 @@ class DraftModel(Drafter):
             level = list(range(lo, tree.size))
         return tree.size
 
-    def _grow_dynamic(self, tree: _GrowingTree, hidden: torch.Tensor, seq: Sequence, depth: int) -> int:
+    def _grow_dynamic(self, tree: _GrowingTree, hidden: torch.Tensor, seq: SequenceView, depth: int) -> int:
         """Best-first growth under a node budget (EAGLE-2 / DySpec): each round adds the candidate
         children with the highest cumulative draft log-probability, anywhere in the tree, then runs
         the new nodes through the draft model in one forward to offer their own children.
