@@ -8,7 +8,7 @@ from pathlib import Path
 
 from forerun.bench.metrics import OVERALL, Summary
 from forerun.bench.runner import Record
-from forerun.plotting import pyplot
+from forerun.plotting import colors, figure, legend_outside, plain_log_ticks, pyplot, save
 
 
 @dataclass
@@ -179,58 +179,73 @@ def _speedup_plot(plt, result: BenchResult, path: Path) -> Path:
     rows = [s for s in result.summaries if s.contender != result.baseline]
     groups = list(dict.fromkeys(s.group for s in rows))
     names = list(dict.fromkeys(s.contender for s in rows))
-    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(groups) * max(len(names), 1) ** 0.5 + 3), 4.5))
+    bars = len(groups) * max(len(names), 1)
+    fig, ax = figure(plt, 4.5 + 0.2 * bars, 6)  # about 0.2 inch a bar, at most MAX_INCHES wide
     width = 0.8 / max(len(names), 1)
-    for i, name in enumerate(names):
+    for i, (name, color) in enumerate(zip(names, colors(plt, len(names)))):
         values = {s.group: s.speedup_median for s in rows if s.contender == name}
-        ax.bar([g + i * width for g in range(len(groups))], [values.get(g) or 0 for g in groups], width, label=name)
-    ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.bar([g + i * width for g in range(len(groups))], [values.get(g) or 0 for g in groups], width, label=name,
+               color=color)
+    ax.axhline(1.0, color="black", linewidth=0.8, label=f"{result.baseline} (1.0x)")
     ax.set_xticks([g + width * (len(names) - 1) / 2 for g in range(len(groups))], groups, rotation=30, ha="right")
-    ax.set_ylabel(f"speedup vs {result.baseline} (median of per-prompt ratios)")
-    ax.set_title("Speedup by category")
-    return _save(fig, ax, path, legend=bool(names))
+    ax.set_xlabel("prompt category (overall: every prompt)")
+    ax.set_ylabel(f"speedup over {result.baseline} (x, median of per-prompt ratios)")
+    fig.suptitle(f"Speedup over {result.baseline} by category (tokens/s end to end, same prompts, one run)")
+    ax.grid(axis="y", alpha=0.3)
+    legend_outside(fig, ax)
+    return save(plt, fig, path)
 
 
 def _tau_plot(plt, result: BenchResult, path: Path) -> Path:
     rows = [s for s in result.summaries if s.group == OVERALL and s.accept_histogram]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
     longest = max((max(s.accept_histogram) for s in rows), default=1)
+    bars = longest * max(len(rows), 1)
+    fig, ax = figure(plt, 4.5 + 0.15 * bars, 6)
     width = 0.8 / max(len(rows), 1)
-    for i, s in enumerate(rows):
+    xs = range(1, longest + 1)
+    for i, (s, color) in enumerate(zip(rows, colors(plt, len(rows)))):
         steps = sum(s.accept_histogram.values())
-        xs = range(1, longest + 1)
-        ax.bar([x + i * width for x in xs], [s.accept_histogram.get(x, 0) / steps for x in xs], width,
-               label=f"{s.contender} (tau {s.tau:.2f})" if s.tau else s.contender)
-    ax.set_xticks([x + width * (len(rows) - 1) / 2 for x in range(1, longest + 1)], range(1, longest + 1))
-    ax.set_xlabel("tokens gained per target forward")
-    ax.set_ylabel("fraction of target forwards")
-    ax.set_title("Accept-length histogram")
-    return _save(fig, ax, path, legend=bool(rows))
-
-
-def _save(fig, ax, path: Path, legend: bool) -> Path:
-    if legend:
-        ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return path
+        shares = [100 * s.accept_histogram.get(x, 0) / steps for x in xs]
+        label = f"{s.contender} (tau {s.tau:.2f})" if s.tau else s.contender
+        if bars <= 80:
+            ax.bar([x + i * width for x in xs], shares, width, label=label, color=color)
+        else:  # side-by-side bars would be slivers: one line per contender reads better
+            ax.plot(xs, shares, marker="o", markersize=3, label=label, color=color)
+    middle = width * (len(rows) - 1) / 2 if bars <= 80 else 0
+    ax.set_xticks([x + middle for x in xs], xs)
+    ax.set_xlabel("tokens gained in one target forward (accepted draft tokens + 1)")
+    ax.set_ylabel("share of target forwards (%)")
+    fig.suptitle("Tokens gained per target forward, every prompt (tau: their mean)")
+    ax.grid(axis="y", alpha=0.3)
+    legend_outside(fig, ax)
+    return save(plt, fig, path)
 
 
 def _roofline_plot(plt, result: BenchResult, path: Path) -> Path | None:
     rows = [s for s in result.summaries if s.group == OVERALL]
     bounds = result.roofline.get("bounds", {})
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows) + 2), 4.5))
+    fig, ax = figure(plt, 4.5 + 0.9 * len(rows), 6)
     xs = range(len(rows))
-    ax.bar(xs, [s.tokens_per_s for s in rows], 0.6, label="measured tok/s")
+    ax.bar(xs, [s.tokens_per_s for s in rows], 0.6, label="measured tokens/s, end to end")
     marked = [(x, bounds[s.contender]) for x, s in zip(xs, rows) if s.contender in bounds]
     if marked:
-        ax.scatter([x for x, _ in marked], [b for _, b in marked], marker="_", s=900, color="red", linewidths=2,
-                   label="AR bandwidth bound for its weights", zorder=3)
+        ax.hlines([b for _, b in marked], [x - 0.35 for x, _ in marked], [x + 0.35 for x, _ in marked],
+                  color="red", linewidth=2, label="AR bound: bandwidth / weight bytes", zorder=3)
     for x, s in zip(xs, rows):
         if s.fraction_of_bound is not None:
-            ax.annotate(f"{s.fraction_of_bound:.0%}", (x, s.tokens_per_s), ha="center", va="bottom", fontsize=8)
+            ax.annotate(f"{s.fraction_of_bound:.0%} of bound", (x, s.tokens_per_s), ha="center", va="bottom",
+                        fontsize="small")
     ax.set_xticks(list(xs), [s.contender for s in rows], rotation=30, ha="right")
-    ax.set_yscale("log")  # bounds of float32, bf16 and 4-bit weights differ several-fold
-    ax.set_ylabel("tokens/s (log scale; labels: fraction of the bound)")
-    ax.set_title("Tokens/s against the memory-bandwidth roofline")
-    return _save(fig, ax, path, legend=True)
+    ax.set_xlabel("contender")
+    if marked:
+        ax.set_yscale("log")  # bounds of float32, bf16 and 4-bit weights differ several-fold
+        plain_log_ticks(plt, ax)
+        ax.set_ylabel("tokens/s (log scale)")
+        fig.suptitle("Tokens/s of every prompt against the memory-bandwidth bound of AR decoding")
+    else:
+        ax.set_ylabel("tokens/s")
+        fig.suptitle("Tokens/s of every prompt, end to end (no bandwidth bound measured)")
+    ax.grid(axis="y", alpha=0.3)
+    if marked:  # bars alone need no legend
+        legend_outside(fig, ax)
+    return save(plt, fig, path)

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from forerun.bench.datasets import Question
-from forerun.plotting import pyplot
+from forerun.plotting import figure, legend_outside, pyplot, save
 
 PERCENTILES = (50, 90, 99)
 
@@ -327,26 +327,26 @@ def _ms(values: dict, *ps: int) -> str:
 
 
 def write_plot(result: dict, path: Path) -> Path | None:
-    """TTFT and TPOT percentiles against the load level (concurrency or request rate)."""
+    """TTFT, TPOT and end-to-end latency percentiles against the load level (concurrency or request rate)."""
     plt = pyplot()
     if plt is None:
         return None
     runs = result["runs"]
     xs = [Load(**run["load"]).x for run in runs]
     by_concurrency = runs and runs[0]["load"]["concurrency"] is not None
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for ax, key, title in zip(axes, ("ttft_ms", "tpot_ms", "e2e_ms"), ("TTFT", "TPOT", "end-to-end")):
+    fig, axes = figure(plt, 15, 5.5, ncols=3)
+    for ax, key, title in zip(axes, ("ttft_ms", "tpot_ms", "e2e_ms"),
+                              ("time to first token", "time per output token", "end-to-end latency")):
         for p, style in zip(PERCENTILES, ("o-", "s--", "^:")):
             ys = [run[key][f"p{p}"] for run in runs]
             ax.plot(xs, [math.nan if y is None else y for y in ys], style, label=f"p{p}")
-        ax.set_title(f"{title} (ms)")
-        ax.set_xlabel("concurrency" if by_concurrency else "request rate (req/s)")
+        ax.set_title(title)
+        ax.set_xlabel("concurrent clients" if by_concurrency else "request rate (requests/s)")
+        ax.set_ylabel("milliseconds")
         ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(result["label"] or result["server"])
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    fig.suptitle(f"Latency percentiles against load: {result['label'] or result['server']}")
+    legend_outside(fig, axes[0])
+    save(plt, fig, path)
     return path
 
 
