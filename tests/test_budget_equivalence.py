@@ -48,7 +48,7 @@ def cut_sizes(monkeypatch):
 
     def spy_depths(self, chains, sure_rows, sure_tokens):
         out = depths(self, chains, sure_rows, sure_tokens)
-        sizes.extend((chain[2] + 1, planned + 1) for chain, planned in zip(chains, out))
+        sizes.extend((chain.depth + 1, planned + 1) for chain, planned in zip(chains, out))
         return out
 
     monkeypatch.setattr(Goodput, "cut", spy)

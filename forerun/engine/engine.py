@@ -219,6 +219,11 @@ class Engine:
     def goodput(self) -> Goodput:
         return self.speculation.goodput
 
+    @goodput.setter
+    def goodput(self, policy: Goodput) -> None:
+        """Start afresh from another policy (what the old one measured is dropped)."""
+        self.speculation.goodput = policy
+
     def _check(self, prompt_ids: list[int], params: SamplingParams) -> None:
         if not prompt_ids:
             raise ValueError("the prompt is empty")

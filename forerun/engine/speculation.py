@@ -33,6 +33,8 @@ RATIO_DECAY = 0.8  # per verified draft, of a sequence's accepted and expected d
 
 
 class Speculation:
+    """Drafting and verification for a step's batch, and what they keep per SpecConfig."""
+
     def __init__(self, runtime, pool: KVPool, config: EngineConfig):
         self.runtime = runtime
         self.pool = pool
