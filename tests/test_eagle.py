@@ -198,11 +198,11 @@ class Watched(Eagle):
         super().__init__(*args, **kwargs)
         self.seen = []
 
-    def propose(self, seq, depth):
+    def propose_batch(self, seqs, depths):
         floor = self.calibration.floor(self.opts.min_accept)
-        draft = super().propose(seq, depth)
-        self.seen.append((draft, seq.draft_state.confidence, floor))
-        return draft
+        drafts = super().propose_batch(seqs, depths)
+        self.seen += [(draft, seq.draft_state.confidence, floor) for seq, draft in zip(seqs, drafts)]
+        return drafts
 
 
 @pytest.mark.parametrize("tree_width", [1, 3])

@@ -53,17 +53,19 @@ def eagle(target, spec, draft):
 class EagleUniformQ(Eagle):
     """An EAGLE chain that reports uniform draws for tokens drawn from its head."""
 
-    def propose(self, seq, depth):
-        draft = super().propose(seq, depth)
-        return draft if draft.q is None else Draft(draft.tree, torch.full_like(draft.q, 1 / draft.q.shape[1]))
+    def propose_batch(self, seqs, depths):
+        return [draft if draft.q is None else Draft(draft.tree, torch.full_like(draft.q, 1 / draft.q.shape[1]))
+                for draft in super().propose_batch(seqs, depths)]
 
 
 class EagleCutOnDrawn(Eagle):
     """An EAGLE chain that drops drawn tokens the head found unlikely (and the rest of the chain after
     them): a stopping rule that looks at the drawn token, so its drafts no longer follow the q it reports."""
 
-    def propose(self, seq, depth):
-        draft = super().propose(seq, depth)
+    def propose_batch(self, seqs, depths):
+        return [self.cut(seq, draft) for seq, draft in zip(seqs, super().propose_batch(seqs, depths))]
+
+    def cut(self, seq, draft):
         if draft.q is None:
             return draft
         keep = 1

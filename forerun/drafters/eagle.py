@@ -40,7 +40,7 @@ import torch
 
 from forerun.drafters.base import Drafter, Sequence, root_only
 from forerun.drafters.registry import register
-from forerun.heads.eagle3 import Eagle3Head, HeadCache, load_head
+from forerun.heads.eagle3 import Eagle3Head, HeadCache, HeadRows, load_head
 from forerun.sampling import sample, target_probs
 from forerun.tree import Tree
 from forerun.types import Draft, Scores, Verdict
@@ -62,6 +62,16 @@ class EagleState:
     pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # committed rows not yet run: (tokens, hidden, positions)
     last: tuple[torch.Tensor, torch.Tensor, int] | None = None  # the last committed row's output, logits, position
     confidence: list[float] | None = None  # the head's confidence in each node of the last draft (root first)
+
+
+class _Chain:
+    """One sequence's chain while it is drafted: its tokens, their confidences and q rows so far, and
+    the head's output at its last token."""
+
+    def __init__(self, seq: Sequence, state: EagleState, depth: int):
+        self.seq, self.state, self.depth = seq, state, depth
+        self.hidden, self.logits, _ = state.last
+        self.tokens, self.qs, self.confidence = [seq.root], [], [1.0]
 
 
 class Calibration:
@@ -175,30 +185,44 @@ class Eagle(Drafter):
 
     # -- drafting -------------------------------------------------------------------------------------
 
-    def _catch_up(self, state: EagleState) -> None:
-        """Run the committed rows not yet run, keeping the last one's output."""
-        if not state.pending:
+    def _catch_up(self, states: list[EagleState]) -> None:
+        """Run the committed rows not yet run, of every sequence at once, keeping each one's last output."""
+        behind = [state for state in states if state.pending]
+        if not behind:
             return
-        tokens = torch.cat([p[0] for p in state.pending])
-        hidden = torch.cat([p[1] for p in state.pending])
-        positions = torch.cat([p[2] for p in state.pending])
-        state.pending = []
-        out, logits = self.head.step(state.cache, tokens, hidden, positions)
-        state.last = (out[-1], logits[-1], int(positions[-1]))
+        items = []
+        for state in behind:
+            items.append(HeadRows(state.cache, torch.cat([p[0] for p in state.pending]),
+                                  torch.cat([p[1] for p in state.pending]), torch.cat([p[2] for p in state.pending])))
+            state.pending = []
+        for state, it, (out, logits) in zip(behind, items, self.head.step_batch(items)):
+            state.last = (out[-1], logits[-1], int(it.positions[-1]))
 
     def propose(self, seq: Sequence, depth: int) -> Draft:
-        state: EagleState = seq.draft_state
-        self._catch_up(state)
-        root_position = len(seq.tokens) - 1
-        if state.last is None or state.last[2] != root_position - 1:  # the head has not seen the root's context
-            return root_only(seq)
-        committed = state.cache.length
-        try:
-            if self.spec.tree_width > 1:
-                return self._tree(seq, state, depth, root_position)
-            return self._chain(seq, state, depth, root_position)
-        finally:
-            state.cache.truncate(committed)
+        return self.propose_batch([seq], [depth])[0]
+
+    def propose_batch(self, seqs: list[Sequence], depths: list[int]) -> list[Draft]:
+        """Every sequence's draft, the head's rows for all of them in one forward per depth (a tree
+        drafts alone: its rows per depth depend on its own confidences)."""
+        states: list[EagleState] = [seq.draft_state for seq in seqs]
+        self._catch_up(states)
+        drafts: list[Draft | None] = [None] * len(seqs)
+        chains = []
+        for i, (seq, state, depth) in enumerate(zip(seqs, states, depths)):
+            if state.last is None or state.last[2] != len(seq.tokens) - 2:  # the head has not seen the root's context
+                drafts[i] = root_only(seq)
+            elif self.spec.tree_width > 1:
+                committed = state.cache.length
+                try:
+                    drafts[i] = self._tree(seq, state, depth, len(seq.tokens) - 1)
+                finally:
+                    state.cache.truncate(committed)
+            else:
+                chains.append(_Chain(seq, state, depth))
+        if chains:
+            for i, draft in zip([i for i, d in enumerate(drafts) if d is None], self._chains(chains)):
+                drafts[i] = draft
+        return drafts
 
     def _distribution(self, logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
         """The head's distribution over the draft vocabulary: as it is when greedy (its argmax is the
@@ -207,34 +231,50 @@ class Eagle(Drafter):
             return torch.softmax(logits.float(), dim=-1)
         return target_probs(logits.float()[None], seq.params)[0]
 
-    def _chain(self, seq: Sequence, state: EagleState, depth: int, root_position: int) -> Draft:
-        """Whether to draft the next token is decided before it is drawn, from the confidence of the
-        path so far times the head's top probability there: a rule that looked at the drawn token
+    def _chains(self, chains: list[_Chain]) -> list[Draft]:
+        """Chains for several sequences, one head forward per depth for those still drafting.
+
+        Whether to draft a chain's next token is decided before it is drawn, from the confidence of
+        the path so far times the head's top probability there: a rule that looked at the drawn token
         would make the drafted tokens follow the head's distribution cut to its likelier tokens, not
         the q the verifier is told, and sampling would no longer be exact."""
-        hidden, logits, _ = state.last
         floor = self.calibration.floor(self.opts.min_accept)
-        tokens, qs, confidence = [seq.root], [], [1.0]
-        for d in range(1, depth + 1):
-            probs = self._distribution(logits, seq)
-            if confidence[-1] * float(probs.max()) < floor:
-                break
-            j = int(probs.argmax()) if seq.params.greedy else sample(probs, seq.generator)
-            tokens.append(int(self.draft_ids[j]))
-            confidence.append(confidence[-1] * float(probs[j]))
-            if not seq.params.greedy:
-                q = torch.zeros(self.target.model.args.vocab_size)
-                q[self.draft_ids] = probs
-                qs.append(q)
-            if d < depth:
-                out, lg = self.head.step(state.cache, torch.tensor([tokens[-1]]), hidden[None],
-                                         torch.tensor([root_position + d - 1]))
-                hidden, logits = out[0], lg[0]
-        q = None
-        if qs:
-            q = torch.stack([torch.zeros_like(qs[0]), *qs])  # row 0: the root, never drawn
-        state.confidence = confidence
-        return Draft(Tree(tokens=torch.tensor(tokens), parents=list(range(-1, len(tokens) - 1))), q=q)
+        committed = [c.state.cache.length for c in chains]
+        try:
+            live = chains
+            for d in range(1, max(c.depth for c in chains) + 1):
+                stepping = []
+                for c in live:
+                    probs = self._distribution(c.logits, c.seq)
+                    if c.confidence[-1] * float(probs.max()) < floor:
+                        continue
+                    greedy = c.seq.params.greedy
+                    j = int(probs.argmax()) if greedy else sample(probs, c.seq.generator)
+                    c.tokens.append(int(self.draft_ids[j]))
+                    c.confidence.append(c.confidence[-1] * float(probs[j]))
+                    if not greedy:
+                        q = torch.zeros(self.target.model.args.vocab_size)
+                        q[self.draft_ids] = probs
+                        c.qs.append(q)
+                    if d < c.depth:
+                        stepping.append(c)
+                if not stepping:
+                    break
+                root = [len(c.seq.tokens) - 1 for c in stepping]
+                rows = [HeadRows(c.state.cache, torch.tensor([c.tokens[-1]]), c.hidden[None], torch.tensor([r + d - 1]))
+                        for c, r in zip(stepping, root)]
+                for c, (out, logits) in zip(stepping, self.head.step_batch(rows)):
+                    c.hidden, c.logits = out[0], logits[0]
+                live = stepping
+        finally:
+            for c, length in zip(chains, committed):
+                c.state.cache.truncate(length)
+        drafts = []
+        for c in chains:
+            q = torch.stack([torch.zeros_like(c.qs[0]), *c.qs]) if c.qs else None  # row 0: the root, never drawn
+            c.state.confidence = c.confidence
+            drafts.append(Draft(Tree(tokens=torch.tensor(c.tokens), parents=list(range(-1, len(c.tokens) - 1))), q=q))
+        return drafts
 
     def _tree(self, seq: Sequence, state: EagleState, depth: int, root_position: int) -> Draft:
         """EAGLE-2: expand the `width` most confident leaves each depth; keep the most confident nodes."""

@@ -171,6 +171,18 @@ class HeadCache:
         self.length = int((self.positions[:self.length] < position).sum())
 
 
+@dataclass(frozen=True, slots=True)
+class HeadRows:
+    """Rows of one sequence for a head step (see Eagle3Head.step)."""
+
+    cache: HeadCache
+    tokens: Tensor  # [T] long
+    hidden: Tensor  # [T, D]
+    positions: Tensor  # [T] long
+    mask: Tensor | None = None
+    visible: int | None = None
+
+
 class Eagle3Head(nn.Module):
     def __init__(self, config: Eagle3Config, embed: Tensor):
         super().__init__()
@@ -253,17 +265,39 @@ class Eagle3Head(nn.Module):
         first `visible` rows (default: all of them); mask [T, L - visible + T] bool says which of the
         later cache rows and of these T rows each sees (default: all earlier ones and causal among the
         T). Returns the output hidden states [T, D] and draft-vocabulary logits [T, V_draft]."""
-        c = self.config
+        return self.step_batch([HeadRows(cache, tokens, hidden, positions, mask, visible)])[0]
+
+    def step_batch(self, items: list[HeadRows]) -> list[tuple[Tensor, Tensor]]:
+        """step() for the rows of several sequences at once: the projections, norms and draft logits
+        run over all their rows together (a drafting step reads every weight of the head, so a batch
+        reads them once), attention per sequence over its own cache."""
+        tokens = torch.cat([it.tokens for it in items])
+        hidden = torch.cat([it.hidden for it in items])
+        positions = torch.cat([it.positions for it in items])
         q, k, v, residual = self._step_layer(tokens, hidden, positions)
+        attended, start = [], 0
+        for it in items:
+            rows = slice(start, start + it.tokens.shape[0])
+            attended.append(self._attend(it, q[rows], k[rows], v[rows]))
+            start = rows.stop
+        out, logits = self._step_out(torch.cat(attended), residual)
+        sizes = [it.tokens.shape[0] for it in items]
+        return list(zip(out.split(sizes), logits.split(sizes)))
+
+    def _attend(self, it: HeadRows, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """One sequence's T rows ([T, heads, head_dim] rotated q, k, v) attending over its cache, which
+        they join: [T, heads * head_dim]."""
+        c, cache = self.config, it.cache
         before = cache.length
-        visible = before if visible is None else visible
-        cache.append(k.reshape(k.shape[0], -1), v.reshape(v.shape[0], -1), positions)
+        visible = before if it.visible is None else it.visible
+        cache.append(k.reshape(k.shape[0], -1), v.reshape(v.shape[0], -1), it.positions)
         keys = cache.k[:cache.length].view(-1, c.num_kv_heads, c.head_dim).transpose(0, 1)  # [KV, L, hd]
         values = cache.v[:cache.length].view(-1, c.num_kv_heads, c.head_dim).transpose(0, 1)
-        T, group = tokens.shape[0], c.num_heads // c.num_kv_heads
+        T, group = q.shape[0], c.num_heads // c.num_kv_heads
         # each kv head's queries as one block of group * T rows (SDPA's grouped path copies the keys)
-        q = q.view(T, c.num_kv_heads, group, c.head_dim).permute(1, 2, 0, 3).reshape(c.num_kv_heads, group * T, -1)
+        q = q.reshape(T, c.num_kv_heads, group, c.head_dim).permute(1, 2, 0, 3).reshape(c.num_kv_heads, group * T, -1)
         scores = (q @ keys.transpose(1, 2)) * (1.0 / math.sqrt(c.head_dim))  # [KV, group * T, L]
+        mask = it.mask
         if mask is not None or T > 1:
             if mask is None:
                 mask = torch.cat([torch.ones(T, before - visible, dtype=torch.bool),
@@ -271,8 +305,7 @@ class Eagle3Head(nn.Module):
             full = torch.cat([torch.ones(T, visible, dtype=torch.bool), mask], dim=1).repeat(group, 1)
             scores = scores.masked_fill(~full, float("-inf"))
         out = torch.softmax(scores, dim=-1) @ values  # [KV, group * T, hd]
-        out = out.view(c.num_kv_heads, group, T, c.head_dim).permute(2, 0, 1, 3).reshape(T, -1)
-        return self._step_out(out, residual)
+        return out.view(c.num_kv_heads, group, T, c.head_dim).permute(2, 0, 1, 3).reshape(T, -1)
 
     def pack_for_cpu(self, kind: str | None = "q8") -> None:
         """Inference copies of the projections on forerun's CPU kernels (forerun.models.llama.Linear):
