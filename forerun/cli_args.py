@@ -36,8 +36,8 @@ def add_speculation_args(p: argparse.ArgumentParser, method: str = "pld") -> Non
     """The flags spec_config() reads; `method` is the command's default method."""
     p.add_argument("--method", default=method, help=f"ar, pld, draft, layer-skip, ... (default: {method})")
     p.add_argument("--draft-model", help="draft model for --method draft (HF directory or .gguf)")
-    p.add_argument("--draft-head", help="--method eagle: an EAGLE-3 head folder (speculators or original layout; "
-                   "default: the head shipped for the embedded model)")
+    p.add_argument("--draft-head", help="--method eagle or auto: an EAGLE-3 head folder (speculators or original "
+                   "layout; default: the head shipped for the embedded model); --method medusa: a Medusa head folder")
     p.add_argument("--num-draft", type=int, default=None, help="draft tokens per step (fixes the length)")
     p.add_argument("--tree-width", type=int, default=1, help="--method draft, eagle: children per tree node")
     p.add_argument("--guard", action="store_true",
@@ -63,9 +63,9 @@ def spec_config(a: argparse.Namespace) -> SpecConfig:
         raise ValueError(f"unknown method {a.method!r}; choose one of {', '.join(methods())}")
     options = parse_options(a.opt, "--opt")
     if a.draft_head:
-        if a.method != "eagle":
-            raise ValueError("--draft-head goes with --method eagle")
-        options["head"] = a.draft_head
+        if a.method not in ("eagle", "medusa", "auto"):
+            raise ValueError("--draft-head goes with --method eagle, medusa or auto")
+        options["eagle.head" if a.method == "auto" else "head"] = a.draft_head
     default = SpecConfig()
     fixed = a.num_draft is not None
     num = a.num_draft if fixed else default.num_draft

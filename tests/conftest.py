@@ -291,3 +291,21 @@ def random_medusa_head(runtime: Runtime, seed: int = 0, heads: int = 3, draft_vo
     if size < args.vocab_size:
         head.set_vocabulary(torch.arange(0, args.vocab_size, args.vocab_size // size)[:size])
     return head.eval().requires_grad_(False)
+
+
+def auto_with_random_head(runtime: Runtime, spec):
+    """`auto` over its spec's candidates, eagle with a random head (drafting even when it doubts) and the
+    others built as auto builds them."""
+    from dataclasses import replace
+
+    from forerun.drafters.auto import Auto
+    from forerun.drafters.eagle import Eagle
+    from forerun.drafters.registry import build_drafter
+
+    names = dict(spec.options)["candidates"].split(",")
+    candidates = {}
+    for name in names:
+        sub = replace(spec, method=name, options={"min_accept": 0.0} if name == "eagle" else {})
+        candidates[name] = Eagle(runtime, sub, head=random_eagle_head(runtime, draft_vocab=32)) if name == "eagle" \
+            else build_drafter(runtime, sub)
+    return Auto(runtime, spec, candidates=candidates)

@@ -4,7 +4,7 @@ prefill; seeds that do not depend on the batch; streaming; abort."""
 import pytest
 import torch
 
-from conftest import random_eagle_head, random_medusa_head, tiny_runtime
+from conftest import auto_with_random_head, random_eagle_head, random_medusa_head, tiny_runtime
 from helpers_distribution import E2E_PROMPT, E2E_VOCAB, assert_distributed_as, exact_first_two, flat_runtime
 from helpers_decoding import PROMPTS, datastore_for
 
@@ -46,6 +46,10 @@ def specs_for(method: str, datastore: str) -> list[SpecConfig]:
         always = {"min_accept": 0.0}  # a random head doubts every draft: draft anyway
         return [SpecConfig(method=method, tree_width=2, options={"nodes": 6, **always}, **small),
                 SpecConfig(method=method, options=always)]
+    if method == "auto":  # drafting and rows free: a candidate drafts whenever one is expected to be accepted
+        free = {"row_cost": 0.0, "timed": False}
+        return [SpecConfig(method=method, options={"candidates": "pld,recycle", **free}, **small),
+                SpecConfig(method=method, tree_width=2, options={"candidates": "eagle,pld", **free})]
     if method == "retrieval":
         return [SpecConfig(method=method, options={**options, "retrieved_nodes": 4}),
                 SpecConfig(method=method, options=options)]
@@ -64,6 +68,8 @@ def install_drafters(llm: LLM, specs: list[SpecConfig], draft_runtime) -> None:
             llm.use_drafter(spec, Eagle(llm.runtime, spec, head=random_eagle_head(llm.runtime, draft_vocab=32)))
         elif spec.method == "medusa":
             llm.use_drafter(spec, Medusa(llm.runtime, spec, head=random_medusa_head(llm.runtime, draft_vocab=32)))
+        elif spec.method == "auto" and "eagle" in dict(spec.options)["candidates"]:
+            llm.use_drafter(spec, auto_with_random_head(llm.runtime, spec))
 
 
 class Forwards:

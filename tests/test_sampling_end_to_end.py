@@ -16,6 +16,7 @@ import torch
 from conftest import random_eagle_head, reference_probs, small_vocab_runtime
 from helpers_distribution import assert_distributed_as
 from forerun import LLM, SamplingParams, SpecConfig
+from forerun.drafters.auto import Auto
 from forerun.drafters.draft_model import DraftModel
 from forerun.drafters.eagle import Eagle
 from forerun.drafters.medusa import Medusa
@@ -231,3 +232,44 @@ def test_medusa_tree_samples_follow_the_processed_target(world):
     cut = sum(run.stats.draft_tokens < 4 * run.stats.drafts for run in runs)
     assert cut > trials // 20, f"only {cut} runs had a tree cut by min_accept: the cut was hardly tested"
     assert_follows(triples, world.joint, "medusa")
+
+
+class WatchedAuto(Auto):
+    """Auto that records which candidate each step drafted with (None: a plain step)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.chosen = []
+
+    def propose_batch(self, seqs, depths):
+        drafts = super().propose_batch(seqs, depths)
+        self.chosen += [seq.draft_state.chosen for seq in seqs]
+        return drafts
+
+
+# weight 1: a sequence judges candidates by the last step scored, so the choice swings with the sampled text
+AUTO = SpecConfig(method="auto", tree_width=2, num_draft=2, max_draft=2, adaptive=False,
+                  options={"row_cost": 0.0, "timed": False, "weight": 1.0})
+
+
+def test_auto_samples_follow_the_processed_target(world):
+    """auto choosing between a head's chain (tokens drawn from its q) and Medusa's tree (point masses):
+    which one drafts depends on how the earlier sampled tokens scored them, so the choice itself
+    follows the sampled text, and the output must still follow the target."""
+    made = []
+
+    def build(target, spec, draft):
+        eagle_spec = dataclasses.replace(EAGLE_CHAIN, options={"min_accept": 0.0})
+        medusa_spec = dataclasses.replace(MEDUSA_TREE, options={"min_accept": 0.0, "nodes": 2})
+        made.append(WatchedAuto(target, spec, candidates={
+            "eagle": eagle(target, eagle_spec, draft),
+            "medusa": Medusa(target, medusa_spec, head=new_head(target, 2, torch.arange(VOCAB)))}))
+        return made[-1]
+
+    trials = TRIALS // 2
+    runs, triples = sample(world, AUTO, drafter=build, trials=trials)
+    picked = {name: made[0].chosen.count(name) for name in ("eagle", "medusa")}
+    assert min(picked.values()) > trials // 40, picked  # both candidates really drafted
+    both = sum(run.stats.accept_histogram.get(3, 0) > 0 for run in runs)
+    assert both > trials // 40, f"only {both} runs accepted both drafts: accepted drafts were hardly tested"
+    assert_follows(triples, world.joint, "auto")

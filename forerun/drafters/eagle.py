@@ -62,6 +62,7 @@ class EagleState:
     pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # committed rows not yet run: (tokens, hidden, positions)
     last: tuple[torch.Tensor, torch.Tensor, int] | None = None  # the last committed row's output, logits, position
     confidence: list[float] | None = None  # the head's confidence in each node of the last draft (root first)
+    drafted: Draft | None = None  # that draft: its confidences are checked only if it is the one verified
 
 
 class _Chain:
@@ -170,11 +171,11 @@ class Eagle(Drafter):
 
     def observe(self, seq: Sequence, draft: Draft, verdict: Verdict, scores: Scores) -> None:
         state: EagleState = seq.draft_state
-        if state.confidence is not None and len(state.confidence) == draft.size:
+        if state.drafted is draft:  # not cut by the policy, nor another drafter's (auto)
             on_path = set(verdict.path)
             for node in range(1, draft.size):
                 self.calibration.record(state.confidence[node], node in on_path)
-        state.confidence = None
+        state.confidence = state.drafted = None
         if not all(k in scores.layers for k in self.aux):
             return
         path = torch.tensor(verdict.path)
@@ -273,7 +274,8 @@ class Eagle(Drafter):
         for c in chains:
             q = torch.stack([torch.zeros_like(c.qs[0]), *c.qs]) if c.qs else None  # row 0: the root, never drawn
             c.state.confidence = c.confidence
-            drafts.append(Draft(Tree(tokens=torch.tensor(c.tokens), parents=list(range(-1, len(c.tokens) - 1))), q=q))
+            c.state.drafted = Draft(Tree(tokens=torch.tensor(c.tokens), parents=list(range(-1, len(c.tokens) - 1))), q=q)
+            drafts.append(c.state.drafted)
         return drafts
 
     def _tree(self, seq: Sequence, state: EagleState, depth: int, root_position: int) -> Draft:
@@ -332,5 +334,6 @@ class Eagle(Drafter):
         keep = [0] + sorted(kept, key=lambda n: (depths[n], n))
         index = {n: i for i, n in enumerate(keep)}
         state.confidence = [math.exp(score[n]) for n in keep]
-        return Draft(Tree(tokens=torch.tensor([tokens[n] for n in keep]),
-                          parents=[-1] + [index[parents[n]] for n in keep[1:]]))
+        state.drafted = Draft(Tree(tokens=torch.tensor([tokens[n] for n in keep]),
+                                   parents=[-1] + [index[parents[n]] for n in keep[1:]]))
+        return state.drafted

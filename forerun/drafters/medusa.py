@@ -53,6 +53,7 @@ class MedusaState:
     hidden: torch.Tensor | None = None  # [D] the target's final-normed hidden state at `position`
     position: int = -1
     confidence: list[float] | None = None  # the heads' confidence in each node of the last draft (root first)
+    drafted: Draft | None = None  # that draft: its confidences are checked only if it is the one verified
 
 
 _LOADED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # target model -> {folder: its head}
@@ -101,11 +102,11 @@ class Medusa(Drafter):
 
     def observe(self, seq: Sequence, draft: Draft, verdict: Verdict, scores: Scores) -> None:
         state: MedusaState = seq.draft_state
-        if state.confidence is not None and len(state.confidence) == draft.size:
+        if state.drafted is draft:  # not cut by the policy, nor another drafter's (auto)
             on_path = set(verdict.path)
             for node in range(1, draft.size):
                 self.calibration.record(state.confidence[node], node in on_path)
-        state.confidence = None
+        state.confidence = state.drafted = None
         state.hidden = scores.hidden[verdict.path[-1]].float().cpu().clone()
         state.position = len(seq.tokens) - 2  # the last accepted node's: seq holds the next root already
 
@@ -157,4 +158,5 @@ class Medusa(Drafter):
         shape = shape.subtree(list(range(keep)))
         tokens = [seq.root] + [int(ids[shape.depths[n] - 1, shape.ranks[n]]) for n in range(1, keep)]
         seq.draft_state.confidence = confidence[:keep]
-        return Draft(Tree(tokens=torch.tensor(tokens), parents=shape.parents))
+        seq.draft_state.drafted = Draft(Tree(tokens=torch.tensor(tokens), parents=shape.parents))
+        return seq.draft_state.drafted

@@ -12,7 +12,7 @@ from forerun.drafters.base import Drafter
 _DRAFTERS: dict[str, type[Drafter]] = {}
 
 BUILTIN_MODULES = {  # method -> the module under forerun.drafters that registers it
-    "ar": "ar", "del": "del_exit", "draft": "draft_model", "eagle": "eagle", "layer-skip": "layer_skip",
+    "ar": "ar", "auto": "auto", "del": "del_exit", "draft": "draft_model", "eagle": "eagle", "layer-skip": "layer_skip",
     "lookahead": "lookahead", "medusa": "medusa", "pld": "pld", "rasd": "rasd", "recycle": "recycle",
     "retrieval": "retrieval", "stand": "stand",
 }
