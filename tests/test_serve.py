@@ -476,7 +476,7 @@ def test_malformed_json_is_400(server):
 def test_metrics(server, client):
     greedy_chat(client, max_tokens=8, extra_body={"speculation": {"method": "pld"}})
     text = httpx.get(server.url + "/metrics").text
-    for name in ("forerun:requests_total", "forerun:num_seqs_running", "forerun:num_seqs_waiting",
+    for name in ("forerun:requests_total", "forerun:num_requests_running", "forerun:num_seqs_waiting",
                  "forerun:kv_cache_usage_perc", "forerun:prefix_cache_hit_rate",
                  "forerun:time_to_first_token_seconds_bucket", "forerun:time_per_output_token_seconds_bucket",
                  "forerun:e2e_request_latency_seconds_bucket", "forerun:spec_decode_num_drafts_total",
@@ -484,7 +484,7 @@ def test_metrics(server, client):
                  "forerun:spec_decode_num_accepted_tokens_per_pos_total"):
         assert name in text, name
     assert 'forerun:requests_total{route="/v1/chat/completions",status="200"}' in text
-    assert metric(server.url, "forerun:num_seqs_running") == 0
+    assert metric(server.url, "forerun:num_requests_running") == 0
     assert metric(server.url, "forerun:kv_cache_used_blocks") == 0
 
 
@@ -774,7 +774,7 @@ def _idle(url: str, aborted_before: float, timeout: float = 20) -> float:
     """Seconds until the server is idle with every KV block back, after one more abort."""
     start = time.monotonic()
     while time.monotonic() - start < timeout:
-        if metric(url, "forerun:num_seqs_running") == 0 and metric(url, "forerun:kv_cache_used_blocks") == 0 \
+        if metric(url, "forerun:num_requests_running") == 0 and metric(url, "forerun:kv_cache_used_blocks") == 0 \
                 and _aborts(url) > aborted_before:
             return time.monotonic() - start
         time.sleep(0.1)
@@ -782,10 +782,7 @@ def _idle(url: str, aborted_before: float, timeout: float = 20) -> float:
 
 
 def _aborts(url: str) -> float:
-    text = httpx.get(url + "/metrics").text
-    prefix = 'forerun:request_samples_finished_total{finish_reason="abort"}'
-    line = next((x for x in text.splitlines() if x.startswith(prefix)), None)
-    return float(line.split()[1]) if line else 0.0
+    return metric(url, "forerun:request_success_total", finished_reason="abort")
 
 
 LONG = {"model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": "Tell me a long story."}],

@@ -65,7 +65,7 @@ def create_app(load: Callable[[], Engine], config: ServeConfig,
     """An app whose engine thread starts with the app's lifespan and calls load() first; until it
     returns, every model endpoint and /health answer 503. on_failure(reason) is called if the engine
     can no longer serve (load() raised, or the engine thread failed)."""
-    metrics = Metrics()
+    metrics = Metrics(config.model_name)
     drafts = DraftModels(config.allowed_draft_models())
 
     def load_for_serving() -> Engine:
