@@ -238,8 +238,8 @@ def test_quant_auto_is_q4_only_for_block_ggufs_on_the_cpu(tmp_path, monkeypatch)
 def test_unsupported_gguf_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="architecture 'gpt2' is not supported"):
         gguf_to_hf_dir(_write_tiny_gguf(tmp_path / "a.gguf", "gpt2", {}), tmp_path / "a")
-    with pytest.raises(ValueError, match="tokenizer model 'llama' is not supported"):
-        gguf_to_hf_dir(_write_tiny_gguf(tmp_path / "b.gguf", "llama", _tiny_weights("llama"), "llama"), tmp_path / "b")
+    with pytest.raises(ValueError, match="tokenizer model 't5' is not supported"):
+        gguf_to_hf_dir(_write_tiny_gguf(tmp_path / "b.gguf", "llama", _tiny_weights("llama"), "t5"), tmp_path / "b")
 
 
 # -- tokenizer -----------------------------------------------------------------------------------
