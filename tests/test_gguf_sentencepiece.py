@@ -8,6 +8,7 @@ import gguf
 import numpy as np
 import pytest
 
+from conftest import write_gguf
 from forerun.config import SamplingParams, SpecConfig
 from forerun.llm import LLM
 from forerun.models.embedded import converted_gguf_dir
@@ -36,18 +37,9 @@ SAMPLES = [
 DIMS = dict(layers=2, hidden=16, heads=4, kv_heads=2, ffn=24)
 
 
-def write_sentencepiece_gguf(path: Path) -> Path:
-    """A tiny random Llama whose tokenizer is SentencePiece BPE, laid out as llama.cpp writes Llama 2's:
-    <unk>, <s>, </s>, the 256 byte pieces, then the vocabulary with its scores."""
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_context_length(128)
-    w.add_embedding_length(DIMS["hidden"])
-    w.add_block_count(DIMS["layers"])
-    w.add_feed_forward_length(DIMS["ffn"])
-    w.add_head_count(DIMS["heads"])
-    w.add_head_count_kv(DIMS["kv_heads"])
-    w.add_layer_norm_rms_eps(1e-6)
-    w.add_rope_freq_base(10000.0)
+def write_sentencepiece_tokenizer(w: gguf.GGUFWriter) -> None:
+    """SentencePiece BPE, laid out as llama.cpp writes Llama 2's: <unk>, <s>, </s>, the 256 byte
+    pieces, then the vocabulary with its scores."""
     w.add_tokenizer_model("llama")
     w.add_token_list(TOKENS)
     types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
@@ -61,22 +53,22 @@ def write_sentencepiece_gguf(path: Path) -> Path:
     w.add_eos_token_id(2)
     w.add_add_bos_token(True)
     w.add_add_space_prefix(True)
+
+
+def write_sentencepiece_gguf(path: Path) -> Path:
+    """A tiny random Llama with the SentencePiece tokenizer above."""
     rng = np.random.default_rng(0)
-    h, hd, vocab = DIMS["hidden"], DIMS["hidden"] // DIMS["heads"], len(TOKENS)
+    h, hd, ffn, vocab = DIMS["hidden"], DIMS["hidden"] // DIMS["heads"], DIMS["ffn"], len(TOKENS)
+    q, kv = DIMS["heads"] * hd, DIMS["kv_heads"] * hd
     shapes = {"token_embd.weight": (vocab, h), "output_norm.weight": (h,), "output.weight": (vocab, h)}
     for i in range(DIMS["layers"]):
         shapes |= {f"blk.{i}.attn_norm.weight": (h,), f"blk.{i}.ffn_norm.weight": (h,),
-                   f"blk.{i}.attn_q.weight": (DIMS["heads"] * hd, h), f"blk.{i}.attn_k.weight": (DIMS["kv_heads"] * hd, h),
-                   f"blk.{i}.attn_v.weight": (DIMS["kv_heads"] * hd, h), f"blk.{i}.attn_output.weight": (h, h),
-                   f"blk.{i}.ffn_gate.weight": (DIMS["ffn"], h), f"blk.{i}.ffn_up.weight": (DIMS["ffn"], h),
-                   f"blk.{i}.ffn_down.weight": (h, DIMS["ffn"])}
-    for name, shape in shapes.items():
-        w.add_tensor(name, rng.standard_normal(shape).astype(np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+                   f"blk.{i}.attn_q.weight": (q, h), f"blk.{i}.attn_k.weight": (kv, h),
+                   f"blk.{i}.attn_v.weight": (kv, h), f"blk.{i}.attn_output.weight": (h, q),
+                   f"blk.{i}.ffn_gate.weight": (ffn, h), f"blk.{i}.ffn_up.weight": (ffn, h),
+                   f"blk.{i}.ffn_down.weight": (h, ffn)}
+    tensors = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
+    return write_gguf(path, "llama", DIMS, tensors, tokenizer=write_sentencepiece_tokenizer)
 
 
 @pytest.fixture(scope="module")

@@ -136,7 +136,7 @@ def test_interrupted_conversion_leaves_nothing(tmp_path, monkeypatch):
 
 
 def test_resolve_model_dir_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist; give a Hugging Face model directory or a .gguf file"):
+    with pytest.raises(FileNotFoundError, match="does not exist; give a Hugging Face model directory, a .gguf file or a Hub id"):
         resolve_model_dir(str(tmp_path / "nope"))
     with pytest.raises(FileNotFoundError, match="has no config.json"):
         resolve_model_dir(str(tmp_path))
