@@ -13,8 +13,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="HF model directory, .gguf file, or Hugging Face Hub id org/name (from the Hub's "
                                    "cache; downloaded unless HF_HUB_OFFLINE=1) (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--revision", default=None, help="with a Hub id: the branch, tag or commit (default: main)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="auto (default): float32 on the CPU, bfloat16 on a GPU that runs it (else float16)")
+    # float32 stays the default: on a GPU it is the batch-invariant path on which speculation's greedy
+    # output equals ar's; bfloat16 can differ at near-ties there (docs/models.md)
+    p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="default float32; auto (vLLM's default): float32 on the CPU, bfloat16 on a GPU that runs "
+                        "it (else float16)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--quant", choices=["auto", "q4", "none"], default="auto",
                    help="q4: GGUF-style 4-bit block weights and an 8-bit head on native CPU kernels (float32 "

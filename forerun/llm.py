@@ -23,7 +23,7 @@ class LLM:
     """A target model and the engine that decodes with it (its drafters, KV pool and prefix cache
     are kept across calls, so what they learn persists)."""
 
-    def __init__(self, model: str | None = None, dtype: str = "auto", device: str = "cpu",
+    def __init__(self, model: str | None = None, dtype: str = "float32", device: str = "cpu",
                  quant: str | None = "auto", runtime: Runtime | None = None, engine: EngineConfig | None = None,
                  revision: str | None = None, chat_template: str | None = None, generation_config: str = "auto"):
         """model: an HF directory, .gguf file or Hub id (at `revision`); generation_config "auto":

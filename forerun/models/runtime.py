@@ -119,7 +119,7 @@ def _gguf_source(model: str | None) -> Path | None:
     return source if source.suffix == ".gguf" and source.is_file() else None
 
 
-def load(model: str | None = None, dtype: str = "auto", device: str = "cpu",
+def load(model: str | None = None, dtype: str = "float32", device: str = "cpu",
          quant: str | None = "auto", revision: str | None = None, chat_template: str | None = None) -> Runtime:
     """Load a model by HF directory, .gguf file, Hub id (`org/name`, at `revision`: a branch, tag or
     commit), or None for the embedded SmolLM2-135M-Instruct. dtype "auto": auto_dtype. chat_template:
