@@ -21,8 +21,8 @@ _TRUE = {"1", "ON", "YES", "TRUE"}
 
 
 def looks_like_repo_id(spec: str) -> bool:
-    """`org/name`: two parts, neither a path's `.` or `..`."""
-    return _REPO_ID.fullmatch(spec) is not None and ".." not in spec and not spec.startswith("./")
+    """`org/name`: two parts, starting with a letter or digit, neither of them a path's `..`."""
+    return _REPO_ID.fullmatch(spec) is not None and ".." not in spec
 
 
 def offline() -> bool:
