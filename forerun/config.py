@@ -155,8 +155,11 @@ class GenerationDefaults:
 
     @classmethod
     def from_generation_config(cls, config: dict) -> "GenerationDefaults":
-        return cls(**{name: kind(config[name]) for name, kind in GENERATION_FIELDS.items()
-                      if config.get(name) is not None})
+        try:
+            return cls(**{name: kind(config[name]) for name, kind in GENERATION_FIELDS.items()
+                          if config.get(name) is not None})
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"the model's generation_config.json: {e}") from None
 
     def given(self) -> dict[str, float | int]:
         """The fields the model's file sets."""

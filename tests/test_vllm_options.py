@@ -103,8 +103,8 @@ def test_generation_defaults_are_read_and_checked(tiny):
     runtime = load(str(tiny))
     assert runtime.generation == GenerationDefaults(temperature=0.7, top_p=0.9, top_k=20, max_new_tokens=5)
     assert GenerationDefaults.from_generation_config({"temperature": 1, "do_sample": True}).given() == {"temperature": 1.0}
-    with pytest.raises(ValueError, match="top_p"):
-        GenerationDefaults(top_p=1.5)
+    with pytest.raises(ValueError, match="generation_config.json: top_p"):
+        GenerationDefaults.from_generation_config({"top_p": 1.5})
 
 
 def test_the_python_api_defaults_to_the_models_sampling(tiny):
