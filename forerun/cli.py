@@ -6,7 +6,8 @@ import json
 import sys
 
 from forerun.bench.cli import add_bench_parser
-from forerun.cli_args import add_engine_args, add_model_args, add_speculation_args, engine_config, spec_config
+from forerun.cli_args import (add_engine_args, add_model_args, add_speculation_args, engine_config, model_options,
+                              spec_config)
 from forerun.config import SamplingParams, SpecConfig
 from forerun.heads.cli import add_train_head_parser
 from forerun.retrieval.cli import add_datastore_parser
@@ -62,7 +63,7 @@ def sampling_params(a: argparse.Namespace) -> SamplingParams:
 
 def _llm(a: argparse.Namespace):
     from forerun.llm import LLM
-    return LLM(a.model, dtype=a.dtype, device=a.device, quant=a.quant, engine=engine_config(a))
+    return LLM(a.model, **model_options(a), engine=engine_config(a))
 
 
 def _read_prompt(a: argparse.Namespace) -> str:

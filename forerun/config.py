@@ -121,11 +121,46 @@ class EngineConfig:
     max_step_tokens: int = 256  # pending prompt tokens one step may compute beside its decoding rows
     max_draft_rows: int = 256  # rows (tree plus extra) one sequence's verification may hold
     prefix_caching: bool = True  # reuse the KV of token blocks an earlier sequence computed
+    # Tokens a sequence may hold, prompt and output together; None: the model's whole context. Lower,
+    # it also lowers the pool's floor of one full context (a 128k-context model would otherwise
+    # reserve 128k tokens of KV).
+    max_model_len: int | None = None
 
     def __post_init__(self) -> None:
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2 (a prompt token and a generated one), got {self.max_model_len}")
         if self.kv_cache_tokens is not None and self.kv_cache_tokens < self.block_size:
             raise ValueError(f"kv_cache_tokens must hold at least one block of {self.block_size}, "
                              f"got {self.kv_cache_tokens}")
         for name in ("block_size", "max_num_seqs", "max_step_tokens", "max_draft_rows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+GENERATION_FIELDS = {"temperature": float, "top_p": float, "top_k": int, "max_new_tokens": int}
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationDefaults:
+    """The sampling a model's generation_config.json recommends, used by requests that leave a field
+    unset (vLLM's --generation-config auto reads the same four). None: forerun's own default."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    max_new_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        SamplingParams(**self.given())  # the same bounds as a request's
+
+    @classmethod
+    def from_generation_config(cls, config: dict) -> "GenerationDefaults":
+        try:
+            return cls(**{name: kind(config[name]) for name, kind in GENERATION_FIELDS.items()
+                          if config.get(name) is not None})
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"the model's generation_config.json: {e}") from None
+
+    def given(self) -> dict[str, float | int]:
+        """The fields the model's file sets."""
+        return {name: getattr(self, name) for name in GENERATION_FIELDS if getattr(self, name) is not None}

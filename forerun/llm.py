@@ -14,6 +14,8 @@ from forerun.engine.sequence import Sequence
 from forerun.models.runtime import Runtime, load
 from forerun.types import Generation
 
+GENERATION_CONFIG_CHOICES = ("auto", "none")
+
 Prompt = str | list[dict]  # plain text, or chat messages [{"role": ..., "content": ...}]
 
 
@@ -22,9 +24,18 @@ class LLM:
     are kept across calls, so what they learn persists)."""
 
     def __init__(self, model: str | None = None, dtype: str = "float32", device: str = "cpu",
-                 quant: str | None = "auto", runtime: Runtime | None = None, engine: EngineConfig | None = None):
-        self.runtime = runtime or load(model, dtype=dtype, device=device, quant=quant)
+                 quant: str | None = "auto", runtime: Runtime | None = None, engine: EngineConfig | None = None,
+                 revision: str | None = None, chat_template: str | None = None, generation_config: str = "auto"):
+        """model: an HF directory, .gguf file or Hub id (at `revision`); generation_config "auto":
+        generate() without params samples as the model's generation_config.json recommends, "none":
+        with SamplingParams' own defaults (greedy)."""
+        if generation_config not in GENERATION_CONFIG_CHOICES:
+            raise ValueError(f"generation_config must be auto or none, got {generation_config!r}")
+        self.runtime = runtime or load(model, dtype=dtype, device=device, quant=quant, revision=revision,
+                                       chat_template=chat_template)
         self.engine = Engine(self.runtime, engine)
+        defaults = self.runtime.generation.given() if generation_config == "auto" else {}
+        self.default_params = SamplingParams(**defaults)
 
     @property
     def tokenizer(self):
@@ -70,7 +81,7 @@ class LLM:
     def generate_batch_ids(self, prompt_ids: list[list[int]], params: SamplingParams | None = None,
                            spec: SpecConfig | None = None) -> list[Generation]:
         """generate() from token ids."""
-        params, spec = params or SamplingParams(), spec or SpecConfig()
+        params, spec = params or self.default_params, spec or SpecConfig()
         ids = []
         try:
             for prompt in prompt_ids:

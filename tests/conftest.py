@@ -1,4 +1,5 @@
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import gguf
@@ -208,10 +209,11 @@ GGUF_TOKENS = ["<|endoftext|>", "<|im_end|>", "a", "b", "ab", "Ġ", "Ġab", "c"]
 GGUF_MERGES = ["a b", "Ġ ab"]
 
 
-def write_gguf(path: Path, arch: str, dims: dict, tensors: dict, tokenizer_model: str = "gpt2") -> Path:
+def write_gguf(path: Path, arch: str, dims: dict, tensors: dict, tokenizer_model: str = "gpt2",
+               tokenizer: Callable[[gguf.GGUFWriter], None] | None = None) -> Path:
     """A GGUF file of `arch` (dims: layers, hidden, heads, kv_heads, ffn, vocab) with a tiny byte-level
-    BPE tokenizer and `tensors` by GGUF name: float arrays, or (raw blocks [N, bytes a row] uint8,
-    gguf.GGMLQuantizationType)."""
+    BPE tokenizer, or what `tokenizer(writer)` writes instead, and `tensors` by GGUF name: float
+    arrays, or (raw blocks [N, bytes a row] uint8, gguf.GGMLQuantizationType)."""
     w = gguf.GGUFWriter(str(path), arch)
     w.add_context_length(128)
     w.add_embedding_length(dims["hidden"])
@@ -221,15 +223,10 @@ def write_gguf(path: Path, arch: str, dims: dict, tensors: dict, tokenizer_model
     w.add_head_count_kv(dims["kv_heads"])
     w.add_layer_norm_rms_eps(1e-6)
     w.add_rope_freq_base(10000.0)
-    w.add_tokenizer_model(tokenizer_model)
-    w.add_tokenizer_pre("gpt2")
-    tokens = GGUF_TOKENS + [f"<t{i}>" for i in range(len(GGUF_TOKENS), dims["vocab"])]
-    w.add_token_list(tokens)
-    w.add_token_merges(GGUF_MERGES)
-    w.add_token_types([gguf.TokenType.CONTROL] * 2 + [gguf.TokenType.NORMAL] * (len(tokens) - 2))
-    w.add_bos_token_id(0)
-    w.add_eos_token_id(1)
-    w.add_chat_template("{% for m in messages %}{{ m['content'] }}<|im_end|>{% endfor %}")
+    if tokenizer is None:
+        _write_byte_level_tokenizer(w, tokenizer_model, dims["vocab"])
+    else:
+        tokenizer(w)
     for name, value in tensors.items():
         if isinstance(value, tuple):
             raw, kind = value
@@ -241,6 +238,18 @@ def write_gguf(path: Path, arch: str, dims: dict, tensors: dict, tokenizer_model
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def _write_byte_level_tokenizer(w: gguf.GGUFWriter, tokenizer_model: str, vocab: int) -> None:
+    w.add_tokenizer_model(tokenizer_model)
+    w.add_tokenizer_pre("gpt2")
+    tokens = GGUF_TOKENS + [f"<t{i}>" for i in range(len(GGUF_TOKENS), vocab)]
+    w.add_token_list(tokens)
+    w.add_token_merges(GGUF_MERGES)
+    w.add_token_types([gguf.TokenType.CONTROL] * 2 + [gguf.TokenType.NORMAL] * (len(tokens) - 2))
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(1)
+    w.add_chat_template("{% for m in messages %}{{ m['content'] }}<|im_end|>{% endfor %}")
 
 
 @pytest.fixture(scope="module")

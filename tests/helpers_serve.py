@@ -95,11 +95,18 @@ def openai_client(server: ServerProcess, api_key: str = "none", timeout: float =
     return openai.OpenAI(base_url=server.url + "/v1", api_key=api_key, max_retries=0, timeout=timeout)
 
 
-def metric(url: str, name: str) -> float:
-    """One unlabeled sample's value from /metrics."""
-    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
+def metric(url: str, name: str, **labels: str) -> float:
+    """The value of the sample `name` from /metrics whose labels include `labels` (every sample also
+    carries model_name); 0 for a labelled counter that has not counted yet."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(url + "/metrics", timeout=10).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and labels.items() <= sample.labels.items():
+                return sample.value
+    if labels:
+        return 0.0
     raise KeyError(name)
 
 

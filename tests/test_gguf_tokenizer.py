@@ -136,7 +136,7 @@ def test_interrupted_conversion_leaves_nothing(tmp_path, monkeypatch):
 
 
 def test_resolve_model_dir_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist; give a Hugging Face model directory or a .gguf file"):
+    with pytest.raises(FileNotFoundError, match="does not exist; give a Hugging Face model directory, a .gguf file or a Hub id"):
         resolve_model_dir(str(tmp_path / "nope"))
     with pytest.raises(FileNotFoundError, match="has no config.json"):
         resolve_model_dir(str(tmp_path))
@@ -238,8 +238,8 @@ def test_quant_auto_is_q4_only_for_block_ggufs_on_the_cpu(tmp_path, monkeypatch)
 def test_unsupported_gguf_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="architecture 'gpt2' is not supported"):
         gguf_to_hf_dir(_write_tiny_gguf(tmp_path / "a.gguf", "gpt2", {}), tmp_path / "a")
-    with pytest.raises(ValueError, match="tokenizer model 'llama' is not supported"):
-        gguf_to_hf_dir(_write_tiny_gguf(tmp_path / "b.gguf", "llama", _tiny_weights("llama"), "llama"), tmp_path / "b")
+    with pytest.raises(ValueError, match="tokenizer model 't5' is not supported"):
+        gguf_to_hf_dir(_write_tiny_gguf(tmp_path / "b.gguf", "llama", _tiny_weights("llama"), "t5"), tmp_path / "b")
 
 
 # -- tokenizer -----------------------------------------------------------------------------------

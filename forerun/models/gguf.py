@@ -251,32 +251,26 @@ def _unpermute_qk(weight: np.ndarray, heads: int) -> np.ndarray:
 
 def _tokenizer(meta: dict[str, Any]) -> Tokenizer:
     kind = meta.get("tokenizer.ggml.model")
-    if kind != "gpt2":
+    if kind not in _BACKENDS:
         raise ValueError(
-            f"GGUF tokenizer model {kind!r} is not supported (only byte-level BPE, 'gpt2'); "
-            "use the model's Hugging Face directory instead"
+            f"GGUF tokenizer model {kind!r} is not supported (only byte-level BPE, 'gpt2', and SentencePiece "
+            "BPE, 'llama'); use the model's Hugging Face directory instead"
         )
     tokens = meta["tokenizer.ggml.tokens"]
     vocab = {token: i for i, token in enumerate(tokens)}
     if len(vocab) != len(tokens):
         raise ValueError("GGUF token list has duplicate tokens; ids would not be preserved")
-    pre = meta.get("tokenizer.ggml.pre", "default")
-    merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
-    # Llama 3's tokenizer.json looks whole words up in the vocabulary before merging.
-    backend = tokenizers.Tokenizer(models.BPE(vocab, merges, ignore_merges=pre in _LLAMA3_PRE))
-    if pre in _QWEN2_PRE:
-        backend.normalizer = normalizers.NFC()
-    backend.pre_tokenizer = _pre_tokenizer(pre)
-    backend.decoder = decoders.ByteLevel()
+    backend = _BACKENDS[kind](meta, vocab)
     _add_special_tokens(backend, tokens, meta.get("tokenizer.ggml.token_type") or [])
 
-    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False))
+    # llama.cpp adds BOS to a SentencePiece vocabulary whose file does not say otherwise
+    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", kind == "llama"))
     bos = _token_at(tokens, meta.get("tokenizer.ggml.bos_token_id"))
     backend.post_processor = (
         processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B:1",
                                       special_tokens=[(bos, vocab[bos])])
         if add_bos and bos
-        else processors.ByteLevel(trim_offsets=False)
+        else processors.ByteLevel(trim_offsets=False) if kind == "gpt2" else None
     )
     config = {
         "bos_token": bos,
@@ -288,6 +282,60 @@ def _tokenizer(meta: dict[str, Any]) -> Tokenizer:
         "chat_template": meta.get("tokenizer.chat_template"),
     }
     return Tokenizer(backend, config)
+
+
+def _byte_level_bpe(meta: dict[str, Any], vocab: dict[str, int]) -> tokenizers.Tokenizer:
+    pre = meta.get("tokenizer.ggml.pre", "default")
+    merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
+    # Llama 3's tokenizer.json looks whole words up in the vocabulary before merging.
+    backend = tokenizers.Tokenizer(models.BPE(vocab, merges, ignore_merges=pre in _LLAMA3_PRE))
+    if pre in _QWEN2_PRE:
+        backend.normalizer = normalizers.NFC()
+    backend.pre_tokenizer = _pre_tokenizer(pre)
+    backend.decoder = decoders.ByteLevel()
+    return backend
+
+
+_SPACE = "\u2581"  # SentencePiece's visible space
+
+
+def _sentencepiece_bpe(meta: dict[str, Any], vocab: dict[str, int]) -> tokenizers.Tokenizer:
+    """SentencePiece's BPE (Llama 2, Mistral) as a `tokenizers` BPE: spaces become \u2581 and the text
+    starts with one; pieces merge highest score first (the merges come from the scores, which the
+    file has instead of merges); a character no piece covers becomes its UTF-8 bytes' <0xXX> tokens."""
+    tokens = meta["tokenizer.ggml.tokens"]
+    scores = meta.get("tokenizer.ggml.scores") or [-float(i) for i in range(len(tokens))]
+    types = meta.get("tokenizer.ggml.token_type") or [gguf.TokenType.NORMAL] * len(tokens)
+    unk = _token_at(tokens, meta.get("tokenizer.ggml.unknown_token_id"))
+    backend = tokenizers.Tokenizer(models.BPE(vocab, _merges_by_score(tokens, scores, types, vocab),
+                                              unk_token=unk, fuse_unk=True, byte_fallback=True))
+    prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+    if unk is not None:  # matched whole in text and skipped in decoding, as SentencePiece's <unk> is
+        backend.add_special_tokens([AddedToken(unk, special=True, normalized=False)])
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement=_SPACE, prepend_scheme="first" if prefix else "never",
+                                                     split=False)
+    steps = [decoders.Replace(_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    backend.decoder = decoders.Sequence(steps + [decoders.Strip(" ", 1, 0)] if prefix else steps)
+    return backend
+
+
+def _merges_by_score(tokens: list[str], scores: list[float], types: list[int],
+                     vocab: dict[str, int]) -> list[tuple[str, str]]:
+    """Every (left, right) pair of pieces that joins into a piece, in the order SentencePiece merges:
+    the joined piece's score, highest first (ties: the lower ids first, as its vocabulary order)."""
+    ranked = []
+    for i, (token, kind) in enumerate(zip(tokens, types)):
+        if kind not in (gguf.TokenType.NORMAL, gguf.TokenType.USER_DEFINED):
+            continue
+        for cut in range(1, len(token)):
+            left, right = token[:cut], token[cut:]
+            if left in vocab and right in vocab:
+                ranked.append((-scores[i], i, vocab[left], vocab[right], left, right))
+    ranked.sort()
+    return [(left, right) for *_, left, right in ranked]
+
+
+_BACKENDS = {"gpt2": _byte_level_bpe, "llama": _sentencepiece_bpe}
 
 
 def _pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:

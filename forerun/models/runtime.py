@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from forerun.config import GenerationDefaults
 from forerun.models.args import SUPPORTED_ARCHS, ModelArgs
 from forerun.models.llama import Transformer
 from forerun.models.quant import GGUF_READERS, QuantWeight
@@ -19,6 +20,7 @@ class Runtime:
     model: Transformer
     tokenizer: object | None  # forerun.models.tokenizer.Tokenizer; None for token-id-only use
     name: str
+    generation: GenerationDefaults = GenerationDefaults()  # from the model's generation_config.json
 
     @property
     def device(self) -> torch.device:
@@ -39,8 +41,19 @@ def resolve_device(device: str) -> torch.device:
 
 def resolve_dtype(dtype: str) -> torch.dtype:
     if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+        raise ValueError(f"unknown dtype {dtype!r}; use auto or one of {', '.join(DTYPES)}")
     return DTYPES[dtype]
+
+
+def auto_dtype(dtype: str, device: str) -> str:
+    """`dtype` with "auto" made concrete, as vLLM's --dtype auto: bfloat16 on a GPU that runs it
+    (float16 on older ones), float32 on the CPU, where float32 is what the native kernels and q4 run
+    and half precision is slower, not faster."""
+    if dtype != "auto":
+        return dtype
+    if not device.startswith("cuda") or not torch.cuda.is_available():
+        return "float32"
+    return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
 
 
 QUANTS = ("auto", "none", None, "q4")
@@ -72,6 +85,7 @@ def resolve_quant(quant: str | None, model: str | None, dtype: str, device: str,
     float (or otherwise quantized) projections into Q4_1 blocks (lossy)."""
     if quant not in QUANTS:
         raise ValueError(f"unknown quant {quant!r}; use auto, q4 or none")
+    dtype = auto_dtype(dtype, device)
     if quant == "auto":
         if dtype != "float32" or device != "cpu" or not _native_gguf(model, converted):
             return None
@@ -106,8 +120,10 @@ def _gguf_source(model: str | None) -> Path | None:
 
 
 def load(model: str | None = None, dtype: str = "float32", device: str = "cpu",
-         quant: str | None = "auto") -> Runtime:
-    """Load a model by HF directory, .gguf file, or None for the embedded SmolLM2-135M-Instruct.
+         quant: str | None = "auto", revision: str | None = None, chat_template: str | None = None) -> Runtime:
+    """Load a model by HF directory, .gguf file, Hub id (`org/name`, at `revision`: a branch, tag or
+    commit), or None for the embedded SmolLM2-135M-Instruct. dtype "auto": auto_dtype. chat_template:
+    a Jinja template, or a file holding one, used instead of the model's (chat_template_text).
     quant="q4" runs the block projections and the head on native kernels (forerun.kernels) as GGUF
     blocks: those of a GGUF of the types quant.GGUF_READERS lists read as stored, the others quantized
     into Q4_1 (projections) and Q8_0 (head); "auto" picks q4 for a GGUF of those types on the CPU in
@@ -116,28 +132,56 @@ def load(model: str | None = None, dtype: str = "float32", device: str = "cpu",
 
     from forerun.models.embedded import resolve_model_dir
     from forerun.models.gguf import projection_blocks
-    from forerun.models.tokenizer import Tokenizer
 
+    dtype = auto_dtype(dtype, device)
     if quant != "auto":  # checked before a GGUF conversion, which can take seconds
         quant = resolve_quant(quant, model, dtype, device)
     torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
-    path = Path(resolve_model_dir(model))
+    path = Path(resolve_model_dir(model, revision))
     if quant == "auto":
         quant = resolve_quant(quant, model, dtype, device, converted=path)
     config = json.loads((path / "config.json").read_text())
     if not native_arch(config):
-        return _load_with_transformers(path, config, quant, torch_dtype, torch_device, model)
+        model_obj = _load_with_transformers(path, config, quant, torch_dtype, torch_device)
+        return _runtime(model_obj, path, model or str(path), chat_template)
     args = ModelArgs.from_hf_config(config)
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors weights in {path}")
+    files = weight_files(path)
     source = _gguf_source(model) if quant == "q4" else None
     weights: dict[str, torch.Tensor | QuantWeight] = {} if source is None else projection_blocks(source, config)
     for f in files:
         with safe_open(str(f), "pt") as tensors:
             weights.update({k: tensors.get_tensor(k) for k in tensors.keys() if k not in weights})
-    return Runtime(build(args, weights, torch_dtype, torch_device, quant), Tokenizer.from_dir(path),
-                   name=model or "SmolLM2-135M-Instruct (embedded)")
+    return _runtime(build(args, weights, torch_dtype, torch_device, quant), path,
+                    model or "SmolLM2-135M-Instruct (embedded)", chat_template)
+
+
+def _runtime(model, path: Path, name: str, chat_template: str | None) -> Runtime:
+    """The loaded model with the tokenizer and sampling defaults of its folder."""
+    from forerun.models.tokenizer import Tokenizer, chat_template_text
+
+    tokenizer = Tokenizer.from_dir(path)
+    if chat_template is not None:
+        tokenizer.use_chat_template(chat_template_text(chat_template))
+    generation = path / "generation_config.json"
+    defaults = json.loads(generation.read_text()) if generation.is_file() else {}
+    return Runtime(model, tokenizer, name, GenerationDefaults.from_generation_config(defaults))
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files of the checkpoint in `path`: the shards its index maps, else every
+    *.safetensors file but Mistral's `consolidated` copy (the same weights under Mistral's own names,
+    shipped beside the Hugging Face ones: read too, it would double the load for nothing)."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [name for name in names if not (path / name).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index} maps weights to {', '.join(missing)}, missing from {path}")
+        return [path / name for name in names]
+    files = [f for f in sorted(path.glob("*.safetensors")) if not f.name.startswith("consolidated")]
+    if not files:
+        raise FileNotFoundError(f"no Hugging Face *.safetensors weights in {path}")
+    return files
 
 
 def native_arch(config: dict) -> bool:
@@ -145,16 +189,15 @@ def native_arch(config: dict) -> bool:
 
 
 def _load_with_transformers(path: Path, config: dict, quant: str | None, dtype: torch.dtype,
-                            device: torch.device, name: str | None) -> Runtime:
+                            device: torch.device):
     """A causal LM outside the native Llama family, run by transformers (forerun.models.hf_adapter)."""
     import warnings
 
     from forerun.models.hf_adapter import load_adapter
-    from forerun.models.tokenizer import Tokenizer
 
     archs = config.get("architectures") or ["(none given)"]
     if quant is not None:
         raise ValueError(f"quant {quant} needs the native runtime (Llama, Mistral, Qwen2/3), not {archs[0]}")
     warnings.warn(f"forerun: {archs[0]} is not in the native Llama family; running it through the slower "
                   "transformers adapter (no fused kernels, no layer-skip/del)", stacklevel=3)
-    return Runtime(load_adapter(str(path), dtype, device), Tokenizer.from_dir(path), name=name or str(path))
+    return load_adapter(str(path), dtype, device)

@@ -28,7 +28,8 @@ class Tokenizer:
         self._config = config
         self.chat_template: str | None = _template_text(config.get("chat_template"))
         self.bos_token_id: int | None = self._token_id(_token_text(config.get("bos_token")))
-        self.eos_token_ids: frozenset[int] = frozenset(self._eos_ids(extra_eos_ids))
+        self._extra_eos_ids = tuple(extra_eos_ids)
+        self.eos_token_ids: frozenset[int] = frozenset(self._eos_ids(self._extra_eos_ids))
         self.vocab_size: int = backend.get_vocab_size(with_added_tokens=True)
         self._add_bos = self._adds_bos_by_default()
 
@@ -86,6 +87,16 @@ class Tokenizer:
             **kwargs,
         )
 
+    def use_chat_template(self, template: str) -> None:
+        """Render chats with `template` instead of the model's (before an engine reads the EOS ids:
+        the end-of-turn token the template writes stops generation)."""
+        try:  # a syntax error shows now, not at the first request
+            _compile_template(template)
+        except jinja2.TemplateSyntaxError as e:
+            raise ValueError(f"the chat template does not parse: {e}") from None
+        self.chat_template = self._config["chat_template"] = template
+        self.eos_token_ids = frozenset(self._eos_ids(self._extra_eos_ids))
+
     # -- persistence -----------------------------------------------------------------------------
 
     def save(self, path: str | Path) -> None:
@@ -120,6 +131,19 @@ class Tokenizer:
         if flag is not None:
             return bool(flag)
         return self.bos_token_id is not None and self._backend.encode("").ids[:1] == [self.bos_token_id]
+
+
+def chat_template_text(file_or_template: str) -> str:
+    """A chat template given as a file's path or as the Jinja text itself (vLLM's --chat-template)."""
+    path = Path(file_or_template).expanduser()
+    try:
+        if path.is_file():
+            return path.read_text()
+    except OSError:  # a template too long to be a file name
+        pass
+    if "{{" in file_or_template or "{%" in file_or_template:
+        return file_or_template
+    raise ValueError(f"chat template {file_or_template!r} is neither a file nor a Jinja template")
 
 
 def _compile_template(source: str) -> jinja2.Template:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from forerun.cli_args import engine_config, spec_config
+from forerun.cli_args import engine_config, model_options, spec_config
 from forerun.options import split_option
 from forerun.scaling.scorers import SCORERS
 from forerun.scaling.strategies import build_strategy
@@ -43,7 +43,7 @@ def strategies_from_args(a: argparse.Namespace) -> list:
 def load_llm(a: argparse.Namespace):
     from forerun.llm import LLM
 
-    return LLM(a.model, dtype=a.dtype, device=a.device, quant=a.quant, engine=engine_config(a))
+    return LLM(a.model, **model_options(a), engine=engine_config(a))
 
 
 def solver_factory(llm, task, a: argparse.Namespace):

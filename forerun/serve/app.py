@@ -34,6 +34,7 @@ from forerun.serve.worker import EngineWorker
 log = logging.getLogger("forerun.serve")
 
 MAX_BODY_BYTES = 4 * 2**20
+GENERATION_CONFIG_CHOICES = ("auto", "none", "vllm")
 ERRORS = {status: {"model": ErrorResponse, "description": what} for status, what in (
     (400, "invalid parameters, or a prompt longer than the context"), (401, "a missing or wrong API key"),
     (404, "an unknown model"), (413, "a request body over the limit"),
@@ -48,6 +49,12 @@ class ServeConfig:
     max_body_bytes: int = MAX_BODY_BYTES
     max_scaling_jobs: int = DEFAULT_MAX_SCALING_JOBS  # chat requests with `scaling` at once; more get a 429
     draft_models: tuple[str, ...] = ()  # draft models requests may name, besides spec's (forerun.serve.drafts)
+    generation_config: str = "auto"  # "auto": unset sampling fields default to the model's; "none" (or "vllm"): not
+
+    def __post_init__(self) -> None:
+        if self.generation_config not in GENERATION_CONFIG_CHOICES:
+            raise ValueError(f"generation_config must be one of {', '.join(GENERATION_CONFIG_CHOICES)}, "
+                             f"got {self.generation_config!r}")
 
     def allowed_draft_models(self) -> tuple[str, ...]:
         return self.draft_models + ((self.spec.draft_model,) if self.spec.draft_model else ())
@@ -58,7 +65,7 @@ def create_app(load: Callable[[], Engine], config: ServeConfig,
     """An app whose engine thread starts with the app's lifespan and calls load() first; until it
     returns, every model endpoint and /health answer 503. on_failure(reason) is called if the engine
     can no longer serve (load() raised, or the engine thread failed)."""
-    metrics = Metrics()
+    metrics = Metrics(config.model_name)
     drafts = DraftModels(config.allowed_draft_models())
 
     def load_for_serving() -> Engine:
@@ -120,7 +127,7 @@ class _Api:
         """The served model's facts, once it is ready and `model` names it."""
         self.worker.check_ready()
         rq.check_model(model, self.config.model_name)
-        return rq.Served.of(self.worker.engine)
+        return rq.Served.of(self.worker.engine, self.config.generation_config)
 
     def _spec(self, body: SamplingFields) -> SpecConfig:
         """The request's speculation, whose draft model (if it names one) the server allows."""
@@ -180,7 +187,7 @@ class _Api:
             choices.append({"index": i, "text": echo.text + g.text, "logprobs": choice_logprobs,
                             "finish_reason": rs.finish_reason(g.finish_reason)})
         return JSONResponse(envelope(self._with_prompt_logprobs(choices, body, scored, job.n, text_of),
-                                     usage=rs.usage(job.prompt_tokens, generations),
+                                     usage=rs.usage(job.prompt_tokens, generations, job.n),
                                      forerun=rs.forerun_stats(job.spec, generations)))
 
     async def _prompt_logprobs(self, prompts: list[list[int]], top: int | None) -> list[list | None]:
@@ -222,7 +229,7 @@ class _Api:
                     "finish_reason": rs.finish_reason(g.finish_reason)} for i, g in enumerate(generations)]
         extra = {} if scored is None else {"prompt_logprobs": rs.prompt_logprobs(scored, text_of,
                                                                                  body.prompt_logprobs)}
-        return JSONResponse(envelope(choices, usage=rs.usage(job.prompt_tokens, generations), **extra,
+        return JSONResponse(envelope(choices, usage=rs.usage(job.prompt_tokens, generations, job.n), **extra,
                                      forerun=rs.forerun_stats(job.spec, generations)))
 
     async def _scaled_chat(self, body: ChatCompletionRequest, request: Request, served: rq.Served,
@@ -292,7 +299,7 @@ def _usage_extra(body) -> dict:
 
 def _usage_chunk(envelope: rs.Envelope, job: Job) -> dict:
     generations = job.choices()
-    return envelope([], usage=rs.usage(job.prompt_tokens, generations),
+    return envelope([], usage=rs.usage(job.prompt_tokens, generations, job.n),
                     forerun=rs.forerun_stats(job.spec, generations))
 
 

@@ -12,7 +12,8 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
-from forerun.cli_args import add_engine_args, add_model_args, add_speculation_args, engine_config, spec_config
+from forerun.cli_args import (add_engine_args, add_model_args, add_speculation_args, engine_config, model_options,
+                              spec_config)
 from forerun.serve import DEFAULT_MAX_SCALING_JOBS
 
 if TYPE_CHECKING:  # the app needs fastapi, which `forerun serve --help` does not
@@ -48,6 +49,10 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                    help="a draft model (HF directory or .gguf) requests may name as speculation.draft_model, "
                         "besides --draft-model (repeatable); each is loaded once at start-up. Requests naming "
                         "any other path get a 400")
+    p.add_argument("--generation-config", default="auto", choices=["auto", "none", "vllm"],
+                   help="auto (default): sampling fields a request leaves unset (temperature, top_p, top_k, "
+                        "max_tokens) take the values of the model's generation_config.json, as vLLM does; "
+                        "none (or vLLM's `vllm`): OpenAI's defaults")
     p.add_argument("--max-scaling-jobs", type=int, default=DEFAULT_MAX_SCALING_JOBS,
                    help="chat requests with a `scaling` strategy running at once; one more is answered 429 with "
                         "Retry-After (default: %(default)s)")
@@ -69,7 +74,7 @@ def serve_config(a: argparse.Namespace, spec) -> ServeConfig:
     if a.max_scaling_jobs < 1:
         raise ValueError(f"--max-scaling-jobs must be >= 1, got {a.max_scaling_jobs}")
     return ServeConfig(served_name(a), spec, key_of(a.api_key, API_KEY_VARIABLE), max_scaling_jobs=a.max_scaling_jobs,
-                       draft_models=tuple(a.allow_draft_model))
+                       draft_models=tuple(a.allow_draft_model), generation_config=a.generation_config)
 
 
 def key_of(flag: str | None, variable: str) -> str | None:
@@ -109,7 +114,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
         from forerun.models.runtime import load as load_runtime
 
         logging.getLogger("forerun.serve").info("loading %s", a.model or f"{EMBEDDED_NAME} (embedded)")
-        runtime = load_runtime(a.model, dtype=a.dtype, device=a.device, quant=a.quant)
+        runtime = load_runtime(a.model, **model_options(a))
         if runtime.tokenizer is None:
             raise ValueError("serving needs a model with a tokenizer")
         return Engine(runtime, limits)

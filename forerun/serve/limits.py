@@ -46,7 +46,7 @@ class BodyLimit:
 
 
 class CountRequests:
-    """forerun:requests_total{route, status}; paths that match no route count as route "other"."""
+    """forerun:requests_total{model_name, route, status}; paths that match no route count as route "other"."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics):
         self.app, self.metrics = app, metrics
@@ -67,4 +67,4 @@ class CountRequests:
             await self.app(scope, receive, recorded)
         finally:
             route = scope.get("route")
-            self.metrics.requests.labels(getattr(route, "path", "other"), str(status)).inc()
+            self.metrics.count_request(getattr(route, "path", "other"), status)

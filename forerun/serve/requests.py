@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from forerun.config import SamplingParams, SpecConfig
+from forerun.config import GenerationDefaults, SamplingParams, SpecConfig
 from forerun.engine.engine import Engine
 from forerun.engine.kv_pool import KVPool
 from forerun.serve.errors import APIError, bad_request
@@ -27,11 +27,15 @@ class Served:
     vocab_size: int
     pool: KVPool  # only its size is read: num_blocks, block_size
     max_num_seqs: int  # sequences the engine decodes at once
+    defaults: GenerationDefaults  # for the sampling fields a request leaves unset
 
     @classmethod
-    def of(cls, engine: Engine) -> "Served":
-        return cls(engine.runtime.tokenizer, engine.runtime.context_length, engine.model.args.vocab_size,
-                   engine.pool, engine.config.max_num_seqs)
+    def of(cls, engine: Engine, generation_config: str = "auto") -> "Served":
+        """generation_config "auto": requests default to the model's generation_config.json; "none"
+        (or vLLM's "vllm"): to OpenAI's defaults."""
+        defaults = engine.runtime.generation if generation_config == "auto" else GenerationDefaults()
+        return cls(engine.runtime.tokenizer, engine.context_length, engine.model.args.vocab_size,
+                   engine.pool, engine.config.max_num_seqs, defaults)
 
 
 def check_model(requested: str | None, served: str) -> None:
@@ -107,7 +111,9 @@ def max_new_tokens(asked: int | None, prompt_len: int, n: int, served: Served) -
     room = context - prompt_len
     if asked is None:  # as the engine counts: the prompt's blocks, and per sample its own plus one
         blocks = (pool.num_blocks - pool.blocks_for(prompt_len)) // n - 1
-        return max(min(room, blocks * pool.block_size), 1)
+        limit = max(min(room, blocks * pool.block_size), 1)
+        recommended = served.defaults.max_new_tokens
+        return limit if recommended is None else min(limit, recommended)
     if asked > room:
         raise bad_request(f"this model's context holds {context} tokens; the prompt has {prompt_len}, so at most "
                           f"{room} can be generated, but {asked} were asked for", param="max_tokens")
@@ -117,10 +123,11 @@ def max_new_tokens(asked: int | None, prompt_len: int, n: int, served: Served) -
 def sampling_params(body: SamplingFields, max_tokens: int, logprobs: int | None, served: Served) -> SamplingParams:
     stop_ids = list(body.stop_token_ids or ())
     check_token_ids(stop_ids, served.vocab_size, "stop_token_ids")
-    temperature = 1.0 if body.temperature is None else body.temperature
+    defaults = served.defaults
+    temperature = _given(body.temperature, defaults.temperature, 1.0)
     fields = dict(temperature=temperature if temperature >= GREEDY_BELOW else 0.0,
-                  top_p=1.0 if body.top_p is None else body.top_p,
-                  top_k=max(body.top_k or 0, 0), seed=body.seed, max_new_tokens=max_tokens,
+                  top_p=_given(body.top_p, defaults.top_p, 1.0),
+                  top_k=max(_given(body.top_k, defaults.top_k, 0), 0), seed=body.seed, max_new_tokens=max_tokens,
                   stop=body.stop_strings(), ignore_eos=body.ignore_eos, n=body.n,
                   stop_token_ids=tuple(stop_ids), include_stop_str_in_output=body.include_stop_str_in_output,
                   logprobs=logprobs)
@@ -128,6 +135,11 @@ def sampling_params(body: SamplingFields, max_tokens: int, logprobs: int | None,
         return SamplingParams(**fields)
     except ValueError as e:
         raise bad_request(str(e)) from None
+
+
+def _given(asked, recommended, default):
+    """The request's value, else the model's generation_config's, else OpenAI's default."""
+    return asked if asked is not None else recommended if recommended is not None else default
 
 
 def prompt_logprobs_top(body: SamplingFields) -> int | None:

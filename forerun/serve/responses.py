@@ -32,13 +32,18 @@ class Envelope:
                 "choices": choices, **extra}
 
 
-def usage(prompt_tokens: int, generations: list[Generation]) -> dict:
-    return token_usage(prompt_tokens, sum(len(g.token_ids) for g in generations))
+def usage(prompt_tokens: int, generations: list[Generation], n: int) -> dict:
+    """Token counts of a request's generations (n samples of each prompt, prompt by prompt). The
+    cached prompt tokens are those its prompts found in the prefix cache: counted on each prompt's
+    first sample, since the other n - 1 share that sample's prompt (a fork), found or computed."""
+    cached = sum(g.stats.cached_tokens for g in generations[::n])
+    return token_usage(prompt_tokens, sum(len(g.token_ids) for g in generations), cached)
 
 
-def token_usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def token_usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def forerun_stats(spec: SpecConfig, generations: list[Generation]) -> dict:

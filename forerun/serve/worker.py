@@ -46,6 +46,7 @@ class EngineSnapshot:
     touched_bytes: int = 0  # of the KV pool blocks ever used: their pages are resident from then on
     prefix_queried_blocks: int = 0  # prompt blocks looked up in the prefix cache
     prefix_hit_blocks: int = 0  # ... and found there
+    block_size: int = 16  # tokens a block holds
     preemptions: int = 0
 
 
@@ -235,7 +236,7 @@ class EngineWorker:
             self.engine.abort(command.request_id)
             live = self._live.pop(command.request_id, None)
             if live is not None:
-                self._metrics.finished.labels("abort").inc(live.unfinished)
+                self._metrics.count_finished("abort", live.unfinished)
         elif isinstance(command, _Call):
             self._call(command)
         elif isinstance(command, _Stop):
@@ -315,7 +316,7 @@ class EngineWorker:
         for request_id, live in self._live.items():
             self.engine.abort(request_id)
             live.stream.put(error)
-            self._metrics.finished.labels("error").inc(live.unfinished)
+            self._metrics.count_finished("error", live.unfinished)
         self._live.clear()
 
     def _time(self, live: _Live, out: RequestOutput, now: float) -> None:
@@ -338,7 +339,7 @@ class EngineWorker:
         self.snapshot = EngineSnapshot(
             running=len(scheduler.running), waiting=len(scheduler.waiting), used_blocks=pool.used,
             total_blocks=pool.num_blocks, touched_bytes=pool.touched_bytes, prefix_queried_blocks=pool.queried_blocks,
-            prefix_hit_blocks=pool.hit_blocks, preemptions=scheduler.preemptions)
+            prefix_hit_blocks=pool.hit_blocks, block_size=pool.block_size, preemptions=scheduler.preemptions)
 
     def _refuse_late_commands(self) -> None:
         while True:
