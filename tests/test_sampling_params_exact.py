@@ -1,0 +1,159 @@
+"""Sampling parameters that depend on the tokens before a position (presence, frequency and repetition
+penalties, logit bias, min_tokens, bad words) and min_p, applied by forerun.logits_process to every draft
+node from its own path: the unit behaviour of each processor on a small tree, greedy output equal to `ar`'s
+with the same parameters for every registered method (alone and in a mixed batch), and sampled tokens
+that follow the processed distribution (with negative controls)."""
+from collections import Counter
+
+import pytest
+import torch
+
+from conftest import StubTokenizer, tiny_runtime
+from helpers_decoding import PROMPTS, datastore_for, install_drafters, specs_for
+from forerun import LLM, SamplingParams, SpecConfig
+from forerun.config import EngineConfig
+from forerun.drafters.registry import methods
+from forerun.logits_process import Context, build
+from forerun.models.runtime import Runtime
+from forerun.tree import Tree
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+V = 16
+# root (committed) -> 3 -> 3 -> 9, and the root's second child 5: a node's row must see its own path only
+TREE = Tree(tokens=torch.tensor([7, 3, 5, 3, 9]), parents=[-1, 0, 0, 1, 3])
+PATHS = [[], [3], [5], [3, 3], [3, 3, 9]]  # each node's tokens below the root, the node included
+
+
+def processed(params: SamplingParams, prompt=(1, 2), generated=(), logits=None, tokenizer=None):
+    """(logits in, processed [N, V]) for TREE after `generated` tokens were committed."""
+    procs = build(params, Context(tuple(prompt), V, frozenset({0}), tokenizer))
+    if generated:
+        procs.commit(list(generated))
+    logits = torch.randn(TREE.size, V, generator=torch.Generator().manual_seed(0)) if logits is None else logits
+    return logits, procs.apply(logits.clone(), TREE)
+
+
+def penalised_by_hand(row: torch.Tensor, before: list[int], prompt, params: SamplingParams) -> torch.Tensor:
+    """One row's penalties, token by token, apart from forerun's tensors: repetition over prompt and
+    generated tokens, then frequency and presence over generated tokens."""
+    out, counts = row.clone(), Counter(before)
+    for t in range(V):
+        if params.repetition_penalty != 1 and (counts[t] or t in prompt):
+            out[t] = out[t] / params.repetition_penalty if out[t] > 0 else out[t] * params.repetition_penalty
+        out[t] -= params.frequency_penalty * counts[t] + params.presence_penalty * (counts[t] > 0)
+    return out
+
+
+@pytest.mark.parametrize("kw", [dict(frequency_penalty=0.7), dict(presence_penalty=-1.5),
+                                dict(repetition_penalty=1.6),
+                                dict(frequency_penalty=0.4, presence_penalty=1.0, repetition_penalty=0.7)], ids=str)
+def test_penalties_count_each_nodes_own_path(kw):
+    params, prompt, generated = SamplingParams(**kw), (1, 2, 3), (5, 6, 5)
+    logits, out = processed(params, prompt, generated)
+    for i, path in enumerate(PATHS):
+        expected = penalised_by_hand(logits[i], list(generated) + path, prompt, params)
+        torch.testing.assert_close(out[i], expected)
+    assert not torch.equal(out[1], out[2]) or kw.get("repetition_penalty")  # siblings differ by their own tokens
+
+
+def test_no_parameters_build_no_processors():
+    assert build(SamplingParams(temperature=0.8, top_k=3, min_p=0.2), Context((1,), V, frozenset({0}))) is None
+
+
+def test_logit_bias_adds_at_every_node():
+    logits, out = processed(SamplingParams(logit_bias={4: 2.5, 11: -100}))
+    torch.testing.assert_close(out[:, 4], logits[:, 4] + 2.5)
+    torch.testing.assert_close(out[:, 11], logits[:, 11] - 100)
+    torch.testing.assert_close(out[:, :4], logits[:, :4])
+
+
+def test_min_tokens_masks_the_end_tokens_by_each_nodes_depth():
+    params = SamplingParams(min_tokens=4, stop_token_ids=(6,))
+    _, out = processed(params, generated=(8, 8))  # two generated: rows of depth 0 and 1 choose tokens 3 and 4
+    early = torch.tensor([d < 2 for d in TREE.depths])
+    for end in (0, 6):  # EOS (the context's) and the stop id
+        assert torch.isinf(out[early, end]).all() and torch.isfinite(out[~early, end]).all()
+    # ignore_eos and no stop ids: nothing to hold back, so no processor
+    assert build(SamplingParams(min_tokens=4, ignore_eos=True), Context((1,), V, frozenset({0}))) is None
+
+
+def test_bad_words_mask_the_last_token_after_the_rest_on_each_path():
+    params = SamplingParams(bad_words=("3 9", "12", "5 3 3 2"))
+    _, out = processed(params, generated=(5,), tokenizer=StubTokenizer())
+    assert torch.isinf(out[:, 12]).all()  # a one-token word: everywhere
+    banned = {i for i, path in enumerate(PATHS) if path[-1:] == [3]}  # "3 9": after a 3
+    assert {i for i in range(TREE.size) if torch.isinf(out[i, 9])} == banned
+    # "5 3 3 2": the generated 5, then the path 3 3 (node 3 only; node 4 has moved on)
+    assert {i for i in range(TREE.size) if torch.isinf(out[i, 2])} == {3}
+
+
+def test_a_fork_keeps_its_own_counts():
+    procs = build(SamplingParams(frequency_penalty=1.0), Context((1,), V, frozenset()))
+    twin = procs.fork()
+    twin.commit([4, 4])
+    logits = torch.zeros(TREE.size, V)
+    assert procs.apply(logits.clone(), TREE)[0, 4] == 0 and twin.apply(logits.clone(), TREE)[0, 4] == -2
+
+
+# --- greedy: every method equals ar with the same parameters ----------------------------------------
+
+MAX_NEW = 24
+PARAMETERS = {  # each changes the greedy output of the model below on some prompt (checked)
+    "frequency": dict(frequency_penalty=1.5),
+    "presence": dict(presence_penalty=2.0),
+    "repetition": dict(repetition_penalty=1.8),
+    "logit-bias": dict(logit_bias={22: 6.0, 57: -100.0}),
+    "min-tokens": dict(min_tokens=12, stop_token_ids=(2,)),
+    "bad-words": dict(bad_words=("57", "30 22")),
+    "combined": dict(frequency_penalty=0.8, presence_penalty=0.5, repetition_penalty=1.3, logit_bias={22: 3.0},
+                     min_tokens=6, stop_token_ids=(2,), bad_words=("31 17",)),
+}
+EQUIVALENCE_PROMPTS = [PROMPTS[0], PROMPTS[2]]
+
+
+def greedy(name: str | None) -> SamplingParams:
+    return SamplingParams(max_new_tokens=MAX_NEW, ignore_eos=True, **PARAMETERS.get(name, {}))
+
+
+@pytest.fixture(scope="module")
+def target():
+    """The tiny Llama of the equivalence tests, with a tokenizer that writes ids as numbers (for bad_words)."""
+    model = tiny_runtime("llama", seed=1).model
+    return Runtime(model=model, tokenizer=StubTokenizer(), name="tiny-llama-1-stub")
+
+
+@pytest.fixture(scope="module")
+def draft_runtime():
+    return tiny_runtime("llama", seed=2, layers=2)
+
+
+def test_each_parameter_changes_the_greedy_output(target):
+    llm = LLM(runtime=target)
+    for name in PARAMETERS:
+        plain = [llm.generate_ids(p, greedy(None), SpecConfig()).token_ids for p in EQUIVALENCE_PROMPTS]
+        with_it = [llm.generate_ids(p, greedy(name), SpecConfig()).token_ids for p in EQUIVALENCE_PROMPTS]
+        assert with_it != plain, f"{name} leaves the output as it is: it would test nothing"
+
+
+@pytest.mark.parametrize("method", methods())
+def test_every_method_matches_ar_with_the_parameters(target, draft_runtime, tmp_path, method):
+    """Alone, then in one batch: every parameter set with the method, plain requests with it, and the
+    parameter sets with pld and ar beside them."""
+    llm = LLM(runtime=target, engine=EngineConfig(max_step_tokens=24))
+    spec = specs_for(method, datastore_for(llm, tmp_path))[1]
+    install_drafters(llm, [spec], draft_runtime)
+    reference = {(name, i): llm.generate_ids(p, greedy(name), SpecConfig()).token_ids
+                 for name in [None, *PARAMETERS] for i, p in enumerate(EQUIVALENCE_PROMPTS)}
+    for (name, i), expected in reference.items():
+        assert llm.generate_ids(EQUIVALENCE_PROMPTS[i], greedy(name), spec).token_ids == expected, (name, i)
+    batch = [(name, i, spec) for name in [None, *PARAMETERS] for i in range(len(EQUIVALENCE_PROMPTS))]
+    batch += [(name, 1, other) for name in ("combined", "frequency") for other in (SpecConfig(method="pld"),
+                                                                                   SpecConfig())]
+    ids = [llm.engine.add_request(EQUIVALENCE_PROMPTS[i], greedy(name), s) for name, i, s in batch]
+    done = {}
+    while llm.engine.has_unfinished():
+        for out in llm.engine.step():
+            if out.finished:
+                done[out.request_id] = out.generations[0].token_ids
+    assert [done[r] for r in ids] == [reference[name, i] for name, i, _ in batch]
