@@ -8,10 +8,12 @@ from collections import Counter
 import pytest
 import torch
 
-from conftest import StubTokenizer, tiny_runtime
+from conftest import StubTokenizer, small_vocab_runtime, tiny_runtime
 from helpers_decoding import PROMPTS, datastore_for, install_drafters, specs_for
+from helpers_distribution import assert_follows, target_logits
 from forerun import LLM, SamplingParams, SpecConfig
 from forerun.config import EngineConfig
+from forerun.drafters.draft_model import DraftModel
 from forerun.drafters.registry import methods
 from forerun.logits_process import Context, build
 from forerun.models.runtime import Runtime
@@ -38,7 +40,7 @@ def penalised_by_hand(row: torch.Tensor, before: list[int], prompt, params: Samp
     """One row's penalties, token by token, apart from forerun's tensors: repetition over prompt and
     generated tokens, then frequency and presence over generated tokens."""
     out, counts = row.clone(), Counter(before)
-    for t in range(V):
+    for t in range(len(row)):
         if params.repetition_penalty != 1 and (counts[t] or t in prompt):
             out[t] = out[t] / params.repetition_penalty if out[t] > 0 else out[t] * params.repetition_penalty
         out[t] -= params.frequency_penalty * counts[t] + params.presence_penalty * (counts[t] > 0)
@@ -157,3 +159,67 @@ def test_every_method_matches_ar_with_the_parameters(target, draft_runtime, tmp_
             if out.finished:
                 done[out.request_id] = out.generations[0].token_ids
     assert [done[r] for r in ids] == [reference[name, i] for name, i, _ in batch]
+
+
+# --- sampling: the processed distribution, through a drafted chain ----------------------------------
+
+DIST_PROMPT = [1, 4]
+DIST_TRIALS = 1_500
+CHAIN = SpecConfig(method="draft", tree_width=1, num_draft=2, max_draft=2, adaptive=False)
+PENALISED = dict(temperature=0.8, frequency_penalty=0.9, presence_penalty=0.6, repetition_penalty=1.5)
+MIN_P = dict(temperature=0.8, min_p=0.2)
+
+
+def joint_by_hand(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """[V, V, V]: p(x1) p(x2 | x1) p(x3 | x1, x2) with the penalties from the tokens before each position,
+    then temperature and min-p, worked out token by token apart from forerun.logits_process and sampling."""
+    vocab = logits.shape[-1]
+
+    def probs(row: torch.Tensor, before: list[int]) -> torch.Tensor:
+        row = penalised_by_hand(row.double(), before, DIST_PROMPT, params)
+        p = torch.softmax(row / params.temperature, -1)
+        p = torch.where(p >= params.min_p * p.max(), p, 0.0)
+        return p / p.sum()
+
+    joint = torch.zeros(vocab, vocab, vocab, dtype=torch.float64)
+    p1 = probs(logits[0, 0, 0], [])
+    for x1 in range(vocab):
+        p2 = probs(logits[x1, 0, 1], [x1])
+        for x2 in range(vocab):
+            joint[x1, x2] = p1[x1] * p2[x2] * probs(logits[x1, x2, 2], [x1, x2])
+    return joint
+
+
+@pytest.fixture(scope="module")
+def sampling_world():
+    """(target, draft model, the target's logits after the prompt and every x1, x2)."""
+    target, draft = small_vocab_runtime(seed=4, head_scale=0.2), small_vocab_runtime(seed=5, head_scale=0.2)
+    return target, draft, target_logits(target, DIST_PROMPT)
+
+
+def sampled_triples(sampling_world, processing: dict) -> torch.Tensor:
+    target, draft, _ = sampling_world
+    llm = LLM(runtime=target)
+    llm.use_drafter(CHAIN, DraftModel(target, CHAIN, draft=draft))
+    runs = [llm.generate_ids(DIST_PROMPT, SamplingParams(**processing, seed=t, max_new_tokens=3, ignore_eos=True),
+                             CHAIN) for t in range(DIST_TRIALS)]
+    assert sum(r.stats.target_forwards < 3 for r in runs) > DIST_TRIALS // 10, "drafts were hardly ever accepted"
+    return torch.tensor([r.token_ids for r in runs])
+
+
+@pytest.mark.parametrize("processing, without", [(PENALISED, dict(temperature=0.8)), (MIN_P, dict(temperature=0.8))],
+                         ids=["penalties", "min-p"])
+def test_sampled_tokens_follow_the_processed_distribution(sampling_world, processing, without):
+    """Three tokens a trial through a drafted chain: they follow the joint law with the processing, and
+    not the law without it (the negative control: the same checks see the difference)."""
+    logits = sampling_world[2]
+    joint, plain = joint_by_hand(logits, SamplingParams(**processing)), joint_by_hand(logits, SamplingParams(**without))
+    assert (joint - plain).abs().max() > 0.02, "the processing hardly changes the law: it would test nothing"
+    if "min_p" in processing:  # no token so close to the cut that rounding could move it across
+        tempered = torch.softmax(logits.flatten(0, 2).double() / processing["temperature"], -1)
+        ratio = tempered / tempered.max(-1, keepdim=True).values
+        assert (ratio - processing["min_p"]).abs().min() > 1e-4
+    triples = sampled_triples(sampling_world, processing)
+    assert_follows(triples, joint, str(processing))
+    with pytest.raises(AssertionError, match="chi-square|probability 0"):
+        assert_follows(triples, plain, "without the processing")
