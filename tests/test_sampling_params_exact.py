@@ -223,3 +223,63 @@ def test_sampled_tokens_follow_the_processed_distribution(sampling_world, proces
     assert_follows(triples, joint, str(processing))
     with pytest.raises(AssertionError, match="chi-square|probability 0"):
         assert_follows(triples, plain, "without the processing")
+
+
+# --- validation, and the parameters that are not a processor ----------------------------------------
+
+@pytest.mark.parametrize("kw, field", [
+    (dict(presence_penalty=2.5), "presence_penalty"), (dict(frequency_penalty=-2.1), "frequency_penalty"),
+    (dict(repetition_penalty=0.0), "repetition_penalty"), (dict(logit_bias={3: 100.5}), "logit_bias"),
+    (dict(logit_bias={-1: 1.0}), "logit_bias"), (dict(min_p=1.1), "min_p"), (dict(min_p=-0.1), "min_p"),
+    (dict(min_tokens=-1), "min_tokens"), (dict(min_tokens=20, max_new_tokens=10), "min_tokens"),
+    (dict(bad_words=("ok", "  ")), "bad_words"), (dict(n=3, best_of=2, temperature=1.0), "best_of"),
+    (dict(best_of=2), "best_of"), (dict(max_tokens=5, max_new_tokens=7), "max_tokens"),
+], ids=str)
+def test_bad_values_are_rejected_naming_the_field(kw, field):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**kw)
+
+
+def test_max_tokens_is_max_new_tokens():
+    assert SamplingParams(max_tokens=7) == SamplingParams(max_new_tokens=7) == SamplingParams(max_tokens=7,
+                                                                                            max_new_tokens=7)
+    assert SamplingParams(max_tokens=7).max_new_tokens == 7
+
+
+def test_the_engine_checks_what_needs_the_model(target):
+    llm = LLM(runtime=tiny_runtime("llama", seed=1))
+    with pytest.raises(ValueError, match="logit_bias"):
+        llm.generate_ids([1, 2], SamplingParams(logit_bias={V * 100: 1.0}), SpecConfig())
+    with pytest.raises(ValueError, match="bad_words needs the model's tokenizer"):
+        llm.generate_ids([1, 2], SamplingParams(bad_words=("x",)), SpecConfig())
+    assert not llm.engine.has_unfinished()
+
+
+def test_min_tokens_holds_back_stop_strings(target):
+    """A stop string that ends within the first min_tokens tokens does not stop the sample; one after does."""
+    llm = LLM(runtime=target)
+    plain = llm.generate_ids(PROMPTS[0], greedy(None), SpecConfig()).token_ids
+    stop = f" {plain[1]} {plain[2]}"  # the text of tokens 2 and 3 (StubTokenizer writes ids as numbers)
+    assert ("".join(f" {t}" for t in plain)).count(stop) == 1
+    early = llm.generate_ids(PROMPTS[0], SamplingParams(max_new_tokens=MAX_NEW, ignore_eos=True, stop=(stop,)),
+                             SpecConfig(method="pld"))
+    assert early.finish_reason == "stop" and early.token_ids == plain[:1]
+    held = llm.generate_ids(PROMPTS[0], SamplingParams(max_new_tokens=MAX_NEW, ignore_eos=True, stop=(stop,),
+                                                       min_tokens=3), SpecConfig(method="pld"))
+    assert held.token_ids == plain and held.finish_reason == "length"
+
+
+def test_best_of_keeps_the_likeliest_samples(target):
+    llm = LLM(runtime=target)
+    params = SamplingParams(temperature=1.0, seed=5, max_new_tokens=8, ignore_eos=True, n=2, best_of=6)
+    out = llm.generate_ids(PROMPTS[1], params, SpecConfig(method="pld"))
+    assert len(out.samples) == 2
+    scores = [s.cumulative_logprob for s in out.samples]
+    for s in out.samples:
+        assert s.cumulative_logprob == pytest.approx(sum(llm.score(PROMPTS[1], s.token_ids)), abs=1e-4)
+    every = llm.generate_ids(PROMPTS[1], SamplingParams(temperature=1.0, seed=5, max_new_tokens=8, ignore_eos=True,
+                                                        n=6), SpecConfig(method="pld"))
+    # the same seeds draw the same six samples: best_of returns the two of them with the highest score
+    ranked = sorted(every.samples, key=lambda s: -sum(llm.score(PROMPTS[1], s.token_ids)))
+    assert [s.token_ids for s in out.samples] == [s.token_ids for s in ranked[:2]]
+    assert scores[0] >= scores[1]
