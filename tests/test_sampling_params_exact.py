@@ -161,6 +161,25 @@ def test_every_method_matches_ar_with_the_parameters(target, draft_runtime, tmp_
     assert [done[r] for r in ids] == [reference[name, i] for name, i, _ in batch]
 
 
+def test_seeded_sampling_with_the_parameters_does_not_depend_on_the_batch(target):
+    """pld drafts deterministically, so a seeded sample with penalties, bias and min-p draws the same
+    tokens alone and beside other sampled and greedy requests (its rows processed, theirs not)."""
+    llm = LLM(runtime=target)
+    sampled = [SamplingParams(temperature=0.9, seed=s, max_new_tokens=MAX_NEW, ignore_eos=True, min_p=0.05,
+                              **PARAMETERS[name]) for s, name in enumerate(PARAMETERS)]
+    requests = [(PROMPTS[i % 3], p) for i, p in enumerate(sampled)]
+    requests += [(PROMPTS[0], greedy(None)), (PROMPTS[2], SamplingParams(temperature=0.9, seed=99))]
+    spec = SpecConfig(method="pld")
+    alone = [llm.generate_ids(prompt, params, spec).token_ids for prompt, params in requests]
+    ids = [llm.engine.add_request(prompt, params, spec) for prompt, params in requests]
+    done = {}
+    while llm.engine.has_unfinished():
+        for out in llm.engine.step():
+            if out.finished:
+                done[out.request_id] = out.generations[0].token_ids
+    assert [done[r] for r in ids] == alone
+
+
 # --- sampling: the processed distribution, through a drafted chain ----------------------------------
 
 DIST_PROMPT = [1, 4]
