@@ -1,11 +1,47 @@
 """User-facing configuration: frozen dataclasses validated on construction."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from forerun.options import coerce
 
 MAX_LOGPROBS = 20  # most likely alternatives a generated token can carry
+
+
+@dataclass(frozen=True, slots=True)
+class StructuredOutput:
+    """A constraint on what a sample may say (vLLM's StructuredOutputsParams): exactly one of a JSON
+    schema, any JSON object, a regular expression, a choice of strings, or a grammar (Lark, or GBNF as
+    llama.cpp writes it). forerun.structured compiles it; every token outside it is masked before
+    verification, so speculative outputs equal plain ones under the same constraint."""
+
+    json: str | None = None  # a JSON schema; a dict is accepted and kept as canonical JSON text
+    json_object: bool = False  # any JSON object
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None  # the whole output is one of these strings
+    grammar: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.json is not None and not isinstance(self.json, str):
+            object.__setattr__(self, "json", json.dumps(self.json, sort_keys=True))  # hashable, one key per schema
+        if self.choice is not None:
+            object.__setattr__(self, "choice", tuple(self.choice))
+        given = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
+        given += ["json_object"] if self.json_object else []
+        if len(given) != 1:
+            raise ValueError(f"structured output takes exactly one of json, json_object, regex, choice or grammar; "
+                             f"got {', '.join(given) or 'none'}")
+        if self.json is not None and not isinstance(json.loads(self.json), dict):
+            raise ValueError("a JSON schema is an object")
+        if self.choice is not None and (not self.choice or not all(isinstance(c, str) and c for c in self.choice)):
+            raise ValueError("choice needs at least one non-empty string")
+        if self.regex == "" or self.grammar == "":
+            raise ValueError("an empty regex or grammar constrains nothing")
+
+    @property
+    def kind(self) -> str:
+        return next(name for name in ("json", "regex", "choice", "grammar", "json_object") if getattr(self, name))
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +62,7 @@ class SamplingParams:
     # distribution (log-softmax of the logits, before temperature, top-k and top-p), and the k most
     # likely tokens with theirs.
     logprobs: int | None = None
+    structured: StructuredOutput | None = None  # only what the constraint allows; ends when it is complete
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
