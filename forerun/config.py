@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from forerun.options import coerce
 
 MAX_LOGPROBS = 20  # most likely alternatives a generated token can carry
+DEFAULT_MAX_NEW_TOKENS = 128
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +53,7 @@ class SamplingParams:
     # Sample i > 0 of a seeded request draws from a seed derived from (seed, i); sample 0 from the
     # seed itself, so n = 1 and the first of n samples agree.
     seed: int | None = None
-    max_new_tokens: int = 128
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     n: int = 1  # samples of the prompt: one prefill, then n sequences sharing its KV (forked)
@@ -62,9 +63,29 @@ class SamplingParams:
     # distribution (log-softmax of the logits, before temperature, top-k and top-p), and the k most
     # likely tokens with theirs.
     logprobs: int | None = None
+    # Processing that depends on the tokens before each position (forerun.logits_process), applied to the
+    # target's logits before temperature; exact under speculation, since each draft node is processed from
+    # its own path. Penalties as OpenAI and vLLM define them: presence and frequency over generated tokens,
+    # repetition over the prompt and generated tokens (1 = off).
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit); a dict is accepted
+    min_p: float = 0.0  # drop tokens less likely than min_p times the most likely one (after temperature)
+    min_tokens: int = 0  # EOS and stop_token_ids are masked, and stop strings not matched, before this many
+    bad_words: tuple[str, ...] = ()  # words never completed: their last token is masked after the rest
     structured: StructuredOutput | None = None  # only what the constraint allows; ends when it is complete
+    best_of: int | None = None  # sample best_of and return the n of highest cumulative logprob (None: n)
+    max_tokens: int | None = None  # OpenAI's name for max_new_tokens: moved into it, then None
 
     def __post_init__(self) -> None:
+        self._take_max_tokens()
+        if isinstance(self.logit_bias, dict):
+            object.__setattr__(self, "logit_bias", tuple(sorted((int(t), float(b)) for t, b in self.logit_bias.items())))
+        else:
+            object.__setattr__(self, "logit_bias", tuple(self.logit_bias))
+        object.__setattr__(self, "bad_words", (self.bad_words,) if isinstance(self.bad_words, str)
+                           else tuple(self.bad_words))
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         else:
@@ -84,10 +105,51 @@ class SamplingParams:
             raise ValueError(f"logprobs must be between 0 and {MAX_LOGPROBS}, got {self.logprobs}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
+        self._check_processing()
+
+    def _take_max_tokens(self) -> None:
+        if self.max_tokens is None:
+            return
+        if self.max_new_tokens not in (DEFAULT_MAX_NEW_TOKENS, self.max_tokens):
+            raise ValueError(f"max_tokens ({self.max_tokens}) and max_new_tokens ({self.max_new_tokens}) differ; "
+                             "give one of them")
+        object.__setattr__(self, "max_new_tokens", self.max_tokens)
+        object.__setattr__(self, "max_tokens", None)
+
+    def _check_processing(self) -> None:
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if any(not -100 <= b <= 100 for _, b in self.logit_bias):
+            raise ValueError("logit_bias values must be in [-100, 100]")
+        if any(t < 0 for t, _ in self.logit_bias) or len({t for t, _ in self.logit_bias}) < len(self.logit_bias):
+            raise ValueError("logit_bias token ids must be distinct and >= 0")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if not 0 <= self.min_tokens <= self.max_new_tokens:
+            raise ValueError(f"min_tokens must be in [0, max_new_tokens = {self.max_new_tokens}], got {self.min_tokens}")
+        if any(not w.strip() for w in self.bad_words):
+            raise ValueError("bad_words must be non-empty words")
+        if self.best_of is not None:
+            if self.best_of < self.n:
+                raise ValueError(f"best_of must be >= n = {self.n}, got {self.best_of}")
+            if self.greedy and self.best_of > self.n:
+                raise ValueError("best_of > n needs temperature > 0: greedy samples are all the same")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def penalized(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+    @property
+    def samples(self) -> int:
+        """Sequences the request decodes: best_of of them, of which the n best are returned."""
+        return self.best_of or self.n
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,14 +8,24 @@ from forerun.config import SamplingParams
 
 
 def target_probs(logits: Tensor, params: SamplingParams) -> Tensor:
-    """[..., V] logits -> [..., V] probabilities after temperature, top-k and top-p (float32)."""
+    """[..., V] logits -> [..., V] probabilities after temperature, min-p, top-k and top-p (float32), in
+    vLLM's order."""
     logits = logits.float() / params.temperature
+    if params.min_p > 0:
+        logits = _min_p(logits, params.min_p)
     if params.top_k and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if params.top_p < 1.0:
         logits = _top_p(logits, params.top_p)
     return torch.softmax(logits, dim=-1)
+
+
+def _min_p(logits: Tensor, min_p: float) -> Tensor:
+    """Drop the tokens whose probability is below min_p times the most likely token's: compared as
+    logits, log p(x) < log min_p + max log p, so no softmax is needed."""
+    cut = logits.max(dim=-1, keepdim=True).values + torch.log(torch.tensor(min_p))
+    return logits.masked_fill(logits < cut, float("-inf"))
 
 
 TOP_P_PREFIX = 256  # most likely tokens sorted first; top-p rarely needs more

@@ -156,7 +156,7 @@ def _target_probs(logits: Tensor, offsets: list[int], sizes: list[int], params: 
     probs = torch.empty(starts[-1], logits.shape[1])
     alike: dict[tuple, list[int]] = {}
     for i, p in enumerate(params):
-        alike.setdefault((p.temperature, p.top_k, p.top_p), []).append(i)
+        alike.setdefault((p.temperature, p.min_p, p.top_k, p.top_p), []).append(i)
     for group in alike.values():
         rows = torch.cat([torch.arange(offsets[i], offsets[i] + sizes[i]) for i in group])
         into = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in group])

@@ -32,6 +32,8 @@ from forerun.engine.output import Outputs, RequestOutput, token_logprobs
 from forerun.engine.scheduler import Scheduler, Work
 from forerun.engine.sequence import Sequence, Status
 from forerun.engine.speculation import Speculation
+from forerun.logits_process import Context, Processors
+from forerun.logits_process import build as build_processors
 from forerun.models.batch import ForwardBatch, Segment
 from forerun.stream import TextStream
 from forerun.types import Draft, Generation, Scores, Stats, TokenLogprob, Verdict
@@ -244,8 +246,9 @@ class Engine:
                              f"{longest} tokens); the pool holds {pool.num_blocks * pool.block_size} "
                              "(raise --kv-cache-tokens)")
 
-    def _sequence(self, request: Request, index: int, tokens: list[int],
-                  generator: torch.Generator | None) -> Sequence:
+    def _sequence(self, request: Request, index: int, tokens: list[int], generator: torch.Generator | None,
+                  processors: Processors | None = None) -> Sequence:
+        """Sample `index` of request; sample 0 builds its processors, the others are handed forks of them."""
         spec, params = request.spec, request.params
         seq = Sequence(id=next(self._seq_ids), request_id=request.id, index=index, tokens=tokens,
                        prompt_len=len(request.prompt_ids), params=params, spec=spec, generator=generator,
@@ -255,6 +258,8 @@ class Engine:
         seq.stats.prompt_tokens = len(request.prompt_ids)
         on_text = (lambda text, s=seq: s.text.append(text)) if request.stream_text else None
         seq.stream = TextStream(self.runtime.tokenizer, params.stop, on_text, params.include_stop_str_in_output)
+        seq.processors = processors if processors is not None or index else build_processors(params, Context(
+            tuple(request.prompt_ids), self.model.args.vocab_size, self.eos_ids, self.runtime.tokenizer))
         return seq
 
     # -- the step -------------------------------------------------------------------------------------
@@ -290,7 +295,8 @@ class Engine:
             if request.forked or request.params.n == 1 or parent.status is not Status.RUNNING or parent.pending > 1:
                 continue
             for i in range(1, request.params.n):
-                child = self._sequence(request, i, list(parent.tokens), self._generator(request.params, i))
+                processors = parent.processors.fork() if parent.processors is not None else None
+                child = self._sequence(request, i, list(parent.tokens), self._generator(request.params, i), processors)
                 self.pool.fork(parent, child)
                 self.speculation.fork(parent, child)  # what the drafter saw of the shared prompt
                 child.stats.cached_tokens = len(request.prompt_ids)
@@ -313,6 +319,8 @@ class Engine:
             self.pool.commit(seq, verdict.path)
             new = draft.tree.tokens[verdict.path[1:]].tolist() + [verdict.next_token]
             seq.tokens.extend(new)
+            if seq.processors is not None:
+                seq.processors.commit(new)
             self.pool.trim(seq, seq.cached)
             self.pool.register(seq)
             self.speculation.observe(seq, draft, verdict, scores[i])

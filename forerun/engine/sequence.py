@@ -11,6 +11,7 @@ from torch import Tensor
 from forerun.cache import KVCache
 from forerun.config import SamplingParams, SpecConfig
 from forerun.drafters.base import SequenceView
+from forerun.logits_process import Processors
 from forerun.types import Stats
 
 
@@ -55,6 +56,7 @@ class Sequence:
     output: list[int] = field(default_factory=list)  # ids emitted so far (EOS, limits, stops applied)
     logprobs: list = field(default_factory=list)  # TokenLogprob per output id, when the request asks
     stream: object = None  # forerun.stream.TextStream: stop strings, and text when it streams
+    processors: Processors | None = None  # what processes its logits before verification; None: nothing
     text: list[str] = field(default_factory=list)  # streamed text not yet handed out
     finish_reason: str | None = None
 

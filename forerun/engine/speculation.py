@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import time
 
+from torch import Tensor
+
 from forerun.config import EngineConfig, SpecConfig
 from forerun.drafters.base import Drafter, root_only
 from forerun.drafters.registry import build_drafter
@@ -200,14 +202,15 @@ class Speculation:
         outputs at its rows. out.logits holds the decoding sequences' draft rows in work order."""
         order = list(drafts)
         seqs = [work[i].seq for i in order]
+        raw = _process(seqs, [drafts[i] for i in order], out.logits)
         verdicts = verify_batch([drafts[i] for i in order], out.logits, [s.params for s in seqs],
                                 [s.generator for s in seqs])
         scores, row = {}, 0  # row: into out.logits
-        for i in order:
+        for b, i in enumerate(order):
             draft = drafts[i]
             first = int(batch.row_start[i]) + work[i].chunk
             rows = slice(first, first + draft.rows)
-            scores[i] = Scores(logits=out.logits[row:row + draft.rows], hidden=out.hidden[rows],
+            scores[i] = Scores(logits=raw.get(b, out.logits[row:row + draft.rows]), hidden=out.hidden[rows],
                                layers={k: v[rows] for k, v in out.layers.items()})
             row += draft.rows
         return dict(zip(order, verdicts)), scores
@@ -234,6 +237,22 @@ class Speculation:
             work[i].seq.length.update(max(draft.tree.depths), verdict.accepted, share, verdict.accepted + 1)
         if not prefilling:  # a prompt chunk's rows cost unlike decoding rows
             self.goodput.record(rows, seconds)
+
+
+def _process(seqs: list[Sequence], drafts: list[Draft], logits: Tensor) -> dict[int, Tensor]:
+    """Run each sequence's processors (forerun.logits_process) on its tree rows of logits [R, V], in
+    place, before verification; returns the model's own rows (tree and extra) of each sequence processed,
+    by its place in seqs, for the drafter's observe() and for logprobs. Other sequences are not touched."""
+    raw, row = {}, 0
+    for b, (seq, draft) in enumerate(zip(seqs, drafts)):
+        if seq.processors is not None:
+            raw[b] = logits[row:row + draft.rows].clone()
+            tree_rows = logits[row:row + draft.size]
+            processed = seq.processors.apply(tree_rows, draft.tree)
+            if processed is not tree_rows:
+                tree_rows.copy_(processed)
+        row += draft.rows
+    return raw
 
 
 def _outcome(draft: Draft, verdict: Verdict) -> str:
