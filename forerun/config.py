@@ -25,7 +25,7 @@ class StructuredOutput:
 
     def __post_init__(self) -> None:
         if self.json is not None and not isinstance(self.json, str):
-            object.__setattr__(self, "json", json.dumps(self.json, sort_keys=True))  # hashable, one key per schema
+            object.__setattr__(self, "json", json.dumps(self.json))  # hashable; key order kept (it orders the output)
         if self.choice is not None:
             object.__setattr__(self, "choice", tuple(self.choice))
         given = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]

@@ -50,7 +50,7 @@ class Tool:
         if not self.name:
             raise ValueError("a tool needs a name")
         if not isinstance(self.parameters, str):
-            object.__setattr__(self, "parameters", json.dumps(self.parameters, sort_keys=True))
+            object.__setattr__(self, "parameters", json.dumps(self.parameters))
         if not isinstance(json.loads(self.parameters), dict):
             raise ValueError(f"tool {self.name!r}: parameters must be a JSON schema object")
 
