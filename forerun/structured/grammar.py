@@ -42,7 +42,7 @@ class Grammars:
         """A fresh sample's processor for `spec`. Raises ValueError, with the reason, when the
         constraint does not compile (a schema llguidance cannot read, a bad regex or grammar)."""
         words = (self.tokenizer.vocab_size + 31) // 32
-        return GrammarProcessor(self._matcher(spec).deep_copy(), self.vocab_size, words)
+        return GrammarProcessor(self._matcher(spec).deep_copy(), self.vocab_size, words, frozenset(self.eos_ids))
 
     def check(self, spec: StructuredOutput) -> None:
         """Raise ValueError if `spec` does not compile (before a request is queued)."""

@@ -8,6 +8,8 @@ greedy verification picks what plain decoding under it picks, and rejection samp
 """
 from __future__ import annotations
 
+from functools import cached_property
+
 import llguidance
 import torch
 from llguidance.torch import fill_next_token_bitmask
@@ -23,10 +25,16 @@ class GrammarProcessor:
     apply() masks a tree's logits, commit() advances past the tokens a step accepted, fork() copies
     the state for another sample of the same prompt."""
 
-    def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int, words: int):
+    def __init__(self, matcher: llguidance.LLMatcher, vocab_size: int, words: int, eos_ids: frozenset[int],
+                 ended: bool = False):
         self.matcher = matcher  # at the committed tokens
         self.vocab_size = vocab_size  # the logits' width
         self.words = words  # of a bitmask row: 32 ids each, over the tokenizer's ids and the logits'
+        # An end token ends the grammar's text: the matcher takes it without counting it as a token
+        # (a rollback would undo the one before), so it is never fed to the matcher, and after it only
+        # another end token is allowed.
+        self.eos_ids = eos_ids
+        self.ended = ended
         self._walked: tuple[Tree, Tensor, list[int]] | None = None  # the last tree walked, its masks, its reach
 
     def apply(self, logits: Tensor, tree: Tree) -> Tensor:
@@ -50,17 +58,25 @@ class GrammarProcessor:
     def commit(self, tokens: list[int]) -> None:
         """The step's accepted tokens, the target's own last: each was allowed where it was drawn."""
         for token in tokens:
+            if self.ended or token in self.eos_ids:
+                self.ended = True
+                continue
             if not self.matcher.consume_token(token):
                 raise RuntimeError(f"token {token} breaks the grammar: {self.matcher.get_error()}")
         self._walked = None
 
     def fork(self) -> GrammarProcessor:
-        return GrammarProcessor(self.matcher.deep_copy(), self.vocab_size, self.words)
+        return GrammarProcessor(self.matcher.deep_copy(), self.vocab_size, self.words, self.eos_ids, self.ended)
 
     @property
     def finished(self) -> bool:
-        """The grammar is complete and admits no more tokens (only the end of the sequence)."""
-        return self.matcher.is_stopped()
+        """The grammar is complete and admits no more tokens (only the end of the sequence), or an end
+        token was committed."""
+        return self.ended or self.matcher.is_stopped()
+
+    @cached_property
+    def _end_only(self) -> Tensor:
+        return end_only(self.words, self.eos_ids)
 
     def _walk(self, tree: Tree) -> tuple[Tensor, list[int]]:
         """[N, words] int32 bitmask rows (all ones at nodes not reached) and the nodes reached."""
@@ -69,20 +85,34 @@ class GrammarProcessor:
         bits = torch.full((tree.size, self.words), -1, dtype=torch.int32)
         tokens, kids, reached = tree.tokens.tolist(), tree.children, []
 
-        def visit(node: int) -> None:
+        def visit(node: int, ended: bool) -> None:
             reached.append(node)
+            if ended:
+                bits[node] = self._end_only
+                return
             fill_next_token_bitmask(self.matcher, bits, node)
             row = bits[node].tolist()
             for child in kids[node]:
                 t = tokens[child]
-                if t < self.vocab_size and row[t >> 5] >> (t & 31) & 1 and self.matcher.consume_token(t):
-                    visit(child)
+                if t >= self.vocab_size or not row[t >> 5] >> (t & 31) & 1:
+                    continue
+                if t in self.eos_ids:
+                    visit(child, True)
+                elif self.matcher.consume_token(t):
+                    visit(child, False)
                     self.matcher.rollback(1)
 
-        visit(0)
+        visit(0, self.ended)
         reached.sort()
         self._walked = (tree, bits, reached)
         return bits, reached
+
+
+def end_only(words: int, eos_ids: frozenset[int]) -> Tensor:
+    """[words] int32: a bitmask row allowing the end tokens alone."""
+    row = torch.zeros(words * 32, dtype=torch.bool)
+    row[list(eos_ids)] = True
+    return (row.view(words, 32).int() << SHIFTS).sum(1, dtype=torch.int64).to(torch.int32)
 
 
 def _unpack(bits: Tensor, vocab_size: int) -> Tensor:
