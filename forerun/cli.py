@@ -9,6 +9,7 @@ from forerun.bench.cli import add_bench_parser
 from forerun.cli_args import add_engine_args, add_model_args, add_speculation_args, engine_config, spec_config
 from forerun.config import SamplingParams, SpecConfig
 from forerun.heads.cli import add_train_head_parser
+from forerun.options import coerce, split_option
 from forerun.retrieval.cli import add_datastore_parser
 from forerun.scaling.cli import add_scale_parser
 from forerun.serve.cli import add_serve_parsers
@@ -24,6 +25,18 @@ def _decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("-n", "--n", type=int, default=1, help="samples of the prompt, from one prefill (default: 1)")
+    p.add_argument("--best-of", type=int, default=None,
+                   help="sample this many and keep the n of highest cumulative logprob (needs --temperature > 0)")
+    p.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI's, over generated tokens, in [-2, 2]")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI's, over generated tokens, in [-2, 2]")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="vLLM's and Hugging Face's, over prompt and generated tokens, > 0 (1: off)")
+    p.add_argument("--logit-bias", action="append", default=[], metavar="ID=BIAS",
+                   help="add BIAS (in [-100, 100]) to token ID's logit (repeatable)")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below this share of the likeliest's probability")
+    p.add_argument("--min-tokens", type=int, default=0, help="generate at least this many tokens before EOS or a stop")
+    p.add_argument("--bad-word", action="append", default=[], dest="bad_words",
+                   help="a word never to generate (repeatable)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,7 +70,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def sampling_params(a: argparse.Namespace) -> SamplingParams:
     return SamplingParams(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed,
-                          max_new_tokens=a.max_new_tokens, stop=tuple(a.stop), ignore_eos=a.ignore_eos, n=a.n)
+                          max_new_tokens=a.max_new_tokens, stop=tuple(a.stop), ignore_eos=a.ignore_eos, n=a.n,
+                          best_of=a.best_of, presence_penalty=a.presence_penalty,
+                          frequency_penalty=a.frequency_penalty, repetition_penalty=a.repetition_penalty,
+                          logit_bias=_logit_bias(a.logit_bias), min_p=a.min_p, min_tokens=a.min_tokens,
+                          bad_words=tuple(a.bad_words))
+
+
+def _logit_bias(pairs: list[str]) -> dict[int, float]:
+    """["13=5", "7=-100"] -> {13: 5.0, 7: -100.0}."""
+    bias = {}
+    for pair in pairs:
+        token, value = split_option(pair, "--logit-bias", "ID=BIAS")
+        bias[coerce("--logit-bias id", token, int)] = coerce(f"--logit-bias {token}", value, float)
+    return bias
 
 
 def _llm(a: argparse.Namespace):
@@ -86,9 +112,9 @@ def cmd_generate(a: argparse.Namespace) -> int:
     if a.json:
         print(json.dumps(llm.generate_ids(ids, params, spec).to_dict(), ensure_ascii=False))
         return 0
-    if params.n > 1:  # the samples decode together; each is printed whole
+    if params.samples > 1:  # the samples decode together; each (of the best, with best_of) is printed whole
         out = llm.generate_ids(ids, params, spec)
-        for i, sample in enumerate(out.samples):
+        for i, sample in enumerate(out.samples or (out,)):
             print(f"--- sample {i} ---\n{sample.text}")
             _print_stats(spec, sample)
         return 0
@@ -107,8 +133,8 @@ def _print_stats(spec: SpecConfig, out) -> None:
 
 def cmd_chat(a: argparse.Namespace) -> int:
     params, spec = sampling_params(a), spec_config(a)
-    if params.n > 1:
-        raise ValueError("chat answers one sample a turn: leave -n at 1")
+    if params.samples > 1:
+        raise ValueError("chat answers one sample a turn: leave -n at 1 and --best-of unset")
     llm = _llm(a)
     messages: list[dict] = []
     print("forerun chat: empty line or Ctrl-D to quit, /reset to start over.", file=sys.stderr)

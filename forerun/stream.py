@@ -19,9 +19,12 @@ class TextStream:
     tail, the last (longest stop - 1) characters before it and the new text."""
 
     def __init__(self, tokenizer, stop: tuple[str, ...], on_text: Callable[[str], None] | None,
-                 include_stop: bool = False):
+                 include_stop: bool = False, min_ids: int = 0):
         self.tokenizer, self.stop, self.on_text = tokenizer, stop, on_text
         self.include_stop = include_stop  # the text ends after the stop string rather than before it
+        # A stop string counts only where it ends in the text of an id after the first min_ids (min_tokens),
+        # as vLLM checks stop strings only once more than min_tokens ids are out.
+        self.min_ids = min_ids
         self.ids: list[int] = []
         self.stopped = False
         self.cut_ids = 0
@@ -76,7 +79,11 @@ class TextStream:
 
     def _first_stop(self) -> tuple[int, str] | None:
         """The earliest stop string in the tail (of several starting there, the longest), and where it starts."""
-        hits = [(i, -len(s), s) for s, i in ((s, self._tail.find(s)) for s in self.stop) if i >= 0]
+        if len(self.ids) <= self.min_ids:
+            return None
+        early = self._text_ends[self.min_ids - 1] - self._released if self.min_ids else 0  # tail chars too soon
+        hits = [(i, -len(s), s) for s, i in ((s, self._tail.find(s, max(early - len(s) + 1, 0))) for s in self.stop)
+                if i >= 0]
         if not hits:
             return None
         at, _, stop = min(hits)

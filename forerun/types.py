@@ -132,6 +132,8 @@ class Generation:
     stats: Stats
     samples: tuple[Generation, ...] = ()
     logprobs: list[TokenLogprob] | None = None  # aligned with token_ids, when SamplingParams.logprobs is set
+    # log p(token_ids) under the model (before any processing), summed; computed when best_of > n ranks samples
+    cumulative_logprob: float = 0.0
 
     def to_dict(self) -> dict:
         out = {"text": self.text, "token_ids": self.token_ids, "finish_reason": self.finish_reason,

@@ -186,3 +186,31 @@ def exact_first_two(rt) -> torch.Tensor:
     p1 = next_probs(E2E_PROMPT)
     p2 = torch.stack([next_probs(E2E_PROMPT + [x]) for x in range(E2E_VOCAB)])
     return p1[:, None] * p2
+
+
+# --- the first three tokens through the whole decode loop ------------------------------------------
+
+@torch.inference_mode()
+def target_logits(rt, prompt: list[int]) -> torch.Tensor:
+    """[V, V, 3, V]: the target's logits after prompt, prompt + x1 and prompt + x1 + x2 (index x1, x2),
+    one plain causal forward per (x1, x2)."""
+    vocab = rt.model.args.vocab_size
+    out = torch.empty(vocab, vocab, 3, vocab)
+    for x1 in range(vocab):
+        for x2 in range(vocab):
+            tokens = torch.tensor(prompt + [x1, x2])
+            batch = ForwardBatch.contiguous(tokens, torch.arange(len(tokens)), 0)
+            out[x1, x2] = rt.model(batch, rt.model.new_cache(len(tokens))).logits[-3:].cpu()
+    return out
+
+
+def assert_follows(triples: torch.Tensor, joint: torch.Tensor, what: str) -> None:
+    """Each token's marginal, each adjacent pair and the whole triple against `joint` [V, V, V]."""
+    V = joint.shape[0]
+    assert_distributed_as(triples[:, 0], joint.sum((1, 2)), f"{what}: first token")
+    assert_distributed_as(triples[:, 1], joint.sum((0, 2)), f"{what}: second token")
+    assert_distributed_as(triples[:, 2], joint.sum((0, 1)), f"{what}: third token")
+    assert_distributed_as(triples[:, 0] * V + triples[:, 1], joint.sum(2).flatten(), f"{what}: tokens 1-2")
+    assert_distributed_as(triples[:, 1] * V + triples[:, 2], joint.sum(0).flatten(), f"{what}: tokens 2-3")
+    cells = (triples[:, 0] * V + triples[:, 1]) * V + triples[:, 2]
+    assert_distributed_as(cells, joint.flatten(), f"{what}: tokens 1-3")

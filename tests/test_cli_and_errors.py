@@ -9,7 +9,7 @@ import tokenizers
 
 from conftest import tiny_runtime
 from forerun import LLM, SamplingParams, SpecConfig
-from forerun.cli import build_parser
+from forerun.cli import build_parser, sampling_params
 from forerun.cli_args import engine_config, spec_config
 from forerun.config import EngineConfig
 from forerun.drafters.draft_model import DraftModel
@@ -55,6 +55,12 @@ def test_generate_json_on_embedded_model():
     (["--method", "pld", "--draft-head", "/tmp"], "--draft-head goes with --method eagle"),
     (["--opt", "datastore"], "--opt takes NAME=VALUE, got 'datastore'"),
     (["--method", "eagle", "--draft-head", "/no/such/head"], "no head at /no/such/head"),
+    (["--presence-penalty", "3"], "presence_penalty"),
+    (["--repetition-penalty", "0"], "repetition_penalty"),
+    (["--logit-bias", "13"], "--logit-bias takes ID=BIAS"),
+    (["--logit-bias", "x=1"], "--logit-bias id"),
+    (["--min-tokens", "9", "--max-new-tokens", "4"], "min_tokens"),
+    (["--best-of", "3"], "best_of > n needs temperature > 0"),
 ])
 def test_cli_bad_input_is_a_clear_error(args, message):
     proc = run_cli("generate", "hi", *args)
@@ -162,6 +168,16 @@ def test_every_command_maps_the_speculation_flags_onto_one_spec_config(command):
                                            tree_width=2, budget="goodput", guard=True,
                                            options={"datastore": "DS", "nodes": "16"})
     assert engine_config(args) == EngineConfig(max_num_seqs=8)
+
+
+def test_the_sampling_flags_map_onto_sampling_params():
+    args = build_parser().parse_args(["generate", "hi", "--temperature", "0.7", "-n", "2", "--best-of", "4",
+                                      "--presence-penalty", "0.5", "--frequency-penalty", "-1",
+                                      "--repetition-penalty", "1.2", "--logit-bias", "13=5", "--logit-bias", "7=-100",
+                                      "--min-p", "0.1", "--min-tokens", "3", "--bad-word", "cat", "--bad-word", "a dog"])
+    assert sampling_params(args) == SamplingParams(
+        temperature=0.7, max_new_tokens=256, n=2, best_of=4, presence_penalty=0.5, frequency_penalty=-1.0,
+        repetition_penalty=1.2, logit_bias={7: -100.0, 13: 5.0}, min_p=0.1, min_tokens=3, bad_words=("cat", "a dog"))
 
 
 def test_scale_decodes_with_ar_unless_told():

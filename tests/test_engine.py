@@ -4,16 +4,13 @@ prefill; seeds that do not depend on the batch; streaming; abort."""
 import pytest
 import torch
 
-from conftest import random_eagle_head, random_medusa_head, tiny_runtime
+from conftest import tiny_runtime
 from helpers_distribution import E2E_PROMPT, E2E_VOCAB, assert_distributed_as, exact_first_two, flat_runtime
-from helpers_decoding import PROMPTS, datastore_for
+from helpers_decoding import PROMPTS, datastore_for, install_drafters, specs_for
 
 from forerun import LLM, SamplingParams, SpecConfig
 from forerun.config import EngineConfig
 from forerun.drafters.draft_model import DraftModel
-from forerun.drafters.eagle import Eagle
-from forerun.drafters.medusa import Medusa
-from forerun.drafters.rasd import RetrievalAugmented
 from forerun.drafters.registry import methods
 from forerun.engine.engine import Engine
 
@@ -29,41 +26,6 @@ METHODS = methods()  # every registered drafter: a new one is checked batched ag
 
 def greedy(max_new: int) -> SamplingParams:
     return SamplingParams(max_new_tokens=max_new, ignore_eos=True)
-
-
-def specs_for(method: str, datastore: str) -> list[SpecConfig]:
-    """Two configurations of the method with different tree sizes (batched together)."""
-    options = {"datastore": datastore} if method in ("retrieval", "rasd") else {}
-    small = dict(num_draft=2, max_draft=3)
-    if method in ("draft", "rasd"):
-        return [SpecConfig(method=method, tree_width=2, options=options, **small),
-                SpecConfig(method=method, tree_width=1, options=options)]
-    if method in ("recycle", "stand"):
-        return [SpecConfig(method=method, options={"nodes": 8}), SpecConfig(method=method, options={"nodes": 40})]
-    if method == "lookahead":
-        return [SpecConfig(method=method, options={"window": 2, "ngram": 3}), SpecConfig(method=method)]
-    if method in ("eagle", "medusa"):
-        always = {"min_accept": 0.0}  # a random head doubts every draft: draft anyway
-        return [SpecConfig(method=method, tree_width=2, options={"nodes": 6, **always}, **small),
-                SpecConfig(method=method, options=always)]
-    if method == "retrieval":
-        return [SpecConfig(method=method, options={**options, "retrieved_nodes": 4}),
-                SpecConfig(method=method, options=options)]
-    return [SpecConfig(method=method, **small), SpecConfig(method=method)]
-
-
-def install_drafters(llm: LLM, specs: list[SpecConfig], draft_runtime) -> None:
-    """draft and rasd drafters with an in-memory draft model (another random model: mostly wrong), eagle
-    and medusa with a random head."""
-    for spec in specs:
-        if spec.method == "draft":
-            llm.use_drafter(spec, DraftModel(llm.runtime, spec, draft=draft_runtime))
-        elif spec.method == "rasd":
-            llm.use_drafter(spec, RetrievalAugmented(llm.runtime, spec, draft=draft_runtime))
-        elif spec.method == "eagle":  # a head with random weights: mostly wrong drafts
-            llm.use_drafter(spec, Eagle(llm.runtime, spec, head=random_eagle_head(llm.runtime, draft_vocab=32)))
-        elif spec.method == "medusa":
-            llm.use_drafter(spec, Medusa(llm.runtime, spec, head=random_medusa_head(llm.runtime, draft_vocab=32)))
 
 
 class Forwards:

@@ -14,13 +14,12 @@ import pytest
 import torch
 
 from conftest import random_eagle_head, reference_probs, small_vocab_runtime
-from helpers_distribution import assert_distributed_as
+from helpers_distribution import assert_follows, target_logits
 from forerun import LLM, SamplingParams, SpecConfig
 from forerun.drafters.draft_model import DraftModel
 from forerun.drafters.eagle import Eagle
 from forerun.drafters.medusa import Medusa
 from forerun.heads.medusa import new_head
-from forerun.models.batch import ForwardBatch
 from forerun.types import Draft
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -83,35 +82,10 @@ class UniformQ(DraftModel):
         return Draft(draft.tree, torch.full_like(draft.q, 1 / draft.q.shape[1]))
 
 
-@torch.inference_mode()
-def target_logits(rt) -> torch.Tensor:
-    """[V, V, 3, V]: the target's logits after PROMPT, PROMPT + x1 and PROMPT + x1 + x2 (index x1, x2),
-    one plain causal forward per (x1, x2)."""
-    out = torch.empty(VOCAB, VOCAB, 3, VOCAB)
-    for x1 in range(VOCAB):
-        for x2 in range(VOCAB):
-            tokens = torch.tensor(PROMPT + [x1, x2])
-            batch = ForwardBatch.contiguous(tokens, torch.arange(len(tokens)), 0)
-            out[x1, x2] = rt.model(batch, rt.model.new_cache(len(tokens))).logits[-3:].cpu()
-    return out
-
-
 def joint_of_three(logits: torch.Tensor, **processing) -> torch.Tensor:
     """[V, V, V]: p(x1) p(x2 | x1) p(x3 | x1, x2) under the given processing."""
     p = reference_probs(logits, **processing)  # [V, V, 3, V]
     return p[0, 0, 0][:, None, None] * p[:, 0, 1][:, :, None] * p[:, :, 2]
-
-
-def assert_follows(triples: torch.Tensor, joint: torch.Tensor, what: str) -> None:
-    """Each token's marginal, each adjacent pair and the whole triple against `joint` [V, V, V]."""
-    V = VOCAB
-    assert_distributed_as(triples[:, 0], joint.sum((1, 2)), f"{what}: first token")
-    assert_distributed_as(triples[:, 1], joint.sum((0, 2)), f"{what}: second token")
-    assert_distributed_as(triples[:, 2], joint.sum((0, 1)), f"{what}: third token")
-    assert_distributed_as(triples[:, 0] * V + triples[:, 1], joint.sum(2).flatten(), f"{what}: tokens 1-2")
-    assert_distributed_as(triples[:, 1] * V + triples[:, 2], joint.sum(0).flatten(), f"{what}: tokens 2-3")
-    cells = (triples[:, 0] * V + triples[:, 1]) * V + triples[:, 2]
-    assert_distributed_as(cells, joint.flatten(), f"{what}: tokens 1-3")
 
 
 class World(NamedTuple):
@@ -124,7 +98,7 @@ class World(NamedTuple):
 @pytest.fixture(scope="module")
 def world() -> World:
     target, draft = small_vocab_runtime(seed=4, head_scale=0.2), small_vocab_runtime(seed=5, head_scale=0.2)
-    logits = target_logits(target)
+    logits = target_logits(target, PROMPT)
     rows = logits.flatten(0, 2)
     t, k, top_p = PROCESSING["temperature"], PROCESSING["top_k"], PROCESSING["top_p"]
     # The processing must matter here, and be unambiguous: top-k and top-p each remove tokens the other

@@ -375,7 +375,11 @@ def test_api_keys_come_from_the_environment_too(monkeypatch):
     (dict(stop="x" * 257), "at most 256 characters"),
     (dict(extra_body={"scaling": {"strategy": "vote", "n": 2, "delimiter": "x" * 257}}), "scaling.delimiter"),
     (dict(extra_body={"speculation": {"options": {"datastore": "/etc"}}}), "options: Extra inputs are not permitted"),
-    (dict(presence_penalty=0.5), "presence_penalty"),
+    (dict(presence_penalty=2.5), "presence_penalty"),
+    (dict(frequency_penalty=-3), "frequency_penalty"),
+    (dict(logit_bias={"the": 1}), "logit_bias"),
+    (dict(logit_bias={"99999999": 1}), "logit_bias"),
+    (dict(logit_bias={"5": 101}), "logit_bias"),
     (dict(extra_body={"speculation": {"method": "telepathy"}}), "telepathy"),
     (dict(extra_body={"speculation": {"num_draft": 9, "max_draft": 4}}), "num_draft"),
     (dict(extra_body={"stop_token_ids": [-3]}), "stop_token_ids"),
@@ -390,9 +394,11 @@ def test_api_keys_come_from_the_environment_too(monkeypatch):
     (dict(tool_choice="required"), "no tools"),
     (dict(extra_body={"guided_regex": "((", "guided_choice": ["a"]}), "one constraint"),
     (dict(extra_body={"structured_outputs": {"regex": "(("}}), "structured_outputs"),
-    (dict(extra_body={"repetition_penalty": 1.2}), "repetition_penalty"),
-    (dict(extra_body={"min_p": 0.1}), "min_p"),
-    (dict(extra_body={"min_tokens": 5}), "min_tokens"),
+    (dict(extra_body={"repetition_penalty": 0}), "repetition_penalty"),
+    (dict(extra_body={"min_p": 1.5}), "min_p"),
+    (dict(extra_body={"min_tokens": -1}), "min_tokens"),
+    (dict(max_tokens=4, extra_body={"min_tokens": 5}), "min_tokens"),
+    (dict(extra_body={"bad_words": [" "]}), "bad_words"),
     (dict(extra_body={"guided_json": {"type": "frob"}}), "guided_json"),
     (dict(extra_body={"prompt_logprobs": 21}), "prompt_logprobs"),
     (dict(extra_body={"echo": True}), "echo"),
@@ -406,15 +412,61 @@ def test_invalid_parameters_are_400(client, kw, message):
     assert e.value.body["type"] == "invalid_request_error"
 
 
+@pytest.mark.parametrize("kw", [dict(n=2, best_of=1), dict(best_of=3, temperature=0), dict(best_of=3, stream=True),
+                                dict(best_of=200)], ids=str)
+def test_invalid_best_of_is_400_naming_it(client, kw):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny", prompt="Once", max_tokens=4, **kw)
+    assert e.value.body["param"] == "best_of" or "best_of" in e.value.body["message"]
+
+
+PROCESSED = dict(presence_penalty=1.5, frequency_penalty=0.5, logit_bias={"13": 4.0},
+                 extra_body={"repetition_penalty": 1.4, "min_tokens": 12, "min_p": 0.05, "top_k": 20})
+
+
+def test_sampling_parameters_are_exact_through_speculation(client):
+    """The penalties, logit bias, min_tokens and bad words change the greedy text, and every method
+    gives ar's text with them (chat and completions, streamed too)."""
+    def chat(speculation, stream=False, **kw):
+        extra = {**kw.pop("extra_body", {}), "speculation": speculation}
+        args = dict(messages=MESSAGES, max_tokens=24, extra_body=extra, **kw)
+        if stream:
+            return "".join(c.choices[0].delta.content or "" for c in greedy_chat(client, stream=True, **args))
+        return greedy_chat(client, **args).choices[0].message.content
+
+    plain = chat("ar")
+    # the random model rarely repeats itself: its own first token as a bad word makes sure the output changes
+    first = greedy_chat(client, max_tokens=1, logprobs=True).choices[0].logprobs.content[0].token
+    processed = {**PROCESSED, "extra_body": {**PROCESSED["extra_body"], "bad_words": [first]}}
+    ref = chat("ar", **processed)
+    assert ref != plain
+    for spec in ("pld", "recycle", {"method": "layer-skip", "exit_layer": 1}):
+        assert chat(spec, **processed) == ref, spec
+    assert chat("pld", stream=True, **processed) == ref
+
+    def completion(speculation):
+        return client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=24, temperature=0,
+                                         **{**processed, "extra_body": {**processed["extra_body"],
+                                                                        "speculation": speculation}}).choices[0].text
+    assert completion("pld") == completion("ar")
+
+
+def test_best_of_returns_the_n_likeliest_samples(client):
+    out = client.completions.create(model="tiny", prompt="Once", max_tokens=6, temperature=1.0, n=2, best_of=5,
+                                    seed=3, logprobs=0)
+    assert len(out.choices) == 2
+    scores = [sum(choice.logprobs.token_logprobs) for choice in out.choices]
+    assert scores[0] >= scores[1]
+
+
 def test_neutral_values_of_unsupported_fields_are_accepted(client):
     out = greedy_chat(client, max_tokens=4, response_format={"type": "text"}, tool_choice="none",
-                      extra_body={"repetition_penalty": 1.0, "min_p": 0, "min_tokens": 0, "user": "someone"})
+                      extra_body={"guided_json": None, "user": "someone"})
     assert out.choices[0].message.content
     out = client.completions.create(model="tiny", prompt="Once", max_tokens=4, temperature=0, best_of=1, suffix="")
     assert out.choices[0].text
-    for kw, field in ((dict(suffix="the end"), "suffix"), (dict(best_of=2), "best_of")):
-        with pytest.raises(openai.BadRequestError, match=field):
-            client.completions.create(model="tiny", prompt="Once", max_tokens=4, **kw)
+    with pytest.raises(openai.BadRequestError, match="suffix"):
+        client.completions.create(model="tiny", prompt="Once", max_tokens=4, suffix="the end")
 
 
 def test_continue_final_message_continues_the_partial_answer(server, client):

@@ -7,12 +7,12 @@ import pytest
 import torch
 from llguidance.torch import fill_next_token_bitmask
 
-from conftest import reference_probs, tiny_runtime
+from conftest import reference_probs, small_vocab_runtime, tiny_runtime
 from helpers_decoding import PROMPTS, datastore_for
-from helpers_distribution import assert_distributed_as
+from helpers_distribution import assert_distributed_as, assert_follows, target_logits
 from helpers_structured import with_tokenizer
 from test_engine import ENGINE, install_drafters, run_engine, specs_for
-from test_sampling_end_to_end import CHAIN, EAGLE_TREE, PROMPT, VOCAB, assert_follows, eagle, target_logits
+from test_sampling_end_to_end import CHAIN, EAGLE_TREE, PROMPT, VOCAB, eagle
 from forerun import LLM, SamplingParams, SpecConfig
 from forerun.config import StructuredOutput
 from forerun.drafters.base import Drafter, chain
@@ -20,7 +20,6 @@ from forerun.drafters.draft_model import DraftModel
 from forerun.drafters.registry import methods
 from forerun.engine import speculation
 from forerun.engine.goodput import keep_nodes
-from conftest import small_vocab_runtime
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -123,7 +122,7 @@ def masks_of_three(grammar) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 def world():
     target = with_tokenizer(small_vocab_runtime(seed=4, head_scale=0.2), PIECES)
     draft = small_vocab_runtime(seed=5, head_scale=0.2)
-    logits = target_logits(target)  # [V, V, 3, V]
+    logits = target_logits(target, PROMPT)  # [V, V, 3, V]
     first, second, third = masks_of_three(LLM(runtime=target).engine.grammars)
     masked = logits.clone()
     masked[:, :, 0] = masked[:, :, 0].masked_fill(~first, float("-inf"))

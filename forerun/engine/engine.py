@@ -244,17 +244,17 @@ class Engine:
         context = self.runtime.context_length
         if len(prompt_ids) >= context:
             raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the model's context holds {context}")
-        if params.n > self.config.max_num_seqs:
-            raise ValueError(f"n = {params.n} samples exceed the {self.config.max_num_seqs} sequences the engine "
-                             "runs at once (max_num_seqs)")
+        if params.samples > self.config.max_num_seqs:
+            raise ValueError(f"{params.samples} samples (n, or best_of) exceed the {self.config.max_num_seqs} "
+                             "sequences the engine runs at once (max_num_seqs)")
         vocab = self.model.args.vocab_size
         if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
             raise ValueError(f"prompt token ids must lie in [0, {vocab})")
         longest = min(len(prompt_ids) + params.max_new_tokens, context)
         pool = self.pool
-        need = pool.blocks_for(len(prompt_ids)) + params.n * (pool.blocks_for(longest - len(prompt_ids)) + 1)
+        need = pool.blocks_for(len(prompt_ids)) + params.samples * (pool.blocks_for(longest - len(prompt_ids)) + 1)
         if need > pool.num_blocks:
-            raise ValueError(f"the request needs up to {need * pool.block_size} KV slots ({params.n} x "
+            raise ValueError(f"the request needs up to {need * pool.block_size} KV slots ({params.samples} x "
                              f"{longest} tokens); the pool holds {pool.num_blocks * pool.block_size} "
                              "(raise --kv-cache-tokens)")
 
@@ -269,7 +269,8 @@ class Engine:
         seq.length = self.speculation.draft_length(spec)
         seq.stats.prompt_tokens = len(request.prompt_ids)
         on_text = (lambda text, s=seq: s.text.append(text)) if request.stream_text else None
-        seq.stream = TextStream(self.runtime.tokenizer, params.stop, on_text, params.include_stop_str_in_output)
+        seq.stream = TextStream(self.runtime.tokenizer, params.stop, on_text, params.include_stop_str_in_output,
+                                params.min_tokens)
         seq.processors = processors if processors is not None or index else build_processors(params, Context(
             tuple(request.prompt_ids), self.model.args.vocab_size, self.eos_ids, self.runtime.tokenizer,
             self.grammars if params.structured is not None else None))
@@ -299,15 +300,15 @@ class Engine:
 
     def _may_decode(self, seq: Sequence) -> bool:
         """A request of several samples verifies nothing before it forks: each sample draws its own."""
-        return self.requests[seq.request_id].forked or seq.params.n == 1
+        return self.requests[seq.request_id].forked or seq.params.samples == 1
 
     def _fork_ready(self) -> None:
         """Fork every request of n > 1 samples whose prompt is cached up to its root."""
         for request in self.requests.values():
             parent = request.samples[0]
-            if request.forked or request.params.n == 1 or parent.status is not Status.RUNNING or parent.pending > 1:
+            if request.forked or request.params.samples == 1 or parent.status is not Status.RUNNING or parent.pending > 1:
                 continue
-            for i in range(1, request.params.n):
+            for i in range(1, request.params.samples):
                 processors = parent.processors.fork() if parent.processors is not None else None
                 child = self._sequence(request, i, list(parent.tokens), self._generator(request.params, i), processors)
                 self.pool.fork(parent, child)
@@ -354,8 +355,8 @@ class Engine:
         outputs = []
         for request_id, samples in self.outputs.take().items():
             request = self.requests[request_id]
-            finished = len(request.done) == request.params.n
-            generations = tuple(request.done[i] for i in range(request.params.n)) if finished else ()
+            finished = len(request.done) == request.params.samples
+            generations = _best(request) if finished else ()
             outputs.append(RequestOutput(request_id, samples, finished, generations))
             if finished:
                 del self.requests[request_id]
@@ -373,6 +374,15 @@ class Engine:
             return torch.Generator().manual_seed(params.seed)
         seed = int(np.random.SeedSequence([params.seed, index]).generate_state(1, np.uint64)[0] % 2**63)
         return torch.Generator().manual_seed(seed)
+
+
+def _best(request: Request) -> tuple[Generation, ...]:
+    """A finished request's n generations: every sample in index order, or with best_of the n of highest
+    cumulative logprob, best first."""
+    done, n = request.done, request.params.n
+    if request.params.samples == n:
+        return tuple(done[i] for i in range(n))
+    return tuple(sorted(done.values(), key=lambda g: -g.cumulative_logprob)[:n])
 
 
 def _count(stats: Stats, draft: Draft, emitted: int, forward_s: float) -> None:

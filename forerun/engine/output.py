@@ -65,6 +65,8 @@ class Outputs:
             before = len(seq.output) - len(new)
             new = new[: max(seq.stream.cut_ids - before, 0)]
             seq.output = seq.output[: seq.stream.cut_ids]
+        if params.samples > params.n:  # best_of ranks the samples by it
+            seq.cumulative_logprob += chosen_logprob(logits[: len(new)], new)
         if logprobs is not None:
             logprobs = logprobs[: len(new)]
             seq.logprobs.extend(logprobs)
@@ -90,7 +92,16 @@ def generation(seq: Sequence, reason: str, text: str) -> Generation:
     seq.stats.new_tokens = len(seq.output)
     seq.stats.wall_s = time.perf_counter() - seq.arrival
     return Generation(text=text, token_ids=list(seq.output), finish_reason=reason, stats=seq.stats,
-                      logprobs=None if seq.params.logprobs is None else list(seq.logprobs))
+                      logprobs=None if seq.params.logprobs is None else list(seq.logprobs),
+                      cumulative_logprob=seq.cumulative_logprob)
+
+
+def chosen_logprob(logits: torch.Tensor, tokens: list[int]) -> float:
+    """The summed log-probability of tokens under the logits rows before them (row j predicts tokens[j])."""
+    if not tokens:
+        return 0.0
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return float(logp.gather(1, torch.tensor(tokens, device=logp.device)[:, None]).sum())
 
 
 def token_logprobs(logits: torch.Tensor, tokens: list[int], top: int) -> list[TokenLogprob]:

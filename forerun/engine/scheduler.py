@@ -73,7 +73,7 @@ class Scheduler:
         while self.waiting and budget > 0:
             seq = self.waiting[0]
             decodes = may_decode(seq)
-            seats = 1 if decodes else seq.params.n  # a request of n samples forks into n sequences
+            seats = 1 if decodes else seq.params.samples  # a request of n samples (or best_of) forks into as many
             if len(self.running) + seats > self.config.max_num_seqs:
                 break
             found = self.pool.match_prefix(seq)

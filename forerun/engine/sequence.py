@@ -55,6 +55,7 @@ class Sequence:
     arrival: float = 0.0
     output: list[int] = field(default_factory=list)  # ids emitted so far (EOS, limits, stops applied)
     logprobs: list = field(default_factory=list)  # TokenLogprob per output id, when the request asks
+    cumulative_logprob: float = 0.0  # of the output ids under the model, summed when best_of ranks samples
     stream: object = None  # forerun.stream.TextStream: stop strings, and text when it streams
     processors: Processors | None = None  # what processes its logits before verification; None: nothing
     text: list[str] = field(default_factory=list)  # streamed text not yet handed out

@@ -149,9 +149,10 @@ class _Api:
         tokenizer = served.tokenizer
         prompts = rq.completion_prompts(body.prompt, served)
         logprobs = body.logprobs
+        samples = max(body.best_of or 1, body.n)
         structured = rq.structured_output(body)
         params = [] if body.max_tokens == 0 else [
-            rq.sampling_params(body, rq.max_new_tokens(body.max_tokens, len(p), body.n, served), logprobs, served,
+            rq.sampling_params(body, rq.max_new_tokens(body.max_tokens, len(p), samples, served), logprobs, served,
                                structured) for p in prompts]
         scored = await self._prompt_logprobs(prompts, rq.prompt_logprobs_top(body))
         envelope = rs.Envelope("cmpl", "text_completion", self.config.model_name)

@@ -1,8 +1,8 @@
 """The OpenAI request bodies the server accepts, as pydantic models. Fields a client may send that
 forerun does not use and that change nothing in the output (`user`, `metadata`, `store`, ...) are
 ignored (pydantic's default), as vLLM does; fields that would change the output in a way forerun
-cannot honour (penalties, logit bias, ...) are rejected with a 400 naming the field, rather than
-ignored: a client that asked for something must not get something else back silently."""
+cannot honour (suffix, content parts other than text, ...) are rejected with a 400 naming the field,
+rather than ignored: a client that asked for something must not get something else back silently."""
 from __future__ import annotations
 
 from typing import Literal
@@ -14,6 +14,8 @@ MAX_LOGPROBS = 20
 MAX_N = 128
 MAX_STOP_STRINGS = 16  # OpenAI allows 4; vLLM any number. Each step searches them all
 MAX_STOP_CHARS = 256  # per stop string: the text held back from a stream while it may start one
+MAX_BAD_WORDS = 64  # each is matched against every draft node's path
+MAX_LOGIT_BIAS = 1024  # tokens biased (OpenAI allows any number; each is a column written per step)
 ROLES = ("system", "user", "assistant", "developer", "tool")  # OpenAI's (developer: system, for newer models)
 
 
@@ -198,20 +200,19 @@ class SamplingFields(RequestBody):
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = Field(None, max_length=MAX_LOGIT_BIAS)  # token id (as text) -> bias
     # extras (vLLM's names), sent through the client's extra_body
     top_k: int | None = Field(None, ge=-1)  # -1 or 0: off
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     stop_token_ids: list[int] | None = None
     speculation: Speculation | str | None = None
-    # extras forerun cannot honour: accepted at their neutral value only (see _unsupported)
-    repetition_penalty: float | None = None
-    min_p: float | None = None
-    min_tokens: int | None = None
-    bad_words: list[str] | None = None
+    repetition_penalty: float | None = Field(None, gt=0)
+    min_p: float | None = Field(None, ge=0, le=1)
+    min_tokens: int | None = Field(None, ge=0)
+    bad_words: list[str] | None = Field(None, max_length=MAX_BAD_WORDS)
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # vLLM's: each prompt token's, top n
     # structured outputs (vLLM's names; see forerun.serve.requests.structured_output)
     guided_json: dict | str | None = None
@@ -222,21 +223,6 @@ class SamplingFields(RequestBody):
 
     @model_validator(mode="after")
     def _unsupported(self):
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name):
-                raise ValueError(f"{name} is not supported by forerun (speculative decoding verifies against the "
-                                 "unpenalized distribution); leave it at 0")
-        if self.repetition_penalty not in (None, 1.0):
-            raise ValueError("repetition_penalty is not supported by forerun (speculative decoding verifies against "
-                             "the unpenalized distribution); leave it at 1")
-        if self.logit_bias:
-            raise ValueError("logit_bias is not supported by forerun")
-        if self.min_p:
-            raise ValueError("min_p is not supported by forerun; use top_p or top_k")
-        if self.min_tokens:
-            raise ValueError("min_tokens is not supported by forerun; use ignore_eos with max_tokens")
-        if self.bad_words:
-            raise ValueError("bad_words is not supported by forerun")
         if self.prompt_logprobs is not None and self.stream:
             raise ValueError("prompt_logprobs is not available with stream (as in vLLM); ask without streaming")
         return self
@@ -267,7 +253,7 @@ class CompletionRequest(SamplingFields):
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
-    best_of: int | None = None
+    best_of: int | None = Field(None, ge=1, le=MAX_N)  # samples to choose the n best of (cumulative logprob)
 
     @model_validator(mode="after")
     def _no_insertion(self):
@@ -275,9 +261,8 @@ class CompletionRequest(SamplingFields):
             raise ValueError("max_tokens 0 generates nothing: it is only allowed with echo (to score the prompt)")
         if self.suffix:
             raise ValueError("suffix (insertion) is not supported by forerun")
-        if self.best_of is not None and self.best_of != self.n:
-            raise ValueError("best_of other than n is not supported by forerun; for the best of several samples "
-                             "use extra_body scaling on chat completions")
+        if self.best_of is not None and self.best_of > self.n and self.stream:
+            raise ValueError("best_of > n cannot be streamed (as in OpenAI's API): the best are known at the end")
         return self
 
 

@@ -258,11 +258,38 @@ def sampling_params(body: SamplingFields, max_tokens: int, logprobs: int | None,
                   top_k=max(body.top_k or 0, 0), seed=body.seed, max_new_tokens=max_tokens,
                   stop=body.stop_strings(), ignore_eos=body.ignore_eos, n=body.n,
                   stop_token_ids=tuple(stop_ids), include_stop_str_in_output=body.include_stop_str_in_output,
-                  logprobs=logprobs, structured=structured)
+                  logprobs=logprobs, structured=structured, **_processing(body, served))
     try:
         return SamplingParams(**fields)
     except ValueError as e:
-        raise bad_request(str(e)) from None
+        raise bad_request(str(e), param=_field_of(str(e))) from None
+
+
+def _processing(body: SamplingFields, served: Served) -> dict:
+    """The SamplingParams fields of the penalties, logit bias, min-p, min_tokens, bad words and best_of,
+    where the body sets them (None: the default)."""
+    asked = dict(presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                 repetition_penalty=body.repetition_penalty, min_p=body.min_p, min_tokens=body.min_tokens,
+                 bad_words=tuple(body.bad_words) if body.bad_words else None,
+                 logit_bias=logit_bias(body.logit_bias, served.vocab_size) if body.logit_bias else None,
+                 best_of=getattr(body, "best_of", None))  # completions only, as OpenAI has it
+    return {name: value for name, value in asked.items() if value is not None}
+
+
+def logit_bias(bias: dict[str, float], vocab_size: int) -> dict[int, float]:
+    """OpenAI's logit_bias (token ids as JSON keys) with integer ids, each within the vocabulary."""
+    try:
+        ids = {int(key): value for key, value in bias.items()}
+    except ValueError:
+        raise bad_request("logit_bias: keys must be token ids", param="logit_bias") from None
+    check_token_ids(list(ids), vocab_size, "logit_bias")
+    return ids
+
+
+def _field_of(message: str) -> str | None:
+    """The SamplingParams field a validation message starts with (they all name theirs first)."""
+    name = message.split(maxsplit=1)[0] if message else ""
+    return name if name in SamplingParams.__dataclass_fields__ else None
 
 
 def prompt_logprobs_top(body: SamplingFields) -> int | None:

@@ -113,7 +113,7 @@ class _Live:
 
     stream: RequestStream
     spec: SpecConfig
-    samples: int  # n
+    samples: int  # n, or best_of
     arrival: float
     finished: int = 0  # samples finished
     first_token: float | None = None  # of any sample
@@ -264,7 +264,7 @@ class EngineWorker:
             log.exception("adding request %s failed", stream.request_id)
             stream.settle(APIError(500, f"the engine could not take the request: {e}", type="internal_error"))
             return
-        self._live[stream.request_id] = _Live(stream, add.spec, add.params.n, time.perf_counter())
+        self._live[stream.request_id] = _Live(stream, add.spec, add.params.samples, time.perf_counter())
         stream.settle(None)
 
     def _evicted_a_spec(self) -> bool:
