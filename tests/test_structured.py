@@ -192,3 +192,18 @@ def test_the_call_grammar_admits_calls_of_the_tools_only(one_per_tag):
     assert accepts(grammars, named, written(time_call), tokenizer)
     assert not accepts(grammars, named, written(weather), tokenizer)
     assert not accepts(grammars, named, written(time_call, time_call), tokenizer)
+
+
+def test_the_cli_flags_map_onto_one_constraint(tmp_path):
+    from forerun.cli import build_parser, sampling_params
+
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps(SCHEMA))
+    parser = build_parser()
+    params = sampling_params(parser.parse_args(["generate", "hi", "--json-schema", str(schema)]))
+    assert json.loads(params.structured.json) == SCHEMA
+    params = sampling_params(parser.parse_args(["generate", "hi", "--choice", "yes", "--choice", "no"]))
+    assert params.structured.choice == ("yes", "no")
+    assert sampling_params(parser.parse_args(["generate", "hi"])).structured is None
+    with pytest.raises(ValueError, match="exactly one"):
+        sampling_params(parser.parse_args(["generate", "hi", "--regex", "a+", "--json-object"]))
