@@ -125,8 +125,6 @@ class JsonSchemaFormat(BaseModel):
 class ResponseFormat(BaseModel):
     """OpenAI's response_format: text (no constraint), any JSON object, or a JSON schema."""
 
-    model_config = ConfigDict(extra="forbid")
-
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 
