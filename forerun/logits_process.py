@@ -225,7 +225,7 @@ class Penalties:
     [N, seen tokens] rather than [N, V]."""
 
     def __init__(self, params: SamplingParams, prompt_ids: tuple[int, ...], vocab_size: int,
-                 counts: Tensor | None = None, in_prompt: Tensor | None = None):
+                 counts: Tensor | None = None, in_prompt: Tensor | None = None, seen: Tensor | None = None):
         self.presence, self.frequency = params.presence_penalty, params.frequency_penalty
         self.repetition = params.repetition_penalty
         self.params, self.vocab_size = params, vocab_size
@@ -235,12 +235,12 @@ class Penalties:
             if self.repetition != 1.0:
                 in_prompt[torch.tensor(prompt_ids, dtype=torch.long)] = True
         self.in_prompt = in_prompt  # [V] bool; all False when repetition is off (it alone reads the prompt)
+        self.seen = in_prompt.nonzero()[:, 0] if seen is None else seen  # [K] sorted: in_prompt or generated
 
     def apply(self, logits: Tensor, tree: Tree) -> Tensor:
         node, above = tree.mask[:, 1:].nonzero(as_tuple=True)  # node i's path: the root's child .. i
         path_tokens = tree.tokens[above + 1]
-        seen = (self.counts > 0) | self.in_prompt
-        cols = torch.unique(torch.cat([seen.nonzero()[:, 0], path_tokens]))  # [K] sorted
+        cols = torch.unique(torch.cat([self.seen, path_tokens]))  # [K] sorted
         if not cols.numel():
             return logits
         counts = self.counts[cols].expand(tree.size, -1).clone()  # [N, K] generated before each node's row
@@ -256,7 +256,9 @@ class Penalties:
         return logits
 
     def commit(self, tokens: list[int]) -> None:
-        self.counts.index_add_(0, torch.tensor(tokens, dtype=torch.long), torch.ones(len(tokens)))
+        new = torch.tensor(tokens, dtype=torch.long)
+        self.counts.index_add_(0, new, torch.ones(len(tokens)))
+        self.seen = torch.unique(torch.cat([self.seen, new]))
 
     def fork(self) -> Penalties:
-        return Penalties(self.params, (), self.vocab_size, self.counts.clone(), self.in_prompt)
+        return Penalties(self.params, (), self.vocab_size, self.counts.clone(), self.in_prompt, self.seen)
