@@ -8,10 +8,10 @@ import torch
 from llguidance.torch import fill_next_token_bitmask
 
 from conftest import reference_probs, small_vocab_runtime, tiny_runtime
-from helpers_decoding import PROMPTS, datastore_for
+from helpers_decoding import PROMPTS, datastore_for, install_drafters, specs_for
 from helpers_distribution import assert_distributed_as, assert_follows, target_logits
 from helpers_structured import with_tokenizer
-from test_engine import ENGINE, install_drafters, run_engine, specs_for
+from test_engine import ENGINE, run_engine
 from test_sampling_end_to_end import CHAIN, EAGLE_TREE, PROMPT, VOCAB, eagle
 from forerun import LLM, SamplingParams, SpecConfig
 from forerun.config import StructuredOutput

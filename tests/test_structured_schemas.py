@@ -7,8 +7,7 @@ import json
 import jsonschema
 import pytest
 
-from helpers_decoding import datastore_for
-from test_engine import install_drafters, specs_for
+from helpers_decoding import datastore_for, install_drafters, specs_for
 from forerun import LLM, SamplingParams, SpecConfig
 from forerun.config import StructuredOutput
 from forerun.drafters.registry import methods
