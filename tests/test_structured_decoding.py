@@ -147,14 +147,14 @@ def sample(world, spec: SpecConfig, drafter, trials: int) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def chain_triples(world):
-    return sample(world, CHAIN, DraftModel, 2_000)
+    return sample(world, CHAIN, DraftModel, 1_500)
 
 
 @pytest.mark.parametrize("spec", [CHAIN, EAGLE_TREE], ids=["sampled-chain", "deterministic-tree"])
 def test_sampled_tokens_follow_the_masked_target(world, chain_triples, spec):
     """A chain drawn from a draft model (q given: nothing is cut) and an EAGLE tree of point masses
     (its nodes outside the grammar cut before the forward)."""
-    triples = chain_triples if spec is CHAIN else sample(world, spec, eagle, 1_000)
+    triples = chain_triples if spec is CHAIN else sample(world, spec, eagle, 600)
     assert_follows(triples, world[2], spec.method)
 
 
@@ -174,6 +174,6 @@ def test_negative_control_cutting_sampled_drafts_is_rejected(world, monkeypatch)
                 drafts[i] = keep_nodes(draft, keep)
 
     monkeypatch.setattr(speculation, "_cut_to_grammar", cut_everything)
-    triples = sample(world, CHAIN, DraftModel, 1_000)
+    triples = sample(world, CHAIN, DraftModel, 600)
     with pytest.raises(AssertionError, match="chi-square"):
         assert_distributed_as(triples[:, 0] * VOCAB + triples[:, 1], world[2].sum(2).flatten(), "cut sampled drafts")
