@@ -207,3 +207,14 @@ def test_the_cli_flags_map_onto_one_constraint(tmp_path):
     assert sampling_params(parser.parse_args(["generate", "hi"])).structured is None
     with pytest.raises(ValueError, match="exactly one"):
         sampling_params(parser.parse_args(["generate", "hi", "--regex", "a+", "--json-object"]))
+
+
+def test_a_vocabulary_llguidance_cannot_read_is_a_clear_error():
+    import tokenizers
+    from tokenizers import models
+
+    from forerun.models.tokenizer import Tokenizer
+
+    backend = tokenizers.Tokenizer(models.BPE(vocab={"</s>": 0, "a": 1}, merges=[]))  # no decoder
+    with pytest.raises(ValueError, match="cannot read this model's vocabulary"):
+        Grammars(Tokenizer(backend, {"eos_token": "</s>"}), 2)

@@ -67,6 +67,10 @@ def create_app(load: Callable[[], Engine], config: ServeConfig,
         drafts.load(engine)
         drafts.add_drafter(engine, config.spec)
         engine.drafter(config.spec)  # a bad default option fails now, not at the first request
+        try:  # the vocabulary is read now, not in the first constrained request's step
+            _ = engine.grammars
+        except ValueError as e:  # such requests are a 400 with this reason
+            log.warning("structured outputs are not available: %s", e)
         return engine
 
     worker = EngineWorker(load_for_serving, metrics, drafts, config.spec, on_failure)

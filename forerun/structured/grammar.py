@@ -34,8 +34,11 @@ class Grammars:
         self.eos_ids = tuple(sorted(tokenizer.eos_token_ids))
         if not self.eos_ids:
             raise ValueError("structured output needs a tokenizer with an end-of-sequence token")
-        self.tokenizer = llguidance.LLTokenizer(tokenizer.to_json(), n_vocab=max(vocab_size, tokenizer.vocab_size),
-                                                eos_token=list(self.eos_ids))
+        try:
+            self.tokenizer = llguidance.LLTokenizer(tokenizer.to_json(), n_vocab=max(vocab_size, tokenizer.vocab_size),
+                                                    eos_token=list(self.eos_ids))
+        except ValueError as e:  # a tokenizer.json llguidance cannot read
+            raise ValueError(f"structured output cannot read this model's vocabulary: {e}") from None
         self._compiled: OrderedDict[StructuredOutput, llguidance.LLMatcher] = OrderedDict()
 
     def processor(self, spec: StructuredOutput) -> GrammarProcessor:
