@@ -161,11 +161,31 @@ def test_every_method_matches_ar_with_the_parameters(target, draft_runtime, tmp_
     assert [done[r] for r in ids] == [reference[name, i] for name, i, _ in batch]
 
 
+def test_seeded_sampling_with_the_parameters_does_not_depend_on_the_batch(target):
+    """pld drafts deterministically, so a seeded sample with penalties, bias and min-p draws the same
+    tokens alone and beside other sampled and greedy requests (its rows processed, theirs not)."""
+    llm = LLM(runtime=target)
+    sampled = [SamplingParams(temperature=0.9, seed=s, max_new_tokens=MAX_NEW, ignore_eos=True, min_p=0.05,
+                              **PARAMETERS[name]) for s, name in enumerate(PARAMETERS)]
+    requests = [(PROMPTS[i % 3], p) for i, p in enumerate(sampled)]
+    requests += [(PROMPTS[0], greedy(None)), (PROMPTS[2], SamplingParams(temperature=0.9, seed=99))]
+    spec = SpecConfig(method="pld")
+    alone = [llm.generate_ids(prompt, params, spec).token_ids for prompt, params in requests]
+    ids = [llm.engine.add_request(prompt, params, spec) for prompt, params in requests]
+    done = {}
+    while llm.engine.has_unfinished():
+        for out in llm.engine.step():
+            if out.finished:
+                done[out.request_id] = out.generations[0].token_ids
+    assert [done[r] for r in ids] == alone
+
+
 # --- sampling: the processed distribution, through a drafted chain ----------------------------------
 
 DIST_PROMPT = [1, 4]
 DIST_TRIALS = 1_500
 CHAIN = SpecConfig(method="draft", tree_width=1, num_draft=2, max_draft=2, adaptive=False)
+TREE_2_WIDE = SpecConfig(method="draft", tree_width=2, num_draft=2, max_draft=2, adaptive=False)
 PENALISED = dict(temperature=0.8, frequency_penalty=0.9, presence_penalty=0.6, repetition_penalty=1.5)
 MIN_P = dict(temperature=0.8, min_p=0.2)
 
@@ -197,21 +217,23 @@ def sampling_world():
     return target, draft, target_logits(target, DIST_PROMPT)
 
 
-def sampled_triples(sampling_world, processing: dict) -> torch.Tensor:
+def sampled_triples(sampling_world, processing: dict, spec: SpecConfig) -> torch.Tensor:
     target, draft, _ = sampling_world
     llm = LLM(runtime=target)
-    llm.use_drafter(CHAIN, DraftModel(target, CHAIN, draft=draft))
+    llm.use_drafter(spec, DraftModel(target, spec, draft=draft))
     runs = [llm.generate_ids(DIST_PROMPT, SamplingParams(**processing, seed=t, max_new_tokens=3, ignore_eos=True),
-                             CHAIN) for t in range(DIST_TRIALS)]
+                             spec) for t in range(DIST_TRIALS)]
     assert sum(r.stats.target_forwards < 3 for r in runs) > DIST_TRIALS // 10, "drafts were hardly ever accepted"
     return torch.tensor([r.token_ids for r in runs])
 
 
-@pytest.mark.parametrize("processing, without", [(PENALISED, dict(temperature=0.8)), (MIN_P, dict(temperature=0.8))],
-                         ids=["penalties", "min-p"])
-def test_sampled_tokens_follow_the_processed_distribution(sampling_world, processing, without):
-    """Three tokens a trial through a drafted chain: they follow the joint law with the processing, and
-    not the law without it (the negative control: the same checks see the difference)."""
+@pytest.mark.parametrize("processing, without, spec", [
+    (PENALISED, dict(temperature=0.8), CHAIN), (PENALISED, dict(temperature=0.8), TREE_2_WIDE),
+    (MIN_P, dict(temperature=0.8), CHAIN)], ids=["penalties-chain", "penalties-tree-2-wide", "min-p-chain"])
+def test_sampled_tokens_follow_the_processed_distribution(sampling_world, processing, without, spec):
+    """Three tokens a trial through a drafted chain or tree (siblings penalised by their own tokens):
+    they follow the joint law with the processing, and not the law without it (the negative control:
+    the same checks see the difference)."""
     logits = sampling_world[2]
     joint, plain = joint_by_hand(logits, SamplingParams(**processing)), joint_by_hand(logits, SamplingParams(**without))
     assert (joint - plain).abs().max() > 0.02, "the processing hardly changes the law: it would test nothing"
@@ -219,7 +241,7 @@ def test_sampled_tokens_follow_the_processed_distribution(sampling_world, proces
         tempered = torch.softmax(logits.flatten(0, 2).double() / processing["temperature"], -1)
         ratio = tempered / tempered.max(-1, keepdim=True).values
         assert (ratio - processing["min_p"]).abs().min() > 1e-4
-    triples = sampled_triples(sampling_world, processing)
+    triples = sampled_triples(sampling_world, processing, spec)
     assert_follows(triples, joint, str(processing))
     with pytest.raises(AssertionError, match="chi-square|probability 0"):
         assert_follows(triples, plain, "without the processing")
