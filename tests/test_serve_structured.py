@@ -150,14 +150,24 @@ def test_malformed_schemas_and_tools_are_400_naming_the_field(server, body, fiel
     assert r.json()["error"]["param"] == field or r.json()["error"]["param"].startswith(field), r.json()
 
 
-def test_streamed_events_are_well_formed_json(server):
+def test_each_of_n_streamed_choices_ends_with_its_calls(server):
     with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=120, json={
-            "model": MODEL, "messages": ASK, "max_tokens": 60, "temperature": 0, "stream": True,
-            "tools": [WEATHER], "tool_choice": "required"}) as r:
+            "model": MODEL, "messages": ASK, "max_tokens": 60, "temperature": 1.0, "seed": 3, "n": 2,
+            "stream": True, "tools": [WEATHER], "tool_choice": "required"}) as r:
         payloads = sse_payloads(r.iter_lines())
     assert payloads[-1] == "[DONE]"
-    chunks = [json.loads(p) for p in payloads[:-1]]
-    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    finishes, arguments = {}, {}  # (choice, call) -> the call's arguments, joined
+    for chunk in map(json.loads, payloads[:-1]):
+        choice = chunk["choices"][0]
+        for call in choice["delta"].get("tool_calls", ()):
+            key = (choice["index"], call["index"])
+            arguments[key] = arguments.get(key, "") + call["function"]["arguments"]
+        if choice["finish_reason"]:
+            finishes[choice["index"]] = choice["finish_reason"]
+    assert finishes == {0: "tool_calls", 1: "tool_calls"}
+    assert {choice for choice, _ in arguments} == {0, 1}
+    for text in arguments.values():
+        jsonschema.validate(json.loads(text), WEATHER["function"]["parameters"])
 
 
 def test_langchain_bind_tools_and_structured_output(server):
