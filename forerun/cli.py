@@ -8,7 +8,7 @@ import sys
 from forerun.bench.cli import add_bench_parser
 from forerun.cli_args import (add_engine_args, add_model_args, add_speculation_args, engine_config, model_options,
                               spec_config)
-from forerun.config import SamplingParams, SpecConfig
+from forerun.config import SamplingParams, SpecConfig, StructuredOutput
 from forerun.heads.cli import add_train_head_parser
 from forerun.options import coerce, split_option
 from forerun.retrieval.cli import add_datastore_parser
@@ -38,6 +38,11 @@ def _decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-tokens", type=int, default=0, help="generate at least this many tokens before EOS or a stop")
     p.add_argument("--bad-word", action="append", default=[], dest="bad_words",
                    help="a word never to generate (repeatable)")
+    p.add_argument("--json-schema", metavar="FILE", help="answer with JSON valid against the schema in FILE")
+    p.add_argument("--json-object", action="store_true", help="answer with a JSON object")
+    p.add_argument("--regex", help="answer with text matching this regular expression")
+    p.add_argument("--choice", action="append", default=[], help="answer with one of these strings (repeatable)")
+    p.add_argument("--grammar", metavar="FILE", help="answer with text of the Lark or GBNF grammar in FILE")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,7 +80,22 @@ def sampling_params(a: argparse.Namespace) -> SamplingParams:
                           best_of=a.best_of, presence_penalty=a.presence_penalty,
                           frequency_penalty=a.frequency_penalty, repetition_penalty=a.repetition_penalty,
                           logit_bias=_logit_bias(a.logit_bias), min_p=a.min_p, min_tokens=a.min_tokens,
-                          bad_words=tuple(a.bad_words))
+                          bad_words=tuple(a.bad_words), structured=structured_output(a))
+
+
+def structured_output(a: argparse.Namespace) -> StructuredOutput | None:
+    """The constraint the flags ask for (at most one of them), or None."""
+    asked = {"json": _read(a.json_schema), "json_object": a.json_object, "regex": a.regex,
+             "choice": tuple(a.choice) or None, "grammar": _read(a.grammar)}
+    asked = {name: value for name, value in asked.items() if value}
+    return StructuredOutput(**asked) if asked else None
+
+
+def _read(path: str | None) -> str | None:
+    if path is None:
+        return None
+    with open(path, encoding="utf-8") as f:
+        return f.read()
 
 
 def _logit_bias(pairs: list[str]) -> dict[int, float]:

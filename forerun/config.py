@@ -1,12 +1,48 @@
 """User-facing configuration: frozen dataclasses validated on construction."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from forerun.options import coerce
 
 MAX_LOGPROBS = 20  # most likely alternatives a generated token can carry
 DEFAULT_MAX_NEW_TOKENS = 128
+
+
+@dataclass(frozen=True, slots=True)
+class StructuredOutput:
+    """A constraint on what a sample may say (vLLM's StructuredOutputsParams): exactly one of a JSON
+    schema, any JSON object, a regular expression, a choice of strings, or a grammar (Lark, or GBNF as
+    llama.cpp writes it). forerun.structured compiles it; every token outside it is masked before
+    verification, so speculative outputs equal plain ones under the same constraint."""
+
+    json: str | None = None  # a JSON schema; a dict is accepted and kept as canonical JSON text
+    json_object: bool = False  # any JSON object
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None  # the whole output is one of these strings
+    grammar: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.json is not None and not isinstance(self.json, str):
+            object.__setattr__(self, "json", json.dumps(self.json))  # hashable; key order kept (it orders the output)
+        if self.choice is not None:
+            object.__setattr__(self, "choice", tuple(self.choice))
+        given = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
+        given += ["json_object"] if self.json_object else []
+        if len(given) != 1:
+            raise ValueError(f"structured output takes exactly one of json, json_object, regex, choice or grammar; "
+                             f"got {', '.join(given) or 'none'}")
+        if self.json is not None and not isinstance(json.loads(self.json), dict):
+            raise ValueError("a JSON schema is an object")
+        if self.choice is not None and (not self.choice or not all(isinstance(c, str) and c for c in self.choice)):
+            raise ValueError("choice needs at least one non-empty string")
+        if self.regex == "" or self.grammar == "":
+            raise ValueError("an empty regex or grammar constrains nothing")
+
+    @property
+    def kind(self) -> str:
+        return next(name for name in ("json", "regex", "choice", "grammar", "json_object") if getattr(self, name))
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +74,7 @@ class SamplingParams:
     min_p: float = 0.0  # drop tokens less likely than min_p times the most likely one (after temperature)
     min_tokens: int = 0  # EOS and stop_token_ids are masked, and stop strings not matched, before this many
     bad_words: tuple[str, ...] = ()  # words never completed: their last token is masked after the rest
+    structured: StructuredOutput | None = None  # only what the constraint allows; ends when it is complete
     best_of: int | None = None  # sample best_of and return the n of highest cumulative logprob (None: n)
     max_tokens: int | None = None  # OpenAI's name for max_new_tokens: moved into it, then None
 

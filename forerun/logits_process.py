@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from forerun.config import SamplingParams
+from forerun.structured import Grammars, GrammarProcessor
 from forerun.tree import Tree
 
 
@@ -56,6 +57,7 @@ class Context:
     vocab_size: int
     eos_ids: frozenset[int]
     tokenizer: object = None  # forerun.models.tokenizer.Tokenizer; bad words need one
+    grammars: Grammars | None = None  # the engine's compiled constraints; SamplingParams.structured needs them
 
 
 class Processors:
@@ -79,10 +81,18 @@ class Processors:
     def fork(self) -> Processors:
         return Processors([part.fork() for part in self.parts])
 
+    @property
+    def grammar(self) -> GrammarProcessor | None:
+        """The structured-output part, which the engine also asks which draft nodes can be accepted
+        and whether the sample is complete."""
+        return next((part for part in self.parts if isinstance(part, GrammarProcessor)), None)
+
 
 def build(params: SamplingParams, context: Context) -> Processors | None:
     """The processors params ask for, or None when it asks for none (the sequence then costs nothing)."""
     parts: list[PathProcessor] = []
+    if params.structured is not None:
+        parts.append(context.grammars.processor(params.structured))
     if params.bad_words:
         parts.append(BadWords(bad_word_ids(params.bad_words, context.tokenizer)))
     if params.min_tokens:

@@ -36,6 +36,7 @@ from forerun.logits_process import Context, Processors
 from forerun.logits_process import build as build_processors
 from forerun.models.batch import ForwardBatch, Segment
 from forerun.stream import TextStream
+from forerun.structured import Grammars
 from forerun.types import Draft, Generation, Scores, Stats, TokenLogprob, Verdict
 
 log = logging.getLogger("forerun.engine")
@@ -76,6 +77,7 @@ class Engine:
         self.requests: dict[str, Request] = {}
         tokenizer = runtime.tokenizer
         self.eos_ids = frozenset(tokenizer.eos_token_ids) if tokenizer is not None else frozenset()
+        self._grammars: Grammars | None = None
         self.rng = torch.Generator()  # the random stream of every sequence without a seed
         self.rng.seed()
         self._seq_ids = itertools.count()
@@ -202,6 +204,16 @@ class Engine:
         self.speculation.forget(spec)
         return True
 
+    @property
+    def grammars(self) -> Grammars:
+        """The model's compiled constraints (SamplingParams.structured), made at the first request
+        that has one: reading the vocabulary takes a moment."""
+        if self._grammars is None:
+            if self.runtime.tokenizer is None:
+                raise ValueError("structured output needs the model's tokenizer")
+            self._grammars = Grammars(self.runtime.tokenizer, self.model.args.vocab_size)
+        return self._grammars
+
     def use_drafter(self, spec: SpecConfig, drafter: Drafter) -> None:
         """Draft with `drafter` for `spec` instead of the registry's (kept until forget(spec))."""
         self.drafters[spec] = drafter
@@ -263,7 +275,8 @@ class Engine:
         seq.stream = TextStream(self.runtime.tokenizer, params.stop, on_text, params.include_stop_str_in_output,
                                 params.min_tokens)
         seq.processors = processors if processors is not None or index else build_processors(params, Context(
-            tuple(request.prompt_ids), self.model.args.vocab_size, self.eos_ids, self.runtime.tokenizer))
+            tuple(request.prompt_ids), self.model.args.vocab_size, self.eos_ids, self.runtime.tokenizer,
+            self.grammars if params.structured is not None else None))
         return seq
 
     # -- the step -------------------------------------------------------------------------------------
@@ -329,7 +342,9 @@ class Engine:
             self.pool.register(seq)
             self.speculation.observe(seq, draft, verdict, scores[i])
             _count(seq.stats, draft, len(new), forward_s)
-            finished = self.outputs.emit(seq, new, scores[i].logits[verdict.path])
+            grammar = seq.processors.grammar if seq.processors is not None else None
+            finished = self.outputs.emit(seq, new, scores[i].logits[verdict.path],
+                                         complete=grammar is not None and grammar.finished)
             if finished is not None:
                 self.requests[seq.request_id].done[seq.index] = finished
                 self._release(seq, finished.finish_reason)

@@ -37,12 +37,14 @@ class Outputs:
         self.context_length = context_length
         self.pending: dict[str, list[SampleOutput]] = {}
 
-    def emit(self, seq: Sequence, new: list[int], logits: torch.Tensor) -> Generation | None:
+    def emit(self, seq: Sequence, new: list[int], logits: torch.Tensor, complete: bool = False) -> Generation | None:
         """Hand out a step's new tokens of seq (already appended to seq.tokens) after the token limit,
-        EOS, stop ids and stop strings; logits: [len(new), V], the rows that predicted them. Returns
-        the sample's Generation when this ends it."""
+        EOS, stop ids and stop strings; logits: [len(new), V], the rows that predicted them; complete:
+        its structured output admits nothing more, which ends it ("stop"). Returns the sample's
+        Generation when this ends it."""
         params = seq.params
         logprobs = None if params.logprobs is None else token_logprobs(logits, new, params.logprobs)
+        complete = complete and len(new) <= params.max_new_tokens - len(seq.output)  # not if the limit cut it
         new = new[: params.max_new_tokens - len(seq.output)]
         reason = None
         ends = seq.eos_ids if not params.ignore_eos else frozenset()
@@ -54,6 +56,8 @@ class Outputs:
             seq.stats.ttft_s = time.perf_counter() - seq.arrival
         seq.output.extend(new)
         if seq.stream(new):
+            reason = "stop"
+        elif reason is None and complete:
             reason = "stop"
         elif reason is None and (len(seq.output) >= params.max_new_tokens or len(seq.tokens) >= self.context_length):
             reason = "length"

@@ -23,7 +23,7 @@ from forerun.config import EngineConfig, SpecConfig
 from forerun.drafters.base import Drafter, root_only
 from forerun.drafters.registry import build_drafter
 from forerun.engine.draft_length import DraftLength, SpeedGuard
-from forerun.engine.goodput import Drafting, Entry, Goodput
+from forerun.engine.goodput import Drafting, Entry, Goodput, keep_nodes
 from forerun.engine.kv_pool import KVPool
 from forerun.engine.scheduler import Work
 from forerun.engine.sequence import Sequence
@@ -93,6 +93,7 @@ class Speculation:
         checked = self._checks(work, decoding, depth)
         self._plan_depths(work, decoding, depth, checked)
         drafts = self._draft(work, decoding, depth)
+        _cut_to_grammar(work, drafts)
         self._cut(work, drafts, checked)
         for i, draft in drafts.items():
             w = work[i]
@@ -238,6 +239,23 @@ class Speculation:
             work[i].seq.length.update(max(draft.tree.depths), verdict.accepted, share, verdict.accepted + 1)
         if not prefilling:  # a prompt chunk's rows cost unlike decoding rows
             self.goodput.record(rows, seconds)
+
+
+def _cut_to_grammar(work: list[Work], drafts: dict[int, Draft]) -> None:
+    """Drop the draft nodes a sequence's grammar rules out, with their subtrees: the target's masked
+    distribution gives them no mass, so they would be rejected anyway. Only where dropping them
+    changes nothing else: under greedy verification, or from a deterministic draft (a point mass the
+    target rules out leaves its residual as it was). A sampled sibling's rejection reshapes the
+    residual the next sibling meets, so a sampled draft keeps its nodes."""
+    for i, draft in drafts.items():
+        seq = work[i].seq
+        grammar = seq.processors.grammar if seq.processors is not None else None
+        if grammar is None or draft.size == 1 or not (seq.params.greedy or draft.q is None):
+            continue
+        keep = grammar.reachable(draft.tree)
+        if len(keep) < draft.size:
+            drafts[i] = keep_nodes(draft, keep)
+            grammar.keep(draft.tree, drafts[i].tree, keep)
 
 
 def _process(seqs: list[Sequence], drafts: list[Draft], logits: Tensor) -> dict[int, Tensor]:

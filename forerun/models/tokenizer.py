@@ -64,6 +64,10 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
         return self._backend.decode(list(ids), skip_special_tokens=skip_special)
 
+    def to_json(self) -> str:
+        """The backend tokenizer as tokenizer.json text (what grammar libraries read the vocabulary from)."""
+        return self._backend.to_str()
+
     def same_vocab(self, other: "Tokenizer") -> bool:
         """True when both map every token string to the same id (a draft model must share the vocabulary)."""
         return self._backend.get_vocab(with_added_tokens=True) == other._backend.get_vocab(with_added_tokens=True)

@@ -30,6 +30,7 @@ from forerun.serve.metrics import Metrics
 from forerun.serve.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ErrorResponse,
                                     SamplingFields, TokenizeRequest)
 from forerun.serve.worker import EngineWorker
+from forerun.structured.tools import ToolStream
 
 log = logging.getLogger("forerun.serve")
 
@@ -73,6 +74,10 @@ def create_app(load: Callable[[], Engine], config: ServeConfig,
         drafts.load(engine)
         drafts.add_drafter(engine, config.spec)
         engine.drafter(config.spec)  # a bad default option fails now, not at the first request
+        try:  # the vocabulary is read now, not in the first constrained request's step
+            _ = engine.grammars
+        except ValueError as e:  # such requests are a 400 with this reason
+            log.warning("structured outputs are not available: %s", e)
         return engine
 
     worker = EngineWorker(load_for_serving, metrics, drafts, config.spec, on_failure)
@@ -156,9 +161,10 @@ class _Api:
         prompts = rq.completion_prompts(body.prompt, served)
         logprobs = body.logprobs
         samples = max(body.best_of or 1, body.n)
+        structured = rq.structured_output(body)
         params = [] if body.max_tokens == 0 else [
-            rq.sampling_params(body, rq.max_new_tokens(body.max_tokens, len(p), samples, served), logprobs, served)
-            for p in prompts]
+            rq.sampling_params(body, rq.max_new_tokens(body.max_tokens, len(p), samples, served), logprobs, served,
+                               structured) for p in prompts]
         scored = await self._prompt_logprobs(prompts, rq.prompt_logprobs_top(body))
         envelope = rs.Envelope("cmpl", "text_completion", self.config.model_name)
         text_of = rs.TokenText(tokenizer)
@@ -210,12 +216,16 @@ class _Api:
 
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
         served = self._served(body.model)
-        prompt = rq.chat_prompt(body.messages, served.tokenizer, body)
+        tools = rq.tool_use(body, served.tokenizer)
+        prompt = rq.chat_prompt(body.messages, served.tokenizer, body, tools)
+        structured = rq.structured_output(body, tools)
         if body.scaling is not None:
+            if structured is not None or tools is not None:
+                raise APIError(400, "scaling takes no structured output or tools", param="scaling")
             return await self._scaled_chat(body, request, served, prompt)
         logprobs = rq.chat_logprobs(body)
         params = rq.sampling_params(body, rq.max_new_tokens(body.completion_limit, len(prompt), body.n, served),
-                                    logprobs, served)
+                                    logprobs, served, structured)
         scored = (await self._prompt_logprobs([prompt], body.prompt_logprobs))[0]
         job = Job(self.worker, [prompt], [params], self._spec(body))
         await job.start(stream_text=body.stream)
@@ -223,11 +233,11 @@ class _Api:
         text_of = rs.TokenText(served.tokenizer)
         if body.stream:
             envelope.object = "chat.completion.chunk"
-            return _sse(job, _chat_chunks(job, body, envelope, text_of))
+            return _sse(job, _chat_chunks(job, body, envelope, text_of, tools))
         generations = await job.finish(request)
-        choices = [{"index": i, "message": {"role": "assistant", "content": g.text},
-                    "logprobs": None if logprobs is None else rs.chat_logprobs(g.logprobs, text_of),
-                    "finish_reason": rs.finish_reason(g.finish_reason)} for i, g in enumerate(generations)]
+        choices = [{"index": i, **rs.chat_reply(g.text, g.finish_reason, tools and tools.names),
+                    "logprobs": None if logprobs is None else rs.chat_logprobs(g.logprobs, text_of)}
+                   for i, g in enumerate(generations)]
         extra = {} if scored is None else {"prompt_logprobs": rs.prompt_logprobs(scored, text_of,
                                                                                  body.prompt_logprobs)}
         return JSONResponse(envelope(choices, usage=rs.usage(job.prompt_tokens, generations, job.n), **extra,
@@ -347,8 +357,11 @@ async def _completion_chunks(job: Job, body: CompletionRequest, envelope: rs.Env
 
 
 async def _chat_chunks(job: Job, body: ChatCompletionRequest, envelope: rs.Envelope,
-                       text_of: rs.TokenText) -> AsyncIterator[dict]:
+                       text_of: rs.TokenText, tools: rq.ToolUse | None) -> AsyncIterator[dict]:
+    """Each choice's text as content deltas; with tools, text that may be a call is held back, and
+    a choice that called tools ends with them as `tool_calls` deltas (finish_reason "tool_calls")."""
     extra = _usage_extra(body)
+    streams = [ToolStream(tools.names) if tools is not None else None for _ in range(job.n)]
     for i in range(job.n):
         yield envelope([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                          "finish_reason": None}], **extra)
@@ -357,9 +370,19 @@ async def _chat_chunks(job: Job, body: ChatCompletionRequest, envelope: rs.Envel
             entries = s.logprobs
             if not (s.text or s.finish_reason or entries):
                 continue
-            delta = {"content": s.text} if s.text else {}
+            stream = streams[s.index]
+            text = s.text if stream is None else stream.feed(s.text)
             logprobs = rs.chat_logprobs(entries or [], text_of) if body.logprobs else None
-            yield envelope([{"index": s.index, "delta": delta, "logprobs": logprobs,
-                             "finish_reason": rs.finish_reason(s.finish_reason)}], **extra)
+            if stream is None or not s.finish_reason:
+                yield envelope([{"index": s.index, "delta": {"content": text} if text else {}, "logprobs": logprobs,
+                                 "finish_reason": rs.finish_reason(s.finish_reason)}], **extra)
+                continue
+            rest, calls = stream.finish()
+            deltas = rs.tool_call_deltas(text + rest, calls)
+            for delta in deltas[:-1]:
+                yield envelope([{"index": s.index, "delta": delta, "logprobs": None, "finish_reason": None}], **extra)
+            reason = "tool_calls" if calls else rs.finish_reason(s.finish_reason)
+            yield envelope([{"index": s.index, "delta": deltas[-1], "logprobs": logprobs, "finish_reason": reason}],
+                           **extra)
     if body.include_usage:
         yield _usage_chunk(envelope, job)

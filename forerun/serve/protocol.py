@@ -1,8 +1,8 @@
 """The OpenAI request bodies the server accepts, as pydantic models. Fields a client may send that
 forerun does not use and that change nothing in the output (`user`, `metadata`, `store`, ...) are
 ignored (pydantic's default), as vLLM does; fields that would change the output in a way forerun
-cannot honour (structured output, tools, suffix, ...) are rejected with a 400 naming the field, rather
-than ignored: a client that asked for JSON must not get prose back silently."""
+cannot honour (suffix, content parts other than text, ...) are rejected with a 400 naming the field,
+rather than ignored: a client that asked for something must not get something else back silently."""
 from __future__ import annotations
 
 from typing import Literal
@@ -102,6 +102,75 @@ class Scaling(BaseModel):
     max_steps: int = Field(8, ge=1, le=64)  # a step-level strategy finishes its branches on this step
 
 
+class StructuredOutputs(BaseModel):
+    """vLLM's `structured_outputs` (in `extra_body`): one constraint on every sample. Unlike the
+    body, unknown fields here are an error."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    json_: dict | str | None = Field(None, alias="json")
+    regex: str | None = Field(None, min_length=1)
+    choice: list[str] | None = Field(None, min_length=1)
+    grammar: str | None = Field(None, min_length=1)
+    json_object: bool | None = None
+
+
+class JsonSchemaFormat(BaseModel):
+    name: str = Field("response", max_length=64)
+    description: str | None = None
+    schema_: dict = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format: text (no constraint), any JSON object, or a JSON schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is given with type 'json_schema', and only then")
+        return self
+
+
+class FunctionDef(BaseModel):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str | None = None
+    parameters: dict = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    strict: bool | None = None
+
+
+class ToolDef(BaseModel):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    """tool_choice naming the one function the model must call."""
+
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCallMessage(BaseModel):
+    """A call in an assistant message of the history."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class TemplateOptions(BaseModel):
     """How the chat template renders `messages` (vLLM's extras): with the assistant's turn opened
     (default), after the last message's turn, or inside a final assistant message, which the model
@@ -143,20 +212,17 @@ class SamplingFields(RequestBody):
     min_tokens: int | None = Field(None, ge=0)
     bad_words: list[str] | None = Field(None, max_length=MAX_BAD_WORDS)
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # vLLM's: each prompt token's, top n
-    # extras forerun cannot honour: accepted at their neutral value only (see _unsupported)
-    guided_json: object = None
-    guided_regex: str | None = None
-    guided_choice: list[str] | None = None
-    guided_grammar: str | None = None
-    structured_outputs: object = None
+    # structured outputs (vLLM's names; see forerun.serve.requests.structured_output)
+    guided_json: dict | str | None = None
+    guided_regex: str | None = Field(None, min_length=1)
+    guided_choice: list[str] | None = Field(None, min_length=1)
+    guided_grammar: str | None = Field(None, min_length=1)
+    structured_outputs: StructuredOutputs | None = None
 
     @model_validator(mode="after")
     def _unsupported(self):
         if self.prompt_logprobs is not None and self.stream:
             raise ValueError("prompt_logprobs is not available with stream (as in vLLM); ask without streaming")
-        for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs"):
-            if getattr(self, name) is not None:
-                raise ValueError(f"{name}: structured output (constrained decoding) is not supported by forerun")
         return self
 
     @field_validator("stop")
@@ -207,6 +273,8 @@ class ChatMessage(BaseModel):
     role: Literal[ROLES]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallMessage] | None = None  # an assistant's calls
+    tool_call_id: str | None = None  # a tool's result answers this call
 
     def text(self) -> str:
         if self.content is None:
@@ -228,24 +296,16 @@ class ChatCompletionRequest(SamplingFields, TemplateOptions):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     scaling: Scaling | None = None  # extra_body
-    # accepted at their neutral values only
-    response_format: dict | None = None
-    tools: list[dict] | None = None
-    tool_choice: str | dict | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[ToolDef] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True  # false: at most one call per reply (enforced for required and named)
     echo: bool = False
 
     @model_validator(mode="after")
     def _chat_checks(self):
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
-        if self.response_format is not None and self.response_format.get("type", "text") != "text":
-            raise ValueError(f"response_format {self.response_format.get('type')!r} is not supported by forerun "
-                             "(no constrained decoding); leave it out or use {'type': 'text'}")
-        if self.tools and self.tool_choice != "none":
-            raise ValueError("tools (function calling) are not supported by forerun; leave them out or set "
-                             "tool_choice: 'none'")
-        if self.tool_choice not in (None, "none", "auto") and not self.tools:
-            raise ValueError("tool_choice names a tool, but forerun supports no tools")
         if self.echo:
             raise ValueError("echo is not supported on chat completions; use /v1/completions with echo")
         if self.scaling is not None and self.prompt_logprobs is not None:

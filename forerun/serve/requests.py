@@ -3,14 +3,17 @@ Every problem is an APIError (400 or 404) raised before anything is queued."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 
-from forerun.config import GenerationDefaults, SamplingParams, SpecConfig
+from forerun.config import GenerationDefaults, SamplingParams, SpecConfig, StructuredOutput
 from forerun.engine.engine import Engine
 from forerun.engine.kv_pool import KVPool
 from forerun.serve.errors import APIError, bad_request
-from forerun.serve.protocol import (ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields, Speculation,
-                                    TemplateOptions)
+from forerun.serve.protocol import (ChatCompletionRequest, ChatMessage, CompletionRequest, NamedToolChoice,
+                                    SamplingFields, Speculation, TemplateOptions)
+from forerun.structured.grammar import check_constraint
+from forerun.structured.tools import CLOSE, OPEN, Tool, call_grammar, tools_prompt
 
 MAX_PROMPTS = 64  # prompts in one completions request
 GREEDY_BELOW = 1e-5  # a temperature this low is greedy decoding (dividing logits by it overflows)
@@ -68,7 +71,8 @@ def check_token_ids(ids: list[int], vocab_size: int, param: str) -> None:
         raise bad_request(f"{param}: token ids must lie in [0, {vocab_size})", param=param)
 
 
-def chat_prompt(messages: list[ChatMessage], tokenizer, options: TemplateOptions) -> list[int]:
+def chat_prompt(messages: list[ChatMessage], tokenizer, options: TemplateOptions,
+                tools: ToolUse | None = None) -> list[int]:
     """The model's chat template over `messages` as token ids: ending with the assistant's turn opened
     (what LLM.encode does for chat messages, so the server and `forerun generate` agree), or, with
     `add_generation_prompt` off, after the last message's turn; or, with `continue_final_message`,
@@ -79,13 +83,19 @@ def chat_prompt(messages: list[ChatMessage], tokenizer, options: TemplateOptions
         raise bad_request("continue_final_message needs the last message to be the assistant's",
                           param="continue_final_message")
     try:
-        turns = [{"role": TEMPLATE_ROLE.get(m.role, m.role), "content": m.text()} for m in messages]
+        native = renders_tools(tokenizer)
+        turns = [_turn(m, native) for m in messages]
+        extra = {}
+        if tools is not None and native:
+            extra["tools"] = [t.as_openai() for t in tools.tools]
+        elif tools is not None:
+            turns = _with_tools_prompt(turns, tools.tools)
         if not continue_final_message:
-            text = tokenizer.apply_chat_template(turns, add_generation_prompt=options.add_generation_prompt)
+            text = tokenizer.apply_chat_template(turns, add_generation_prompt=options.add_generation_prompt, **extra)
         else:  # render the partial answer followed by a marker, and cut the text at the marker
             partial = turns[-1]["content"]
             turns[-1] = {**turns[-1], "content": partial + _CUT}
-            text = tokenizer.apply_chat_template(turns, add_generation_prompt=False)
+            text = tokenizer.apply_chat_template(turns, add_generation_prompt=False, **extra)
             if text.count(_CUT) != 1:
                 raise ValueError("the chat template does not show the final message as sent, so it cannot be "
                                  "continued")
@@ -98,6 +108,130 @@ def chat_prompt(messages: list[ChatMessage], tokenizer, options: TemplateOptions
 
 
 _CUT = "\u2063forerun-continue\u2063"  # where a continued final message ends (invisible separators around a name)
+
+
+def renders_tools(tokenizer) -> bool:
+    """Whether the model's chat template renders `tools` itself (then it asks for Hermes' calls, one
+    per <tool_call> tag, as Qwen's and Hermes' do); otherwise forerun writes SmolLM2's tools prompt."""
+    return "tools" in (tokenizer.chat_template or "")
+
+
+def _turn(message: ChatMessage, native: bool) -> dict:
+    """A message as chat templates read it. Calls in the history are shown as the model writes them:
+    to a template that renders tools, as `tool_calls` with their arguments parsed (transformers'
+    convention); to one that does not, as SmolLM2's <tool_call> list after the text."""
+    turn = {"role": TEMPLATE_ROLE.get(message.role, message.role), "content": message.text()}
+    calls = [{"name": c.function.name, "arguments": _arguments(c.function.arguments)}
+             for c in message.tool_calls or ()]
+    if calls and native:
+        turn["tool_calls"] = [{"id": c.id, "type": "function", "function": call}
+                              for c, call in zip(message.tool_calls, calls)]
+    elif calls:
+        turn["content"] += OPEN + json.dumps(calls) + CLOSE
+    if message.tool_call_id is not None and native:
+        turn["tool_call_id"] = message.tool_call_id
+    return turn
+
+
+def _arguments(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict):
+        raise ValueError(f"a tool call's arguments must be a JSON object, got {text[:80]!r}")
+    return value
+
+
+def _with_tools_prompt(turns: list[dict], tools: tuple[Tool, ...]) -> list[dict]:
+    """The tools prompt as the system message, before the one the client sent (if any)."""
+    prompt = tools_prompt(list(tools))
+    if turns[0]["role"] == "system":
+        return [{**turns[0], "content": prompt + "\n\n" + turns[0]["content"]}, *turns[1:]]
+    return [{"role": "system", "content": prompt}, *turns]
+
+
+@dataclass(frozen=True, slots=True)
+class ToolUse:
+    """A chat request's tools and how it may call them: "auto" (the model chooses; calls are parsed
+    from its text), "required" (a grammar makes it call some tool) or a tool's name (that tool)."""
+
+    tools: tuple[Tool, ...]
+    choice: str
+    native: bool  # the template renders the tools (Hermes' calls), else SmolLM2's prompt and calls
+    parallel: bool = True  # more than one call per reply
+
+    @property
+    def names(self) -> set[str]:
+        return {t.name for t in self.tools}
+
+    def grammar(self) -> StructuredOutput | None:
+        if self.choice == "auto":
+            return None
+        tools = list(self.tools) if self.choice == "required" else [t for t in self.tools if t.name == self.choice]
+        return call_grammar(tools, one_per_tag=self.native, single=not self.parallel or self.choice != "required")
+
+
+def tool_use(body: ChatCompletionRequest, tokenizer) -> ToolUse | None:
+    """The request's tools, checked, unless there are none or tool_choice is "none" (then the model
+    is not shown them, as vLLM does by default, and its text is not parsed)."""
+    if not body.tools:
+        if body.tool_choice not in (None, "none", "auto"):
+            raise bad_request("tool_choice asks for a tool call, but no tools are given", param="tool_choice")
+        return None
+    if body.tool_choice == "none":
+        return None
+    tools = []
+    for i, t in enumerate(body.tools):
+        where = f"tools.{i}.function.parameters"
+        try:
+            tools.append(Tool(t.function.name, t.function.description or "", t.function.parameters))
+            check_constraint(StructuredOutput(json=t.function.parameters))
+        except ValueError as e:
+            raise bad_request(f"{where}: {e}", param=where) from None
+    if len({t.name for t in tools}) < len(tools):
+        raise bad_request("tools: two tools have the same name", param="tools")
+    choice = body.tool_choice or "auto"
+    if isinstance(choice, NamedToolChoice):
+        choice = choice.function.name
+        if choice not in {t.name for t in tools}:
+            raise bad_request(f"tool_choice names {choice!r}, which is not in tools", param="tool_choice")
+    return ToolUse(tuple(tools), choice, renders_tools(tokenizer), body.parallel_tool_calls)
+
+
+def structured_output(body: SamplingFields, tools: ToolUse | None = None) -> StructuredOutput | None:
+    """The one constraint a request asks for: OpenAI's response_format (chat), vLLM's guided_json,
+    guided_regex, guided_choice, guided_grammar or structured_outputs, or the grammar of a required or
+    named tool call. It is compiled here, so a bad one is a 400 naming its field."""
+    asked = []  # (field, StructuredOutput's arguments)
+    response_format = getattr(body, "response_format", None)
+    if response_format is not None and response_format.type == "json_schema":
+        asked.append(("response_format.json_schema.schema", {"json": response_format.json_schema.schema_}))
+    elif response_format is not None and response_format.type == "json_object":
+        asked.append(("response_format", {"json_object": True}))
+    for name, key in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                      ("guided_grammar", "grammar")):
+        if getattr(body, name) is not None:
+            asked.append((name, {key: getattr(body, name)}))
+    if body.structured_outputs is not None:
+        fields = body.structured_outputs.model_dump(exclude_none=True)
+        asked.append(("structured_outputs", {("json" if k == "json_" else k): v for k, v in fields.items()}))
+    grammar = tools.grammar() if tools is not None else None
+    if grammar is not None:
+        asked.append(("tool_choice", {"grammar": grammar.grammar}))
+    if len(asked) > 1:
+        raise bad_request(f"give one constraint, not {' and '.join(name for name, _ in asked)}", param=asked[1][0])
+    if not asked:
+        return None
+    name, fields = asked[0]
+    try:
+        if isinstance(fields.get("json"), str):  # guided_json may be the schema's text
+            fields["json"] = json.loads(fields["json"])
+        spec = StructuredOutput(**fields)
+        check_constraint(spec)
+    except ValueError as e:
+        raise bad_request(f"{name}: {e}", param=name) from None
+    return spec
 
 
 def max_new_tokens(asked: int | None, prompt_len: int, n: int, served: Served) -> int:
@@ -120,7 +254,8 @@ def max_new_tokens(asked: int | None, prompt_len: int, n: int, served: Served) -
     return asked
 
 
-def sampling_params(body: SamplingFields, max_tokens: int, logprobs: int | None, served: Served) -> SamplingParams:
+def sampling_params(body: SamplingFields, max_tokens: int, logprobs: int | None, served: Served,
+                    structured: StructuredOutput | None = None) -> SamplingParams:
     stop_ids = list(body.stop_token_ids or ())
     check_token_ids(stop_ids, served.vocab_size, "stop_token_ids")
     defaults = served.defaults
@@ -130,7 +265,7 @@ def sampling_params(body: SamplingFields, max_tokens: int, logprobs: int | None,
                   top_k=max(_given(body.top_k, defaults.top_k, 0), 0), seed=body.seed, max_new_tokens=max_tokens,
                   stop=body.stop_strings(), ignore_eos=body.ignore_eos, n=body.n,
                   stop_token_ids=tuple(stop_ids), include_stop_str_in_output=body.include_stop_str_in_output,
-                  logprobs=logprobs, **_processing(body, served))
+                  logprobs=logprobs, structured=structured, **_processing(body, served))
     try:
         return SamplingParams(**fields)
     except ValueError as e:
