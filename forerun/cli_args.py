@@ -58,10 +58,9 @@ def add_speculation_args(p: argparse.ArgumentParser, method: str = "pld") -> Non
     p.add_argument("--tree-width", type=int, default=1, help="--method draft, eagle: children per tree node")
     p.add_argument("--guard", action="store_true",
                    help="take plain steps while speculation measures slower per token (same output)")
-    p.add_argument("--budget", choices=["fixed", "goodput", "cost"], default="fixed",
+    p.add_argument("--budget", choices=["fixed", "goodput"], default="fixed",
                    help="goodput: verify of each draft the nodes worth their rows for the whole batch, from "
-                        "measured step costs and acceptance per tree position (same output; 'cost' is its "
-                        "earlier name)")
+                        "measured step costs and acceptance per tree position (same output)")
     p.add_argument("--exit-layer", type=int, default=None, help="--method layer-skip: layers the drafter runs")
     p.add_argument("--opt", action="append", default=[], metavar="NAME=VALUE",
                    help="a method-specific option (repeatable), e.g. --opt datastore=DS")

@@ -166,7 +166,6 @@ class SpecConfig:
     # draft the nodes that maximise the batch's expected tokens per second, from the measured cost of
     # a forward by its rows and each tree position's acceptance (forerun.engine.goodput); greedy, or
     # drafts chosen deterministically (sampled trees keep their shape, their depth set before drawing).
-    # "cost" is the policy's earlier name.
     budget: str = "fixed"
     draft_model: str | None = None  # method "draft": HF directory or .gguf
     tree_width: int = 1  # method "draft": children per expanded node; 1 drafts a chain
@@ -184,8 +183,8 @@ class SpecConfig:
             raise ValueError("num_draft and max_draft must be >= 1")
         if self.num_draft > self.max_draft:
             raise ValueError(f"num_draft ({self.num_draft}) exceeds max_draft ({self.max_draft})")
-        if self.budget not in ("fixed", "goodput", "cost"):
-            raise ValueError(f"budget must be 'fixed' or 'goodput' (or 'cost', its earlier name), got {self.budget!r}")
+        if self.budget not in ("fixed", "goodput"):
+            raise ValueError(f"budget must be 'fixed' or 'goodput', got {self.budget!r}")
         if self.tree_width < 1:
             raise ValueError(f"tree_width must be >= 1, got {self.tree_width}")
         if not 1 <= self.ngram_min <= self.ngram_max:
@@ -195,7 +194,7 @@ class SpecConfig:
 
     @property
     def goodput(self) -> bool:
-        return self.budget in ("goodput", "cost")
+        return self.budget == "goodput"
 
     def option_values(self, known: dict[str, object]) -> dict[str, object]:
         """The drafter's options: `known` (name -> default) updated from self.options, which may

@@ -4,6 +4,7 @@ import numpy as np
 
 from conftest import auto_with_random_head, random_eagle_head, random_medusa_head
 from forerun import LLM, SamplingParams, SpecConfig
+from forerun.drafters.auto import Auto
 from forerun.drafters.draft_model import DraftModel
 from forerun.drafters.eagle import Eagle
 from forerun.drafters.medusa import Medusa
@@ -73,3 +74,16 @@ def install_drafters(llm: LLM, specs: list[SpecConfig], draft_runtime) -> None:
             llm.use_drafter(spec, Medusa(llm.runtime, spec, head=random_medusa_head(llm.runtime, draft_vocab=32)))
         elif spec.method == "auto" and "eagle" in dict(spec.options)["candidates"]:
             llm.use_drafter(spec, auto_with_random_head(llm.runtime, spec))
+
+
+class WatchedAuto(Auto):
+    """auto that records which candidate each step drafted with (None: a plain step)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.chosen = []
+
+    def propose_batch(self, seqs, depths):
+        drafts = super().propose_batch(seqs, depths)
+        self.chosen += [seq.draft_state.chosen for seq in seqs]
+        return drafts

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import tiny_runtime
+from helpers_decoding import WatchedAuto
 from forerun import LLM, SamplingParams, SpecConfig
 from forerun.drafters.auto import Auto, expected_tokens
 from forerun.drafters.base import Drafter, chain, root_only
@@ -55,19 +56,6 @@ class Oracle(Drafter):
         return chain(seq, [(t + self.shift) % 64 for t in upcoming]) if upcoming else root_only(seq)
 
 
-class Watched(Auto):
-    """Auto that records which candidate each step drafted with (None: a plain step)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.chosen = []
-
-    def propose_batch(self, seqs, depths):
-        drafts = super().propose_batch(seqs, depths)
-        self.chosen += [seq.draft_state.chosen for seq in seqs]
-        return drafts
-
-
 @pytest.fixture(scope="module")
 def target():
     return tiny_runtime("llama", seed=1)
@@ -81,7 +69,7 @@ def test_the_right_candidate_is_chosen_and_the_output_is_unchanged(target):
     llm = LLM(runtime=target)
     reference = llm.generate_ids(PROMPT, GREEDY, SpecConfig(method="ar")).token_ids
     spec = SpecConfig(method="auto", adaptive=False, num_draft=4, options=FREE)
-    auto = Watched(target, spec, candidates={
+    auto = WatchedAuto(target, spec, candidates={
         "wrong": Oracle(target, spec, reference, len(PROMPT), shift=1),
         "right": Oracle(target, spec, reference, len(PROMPT))})
     llm.use_drafter(spec, auto)
@@ -96,7 +84,7 @@ def test_no_candidate_drafts_when_none_would_pay(target):
     llm = LLM(runtime=target)
     reference = llm.generate_ids(PROMPT, GREEDY, SpecConfig(method="ar")).token_ids
     spec = SpecConfig(method="auto", options={"row_cost": 0.2, "timed": False})
-    auto = Watched(target, spec, candidates={"wrong": Oracle(target, spec, reference, len(PROMPT), shift=1)})
+    auto = WatchedAuto(target, spec, candidates={"wrong": Oracle(target, spec, reference, len(PROMPT), shift=1)})
     llm.use_drafter(spec, auto)
     out = llm.generate_ids(PROMPT, GREEDY, spec)
     assert out.token_ids == reference

@@ -196,8 +196,8 @@ def test_contender_spec_parsing():
 
 def test_contender_options_reach_the_config_the_engine_and_the_drafter():
     engines = EngineCache(None, "cpu", {"runtime": tiny_runtime()})
-    (c,) = forerun_contenders(["recycle:budget=cost:nodes=16:k=4"], engines)
-    assert c.spec.budget == "cost" and dict(c.spec.options) == {"nodes": 16, "k": 4}
+    (c,) = forerun_contenders(["recycle:budget=goodput:nodes=16:k=4"], engines)
+    assert c.spec.budget == "goodput" and dict(c.spec.options) == {"nodes": 16, "k": 4}
     (bad,) = forerun_contenders(["recycle:depht=3"], engines)
     with pytest.raises(ValueError, match="has no option 'depht'"):
         bad.llm.drafter(bad.spec)

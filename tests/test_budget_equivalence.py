@@ -1,4 +1,4 @@
-"""SpecConfig(budget="cost") (the goodput policy's earlier name) cuts each greedy draft tree to the nodes
+"""SpecConfig(budget="goodput") cuts each greedy draft tree to the nodes
 worth their rows; the output must stay `ar`'s for draft, rasd and del, in float32 and q4.
 With a steep cost line (rows dear) most trees are cut to a part, which the test checks happened; with
 the measured line, whatever this machine's timings choose."""
@@ -60,14 +60,14 @@ def spec_and_drafter(world, method: str, same: bool):
     llm, other, store, _ = world
     draft = llm.runtime if same else other
     if method == "draft":
-        spec = SpecConfig(method="draft", tree_width=2, num_draft=3, budget="cost")
+        spec = SpecConfig(method="draft", tree_width=2, num_draft=3, budget="goodput")
         return spec, DraftModel(llm.runtime, spec, draft=draft)
     if method == "rasd":
-        spec = SpecConfig(method="rasd", tree_width=2, num_draft=3, budget="cost",
+        spec = SpecConfig(method="rasd", tree_width=2, num_draft=3, budget="goodput",
                           options={"datastore": store, "retrieved_nodes": 8})
         return spec, RetrievalAugmented(llm.runtime, spec, draft=draft)
     # min_length: DEL always drafts a chain, so there is something to cut
-    return SpecConfig(method="del", budget="cost", options={"min_length": 3, "probe_every": 1}), None
+    return SpecConfig(method="del", budget="goodput", options={"min_length": 3, "probe_every": 1}), None
 
 
 @pytest.mark.parametrize("line", [(1.0, 0.15), None], ids=["steep", "measured"])

@@ -92,7 +92,7 @@ def test_embedded_model_q4_methods_match_ar():
     ids = llm.encode("Summarize: The cat sat on the mat. The cat was happy because the mat was warm and soft.")
     ref = llm.generate_ids(ids, params, SpecConfig(method="ar")).token_ids
     for spec in (SpecConfig(method="pld"), SpecConfig(method="layer-skip", exit_layer=20),
-                 SpecConfig(method="recycle"), SpecConfig(method="stand", budget="cost")):
+                 SpecConfig(method="recycle"), SpecConfig(method="stand", budget="goodput")):
         assert llm.generate_ids(ids, params, spec).token_ids == ref, spec.method
 
 

@@ -1,4 +1,4 @@
-"""The goodput policy (SpecConfig.budget = "goodput", formerly "cost"): its cost curve, its choice of
+"""The goodput policy (SpecConfig.budget = "goodput"): its cost curve, its choice of
 nodes within a draft and across the sequences of a batch, its depth plan for model drafters, and that
 cutting trees keeps greedy output equal to `ar` and sampled output distributed as the target's."""
 import dataclasses
@@ -298,5 +298,7 @@ def test_cut_deterministic_drafts_sample_exactly(tmp_path, monkeypatch, method):
 def test_budget_is_validated():
     with pytest.raises(ValueError, match="budget must be"):
         SpecConfig(method="recycle", budget="auto")
-    assert SpecConfig(budget="cost").goodput and SpecConfig(budget="goodput").goodput
+    assert SpecConfig(budget="goodput").goodput and not SpecConfig(budget="fixed").goodput
+    with pytest.raises(ValueError, match="budget"):
+        SpecConfig(budget="cost")  # the policy's name before 0.1: not kept as an alias
     assert not SpecConfig().goodput

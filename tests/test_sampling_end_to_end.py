@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from conftest import random_eagle_head, reference_probs, small_vocab_runtime
+from helpers_decoding import WatchedAuto
 from helpers_distribution import assert_follows, target_logits
 from forerun import LLM, SamplingParams, SpecConfig
-from forerun.drafters.auto import Auto
 from forerun.drafters.draft_model import DraftModel
 from forerun.drafters.eagle import Eagle
 from forerun.drafters.medusa import Medusa
@@ -206,19 +206,6 @@ def test_medusa_tree_samples_follow_the_processed_target(world):
     cut = sum(run.stats.draft_tokens < 4 * run.stats.drafts for run in runs)
     assert cut > trials // 20, f"only {cut} runs had a tree cut by min_accept: the cut was hardly tested"
     assert_follows(triples, world.joint, "medusa")
-
-
-class WatchedAuto(Auto):
-    """Auto that records which candidate each step drafted with (None: a plain step)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.chosen = []
-
-    def propose_batch(self, seqs, depths):
-        drafts = super().propose_batch(seqs, depths)
-        self.chosen += [seq.draft_state.chosen for seq in seqs]
-        return drafts
 
 
 # weight 1: a sequence judges candidates by the last step scored, so the choice swings with the sampled text

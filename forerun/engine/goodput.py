@@ -1,4 +1,4 @@
-"""The goodput policy (SpecConfig.budget = "goodput"; "cost" is its earlier name): how much of every
+"""The goodput policy (SpecConfig.budget = "goodput"): how much of every
 sequence's draft a batched step verifies, after SmartSpec (Liu et al. 2024, arXiv 2406.14066).
 
 A verification forward costs time for every row it holds, accepted or not, and on a CPU whose

@@ -78,7 +78,7 @@ class Speculation(BaseModel):
     num_draft: int | None = Field(None, ge=1, le=64)
     max_draft: int | None = Field(None, ge=1, le=64)
     adaptive: bool | None = None
-    budget: Literal["fixed", "goodput", "cost"] | None = None
+    budget: Literal["fixed", "goodput"] | None = None
     guard: bool | None = None
     exit_layer: int | None = Field(None, ge=1)
     tree_width: int | None = Field(None, ge=1, le=8)
