@@ -313,6 +313,7 @@ def plot_curve(curve: list[dict], path: Path) -> None:
     for k in range(len(curve[0]["acceptance"])):
         ax.plot([c["tokens"] for c in curve], [c["acceptance"][k] for c in curve], marker="o",
                 label=f"drafts 1..{k + 1} all right" if k else "first draft right")
+    ax.set_title("Draft head: acceptance on held-back replies (teacher forced)")
     ax.set_xlabel("positions trained on")
     ax.set_ylabel("share of held-back positions")
     ax.set_ylim(0, 1)
