@@ -18,3 +18,27 @@ def test_native_kernels_are_built_where_required():
     assert kernels.cpu_kernels() is not None, (
         "a C++ compiler is present but the native CPU kernels did not build; the reason is in the "
         "'native CPU kernels unavailable' warning of this run")
+
+
+def test_a_lock_left_by_a_killed_build_does_not_hang_the_next_process(tmp_path, monkeypatch):
+    """torch waits without end while its `lock` file exists; a build killed half-way (CI's time limit,
+    an OOM kill, a restarted machine) leaves one, and before the fix every later process hung there."""
+    from torch.utils import cpp_extension
+
+    monkeypatch.delenv("FORERUN_NO_KERNELS", raising=False)
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("the native kernels need AVX2, which this CPU lacks")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    build = kernels.build_dir()
+    assert build == tmp_path / "forerun_cpu"
+    build.mkdir()
+    (build / "lock").touch()  # what a killed build leaves
+    seen = {}
+
+    def fake_load(**kwargs):
+        seen.update(kwargs, lock_left=(build / "lock").exists())
+        return "built"
+
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    assert kernels.cpu_kernels.__wrapped__() == "built"
+    assert seen["build_directory"] == str(build) and not seen["lock_left"]

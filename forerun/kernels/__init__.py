@@ -5,9 +5,11 @@ without AVX2, FORERUN_NO_KERNELS=1) leaves the caller on that slower path.
 """
 from __future__ import annotations
 
+import fcntl
 import functools
 import os
 import shutil
+import sys
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -38,6 +40,15 @@ def _put_ninja_on_path() -> None:
     os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
+def build_dir() -> Path:
+    """Where torch builds and caches the kernels: TORCH_EXTENSIONS_DIR, else torch's own default."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root is None:
+        flavour = f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu"
+        root = Path.home() / ".cache" / "torch_extensions" / f"py{sys.version_info.major}{sys.version_info.minor}_{flavour}"
+    return Path(root) / "forerun_cpu"
+
+
 @functools.cache
 def cpu_kernels() -> ModuleType | None:
     """The float32 CPU kernels of cpu.cpp (quantized linears, decode attention, RMSNorm), or None
@@ -47,11 +58,20 @@ def cpu_kernels() -> ModuleType | None:
     from torch.utils.cpp_extension import load
 
     _put_ninja_on_path()
-    # -fopenmp: at::parallel_for is inline OpenMP code; the process shares the libgomp torch loaded.
+    build = build_dir()
     try:
-        return load(name="forerun_cpu", sources=[str(_SOURCE)],
-                    extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
-                    extra_ldflags=["-fopenmp"], verbose=False)
+        build.mkdir(parents=True, exist_ok=True)
+        with open(build / "forerun.flock", "w") as held:
+            # torch marks a build in progress with a plain `lock` file and waits, without end, for it
+            # to go; a build that was killed leaves it behind and every later process hangs. An flock
+            # is dropped by the kernel when its holder dies, and every forerun process takes this one
+            # before building: while it is held, a `lock` file is one a dead process left.
+            fcntl.flock(held, fcntl.LOCK_EX)
+            (build / "lock").unlink(missing_ok=True)
+            # -fopenmp: at::parallel_for is inline OpenMP code; the process shares torch's libgomp.
+            return load(name="forerun_cpu", sources=[str(_SOURCE)], build_directory=str(build),
+                        extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
+                        extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # no compiler, or a failed build: say so once and use the fallback
         warnings.warn(f"forerun: native CPU kernels unavailable ({str(exc).splitlines()[0]}); "
                       "q4 layers fall back to slow PyTorch code", stacklevel=2)
