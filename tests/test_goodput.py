@@ -11,7 +11,8 @@ from helpers_distribution import (E2E_PARAMS, E2E_PROMPT, E2E_VOCAB, assert_dist
 from helpers_decoding import GREEDY, PROMPTS, datastore_for, generate, reference
 
 from forerun import LLM, SamplingParams, SpecConfig
-from forerun.engine.goodput import CheckSchedule, Drafting, Entry, Goodput, NodeOdds, RowCost, best_cut, keep_nodes
+from forerun.backoff import Backoff
+from forerun.engine.goodput import Drafting, Entry, Goodput, NodeOdds, RowCost, SpecOdds, best_cut, keep_nodes
 from forerun.drafters.draft_model import DraftModel
 from forerun.drafters.rasd import RetrievalAugmented
 from forerun.retrieval.datastore import build, fingerprint_of
@@ -145,7 +146,7 @@ def learned_policy(line=(1.0, 0.25)) -> Goodput:
     policy = Goodput()
     policy.cost.record(1, line[0] + line[1]), policy.cost.record(11, line[0] + 11 * line[1])
     memory = policy.memory(SPEC)
-    memory.checks.next_check = 10**9  # no checks
+    memory.checks.recheck_at(10**9)  # no checks
     for accepted in ({0, 1, 3}, {0, 1}, {0, 1, 3, 5}, {0, 2}):
         memory.odds.record(TreeShape(TREE), accepted)
     return policy
@@ -179,13 +180,13 @@ def test_sampled_trees_are_verified_whole():
 
 def test_checks_verify_one_whole_tree_less_and_less_often():
     policy = learned_policy()
-    policy.memory(SPEC).checks = CheckSchedule()
+    policy.memory(SPEC).checks = Backoff(SpecOdds.CHECK_EVERY, SpecOdds.CHECK_MAX)
     full = []
     for _ in range(200):  # two sequences of the same SpecConfig a step: a check keeps the first whole
         due = SPEC in policy.due_checks([SPEC])
         entries = [Entry(tree_draft(), policy.memory(SPEC), 1.0, True, checked=due and i == 0) for i in range(2)]
         full.append([d.size == len(TREE) for d in policy.cut(entries, 2, 2.0)])
-    assert [i for i, f in enumerate(full, start=1) if any(f)] == [16, 32, 64, 128]
+    assert [i for i, f in enumerate(full, start=1) if any(f)] == [16, 48, 112]  # waits 16, 32, 64
     assert all(f == [True, False] for f in full if any(f))
 
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field, fields, replace
 
 import torch
 
+from forerun.backoff import Backoff
 from forerun.drafters.base import Drafter, Sequence, SequenceView, root_only
 from forerun.drafters.registry import drafter_class, register
 from forerun.sampling import target_probs
@@ -80,8 +81,7 @@ class AutoState:
     chosen: str | None = None  # who drafted this step (None: a plain step)
     sent: Draft | None = None  # the chosen draft as handed to the engine (keyed by its candidate)
     steps: int = 0
-    next_probe: dict[str, int] = field(default_factory=dict)  # candidate -> step of its next scoring draft
-    interval: dict[str, int] = field(default_factory=dict)  # candidate -> steps between its scoring drafts
+    probes: dict[str, Backoff] = field(default_factory=dict)  # candidate -> when it next drafts to be scored
 
 
 class _Timing:
@@ -224,7 +224,7 @@ class Auto(Drafter):
 
     def _drafts(self, name: str, state: AutoState) -> bool:
         """Whether `name` drafts for the sequence this step: chosen, or due a scoring."""
-        return state.chosen == name or state.steps >= state.next_probe.get(name, 0)
+        return state.chosen == name or name not in state.probes or state.probes[name].due(state.steps)
 
     # -- feedback -------------------------------------------------------------------------------------
 
@@ -256,13 +256,13 @@ class Auto(Drafter):
         losing. One without: every step, less often (up to every MAX_CHEAP_INTERVAL steps) while it keeps
         losing, since even a cheap tree costs Python time each step. Once it leads, from the start again."""
         model = self.candidates[name].drafts_with_model
+        if name not in state.probes:
+            state.probes[name] = Backoff(*((self.opts.probe_every, MAX_PROBE_INTERVAL) if model else (1, MAX_CHEAP_INTERVAL)))
+        probes = state.probes[name]
         if model and hypothesis.size == 1 and state.steps < self.opts.probe_every:
-            state.next_probe[name] = state.steps + 1
+            probes.recheck_at(state.steps + 1)
             return
-        start, most = (self.opts.probe_every, MAX_PROBE_INTERVAL) if model else (1, MAX_CHEAP_INTERVAL)
-        interval = min(2 * state.interval.get(name, start), most) if still_losing else start
-        state.interval[name] = interval
-        state.next_probe[name] = state.steps + interval
+        probes.checked(state.steps, confirmed=still_losing)
 
     def _cost(self, name: str, draft: Draft) -> float:
         """A step with this draft, in plain steps' time: its extra rows and its drafting."""

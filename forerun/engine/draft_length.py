@@ -2,6 +2,7 @@
 SpecConfig, kept across requests)."""
 from __future__ import annotations
 
+from forerun.backoff import Backoff
 from forerun.config import SpecConfig
 
 
@@ -23,8 +24,7 @@ class SpeedGuard:
     def __init__(self) -> None:
         self.cost: dict[bool, float | None] = {True: None, False: None}  # s/token: speculative, plain
         self.steps = 0
-        self.interval = self.CHECK_EVERY
-        self.next_check = self.CHECK_EVERY
+        self.checks = Backoff(self.CHECK_EVERY, self.CHECK_MAX)
 
     def prefers_speculation(self) -> bool:
         spec, plain = self.cost[True], self.cost[False]
@@ -37,25 +37,23 @@ class SpeedGuard:
     def speculate(self) -> bool:
         """Whether this step should speculate."""
         prefer = self.prefers_speculation()
-        return not prefer if self.steps == self.next_check else prefer
+        return not prefer if self.checks.due(self.steps) else prefer
 
     def record(self, speculated: bool, seconds: float | None, tokens: int) -> None:
         """After a step it chose; seconds None: the step's time says nothing about decoding (it also
         computed a prompt chunk), so only the step is counted, and a check due then moves to the next."""
         if seconds is None:
-            self.next_check += self.steps == self.next_check
+            self.checks.postpone(self.steps)
             self.steps += 1
             return
-        checking = self.steps == self.next_check
+        checking = self.checks.due(self.steps)
         before = self.prefers_speculation()
         old, per_token = self.cost[speculated], seconds / max(tokens, 1)
         # a check replaces the checked kind's cost: its last measurement may be hundreds of steps old
         fresh = old is None or checking
         self.cost[speculated] = per_token if fresh else (1 - self.WEIGHT) * old + self.WEIGHT * per_token
         if checking:
-            confirmed = self.prefers_speculation() == before
-            self.interval = min(2 * self.interval, self.CHECK_MAX) if confirmed else self.CHECK_EVERY
-            self.next_check = self.steps + self.interval
+            self.checks.checked(self.steps, confirmed=self.prefers_speculation() == before)
         self.steps += 1
 
 

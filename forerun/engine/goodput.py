@@ -42,10 +42,11 @@ import itertools
 import statistics
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from forerun.backoff import Backoff
 from forerun.tree import TreeShape
 from forerun.types import Draft, Extra, Verdict
 
@@ -200,33 +201,24 @@ def best_cut(odds: list[tuple[float, int]], sure_tokens: float, sure_rows: int, 
     return best_k
 
 
-class CheckSchedule:
-    """When a SpecConfig's next whole tree is due: after CHECK_EVERY steps, then doubling."""
-
-    CHECK_EVERY = 16
-    CHECK_MAX = 256
-
-    def __init__(self) -> None:
-        self.steps = 0
-        self.interval = self.CHECK_EVERY
-        self.next_check = self.CHECK_EVERY
-
-    def due(self) -> bool:
-        """Whether this step verifies one whole tree (counts the step)."""
-        self.steps += 1
-        if self.steps < self.next_check:
-            return False
-        self.next_check = self.steps + self.interval
-        self.interval = min(2 * self.interval, self.CHECK_MAX)
-        return True
-
-
 @dataclass(eq=False)
 class SpecOdds:
     """What the policy keeps per SpecConfig across requests."""
 
-    odds: NodeOdds
-    checks: CheckSchedule
+    CHECK_EVERY = 16
+    CHECK_MAX = 256
+
+    odds: NodeOdds = field(default_factory=NodeOdds)
+    checks: Backoff = field(default_factory=lambda: Backoff(SpecOdds.CHECK_EVERY, SpecOdds.CHECK_MAX))
+    steps: int = 0  # steps with a sequence of this SpecConfig
+
+    def check_due(self) -> bool:
+        """Whether this step verifies one whole tree (counts the step)."""
+        self.steps += 1
+        if not self.checks.due(self.steps):
+            return False
+        self.checks.checked(self.steps)
+        return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,7 +252,7 @@ class Goodput:
 
     def memory(self, spec) -> SpecOdds:
         if spec not in self._memory:
-            self._memory[spec] = SpecOdds(NodeOdds(), CheckSchedule())
+            self._memory[spec] = SpecOdds()
         return self._memory[spec]
 
     def forget(self, spec) -> None:
@@ -269,7 +261,7 @@ class Goodput:
     def due_checks(self, specs) -> set:
         """The SpecConfigs (each with a sequence in this step) whose check is due: one of their
         sequences drafts to its full depth and is verified whole. Counts the step for each."""
-        return {spec for spec in specs if self.memory(spec).checks.due()}
+        return {spec for spec in specs if self.memory(spec).check_due()}
 
     def depths(self, chains: list[Drafting], sure_rows: int, sure_tokens: float) -> list[int]:
         """Before drafting: how deep each sequence should draft, from the odds of a chain's positions;
