@@ -110,8 +110,8 @@ def test_prompt_logprobs_match_one_forward_in_any_chunking(monkeypatch, chunk):
     """An echo's logprobs: None for the first token, then every prompt token under the rows before it,
     with the top tokens; the same numbers whether the text runs in one forward or chunks of 7 rows,
     and whether its first blocks come from the prefix cache."""
-    import forerun.engine.engine as engine_module
-    monkeypatch.setattr(engine_module, "SCORE_CHUNK", chunk)
+    import forerun.engine.scheduler as scheduler_module
+    monkeypatch.setattr(scheduler_module, "SCORE_CHUNK", chunk)
     runtime = tiny_runtime(seed=3)
     llm = LLM(runtime=runtime)
     prompt = list(range(5, 45))
@@ -143,3 +143,35 @@ def test_scoring_a_text_the_pool_cannot_hold_now_is_busy_and_one_it_never_can_is
     with pytest.raises(ValueError, match="the pool holds 128") as e:
         llm.engine.prompt_logprobs(text)
     assert not isinstance(e.value, PoolBusy)
+
+
+@pytest.mark.parametrize("method", ["ar", "pld"])
+def test_a_score_runs_in_the_steps_of_the_requests_in_flight(method):
+    """Scoring is scheduled like any other work: a request in flight keeps decoding in the steps that
+    compute the scored text, loses none of its output (it comes with the next step()), and produces
+    what it produces alone; the score equals one taken on an idle engine."""
+    from forerun.config import EngineConfig
+    runtime = tiny_runtime(seed=3)
+    llm = LLM(runtime=runtime, engine=EngineConfig(max_step_tokens=8, prefix_caching=False))
+    engine, text = llm.engine, list(range(5, 45))
+    params, spec = SamplingParams(max_new_tokens=24, ignore_eos=True), SpecConfig(method=method)
+    idle_score = llm.score(text[:10], text[10:])
+    alone = llm.generate_batch_ids([PROMPTS[0]], params, spec)[0].token_ids
+
+    rid = engine.add_request(PROMPTS[0], params, spec)
+    tokens, finished = [], False
+    for _ in range(3):
+        for out in engine.step():
+            tokens += [t for sample in out.samples for t in sample.token_ids]
+    steps, first_after = engine.steps, True
+    assert llm.score(text[:10], text[10:]) == pytest.approx(idle_score, abs=1e-5)
+    assert engine.steps - steps == 6  # 39 rows computed, 7 a step beside the decoding row
+    while not finished:
+        for out in engine.step():
+            assert out.request_id == rid
+            if first_after:  # the first step after the score also hands out what was decoded meanwhile
+                assert len(out.samples) > 1
+                first_after = False
+            tokens += [t for sample in out.samples for t in sample.token_ids]
+            finished = out.finished
+    assert tokens == alone and engine.pool.used == 0

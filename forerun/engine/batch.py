@@ -23,7 +23,8 @@ def draft_layout(draft: Draft) -> tuple[Tensor, Tensor, Tensor | None]:
 
 def segment(w: Work, draft: Draft | None) -> Segment:
     """One sequence's rows: `w.chunk` pending tokens at their positions (causal), then (when it
-    decodes) the draft rooted at the next position, whose rows see every pending row and need logits."""
+    decodes) the draft rooted at the next position, whose rows see every pending row and need logits.
+    A scored sequence never decodes; its chunk's rows from its next scored position need logits."""
     seq, chunk = w.seq, w.chunk
     first = seq.cached + chunk  # the root's position and logical slot
     tokens = torch.tensor(seq.tokens[seq.cached:first], dtype=torch.long)
@@ -36,7 +37,15 @@ def segment(w: Work, draft: Draft | None) -> Segment:
             mask[chunk:, chunk:] = tree
         tokens, positions = torch.cat([tokens, rows]), torch.cat([positions, first + offsets])
     return Segment(tokens, positions, seq.slots(0, seq.cached + tokens.shape[0]), mask,
-                   logits_from=chunk if draft is not None else tokens.shape[0])
+                   logits_from=chunk if draft is not None else chunk - scored_rows(w))
+
+
+def scored_rows(w: Work) -> int:
+    """The rows of w's chunk that a scored sequence needs logits for: its last ones."""
+    scoring = w.seq.scoring
+    if scoring is None:
+        return 0
+    return max(w.seq.cached + w.chunk - max(scoring.start, w.seq.cached), 0)
 
 
 def pack(work: list[Work], drafts: dict[int, Draft]) -> ForwardBatch:

@@ -24,17 +24,17 @@ import torch
 
 from forerun.config import EngineConfig, SamplingParams, SpecConfig
 from forerun.drafters.base import Drafter
-from forerun.engine.batch import pack
+from forerun.engine.batch import pack, scored_rows
 from forerun.engine.draft_length import SpeedGuard
 from forerun.engine.goodput import Goodput
 from forerun.engine.kv_pool import KVPool, PoolBusy
 from forerun.engine.output import Outputs, RequestOutput, token_logprobs
 from forerun.engine.scheduler import Scheduler, Work
-from forerun.engine.sequence import Sequence, Status
+from forerun.engine.sequence import Scoring, Sequence, Status
 from forerun.engine.speculation import Speculation
 from forerun.logits_process import Context, Processors
 from forerun.logits_process import build as build_processors
-from forerun.models.batch import ForwardBatch, Segment
+from forerun.models.batch import ForwardOutput
 from forerun.stream import TextStream
 from forerun.structured import Grammars
 from forerun.types import Draft, Generation, Scores, Stats, TokenLogprob, Verdict
@@ -43,7 +43,6 @@ log = logging.getLogger("forerun.engine")
 
 FREE_MEMORY_SHARE = 0.25  # of free memory the KV pool takes at most by default
 WORKING_CONTEXT = 2048  # tokens (prompt and output) the default pool holds for each of max_num_seqs sequences
-SCORE_CHUNK = 512  # rows per forward when scoring a text (each row's logits span the vocabulary)
 
 
 @dataclass(eq=False)
@@ -118,20 +117,20 @@ class Engine:
 
     @torch.inference_mode()
     def prefilled(self, prompt_ids: list[int], params: SamplingParams, spec: SpecConfig) -> Sequence:
-        """A sequence whose prompt is cached up to its root, outside the schedule, with its drafter
-        begun and room set: for calling a drafter directly (tests, tools). Give it back with release()."""
+        """A sequence whose prompt is cached up to its root, with its drafter begun and room set, handed
+        to the caller undecoded: for calling a drafter directly (tests, tools). Its prompt is computed
+        by the scheduler like any other work, beside the requests in flight (their outputs wait for the
+        next step()). Give it back with release()."""
         self._check(prompt_ids, params)
-        request = Request("", list(prompt_ids), params, spec, False, time.perf_counter())
-        seq = self._sequence(request, 0, list(prompt_ids), self._generator(params, 0))
-        self.pool.match_prefix(seq)
+        seq = self._sequence(Request("", list(prompt_ids), params, spec, False, time.perf_counter()), 0,
+                             list(prompt_ids), self._generator(params, 0))
+        seq.hold = True
+        self._run_until(seq, lambda: seq.status is Status.RUNNING and seq.pending == 1)
+        self.scheduler.running.remove(seq)  # the caller's now; its blocks stay held
         seq.room = min(self.config.max_draft_rows, self.context_length - len(prompt_ids) + 1)
         if not self.pool.reserve(seq, seq.cached + seq.pending + seq.room):
             self.pool.free_sequence(seq)
             raise PoolBusy("the KV pool has no room for another sequence now")
-        work = Work(seq, seq.pending - 1, False)
-        if work.chunk:
-            self.model(pack([work], {}), self.pool.store)
-        seq.cached += work.chunk
         self.speculation.begin(seq)
         return seq
 
@@ -153,36 +152,30 @@ class Engine:
     @torch.inference_mode()
     def continuation_logprobs(self, prompt_ids: list[int], continuation_ids: list[int],
                               top: int = 0) -> list[TokenLogprob]:
-        """score() with each position's `top` most likely tokens. Runs in chunks of SCORE_CHUNK rows,
-        so a long text never holds more than one chunk's logits (vocab-wide rows) at once."""
+        """score() with each position's `top` most likely tokens. The text is scheduled like any other
+        work, beside the requests in flight (their outputs wait for the next step()), in chunks of at
+        most SCORE_CHUNK rows, so a long text never holds more than one chunk's logits at once."""
         if not prompt_ids or not continuation_ids:
             raise ValueError("score needs a non-empty prompt and continuation")
         tokens = list(prompt_ids) + list(continuation_ids)
         self._check(tokens[:-1], SamplingParams(max_new_tokens=1))
         if max(continuation_ids) >= self.model.args.vocab_size or min(continuation_ids) < 0:
             raise ValueError(f"token ids must lie in [0, {self.model.args.vocab_size})")
-        request = Request("", list(prompt_ids), SamplingParams(), SpecConfig(), False, time.perf_counter())
-        seq = self._sequence(request, 0, list(prompt_ids), None)
-        self.pool.match_prefix(seq)  # within the prompt: the rows that predict the continuation run
-        seq.tokens = tokens
-        try:
-            if not self.pool.reserve(seq, len(tokens)):
-                raise PoolBusy("the KV pool has no room to score this now; retry when requests in flight finish")
-            first_logit = len(prompt_ids) - 1  # the row predicting continuation_ids[0]
-            entries = []
-            for start in range(seq.cached, len(tokens) - 1, SCORE_CHUNK):  # the last token predicts nothing
-                end = min(start + SCORE_CHUNK, len(tokens) - 1)
-                rows = Segment(torch.tensor(tokens[start:end]), torch.arange(start, end), seq.slots(0, end),
-                               logits_from=min(max(first_logit - start, 0), end - start))
-                out = self.model(ForwardBatch.pack([rows]), self.pool.store)
-                seq.cached = end
-                if end > first_logit:
-                    done = max(start, first_logit) - first_logit
-                    entries += token_logprobs(out.logits, continuation_ids[done:end - first_logit], top)
-            self.pool.register(seq)
-            return entries
-        finally:
-            self.pool.free_sequence(seq)
+        seq = self._sequence(Request("", tokens, SamplingParams(), SpecConfig(), False, time.perf_counter()), 0,
+                             tokens, None)
+        seq.scoring = Scoring(start=len(prompt_ids) - 1, top=top)  # the row predicting continuation_ids[0]
+        self._run_until(seq, lambda: seq.finished)
+        return seq.scoring.entries
+
+    def _run_until(self, seq: Sequence, done) -> None:
+        """Schedule seq (a scored or held sequence, of no request) and run steps until done(); PoolBusy
+        when a step finds nothing to run while seq still waits (sequences handed out by prefilled()
+        hold the blocks it needs)."""
+        self.scheduler.add(seq)
+        while not done():
+            if not self._advance() and seq.status is Status.WAITING:
+                self.scheduler.remove(seq)
+                raise PoolBusy("the KV pool has no room for this now; retry when requests in flight finish")
 
     def release(self, seq: Sequence) -> None:
         """Give back a sequence from prefilled()."""
@@ -284,25 +277,34 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         """One forward over every scheduled sequence; returns what each request produced."""
+        self._advance()
+        return self._collect()
+
+    def _advance(self) -> bool:
+        """One forward over every scheduled sequence, committed; returns whether there was any work."""
         start = time.perf_counter()
         self._fork_ready()
         work = self.scheduler.schedule(self._may_decode)
         if not work:
-            return self._collect()
+            return False
         drafts = self.speculation.propose(work)
         batch = pack(work, drafts)
         forward_start = time.perf_counter()
         out = self.model(batch, self.pool.store, keep_layers=self.speculation.layers_wanted(work, drafts))
         forward_s = time.perf_counter() - forward_start
+        out, scored = _split_scored(work, drafts, out)
         self.speculation.observe_prefill(work, batch, out)
         verdicts, scores = self.speculation.verify(work, drafts, batch, out)
-        self._commit(work, drafts, verdicts, scores, forward_s)
+        self._commit(work, drafts, verdicts, scores, scored, forward_s)
         self.speculation.record(work, drafts, verdicts, batch.rows, time.perf_counter() - start)
         self.steps += 1
-        return self._collect()
+        return True
 
     def _may_decode(self, seq: Sequence) -> bool:
-        """A request of several samples verifies nothing before it forks: each sample draws its own."""
+        """A request of several samples verifies nothing before it forks: each sample draws its own.
+        A scored or held sequence never decodes."""
+        if seq.scoring is not None or seq.hold:
+            return False
         return self.requests[seq.request_id].forked or seq.params.samples == 1
 
     def _fork_ready(self) -> None:
@@ -323,14 +325,17 @@ class Engine:
             request.forked = True
 
     def _commit(self, work: list[Work], drafts: dict[int, Draft], verdicts: dict[int, Verdict],
-                scores: dict[int, Scores], forward_s: float) -> None:
-        """Advance every sequence past what this step computed and accepted, and hand out its tokens."""
+                scores: dict[int, Scores], scored: dict[int, torch.Tensor], forward_s: float) -> None:
+        """Advance every sequence past what this step computed and accepted, and hand out its tokens
+        (a scored sequence's log-probabilities)."""
         for i, w in enumerate(work):
             seq = w.seq
             seq.cached += w.chunk
             seq.stats.prefill_tokens += w.chunk
             if i not in drafts:
                 self.pool.register(seq)
+                if i in scored:
+                    self._score(seq, scored[i])
                 continue
             draft, verdict = drafts[i], verdicts[i]
             self.pool.commit(seq, verdict.path)
@@ -348,6 +353,15 @@ class Engine:
             if finished is not None:
                 self.requests[seq.request_id].done[seq.index] = finished
                 self._release(seq, finished.finish_reason)
+
+    def _score(self, seq: Sequence, logits: torch.Tensor) -> None:
+        """The log-probabilities of the tokens after a scored sequence's rows just computed (logits:
+        those rows', the last ones of its chunk); at its root it is done."""
+        scoring, first = seq.scoring, seq.cached - logits.shape[0]
+        scoring.entries += token_logprobs(logits, seq.tokens[first + 1:seq.cached + 1], scoring.top)
+        scoring.start = seq.cached
+        if seq.pending == 1:
+            self._release(seq, "stop")
 
     def _release(self, seq: Sequence, reason: str) -> None:
         self.speculation.end(seq)
@@ -377,6 +391,25 @@ class Engine:
             return torch.Generator().manual_seed(params.seed)
         seed = int(np.random.SeedSequence([params.seed, index]).generate_state(1, np.uint64)[0] % 2**63)
         return torch.Generator().manual_seed(seed)
+
+
+def _split_scored(work: list[Work], drafts: dict[int, Draft], out: ForwardOutput
+                  ) -> tuple[ForwardOutput, dict[int, torch.Tensor]]:
+    """out.logits holds, in work order, every decoding sequence's draft rows and every scored
+    sequence's scored rows: the first kind for the verifier, the second by index in work."""
+    rows = [scored_rows(w) for w in work]
+    if not any(rows):
+        return out, {}
+    keep, scored, row = [], {}, 0
+    for i in range(len(work)):
+        n = drafts[i].rows if i in drafts else rows[i]
+        if i in drafts:
+            keep.append(torch.arange(row, row + n))
+        elif n:
+            scored[i] = out.logits[row:row + n]
+        row += n
+    verified = out.logits[torch.cat(keep)] if keep else out.logits[:0]
+    return ForwardOutput(verified, out.hidden, out.layers), scored
 
 
 def _best(request: Request) -> tuple[Generation, ...]:

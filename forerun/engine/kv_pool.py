@@ -34,8 +34,8 @@ class PoolExhausted(RuntimeError):
 
 
 class PoolBusy(ValueError):
-    """Work outside the schedule (a score, a prefilled sequence) that the pool could hold, but not
-    while the sequences in flight hold their blocks: worth retrying later."""
+    """Work the pool could hold, but not while the sequences in flight (or handed out by
+    Engine.prefilled) hold their blocks: worth retrying later."""
 
 
 class KVPool:
@@ -176,11 +176,11 @@ class KVPool:
         return parent_id, tuple(tokens)
 
     def match_prefix(self, seq: Sequence) -> int:
-        """Take the registered blocks that hold a prefix of seq's tokens (all but its root, which
-        the next step computes), and mark them cached. seq must hold no blocks. Returns the tokens
-        found."""
+        """Take the registered blocks that hold a prefix of seq's reusable tokens (all but its root,
+        which the next step computes, or a scored sequence's unscored rows), and mark them cached. seq
+        must hold no blocks. Returns the tokens found."""
         assert not seq.blocks, "match_prefix needs a sequence without blocks"
-        usable = (len(seq.tokens) - 1) // self.block_size if self.caching else 0
+        usable = seq.reusable // self.block_size if self.caching else 0
         self.queried_blocks += usable
         parent = 0
         for i in range(usable):

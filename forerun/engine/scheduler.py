@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from forerun.config import EngineConfig
 from forerun.engine.kv_pool import KVPool
-from forerun.engine.sequence import Sequence, Status
+from forerun.engine.sequence import SCORE_CHUNK, Sequence, Status
 
 
 @dataclass(slots=True)
@@ -95,6 +95,8 @@ class Scheduler:
 
     def _fit(self, seq: Sequence, budget: int, may_decode: bool) -> Work:
         before_root = seq.pending - 1
+        if seq.scoring is not None:
+            budget = min(budget, SCORE_CHUNK)
         if may_decode and before_root <= budget:
             return Work(seq, before_root, True)
         return Work(seq, min(before_root, max(budget, 0)), False)

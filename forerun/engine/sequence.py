@@ -12,7 +12,19 @@ from forerun.cache import KVCache
 from forerun.config import SamplingParams, SpecConfig
 from forerun.drafters.base import SequenceView
 from forerun.logits_process import Processors
-from forerun.types import Stats
+from forerun.types import Stats, TokenLogprob
+
+SCORE_CHUNK = 512  # rows a scored sequence computes per step at most (each row's logits span the vocabulary)
+
+
+@dataclass(eq=False)
+class Scoring:
+    """A sequence computed for its rows' log-probabilities (Engine.continuation_logprobs), never
+    decoded: the row at each position from `start` on scores the token after it, up to the last token."""
+
+    start: int  # the next position whose row is scored: the prefix cache may hold the rows before it
+    top: int  # most likely tokens kept per position
+    entries: list[TokenLogprob] = field(default_factory=list)
 
 
 class Status(enum.Enum):
@@ -60,6 +72,8 @@ class Sequence:
     processors: Processors | None = None  # what processes its logits before verification; None: nothing
     text: list[str] = field(default_factory=list)  # streamed text not yet handed out
     finish_reason: str | None = None
+    scoring: Scoring | None = None  # scored rather than decoded
+    hold: bool = False  # computed up to its root, then handed to the caller undecoded (Engine.prefilled)
 
     @cached_property
     def view(self) -> SequenceView:
@@ -74,6 +88,12 @@ class Sequence:
     def pending(self) -> int:
         """Tokens whose K/V the next forward computes before any draft: the root and any before it."""
         return len(self.tokens) - self.cached
+
+    @property
+    def reusable(self) -> int:
+        """Leading tokens whose K/V may come from the prefix cache: all but the root, or for a scored
+        sequence those before its first scored row (a cached row has no logits)."""
+        return self.scoring.start if self.scoring is not None else len(self.tokens) - 1
 
     @property
     def accepted_ratio(self) -> float:
