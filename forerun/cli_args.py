@@ -1,5 +1,5 @@
 """The flags that several commands share, and the configs they map onto: the model (`generate`,
-`chat`, `serve`, `scale`), the engine's limits and the speculation, whose `--opt NAME=VALUE` reaches
+`chat`, `serve`, `scale`, `bench`), the engine's limits and the speculation, whose `--opt NAME=VALUE` reaches
 every drafter's own options. Each command adds the groups it takes with add_*_args(parser)."""
 from __future__ import annotations
 

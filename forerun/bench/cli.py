@@ -9,6 +9,7 @@ from pathlib import Path
 
 from forerun.bench.contenders import parse_key_values, parse_list
 from forerun.bench.peers import PEERS
+from forerun.cli_args import add_model_args, model_options
 
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
@@ -24,19 +25,17 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--peers", default="",
                    help=f"peers to run beside forerun, comma-separated: {', '.join(PEERS)}; each may carry a "
                         "dtype ('hf:bfloat16'). A peer that is not installed is skipped with a message")
-    p.add_argument("--model", help="HF model directory or .gguf file (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--draft-model", help="draft model for the 'draft' method and the hf-assisted peer")
     p.add_argument("--categories", help="only these categories, comma-separated")
     p.add_argument("--limit-per-category", type=int, help="first N questions of each category")
     p.add_argument("--max-new-tokens", type=int, default=64, help="per turn (default: %(default)s)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="default dtype of forerun methods and HF peers (default: %(default)s)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
     p.add_argument("--threads", type=int, help="torch threads and llama.cpp threads (default: torch's)")
+    add_model_args(p)  # the model flags of generate and serve; --dtype is also the HF peers' default
     p.add_argument("--engine-arg", action="append", metavar="KEY=VALUE",
-                   help="extra keyword for every forerun LLM(...) built, e.g. quant=q4 (repeatable)")
+                   help="extra keyword for every forerun LLM(...) built, e.g. kv_cache_tokens=4096 (repeatable; "
+                        "over the model flags' own)")
     p.add_argument("--out", default="bench-out", help="output directory (default: %(default)s)")
     p.add_argument("--no-roofline", action="store_true", help="skip the memory-bandwidth measurement")
     p.add_argument("--no-idealized", action="store_true", help="skip profiling the idealized AR runtime")
@@ -47,13 +46,16 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
 
 def options_from_args(args: argparse.Namespace):
     from forerun.bench.harness import BenchOptions
+    from forerun.models.runtime import auto_dtype
 
+    loading = {k: v for k, v in model_options(args).items() if k not in ("dtype", "device")}
     return BenchOptions(
         dataset=args.dataset, methods=tuple(parse_list(args.methods)), peers=tuple(parse_list(args.peers)),
         model=args.model, categories=tuple(parse_list(args.categories)) or None,
         limit_per_category=args.limit_per_category, max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature, seed=args.seed, device=args.device, dtype=args.dtype,
-        draft_model=args.draft_model, engine_kwargs=parse_key_values(args.engine_arg), out=Path(args.out),
+        temperature=args.temperature, seed=args.seed, device=args.device, dtype=auto_dtype(args.dtype, args.device),
+        draft_model=args.draft_model, engine_kwargs={**loading, **parse_key_values(args.engine_arg)},
+        out=Path(args.out),
         roofline=not args.no_roofline, idealized=not args.no_idealized, progress=not args.no_progress,
         command=_command_line(args.argv if args.argv is not None else sys.argv[1:]),
     )

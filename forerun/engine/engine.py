@@ -135,9 +135,9 @@ class Engine:
         return seq
 
     def score(self, prompt_ids: list[int], continuation_ids: list[int]) -> list[float]:
-        """log p(continuation_ids[j] | prompt_ids + continuation_ids[:j]) under the model, for every j:
-        forwards outside the schedule. The prompt's cached blocks are reused, and the blocks this
-        computes stay in the prefix cache for requests (or scores) that share them."""
+        """log p(continuation_ids[j] | prompt_ids + continuation_ids[:j]) under the model, for every j,
+        computed in the engine's steps (continuation_logprobs). The prompt's cached blocks are reused,
+        and the blocks this computes stay in the prefix cache for requests (or scores) that share them."""
         return [e.logprob for e in self.continuation_logprobs(prompt_ids, continuation_ids)]
 
     def prompt_logprobs(self, prompt_ids: list[int], top: int = 0) -> list[TokenLogprob | None]:
