@@ -95,6 +95,7 @@ class Speculation:
         drafts = self._draft(work, decoding, depth)
         _cut_to_grammar(work, drafts)
         self._cut(work, drafts, checked)
+        _add_forced(work, drafts)
         for i, draft in drafts.items():
             w = work[i]
             if draft.rows > 1 and not self.pool.reserve(w.seq, w.seq.cached + w.chunk + draft.rows):
@@ -236,7 +237,8 @@ class Speculation:
         for i, draft in drafts.items():
             verdict = verdicts[i]
             share = None if work[i].chunk else seconds * draft.rows / rows  # a prefill's time is not drafting's
-            work[i].seq.length.update(max(draft.tree.depths), verdict.accepted, share, verdict.accepted + 1)
+            drafted = sum(node < draft.size - draft.forced for node in verdict.path[1:])  # the drafter's own
+            work[i].seq.length.update(draft.drafted_depth, drafted, share, verdict.accepted + 1)
         if not prefilling:  # a prompt chunk's rows cost unlike decoding rows
             self.goodput.record(rows, seconds)
 
@@ -256,6 +258,24 @@ def _cut_to_grammar(work: list[Work], drafts: dict[int, Draft]) -> None:
         if len(keep) < draft.size:
             drafts[i] = keep_nodes(draft, keep)
             grammar.keep(draft.tree, drafts[i].tree, keep)
+
+
+def _add_forced(work: list[Work], drafts: dict[int, Draft]) -> None:
+    """Hang below the deepest node of each grammar sequence's draft the tokens its grammar forces
+    there (SGLang's jump-forward, llguidance's fast-forward tokens), as far as its room allows. They
+    are drafts like any other: verified, so the output is unchanged; a forced token is the only
+    continuation of its bytes the grammar allows, so the target accepts it wherever it accepts its
+    path. Deterministic drafts without extra nodes only (a point mass joins no sampled tree's q)."""
+    for i, draft in drafts.items():
+        seq = work[i].seq
+        grammar = seq.processors.grammar if seq.processors is not None else None
+        if grammar is None or not seq.spec.forced_tokens or draft.q is not None or draft.extra is not None:
+            continue
+        depths = draft.tree.depths
+        leaf = depths.index(max(depths))
+        chain = grammar.forced(draft.tree, leaf, seq.room - draft.rows)
+        if chain:
+            drafts[i] = Draft(draft.tree.grown(leaf, chain), key=draft.key, forced=len(chain))
 
 
 def _process(seqs: list[Sequence], drafts: list[Draft], logits: Tensor) -> dict[int, Tensor]:
