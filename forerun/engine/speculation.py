@@ -263,9 +263,10 @@ def _cut_to_grammar(work: list[Work], drafts: dict[int, Draft]) -> None:
 def _add_forced(work: list[Work], drafts: dict[int, Draft]) -> None:
     """Hang below the deepest node of each grammar sequence's draft the tokens its grammar forces
     there (SGLang's jump-forward, llguidance's fast-forward tokens), as far as its room allows. They
-    are drafts like any other: verified, so the output is unchanged; a forced token is the only
-    continuation of its bytes the grammar allows, so the target accepts it wherever it accepts its
-    path. Deterministic drafts without extra nodes only (a point mass joins no sampled tree's q)."""
+    are drafts like any other: verified, so the output is unchanged; the grammar allows no other
+    bytes there (only, at times, another tokenization of them), so the masked target accepts them
+    almost wherever it accepts their path. Deterministic drafts without extra nodes only (a sampled
+    draft's q has no rows for them; extra nodes' masks no columns)."""
     for i, draft in drafts.items():
         seq = work[i].seq
         grammar = seq.processors.grammar if seq.processors is not None else None
