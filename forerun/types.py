@@ -39,11 +39,6 @@ class Draft:
         return self.tree.size
 
     @property
-    def drafted_depth(self) -> int:
-        """The depth of the drafter's own tree, without the forced chain."""
-        return max(self.tree.depths[:self.size - self.forced])
-
-    @property
     def rows(self) -> int:
         """Rows of the verification forward: the tree's nodes and the extra nodes."""
         return self.size + (0 if self.extra is None else self.extra.tokens.shape[0])

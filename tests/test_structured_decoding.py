@@ -103,6 +103,8 @@ def test_forced_tokens_are_drafted_and_accepted(target):
     assert plain.stats.draft_tokens == 0
     assert forced.stats.draft_tokens >= 4
     assert plain.stats.target_forwards - forced.stats.target_forwards >= 4
+    goodput = llm.generate_ids(PROMPTS[0], params, SpecConfig(method="pld", budget="goodput"))
+    assert goodput.token_ids == plain.token_ids  # the policy's odds learn from pld's nodes alone
 
 
 def test_a_sample_ends_when_its_grammar_is_complete(target):

@@ -221,6 +221,7 @@ class Speculation:
     def observe(self, seq: Sequence, draft: Draft, verdict: Verdict, scores: Scores) -> None:
         """After seq committed its verdict: its drafter's feedback, and the goodput policy's odds."""
         self.drafter(seq.spec).observe(seq.view, draft, verdict, scores)
+        draft, verdict = drafted_part(draft, verdict)  # the policy's odds are of the drafter's trees
         if seq.spec.goodput and draft.size > 1:
             expected = self.goodput.learn(seq.spec, draft, verdict, (draft.key, seq.last_draft))
             # recent drafts weigh most: acceptance comes in runs (a copied passage, a list)
@@ -237,8 +238,8 @@ class Speculation:
         for i, draft in drafts.items():
             verdict = verdicts[i]
             share = None if work[i].chunk else seconds * draft.rows / rows  # a prefill's time is not drafting's
-            drafted = sum(node < draft.size - draft.forced for node in verdict.path[1:])  # the drafter's own
-            work[i].seq.length.update(draft.drafted_depth, drafted, share, verdict.accepted + 1)
+            own, own_verdict = drafted_part(draft, verdict)
+            work[i].seq.length.update(max(own.tree.depths), own_verdict.accepted, share, verdict.accepted + 1)
         if not prefilling:  # a prompt chunk's rows cost unlike decoding rows
             self.goodput.record(rows, seconds)
 
@@ -277,6 +278,15 @@ def _add_forced(work: list[Work], drafts: dict[int, Draft]) -> None:
         chain = grammar.forced(draft.tree, leaf, seq.room - draft.rows)
         if chain:
             drafts[i] = Draft(draft.tree.grown(leaf, chain), key=draft.key, forced=len(chain))
+
+
+def drafted_part(draft: Draft, verdict: Verdict) -> tuple[Draft, Verdict]:
+    """The draft without its forced chain, and the verdict on that part: what the drafter drafted and
+    how it went, for its adaptive length and the goodput policy's odds."""
+    if not draft.forced:
+        return draft, verdict
+    own = draft.size - draft.forced
+    return keep_nodes(draft, list(range(own))), Verdict([n for n in verdict.path if n < own], verdict.next_token)
 
 
 def _process(seqs: list[Sequence], drafts: list[Draft], logits: Tensor) -> dict[int, Tensor]:
