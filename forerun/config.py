@@ -172,6 +172,10 @@ class SpecConfig:
     exit_layer: int | None = None  # method "layer-skip": layers the drafter runs (default: half)
     ngram_max: int = 3  # method "pld": longest suffix n-gram to match
     ngram_min: int = 1
+    # Under a grammar, hang the tokens it forces (a key with its quotes and colon, closing braces) below
+    # each deterministic draft's deepest node, or below the root where nothing was drafted: drafts the
+    # target verifies like any other, that the masked target almost always accepts.
+    forced_tokens: bool = True
     # Strategy-specific knobs as (name, value) pairs; a dict is accepted and frozen. Each drafter
     # reads its own into a typed record and rejects names it does not know.
     options: tuple[tuple[str, object], ...] = ()

@@ -108,3 +108,17 @@ class Tree(TreeShape):
         """The tree of the nodes in `keep` (sorted, root first, closed under parents), renumbered in
         its order; each kept node keeps its token."""
         return Tree(tokens=self.tokens[keep], parents=self._renumbered(keep))
+
+    def path(self, node: int) -> list[int]:
+        """The tokens from the root's child down to `node` (empty for the root)."""
+        tokens, out = self.tokens.tolist(), []
+        while node > 0:
+            out.append(tokens[node])
+            node = self.parents[node]
+        return out[::-1]
+
+    def grown(self, node: int, chain: list[int]) -> Tree:
+        """This tree with `chain` (not empty) hung below `node`, one token under the other; the new
+        nodes come last."""
+        parents = self.parents + [node] + list(range(self.size, self.size + len(chain) - 1))
+        return Tree(tokens=torch.cat([self.tokens, torch.tensor(chain, dtype=self.tokens.dtype)]), parents=parents)

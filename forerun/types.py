@@ -32,6 +32,7 @@ class Draft:
     # What the drafter knows of this draft's quality (prompt lookup: the matched n-gram's length); the
     # goodput policy keeps acceptance odds per key. Hashable; None: nothing.
     key: object = None
+    forced: int = 0  # the last `forced` nodes: a chain the grammar forces, hung below the drafter's tree
 
     @property
     def size(self) -> int:

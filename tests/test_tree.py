@@ -89,6 +89,14 @@ def test_subtree_of_a_chain_is_a_chain():
     assert isinstance(TreeShape(CHAIN).subtree([0, 1]), TreeShape)
 
 
+def test_path_and_a_chain_grown_below_a_node():
+    t = tree(BUSHY)
+    assert t.path(0) == [] and t.path(5) == [12, 15]
+    grown = t.grown(5, [20, 21])
+    assert grown.parents == [*BUSHY, 5, 6] and grown.tokens.tolist()[6:] == [20, 21]
+    assert grown.path(7) == [12, 15, 20, 21] and grown.depths[7] == t.depths[5] + 2
+
+
 def test_malformed_trees_are_refused():
     for parents in ([], [0], [-1, 1], [-1, 0, 3], [-1, -1]):
         with pytest.raises(ValueError):

@@ -172,7 +172,8 @@ class Stand(Drafter):
 
     def _count_acceptance(self, draft: Draft, verdict: Verdict) -> None:
         accepted, tree = set(verdict.path), draft.tree
-        for i, (parent, depth, rank) in enumerate(zip(tree.parents, tree.depths, tree.ranks)):
+        own = draft.size - draft.forced  # the grammar's forced chain, hung below, is not of its shape
+        for i, (parent, depth, rank) in enumerate(zip(tree.parents[:own], tree.depths, tree.ranks)):
             if i and parent in accepted:
                 self.trials[depth, rank] += 1
                 self.hits[depth, rank] += i in accepted

@@ -95,6 +95,7 @@ class Speculation:
         drafts = self._draft(work, decoding, depth)
         _cut_to_grammar(work, drafts)
         self._cut(work, drafts, checked)
+        _add_forced(work, drafts)
         for i, draft in drafts.items():
             w = work[i]
             if draft.rows > 1 and not self.pool.reserve(w.seq, w.seq.cached + w.chunk + draft.rows):
@@ -220,6 +221,7 @@ class Speculation:
     def observe(self, seq: Sequence, draft: Draft, verdict: Verdict, scores: Scores) -> None:
         """After seq committed its verdict: its drafter's feedback, and the goodput policy's odds."""
         self.drafter(seq.spec).observe(seq.view, draft, verdict, scores)
+        draft, verdict = drafted_part(draft, verdict)  # the policy's odds are of the drafter's trees
         if seq.spec.goodput and draft.size > 1:
             expected = self.goodput.learn(seq.spec, draft, verdict, (draft.key, seq.last_draft))
             # recent drafts weigh most: acceptance comes in runs (a copied passage, a list)
@@ -236,7 +238,8 @@ class Speculation:
         for i, draft in drafts.items():
             verdict = verdicts[i]
             share = None if work[i].chunk else seconds * draft.rows / rows  # a prefill's time is not drafting's
-            work[i].seq.length.update(max(draft.tree.depths), verdict.accepted, share, verdict.accepted + 1)
+            own, own_verdict = drafted_part(draft, verdict)
+            work[i].seq.length.update(max(own.tree.depths), own_verdict.accepted, share, verdict.accepted + 1)
         if not prefilling:  # a prompt chunk's rows cost unlike decoding rows
             self.goodput.record(rows, seconds)
 
@@ -256,6 +259,34 @@ def _cut_to_grammar(work: list[Work], drafts: dict[int, Draft]) -> None:
         if len(keep) < draft.size:
             drafts[i] = keep_nodes(draft, keep)
             grammar.keep(draft.tree, drafts[i].tree, keep)
+
+
+def _add_forced(work: list[Work], drafts: dict[int, Draft]) -> None:
+    """Hang below the deepest node of each grammar sequence's draft the tokens its grammar forces
+    there (SGLang's jump-forward, llguidance's fast-forward tokens), as far as its room allows. They
+    are drafts like any other: verified, so the output is unchanged; the grammar allows no other
+    bytes there (only, at times, another tokenization of them), so the masked target accepts them
+    almost wherever it accepts their path. Deterministic drafts without extra nodes only (a sampled
+    draft's q has no rows for them; extra nodes' masks no columns)."""
+    for i, draft in drafts.items():
+        seq = work[i].seq
+        grammar = seq.processors.grammar if seq.processors is not None else None
+        if grammar is None or not seq.spec.forced_tokens or draft.q is not None or draft.extra is not None:
+            continue
+        depths = draft.tree.depths
+        leaf = depths.index(max(depths))
+        chain = grammar.forced(draft.tree, leaf, seq.room - draft.rows)
+        if chain:
+            drafts[i] = Draft(draft.tree.grown(leaf, chain), key=draft.key, forced=len(chain))
+
+
+def drafted_part(draft: Draft, verdict: Verdict) -> tuple[Draft, Verdict]:
+    """The draft without its forced chain, and the verdict on that part: what the drafter drafted and
+    how it went, for its adaptive length and the goodput policy's odds."""
+    if not draft.forced:
+        return draft, verdict
+    own = draft.size - draft.forced
+    return keep_nodes(draft, list(range(own))), Verdict([n for n in verdict.path if n < own], verdict.next_token)
 
 
 def _process(seqs: list[Sequence], drafts: list[Draft], logits: Tensor) -> dict[int, Tensor]:

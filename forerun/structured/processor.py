@@ -55,6 +55,25 @@ class GrammarProcessor:
         bits = self._walk(tree)[0]
         self._walked = (subtree, bits[kept], list(range(len(kept))))
 
+    def forced(self, tree: Tree, node: int, limit: int) -> list[int]:
+        """At most `limit` tokens the grammar forces after the path to `node` (a node reachable() keeps):
+        llguidance's fast-forward tokens, those of the bytes every allowed continuation starts with
+        (a key, its quotes and colon, the closing braces), less a last one a longer token could swallow."""
+        path = tree.path(node)
+        if limit <= 0 or self.ended or any(t in self.eos_ids for t in path):
+            return []
+        for t in path:
+            if not self.matcher.consume_token(t):
+                raise RuntimeError(f"node {node}'s path breaks the grammar: {self.matcher.get_error()}")
+        tokens = [] if self.matcher.is_stopped() else self.matcher.compute_ff_tokens()
+        self.matcher.rollback(len(path))
+        out = []
+        for t in tokens[:limit]:
+            if t >= self.vocab_size or t in self.eos_ids:
+                break
+            out.append(t)
+        return out
+
     def commit(self, tokens: list[int]) -> None:
         """The step's accepted tokens, the target's own last: each was allowed where it was drawn."""
         for token in tokens:
