@@ -185,20 +185,28 @@ def main() -> int:
                 pair = (engine_round(llm, ids, params, spec, level, number),
                         server_round(base_url, proc.pid, part, a.max_tokens, level, number))
                 rounds += pair
+                write_results(a.out / "results.json", rounds, machine, flags, ids_differ)
                 print(f"c={level} round {number}{' (warm-up)' if number == 0 else ''}: "
                       + ", ".join(f"{r.side} {r.tok_s:.1f} tok/s ({r.tokens} tokens, {r.wall_s:.2f} s)" for r in pair)
                       + f", server/engine {pair[1].tok_s / pair[0].tok_s:.3f}x", file=sys.stderr)
     finally:
         stop_process(proc)
-    command = "python " + shlex.join([os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]])
-    report = markdown(rounds, levels, a, machine, command, ids_differ)
+    report = markdown(rounds, levels, a, machine, command_line(), ids_differ)
     (a.out / "summary.md").write_text(report)
-    (a.out / "results.json").write_text(json.dumps({
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "machine": machine,
-        "versions": versions(), "command": command, "serve_flags": flags, "prompt_ids_differ": ids_differ,
-        "rounds": [{**asdict(r), "tok_s": r.tok_s} for r in rounds]}, indent=1))
     print(report)
     return 0 if ids_differ == 0 and not any(differences(rounds, level)[1] for level in levels) else 1
+
+
+def command_line() -> str:
+    return "python " + shlex.join([os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]])
+
+
+def write_results(path: Path, rounds: list[Round], machine: str, flags: list[str], ids_differ: int) -> None:
+    """Every round so far (written after each, so a long run on a busy machine keeps what it measured)."""
+    path.write_text(json.dumps({
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "machine": machine,
+        "versions": versions(), "command": command_line(), "serve_flags": flags, "prompt_ids_differ": ids_differ,
+        "rounds": [{**asdict(r), "tok_s": r.tok_s} for r in rounds]}, indent=1))
 
 
 def differences(rounds: list[Round], level: int) -> tuple[int, int]:
