@@ -12,7 +12,9 @@ in alternating rounds (engine, server, engine, server, ...), each round on its o
 shuffled question list, the same slice for both sides; one untimed warm-up round each first. Both
 sides read their configuration from the same `forerun serve` flags. Prints, per concurrency, the
 median output tok/s of each side, the median of per-round server/engine ratios, CPU seconds per round
-(the engine; the server process; this process's HTTP client), and checks that both sides produced the
+(the engine; the server process; this process's HTTP client) and the server's output tokens per CPU
+second (with its client's) over the engine's, which holds on a machine whose other work takes a
+varying share of the cores from one round to the next, and checks that both sides produced the
 same token counts and texts (greedy) and that the server's prompt token ids are the engine's.
 
     python benchmarks/serve_vs_engine.py --out serve-vs-engine-out
@@ -226,21 +228,27 @@ def markdown(rounds: list[Round], levels: list[int], a: argparse.Namespace, mach
              f"{a.num_prompts} Spec-Bench first turns a round (a new slice each round, the same for both sides), "
              f"max_tokens {a.max_tokens}, greedy; {a.rounds} timed rounds a side after one warm-up, alternating", "",
              "| concurrency | engine tok/s | server tok/s | server / engine | engine CPU s | server CPU s "
-             "| client CPU s | tokens (engine = server) | token counts differ | texts differ |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| client CPU s | server / engine per CPU second | tokens (engine = server) | token counts differ "
+             "| texts differ |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for level in levels:
         timed = [r for r in rounds if r.concurrency == level and r.round > 0]
         engine, server = timed[::2], timed[1::2]
         ratios = [s.tok_s / e.tok_s for e, s in zip(engine, server)]
+        per_cpu = [(s.tokens / (s.cpu_s + s.client_cpu_s)) / (e.tokens / e.cpu_s) for e, s in zip(engine, server)]
         counts, texts = differences(rounds, level)
         median = lambda side, key: statistics.median(getattr(r, key) for r in side)  # noqa: E731
         lines.append(f"| {level} | {median(engine, 'tok_s'):.1f} | {median(server, 'tok_s'):.1f} | "
                      f"{statistics.median(ratios):.3f}x ({min(ratios):.3f}-{max(ratios):.3f}) | "
                      f"{median(engine, 'cpu_s'):.2f} | {median(server, 'cpu_s'):.2f} | "
-                     f"{median(server, 'client_cpu_s'):.2f} | {sum(r.tokens for r in engine)} = "
+                     f"{median(server, 'client_cpu_s'):.2f} | {statistics.median(per_cpu):.3f}x | "
+                     f"{sum(r.tokens for r in engine)} = "
                      f"{sum(r.tokens for r in server)} | {counts} | {texts} |")
     lines += ["", "Medians over the timed rounds; the ratio is the median of per-round ratios (its range in "
-              f"brackets); CPU seconds per round. Server prompt ids differing from the engine's: {ids_differ}."]
+              "brackets); CPU seconds per round; per CPU second: output tokens per CPU second of the server and "
+              "its client together over the engine's, the median of per-round ratios (what the server's own work "
+              f"costs, whatever share of the cores the machine gave each side). Server prompt ids differing from "
+              f"the engine's: {ids_differ}."]
     return "\n".join(lines) + "\n"
 
 
