@@ -895,3 +895,22 @@ def test_serve_bad_flags_are_clear_errors(args, status, message, tmp_path):
     proc.stop()
     assert "forerun serve: error:" in log or "forerun: error:" in log
     assert message in log and "Traceback" not in log
+
+
+def test_outputs_waiting_together_are_joined_per_request():
+    """When the event loop falls behind, a request's outputs of several steps become one chunk's
+    worth: tokens, text and logprobs joined in order, the last step's finish reason."""
+    from forerun.engine.output import RequestOutput, SampleOutput
+    from forerun.serve.jobs import coalesced
+    from forerun.types import TokenLogprob
+
+    lp = [TokenLogprob(t, -0.5, (), 1) for t in (5, 6, 7)]
+    steps = [RequestOutput("a", [SampleOutput(0, [5], "x", None, lp[:1]), SampleOutput(1, [9], "q", None, [])], False),
+             RequestOutput("b", [SampleOutput(0, [3], "z", None)], False),
+             RequestOutput("a", [SampleOutput(0, [6, 7], "yz", "eos", lp[1:])], True, ("done",))]
+    a, b = coalesced(steps)
+    assert b is steps[1]
+    assert a.request_id == "a" and a.finished and a.generations == ("done",)
+    first, second = a.samples
+    assert (first.index, first.token_ids, first.text, first.finish_reason, first.logprobs) == (0, [5, 6, 7], "xyz", "eos", lp)
+    assert second is steps[0].samples[1]

@@ -75,6 +75,7 @@ class RequestResult:
     output_tokens: int = 0
     chunk_gaps_s: list[float] = field(default_factory=list)  # between content chunks after the first
     error: str | None = None
+    text: str = ""  # the streamed content, joined
 
     @property
     def tpot_s(self) -> float | None:
@@ -89,7 +90,7 @@ def run_serve_bench(options: ServeBenchOptions, log=print) -> dict:
     """Every load in turn against the server; returns the results (as written to results.json)."""
     runs = []
     for level, load in enumerate(options.loads):
-        results, seconds = asyncio.run(_run(options, load, level))
+        results, seconds = run_load(options, load, level)
         summary = summarize(results, seconds, dict(options.slos_ms))
         runs.append({"load": asdict(load), "label": load.label, **summary})
         log(f"{load.label}: {summary['completed']} done, {summary['failed']} failed, "
@@ -99,6 +100,11 @@ def run_serve_bench(options: ServeBenchOptions, log=print) -> dict:
             "command": options.command, "num_prompts": options.num_prompts, "max_tokens": options.max_tokens,
             "temperature": options.temperature, "arrival": options.arrival, "slos_ms": dict(options.slos_ms),
             "extra_body": dict(options.extra_body), "runs": runs}
+
+
+def run_load(options: ServeBenchOptions, load: Load, level: int = 0) -> tuple[list[RequestResult], float]:
+    """One load level's requests and its wall seconds (warm-ups excluded)."""
+    return asyncio.run(_run(options, load, level))
 
 
 async def _run(options: ServeBenchOptions, load: Load, level: int) -> tuple[list[RequestResult], float]:
@@ -161,6 +167,7 @@ async def _request(http, options: ServeBenchOptions, prompt: str, index: int, be
     result = RequestResult(ok=False, prompt_index=index, start=start - begin)
     last = None
     chunks = 0
+    texts = []
     try:
         async with http.stream("POST", "/chat/completions", json=body) as r:
             if r.status_code != 200:
@@ -178,7 +185,9 @@ async def _request(http, options: ServeBenchOptions, prompt: str, index: int, be
                     return result
                 if chunk.get("usage"):
                     result.output_tokens = chunk["usage"].get("completion_tokens", result.output_tokens)
-                if any((c.get("delta") or {}).get("content") for c in chunk.get("choices") or ()):
+                content = "".join((c.get("delta") or {}).get("content") or "" for c in chunk.get("choices") or ())
+                if content:
+                    texts.append(content)
                     now = time.perf_counter()
                     if last is None:
                         result.ttft_s = now - start
@@ -190,6 +199,7 @@ async def _request(http, options: ServeBenchOptions, prompt: str, index: int, be
         result.error = f"{type(e).__name__}: {e}"[:200]
         return result
     result.e2e_s = time.perf_counter() - start
+    result.text = "".join(texts)
     result.output_tokens = result.output_tokens or chunks  # a server without usage: one token a chunk
     result.ok = result.ttft_s is not None
     if not result.ok:

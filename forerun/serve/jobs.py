@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 
 from forerun.config import SamplingParams, SpecConfig
-from forerun.engine.engine import RequestOutput
+from forerun.engine.output import RequestOutput, SampleOutput
 from forerun.serve import responses as rs
 from forerun.serve.worker import EngineWorker
 from forerun.types import Generation
@@ -42,15 +42,20 @@ class Job:
             raise error
 
     async def events(self) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """(prompt index, output) until every request finished."""
+        """(prompt index, output) until every request finished. Outputs of several steps that are
+        waiting together (the event loop fell behind the engine) come as one output a request."""
         while self.unfinished:
-            item = await self.outputs.get()
-            if isinstance(item, BaseException):
-                raise item
-            if item.finished:
-                self.unfinished.discard(item.request_id)
-                self.generations[self.prompt_of[item.request_id]] = item.generations
-            yield self.prompt_of[item.request_id], item
+            ready = [await self.outputs.get()]
+            while not self.outputs.empty():
+                ready.append(self.outputs.get_nowait())
+            error = next((i for i, item in enumerate(ready) if isinstance(item, BaseException)), None)
+            for item in coalesced(ready[:error]):
+                if item.finished:
+                    self.unfinished.discard(item.request_id)
+                    self.generations[self.prompt_of[item.request_id]] = item.generations
+                yield self.prompt_of[item.request_id], item
+            if error is not None:
+                raise ready[error]
 
     async def finish(self, request: Request) -> list[Generation]:
         """Every choice's generation, in index order; aborts if the client goes away first."""
@@ -80,6 +85,28 @@ class Job:
         for rid in self.unfinished:
             self.worker.abort(rid)
         self.unfinished.clear()
+
+
+def coalesced(outputs: list[RequestOutput]) -> list[RequestOutput]:
+    """One output a request for several steps' outputs, in order: each sample's new tokens, text and
+    logprobs joined, its finish reason the last step's."""
+    by_request: dict[str, list[RequestOutput]] = {}
+    for out in outputs:
+        by_request.setdefault(out.request_id, []).append(out)
+    return [outs[0] if len(outs) == 1 else _joined(outs) for outs in by_request.values()]
+
+
+def _joined(outs: list[RequestOutput]) -> RequestOutput:
+    by_sample: dict[int, list[SampleOutput]] = {}
+    for out in outs:
+        for sample in out.samples:
+            by_sample.setdefault(sample.index, []).append(sample)
+    samples = [parts[0] if len(parts) == 1 else SampleOutput(
+        index, [t for p in parts for t in p.token_ids], "".join(p.text for p in parts), parts[-1].finish_reason,
+        None if all(p.logprobs is None for p in parts) else [e for p in parts for e in p.logprobs or ()])
+        for index, parts in by_sample.items()]
+    last = outs[-1]
+    return RequestOutput(last.request_id, samples, last.finished, last.generations)
 
 
 async def until_done_or_gone(work: asyncio.Future, request: Request) -> None:

@@ -2,7 +2,7 @@
 
     event loop (HTTP handlers)              engine thread
     worker.submit(...)  --- Add ------->    engine.add_request -> accepted / error
-    async for out in stream   <--------    engine.step() outputs, one call_soon_threadsafe each
+    async for out in stream   <--------    engine.step() outputs, one call_soon_threadsafe a step
     worker.abort(id)    --- Abort ----->    engine.abort: decoding stops, KV blocks freed at once
     await worker.call(fn) --- Call ---->    fn(engine) between two steps (a scorer's engine.score)
 
@@ -62,17 +62,33 @@ class RequestStream:
 
     def put(self, item: RequestOutput | BaseException) -> None:
         """From the engine thread."""
-        self._call(self.outputs.put_nowait, item)
+        _call_soon(self.loop, self.outputs.put_nowait, item)
 
     def settle(self, error: BaseException | None) -> None:
         """From the engine thread: the request was queued (None) or refused (the error)."""
-        self._call(_settle, self.accepted, error)
+        _call_soon(self.loop, _settle, self.accepted, error)
 
-    def _call(self, fn, *args) -> None:
-        try:
-            self.loop.call_soon_threadsafe(fn, *args)
-        except RuntimeError:  # the event loop is closed: nobody is listening any more
-            pass
+
+def hand_over(items: list[tuple[RequestStream, RequestOutput]]) -> None:
+    """From the engine thread: a step's outputs, each into its stream's queue, in one wake-up of each
+    event loop among the streams (a server has one) rather than one a request."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+    for stream, item in items:
+        by_loop.setdefault(stream.loop, []).append((stream.outputs, item))
+    for loop, batch in by_loop.items():
+        _call_soon(loop, _put_each, batch)
+
+
+def _put_each(batch: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for outputs, item in batch:
+        outputs.put_nowait(item)
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn, *args) -> None:
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:  # the event loop is closed: nobody is listening any more
+        pass
 
 
 def _settle(future: asyncio.Future, error: BaseException | None) -> None:
@@ -301,6 +317,7 @@ class EngineWorker:
             self._fail_live(APIError(500, f"the engine failed: {type(e).__name__}: {e}", type="internal_error"))
             return
         now = time.perf_counter()
+        handed: list[tuple[RequestStream, RequestOutput]] = []
         for out in outputs:
             live = self._live.get(out.request_id)
             if live is None:
@@ -309,7 +326,8 @@ class EngineWorker:
             if out.finished:
                 del self._live[out.request_id]
                 self._metrics.observe_finished(live.spec, out.generations, now - live.arrival)
-            live.stream.put(out)
+            handed.append((live.stream, out))
+        hand_over(handed)
 
     def _fail_live(self, error: APIError) -> None:
         """Abort every request in flight and hand each the error."""
