@@ -14,10 +14,10 @@ class Backoff:
     (up to `longest`) when the check confirmed the choice and back to `shortest` when it did not.
     The caller counts the steps."""
 
-    def __init__(self, shortest: int, longest: int, first: int | None = None) -> None:
+    def __init__(self, shortest: int, longest: int) -> None:
         self.shortest, self.longest = shortest, longest
         self.interval = shortest
-        self.next = shortest if first is None else first
+        self.next = shortest
 
     def due(self, step: int) -> bool:
         return step >= self.next

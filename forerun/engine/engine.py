@@ -401,13 +401,13 @@ def _split_scored(work: list[Work], drafts: dict[int, Draft], out: ForwardOutput
     if not any(rows):
         return out, {}
     keep, scored, row = [], {}, 0
-    for i in range(len(work)):
-        n = drafts[i].rows if i in drafts else rows[i]
+    for i, n in enumerate(rows):
         if i in drafts:
-            keep.append(torch.arange(row, row + n))
+            keep.append(torch.arange(row, row + drafts[i].rows))
+            row += drafts[i].rows
         elif n:
             scored[i] = out.logits[row:row + n]
-        row += n
+            row += n
     verified = out.logits[torch.cat(keep)] if keep else out.logits[:0]
     return ForwardOutput(verified, out.hidden, out.layers), scored
 
