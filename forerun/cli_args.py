@@ -62,6 +62,9 @@ def add_speculation_args(p: argparse.ArgumentParser, method: str = "pld") -> Non
                    help="goodput: verify of each draft the nodes worth their rows for the whole batch, from "
                         "measured step costs and acceptance per tree position (same output)")
     p.add_argument("--exit-layer", type=int, default=None, help="--method layer-skip: layers the drafter runs")
+    p.add_argument("--no-forced-tokens", dest="forced_tokens", action="store_false",
+                   help="under a grammar, do not draft the tokens it forces (keys, quotes, braces) beside the "
+                        "method's draft (same output; slower)")
     p.add_argument("--opt", action="append", default=[], metavar="NAME=VALUE",
                    help="a method-specific option (repeatable), e.g. --opt datastore=DS")
     p.add_argument("--speculative-config", default=None, metavar="JSON",
@@ -81,7 +84,8 @@ def spec_config(a: argparse.Namespace) -> SpecConfig:
 
     fields = _vllm_speculation(a, methods()) if a.speculative_config else _speculation(a, methods())
     fields["options"] = {**parse_options(a.opt, "--opt"), **fields["options"]}
-    return SpecConfig(tree_width=a.tree_width, exit_layer=a.exit_layer, guard=a.guard, budget=a.budget, **fields)
+    return SpecConfig(tree_width=a.tree_width, exit_layer=a.exit_layer, guard=a.guard, budget=a.budget,
+                      forced_tokens=a.forced_tokens, **fields)
 
 
 def _speculation(a: argparse.Namespace, registered: list[str]) -> dict:

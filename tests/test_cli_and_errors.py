@@ -168,6 +168,7 @@ def test_every_command_maps_the_speculation_flags_onto_one_spec_config(command):
                                            tree_width=2, budget="goodput", guard=True,
                                            options={"datastore": "DS", "nodes": "16"})
     assert engine_config(args) == EngineConfig(max_num_seqs=8)
+    assert spec_config(build_parser().parse_args([*command, "--no-forced-tokens"])).forced_tokens is False
 
 
 def test_the_sampling_flags_map_onto_sampling_params():

@@ -84,6 +84,15 @@ def test_a_stream_under_a_schema_joins_to_the_whole_answer(client):
     City.model_validate_json(whole)
 
 
+def test_forced_tokens_can_be_turned_off_per_request_and_change_only_the_speed(client):
+    kw = dict(response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": City.model_json_schema()}})
+    runs = {forced: chat(client, extra_body={"speculation": {"method": "ar", "forced_tokens": forced}}, **kw)
+            for forced in (True, False)}
+    assert runs[True].choices[0].message.content == runs[False].choices[0].message.content
+    forwards = {forced: out.model_extra["forerun"]["choices"][0]["target_forwards"] for forced, out in runs.items()}
+    assert forwards[True] < forwards[False] == runs[False].usage.completion_tokens, forwards
+
+
 @pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_time"}}],
                          ids=["required", "named"])
 def test_a_required_call_is_made_and_streams_as_openai_streams_it(client, choice):

@@ -82,6 +82,7 @@ class Speculation(BaseModel):
     guard: bool | None = None
     exit_layer: int | None = Field(None, ge=1)
     tree_width: int | None = Field(None, ge=1, le=8)
+    forced_tokens: bool | None = None
     ngram_min: int | None = Field(None, ge=1, le=16)
     ngram_max: int | None = Field(None, ge=1, le=16)
 
