@@ -104,15 +104,17 @@ def test_a_required_call_is_made_and_streams_as_openai_streams_it(client, choice
     if isinstance(choice, dict):
         assert call.function.name == "get_time" and len(message.tool_calls) == 1
     jsonschema.validate(json.loads(call.function.arguments), tool["function"]["parameters"])
-    calls, finish = {}, None
+    calls, finish, pieces = {}, None, 0
     for chunk in chat(client, tools=[WEATHER, TIME], tool_choice=choice, stream=True):
         delta = chunk.choices[0].delta
         for part in delta.tool_calls or ():
             entry = calls.setdefault(part.index, {"id": part.id, "name": "", "arguments": ""})
             entry["name"] += part.function.name or ""
             entry["arguments"] += part.function.arguments or ""
+            pieces += bool(part.function.arguments)
         finish = chunk.choices[0].finish_reason or finish
     assert finish == "tool_calls"
+    assert pieces > len(calls), "the arguments stream as the model writes them, not in one piece"
     assert [(c["name"], c["arguments"]) for c in calls.values()] == \
            [(c.function.name, c.function.arguments) for c in message.tool_calls]
     assert all(c["id"].startswith("call_") for c in calls.values())

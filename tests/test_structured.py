@@ -171,6 +171,35 @@ def test_a_streamed_reply_holds_back_what_may_be_a_call():
     assert plain.feed("a <to") == "a " and plain.feed("y") == "<toy" and plain.finish() == ("", [])
 
 
+CALLS = {"smollm2": '<tool_call>[{"name": "get_weather", "arguments": {"city": "Pa\\"ris", "days": [1, {"a": 2}]}}, '
+                   '{"name": "get_time"}]</tool_call>',
+         "hermes": '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>\n<tool_call>\n'
+                   '{"arguments": {"city": "Oslo"}, "name": "get_weather"}\n</tool_call>'}
+
+
+@pytest.mark.parametrize("form", CALLS)
+@pytest.mark.parametrize("piece", [1, 3, 7])
+def test_live_calls_stream_their_arguments_as_written_and_reassemble_to_the_parsed_calls(form, piece):
+    text = CALLS[form]
+    stream, deltas = ToolStream({"get_weather", "get_time"}, live=True), []
+    for i in range(0, len(text), piece):
+        assert stream.feed(text[i:i + piece]) == ""
+        deltas.append(stream.call_deltas())
+    content, calls = stream.finish()
+    deltas.append(stream.call_deltas())
+    assert content == ""
+    joined = {}
+    for part in (p for step in deltas for d in step for p in d["tool_calls"]):
+        entry = joined.setdefault(part["index"], {"id": part.get("id"), "name": "", "arguments": ""})
+        entry["name"] += part["function"].get("name", "")
+        entry["arguments"] += part["function"]["arguments"]
+    assert [(e["id"], e["name"], e["arguments"]) for e in joined.values()] == [(c.id, c.name, c.arguments) for c in calls]
+    assert [(c.name, c.arguments) for c in calls] == [(c.name, c.arguments) for c in parse_tool_calls(text, {"get_weather", "get_time"})[1]]
+    assert all(json.loads(c.arguments) is not None for c in calls)
+    if form == "smollm2" and piece == 1:  # the first call's arguments came a character at a time, before the call ended
+        assert sum(1 for step in deltas[:-1] for d in step if d["tool_calls"][0]["index"] == 0) > 10
+
+
 @pytest.mark.parametrize("one_per_tag", [False, True], ids=["smollm2", "hermes"])
 def test_the_call_grammar_admits_calls_of_the_tools_only(one_per_tag):
     tokenizer = char_tokenizer([*JSON_PIECES, "<", ">", "/", "_", "\n", "P"])

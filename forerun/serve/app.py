@@ -358,10 +358,13 @@ async def _completion_chunks(job: Job, body: CompletionRequest, envelope: rs.Env
 
 async def _chat_chunks(job: Job, body: ChatCompletionRequest, envelope: rs.Envelope,
                        text_of: rs.TokenText, tools: rq.ToolUse | None) -> AsyncIterator[dict]:
-    """Each choice's text as content deltas; with tools, text that may be a call is held back, and
-    a choice that called tools ends with them as `tool_calls` deltas (finish_reason "tool_calls")."""
+    """Each choice's text as content deltas; with tools, text that may be a call is held back. Calls a
+    grammar enforces (tool_choice "required" or named) stream as `tool_calls` deltas while the model
+    writes them; under "auto" a choice that called tools ends with them (its text is only known to be
+    calls once whole). Either way finish_reason is "tool_calls"."""
     extra = _usage_extra(body)
-    streams = [ToolStream(tools.names) if tools is not None else None for _ in range(job.n)]
+    live = tools is not None and tools.enforced
+    streams = [ToolStream(tools.names, live) if tools is not None else None for _ in range(job.n)]
     for i in range(job.n):
         yield envelope([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                          "finish_reason": None}], **extra)
@@ -373,12 +376,21 @@ async def _chat_chunks(job: Job, body: ChatCompletionRequest, envelope: rs.Envel
             stream = streams[s.index]
             text = s.text if stream is None else stream.feed(s.text)
             logprobs = rs.chat_logprobs(entries or [], text_of) if body.logprobs else None
-            if stream is None or not s.finish_reason:
+            if stream is None:
                 yield envelope([{"index": s.index, "delta": {"content": text} if text else {}, "logprobs": logprobs,
                                  "finish_reason": rs.finish_reason(s.finish_reason)}], **extra)
                 continue
+            if not s.finish_reason:
+                deltas = ([{"content": text}] if text else []) + stream.call_deltas()
+                for k, delta in enumerate(deltas or [{}]):
+                    yield envelope([{"index": s.index, "delta": delta, "logprobs": logprobs if k == 0 else None,
+                                     "finish_reason": None}], **extra)
+                continue
             rest, calls = stream.finish()
-            deltas = rs.tool_call_deltas(text + rest, calls)
+            if live:
+                deltas = ([{"content": text + rest}] if text + rest else []) + stream.call_deltas() or [{}]
+            else:
+                deltas = rs.tool_call_deltas(text + rest, calls)
             for delta in deltas[:-1]:
                 yield envelope([{"index": s.index, "delta": delta, "logprobs": None, "finish_reason": None}], **extra)
             reason = "tool_calls" if calls else rs.finish_reason(s.finish_reason)

@@ -165,8 +165,13 @@ class ToolUse:
     def names(self) -> set[str]:
         return {t.name for t in self.tools}
 
+    @property
+    def enforced(self) -> bool:
+        """A grammar makes the whole reply calls (so a stream may hand them out as they are written)."""
+        return self.choice != "auto"
+
     def grammar(self) -> StructuredOutput | None:
-        if self.choice == "auto":
+        if not self.enforced:
             return None
         tools = list(self.tools) if self.choice == "required" else [t for t in self.tools if t.name == self.choice]
         return call_grammar(tools, one_per_tag=self.native, single=not self.parallel or self.choice != "required")

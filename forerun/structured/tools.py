@@ -111,47 +111,219 @@ def parse_tool_calls(text: str, names: set[str]) -> tuple[str | None, list[ToolC
 
 
 def _calls_in(body: str, names: set[str]) -> list[ToolCall] | None:
+    """The calls in one tag's body, each call's arguments as the model wrote them (what a stream hands
+    out piece by piece), or None where the body is not calls of known tools."""
     try:
         value = json.loads(body)
     except json.JSONDecodeError:
         return None
     items = value if isinstance(value, list) else [value]
+    if not all(isinstance(item, dict) and item.get("name") in names and isinstance(item.get("arguments", {}), dict)
+               for item in items):
+        return None
+    scanner = CallScanner()
+    scanner.feed(OPEN + body + CLOSE)
+    written = scanner.finished()
     out = []
-    for item in items:
-        if not (isinstance(item, dict) and item.get("name") in names and isinstance(item.get("arguments", {}), dict)):
-            return None
-        out.append(ToolCall(f"call_{uuid.uuid4().hex[:24]}", item["name"], json.dumps(item.get("arguments", {}))))
+    for k, item in enumerate(items):
+        arguments = item.get("arguments", {})
+        raw = written[k].arguments if len(written) == len(items) else None
+        if raw is None or written[k].name != item["name"] or _loads(raw) != arguments:
+            raw = json.dumps(arguments)
+        out.append(ToolCall(f"call_{uuid.uuid4().hex[:24]}", item["name"], raw))
     return out
 
 
-class ToolStream:
-    """A streamed reply's text, split into content handed out as it comes and tool calls handed out
-    at the end: text is held back while it may be the start of a <tool_call> tag, and from the first
-    tag on everything is kept for the parser."""
+def _loads(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return None
 
-    def __init__(self, names: set[str]):
+
+class ToolStream:
+    """A streamed reply's text, split into content handed out as it comes and tool calls. Text is held
+    back while it may be the start of a <tool_call> tag. From the first tag on, everything is kept for
+    the parser and the calls are handed out at the end, unless the calls are `live`: a grammar makes
+    every byte of the reply a call (tool_choice "required" or a named tool), so nothing streamed can
+    turn out not to be a call, and each call is handed out as OpenAI streams it (its id and name once
+    the name has closed, then its arguments' text piece by piece as the model writes it)."""
+
+    def __init__(self, names: set[str], live: bool = False):
         self.names = names
         self.held = ""  # text not handed out yet
         self.calling = False  # a tag has opened: the rest waits for the end
+        self.scanner = CallScanner() if live else None
+        self.sent: list[int] = []  # per call: -1 before its header, then the characters of arguments handed out
 
     def feed(self, text: str) -> str:
         """The content of `text` that can be handed out now."""
         self.held += text
         if self.calling:
+            if self.scanner is not None:
+                self.scanner.feed(text)
             return ""
         start = self.held.find(OPEN)
         if start >= 0:
             self.calling = True
             out, self.held = self.held[:start], self.held[start:]
+            if self.scanner is not None:
+                self.scanner.feed(self.held)
             return out
         keep = _partial_tag(self.held)
         out, self.held = self.held[:len(self.held) - keep], self.held[len(self.held) - keep:]
         return out
 
+    def call_deltas(self) -> list[dict]:
+        """Live calls: the `tool_calls` deltas that have become known since the last call of this."""
+        if self.scanner is None:
+            return []
+        out = []
+        for index, call in enumerate(self.scanner.calls):
+            if index == len(self.sent):
+                if call.name is None or (call.arguments_start is None and not call.closed):
+                    break
+                out.append({"tool_calls": [{"index": index, "id": call.id, "type": "function",
+                                            "function": {"name": call.name, "arguments": ""}}]})
+                self.sent.append(0)
+            args = self.scanner.arguments(call)
+            if len(args) > self.sent[index]:
+                out.append({"tool_calls": [{"index": index, "function": {"arguments": args[self.sent[index]:]}}]})
+                self.sent[index] = len(args)
+        return out
+
     def finish(self) -> tuple[str, list[ToolCall]]:
         """The content still held (text after the calls, or tags that were not calls) and the calls."""
+        if self.scanner is not None and self.calling:
+            calls = [c for c in self.scanner.finished() if c.name in self.names]
+            if calls:
+                return "", calls
         content, calls = parse_tool_calls(self.held, self.names) if self.calling else (self.held, [])
         return content or "", calls
+
+
+@dataclass(slots=True)
+class _Reading:
+    """A call object being read: its name (once its string has closed) and its arguments' span."""
+
+    id: str
+    name: str | None = None
+    arguments_start: int | None = None
+    arguments_end: int | None = None
+    closed: bool = False
+
+
+class CallScanner:
+    """Reads the calls in <tool_call> tags as their text grows, one character at a time: each call
+    object (the tag's JSON object, or each object of the tag's JSON list), its "name" once the string
+    has closed, and where the raw text of its "arguments" value starts and ends. It tracks JSON
+    structure only (strings, nesting, keys of the call object); whether the text is a valid call is the
+    grammar's business (live calls) or the parser's (parse_tool_calls)."""
+
+    def __init__(self):
+        self.text = ""
+        self.pos = 0  # the next character to read
+        self.in_tag = False
+        self.stack: list[str] = []  # the containers open inside the tag
+        self.string_start: int | None = None  # inside a string: where it began
+        self.escaped = False
+        self.level = 0  # len(stack) inside the current call object
+        self.key: str | None = None  # the call object's member being read
+        self.expect_key = False
+        self.value_pending = False  # after "arguments": its value has not begun
+        self.calls: list[_Reading] = []
+
+    def feed(self, text: str) -> None:
+        self.text += text
+        self._scan()
+
+    def arguments(self, call: _Reading) -> str:
+        """The arguments' text as far as it has come (whole once the value has ended; "{}" for a call
+        that closed without any)."""
+        if call.arguments_start is None:
+            return "{}" if call.closed else ""
+        end = call.arguments_end if call.arguments_end is not None else len(self.text)
+        return self.text[call.arguments_start:end].rstrip()
+
+    def finished(self) -> list[ToolCall]:
+        """The calls whose objects closed, with their arguments ("{}" where none were given)."""
+        return [ToolCall(c.id, c.name, self.arguments(c)) for c in self.calls
+                if c.closed and c.name is not None]
+
+    def _scan(self) -> None:
+        text = self.text
+        while self.pos < len(text):
+            i = self.pos
+            if not self.in_tag:
+                start = text.find(OPEN, i)
+                if start < 0:
+                    self.pos = max(i, len(text) - len(OPEN) + 1)
+                    return
+                self.in_tag, self.stack, self.pos = True, [], start + len(OPEN)
+                continue
+            c = text[i]
+            if self.string_start is not None:
+                if self.escaped:
+                    self.escaped = False
+                elif c == "\\":
+                    self.escaped = True
+                elif c == '"':
+                    self._string_closed(text[self.string_start:i + 1], i)
+                    self.string_start = None
+                self.pos = i + 1
+                continue
+            if not self.stack and c == "<":
+                if not text.startswith(CLOSE, i):
+                    if CLOSE.startswith(text[i:]):
+                        return  # perhaps the closing tag: wait for more text
+                else:
+                    self.in_tag, self.pos = False, i + len(CLOSE)
+                    continue
+            at_call = bool(self.calls) and not self.calls[-1].closed and len(self.stack) == self.level
+            if at_call and self.value_pending and not c.isspace():
+                self.calls[-1].arguments_start, self.value_pending = i, False
+            if c == '"':
+                self.string_start = i
+            elif c in "{[":
+                if c == "{" and self.stack in ([], ["["]):
+                    self.calls.append(_Reading(f"call_{uuid.uuid4().hex[:24]}"))
+                    self.level, self.expect_key, self.key = len(self.stack) + 1, True, None
+                self.stack.append(c)
+            elif c in "}]":
+                if at_call and self.key == "arguments":
+                    self._end_arguments(i)
+                if self.stack:
+                    self.stack.pop()
+                if c == "}" and self.calls and not self.calls[-1].closed and len(self.stack) == self.level - 1:
+                    self.calls[-1].closed = True
+                elif len(self.stack) == self.level and self.key == "arguments":
+                    self._end_arguments(i + 1)
+            elif at_call and c == ",":
+                if self.key == "arguments":
+                    self._end_arguments(i)
+                self.expect_key = True
+            elif at_call and c == ":":
+                self.value_pending = self.key == "arguments"
+            self.pos = i + 1
+
+    def _string_closed(self, literal: str, end: int) -> None:
+        if not self.calls or self.calls[-1].closed or len(self.stack) != self.level:
+            return
+        try:
+            value = json.loads(literal)
+        except json.JSONDecodeError:
+            return
+        if self.expect_key:
+            self.key, self.expect_key = value, False
+        elif self.key == "name":
+            self.calls[-1].name = value
+        elif self.key == "arguments":
+            self._end_arguments(end + 1)
+
+    def _end_arguments(self, end: int) -> None:
+        call = self.calls[-1]
+        if call.arguments_start is not None and call.arguments_end is None:
+            call.arguments_end = end
 
 
 def _partial_tag(text: str) -> int:
