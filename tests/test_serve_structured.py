@@ -127,6 +127,16 @@ def test_tool_choice_none_and_auto_answer_in_the_open_format(client):
     message = auto.choices[0].message
     assert (auto.choices[0].finish_reason == "tool_calls") == bool(message.tool_calls)
     assert message.tool_calls or message.content
+    for call in message.tool_calls or ():  # a call the model starts under "auto" is held to the schema
+        jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+    streamed = {}
+    for chunk in chat(client, tools=[WEATHER], tool_choice="auto", stream=True):
+        for part in chunk.choices[0].delta.tool_calls or ():
+            streamed[part.index] = streamed.get(part.index, "") + (part.function.arguments or "")
+    assert list(streamed.values()) == [c.function.arguments for c in message.tool_calls or ()]
+    # with another constraint, that one holds and the tools' grammar stands aside
+    both = chat(client, tools=[WEATHER], response_format={"type": "json_object"})
+    assert isinstance(json.loads(both.choices[0].message.content or "{}"), dict) or both.choices[0].message.tool_calls
 
 
 def test_a_tool_result_in_the_history_is_answered(client):

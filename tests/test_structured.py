@@ -221,6 +221,15 @@ def test_the_call_grammar_admits_calls_of_the_tools_only(one_per_tag):
     assert accepts(grammars, named, written(time_call), tokenizer)
     assert not accepts(grammars, named, written(weather), tokenizer)
     assert not accepts(grammars, named, written(time_call, time_call), tokenizer)
+    auto = call_grammar([WEATHER, TIME], one_per_tag, optional=True)
+    assert accepts(grammars, auto, "hello", tokenizer) and accepts(grammars, auto, "", tokenizer)
+    assert accepts(grammars, auto, "P\n" + written(weather) + "\nP", tokenizer)
+    assert not accepts(grammars, auto, "P" + written({"name": "get_date", "arguments": {}}), tokenizer)
+    assert not accepts(grammars, auto, written({"name": "get_weather", "arguments": {}}), tokenizer)
+    assert accepts(grammars, auto, written(weather) + written(time_call), tokenizer) == one_per_tag
+    single = call_grammar([WEATHER, TIME], one_per_tag, single=True, optional=True)
+    assert accepts(grammars, single, written(weather), tokenizer)
+    assert not accepts(grammars, single, written(weather, time_call), tokenizer)
 
 
 def test_the_cli_flags_map_onto_one_constraint(tmp_path):

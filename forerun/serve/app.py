@@ -233,7 +233,8 @@ class _Api:
         text_of = rs.TokenText(served.tokenizer)
         if body.stream:
             envelope.object = "chat.completion.chunk"
-            return _sse(job, _chat_chunks(job, body, envelope, text_of, tools))
+            live = tools is not None and structured == tools.grammar()  # every tag opened holds valid calls
+            return _sse(job, _chat_chunks(job, body, envelope, text_of, tools, live))
         generations = await job.finish(request)
         choices = [{"index": i, **rs.chat_reply(g.text, g.finish_reason, tools and tools.names),
                     "logprobs": None if logprobs is None else rs.chat_logprobs(g.logprobs, text_of)}
@@ -357,13 +358,12 @@ async def _completion_chunks(job: Job, body: CompletionRequest, envelope: rs.Env
 
 
 async def _chat_chunks(job: Job, body: ChatCompletionRequest, envelope: rs.Envelope,
-                       text_of: rs.TokenText, tools: rq.ToolUse | None) -> AsyncIterator[dict]:
-    """Each choice's text as content deltas; with tools, text that may be a call is held back. Calls a
-    grammar enforces (tool_choice "required" or named) stream as `tool_calls` deltas while the model
-    writes them; under "auto" a choice that called tools ends with them (its text is only known to be
-    calls once whole). Either way finish_reason is "tool_calls"."""
+                       text_of: rs.TokenText, tools: rq.ToolUse | None, live: bool) -> AsyncIterator[dict]:
+    """Each choice's text as content deltas; with tools, text that may open a call is held back. Calls
+    stream as `tool_calls` deltas: `live` (the tools' grammar is the request's constraint, so a tag that
+    opens holds valid calls) while the model writes them, otherwise once the choice has ended and its
+    text was parsed. A choice that called tools ends with finish_reason "tool_calls"."""
     extra = _usage_extra(body)
-    live = tools is not None and tools.enforced
     streams = [ToolStream(tools.names, live) if tools is not None else None for _ in range(job.n)]
     for i in range(job.n):
         yield envelope([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -387,10 +387,8 @@ async def _chat_chunks(job: Job, body: ChatCompletionRequest, envelope: rs.Envel
                                      "finish_reason": None}], **extra)
                 continue
             rest, calls = stream.finish()
-            if live:
-                deltas = ([{"content": text + rest}] if text + rest else []) + stream.call_deltas() or [{}]
-            else:
-                deltas = rs.tool_call_deltas(text + rest, calls)
+            deltas = ([{"content": text}] if text else []) + stream.call_deltas() + \
+                ([{"content": rest}] if rest else []) or [{}]
             for delta in deltas[:-1]:
                 yield envelope([{"index": s.index, "delta": delta, "logprobs": None, "finish_reason": None}], **extra)
             reason = "tool_calls" if calls else rs.finish_reason(s.finish_reason)

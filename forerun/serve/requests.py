@@ -153,8 +153,9 @@ def _with_tools_prompt(turns: list[dict], tools: tuple[Tool, ...]) -> list[dict]
 
 @dataclass(frozen=True, slots=True)
 class ToolUse:
-    """A chat request's tools and how it may call them: "auto" (the model chooses; calls are parsed
-    from its text), "required" (a grammar makes it call some tool) or a tool's name (that tool)."""
+    """A chat request's tools and how it may call them: "auto" (the model chooses whether to call; a
+    call it starts is held to the tools' schemas by a grammar), "required" (a grammar makes it call
+    some tool) or a tool's name (that tool)."""
 
     tools: tuple[Tool, ...]
     choice: str
@@ -165,14 +166,11 @@ class ToolUse:
     def names(self) -> set[str]:
         return {t.name for t in self.tools}
 
-    @property
-    def enforced(self) -> bool:
-        """A grammar makes the whole reply calls (so a stream may hand them out as they are written)."""
-        return self.choice != "auto"
-
-    def grammar(self) -> StructuredOutput | None:
-        if not self.enforced:
-            return None
+    def grammar(self) -> StructuredOutput:
+        """Under "auto" any text, but a tag the model opens holds valid calls of the tools; under
+        "required" calls only; a named tool: one call of it."""
+        if self.choice == "auto":
+            return call_grammar(list(self.tools), one_per_tag=self.native, single=not self.parallel, optional=True)
         tools = list(self.tools) if self.choice == "required" else [t for t in self.tools if t.name == self.choice]
         return call_grammar(tools, one_per_tag=self.native, single=not self.parallel or self.choice != "required")
 
@@ -206,8 +204,9 @@ def tool_use(body: ChatCompletionRequest, tokenizer) -> ToolUse | None:
 
 def structured_output(body: SamplingFields, tools: ToolUse | None = None) -> StructuredOutput | None:
     """The one constraint a request asks for: OpenAI's response_format (chat), vLLM's guided_json,
-    guided_regex, guided_choice, guided_grammar or structured_outputs, or the grammar of a required or
-    named tool call. It is compiled here, so a bad one is a 400 naming its field."""
+    guided_regex, guided_choice, guided_grammar or structured_outputs, or the tools' grammar (under
+    tool_choice "auto" only where no other is asked: then calls are parsed from the text, unchecked).
+    It is compiled here, so a bad one is a 400 naming its field."""
     asked = []  # (field, StructuredOutput's arguments)
     response_format = getattr(body, "response_format", None)
     if response_format is not None and response_format.type == "json_schema":
@@ -221,9 +220,8 @@ def structured_output(body: SamplingFields, tools: ToolUse | None = None) -> Str
     if body.structured_outputs is not None:
         fields = body.structured_outputs.model_dump(exclude_none=True)
         asked.append(("structured_outputs", {("json" if k == "json_" else k): v for k, v in fields.items()}))
-    grammar = tools.grammar() if tools is not None else None
-    if grammar is not None:
-        asked.append(("tool_choice", {"grammar": grammar.grammar}))
+    if tools is not None and (tools.choice != "auto" or not asked):  # under "auto", another constraint wins
+        asked.append(("tool_choice", {"grammar": tools.grammar().grammar}))
     if len(asked) > 1:
         raise bad_request(f"give one constraint, not {' and '.join(name for name, _ in asked)}", param=asked[1][0])
     if not asked:

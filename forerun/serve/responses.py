@@ -6,7 +6,7 @@ import uuid
 
 from forerun.config import SpecConfig
 from forerun.scaling.types import Outcome
-from forerun.structured.tools import ToolCall, parse_tool_calls
+from forerun.structured.tools import parse_tool_calls
 from forerun.types import Generation
 
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length"}  # the engine's -> OpenAI's
@@ -31,17 +31,6 @@ def chat_reply(text: str, engine_reason: str, tool_names: set[str] | None) -> di
     if calls:
         message["tool_calls"] = [c.as_openai() for c in calls]
     return {"message": message, "finish_reason": "tool_calls" if calls else finish_reason(engine_reason)}
-
-
-def tool_call_deltas(content: str, calls: list[ToolCall]) -> list[dict]:
-    """The deltas that end a streamed choice: its last content, then each call as OpenAI streams it
-    (its id, type and name with empty arguments, then the arguments); never empty."""
-    deltas = [{"content": content}] if content else []
-    for index, call in enumerate(calls):
-        deltas.append({"tool_calls": [{"index": index, "id": call.id, "type": "function",
-                                       "function": {"name": call.name, "arguments": ""}}]})
-        deltas.append({"tool_calls": [{"index": index, "function": {"arguments": call.arguments}}]})
-    return deltas or [{}]
 
 
 class Envelope:

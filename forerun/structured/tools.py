@@ -75,22 +75,32 @@ def tools_prompt(tools: list[Tool]) -> str:
     return SMOLLM2_TOOLS_PROMPT.format(tools=json.dumps([t.as_openai()["function"] for t in tools]))
 
 
-def call_grammar(tools: list[Tool], one_per_tag: bool, single: bool = False) -> StructuredOutput:
-    """A grammar whose every sentence calls tools (tool_choice "required", or a named tool: pass only
-    it and single=True): SmolLM2's list in one tag, or with one_per_tag Hermes' tags of one call each."""
+def call_grammar(tools: list[Tool], one_per_tag: bool, single: bool = False, optional: bool = False
+                 ) -> StructuredOutput:
+    """A grammar of tool calls: SmolLM2's list in one tag, or with one_per_tag Hermes' tags of one call
+    each, every call of one of `tools` with arguments valid against its schema. By default every
+    sentence is calls (tool_choice "required", or a named tool: pass only it and single=True). With
+    `optional` (tool_choice "auto") any text is allowed around the calls, but a <tool_call> tag the model
+    opens must hold valid calls (the text before a tag is llguidance's lazy lexeme)."""
     calls = [{"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
               "properties": {"name": {"const": t.name}, "arguments": json.loads(t.parameters)}} for t in tools]
     call = {"anyOf": calls} if len(calls) > 1 else calls[0]
     if one_per_tag:
-        body = json.dumps({**call, "x-guidance": JSON_OPTIONS})
-        lark = f'start: {"tagged" if single else "tagged+"}\ntagged: {json.dumps(OPEN)} call {json.dumps(CLOSE)}\n' \
-               f"call: %json {body}"
+        body = f"%json {json.dumps({**call, 'x-guidance': JSON_OPTIONS})}"
     else:
         listed = {"type": "array", "items": call, "minItems": 1, "x-guidance": JSON_OPTIONS}
         if single:
             listed["maxItems"] = 1
-        lark = f"start: {json.dumps(OPEN)} calls {json.dumps(CLOSE)}\ncalls: %json {json.dumps(listed)}"
-    return StructuredOutput(grammar=lark)
+        body = f"%json {json.dumps(listed)}"
+    if not optional:
+        tags = "tagged" if single or not one_per_tag else "tagged+"
+        return StructuredOutput(grammar=f"start: {tags}\ntagged: {json.dumps(OPEN)} calls {json.dumps(CLOSE)}\n"
+                                        f"calls: {body}")
+    tags = "tagged?" if single or not one_per_tag else "tagged*"
+    # TEXT never holds a tag, so past the calls allowed no further tag opens as text
+    return StructuredOutput(grammar=f"start: {tags} TEXT\ntagged: before calls {json.dumps(CLOSE)}\n"
+                                    f"before[lazy]: TEXT {json.dumps(OPEN)}\n"
+                                    f"TEXT: /(?s:.*)/ & ~/(?s:.*){OPEN}(?s:.*)/\ncalls: {body}")
 
 
 def parse_tool_calls(text: str, names: set[str]) -> tuple[str | None, list[ToolCall]]:
@@ -145,16 +155,17 @@ class ToolStream:
     """A streamed reply's text, split into content handed out as it comes and tool calls. Text is held
     back while it may be the start of a <tool_call> tag. From the first tag on, everything is kept for
     the parser and the calls are handed out at the end, unless the calls are `live`: a grammar makes
-    every byte of the reply a call (tool_choice "required" or a named tool), so nothing streamed can
-    turn out not to be a call, and each call is handed out as OpenAI streams it (its id and name once
-    the name has closed, then its arguments' text piece by piece as the model writes it)."""
+    every tag the model opens hold valid calls (call_grammar), so nothing streamed can turn out not to
+    be a call, and each call is handed out as OpenAI streams it (its id and name once the name has
+    closed, then its arguments' text piece by piece as the model writes it)."""
 
     def __init__(self, names: set[str], live: bool = False):
         self.names = names
         self.held = ""  # text not handed out yet
         self.calling = False  # a tag has opened: the rest waits for the end
         self.scanner = CallScanner() if live else None
-        self.sent: list[int] = []  # per call: -1 before its header, then the characters of arguments handed out
+        self.sent: list[int] = []  # per call whose header went out: the characters of its arguments handed out
+        self.done: list[ToolCall] = []
 
     def feed(self, text: str) -> str:
         """The content of `text` that can be handed out now."""
@@ -175,31 +186,36 @@ class ToolStream:
         return out
 
     def call_deltas(self) -> list[dict]:
-        """Live calls: the `tool_calls` deltas that have become known since the last call of this."""
-        if self.scanner is None:
-            return []
-        out = []
-        for index, call in enumerate(self.scanner.calls):
-            if index == len(self.sent):
-                if call.name is None or (call.arguments_start is None and not call.closed):
+        """The `tool_calls` deltas that have become known since the last call of this: live, as the
+        calls are written; otherwise all of them once finish() has read them."""
+        if self.scanner is not None:
+            known = []
+            for c in self.scanner.calls:  # a call's header goes out once its name and arguments have begun
+                if c.name is None or (c.arguments_start is None and not c.closed):
                     break
-                out.append({"tool_calls": [{"index": index, "id": call.id, "type": "function",
-                                            "function": {"name": call.name, "arguments": ""}}]})
+                known.append((c.id, c.name, self.scanner.arguments(c)))
+        else:
+            known = [(c.id, c.name, c.arguments) for c in self.done]
+        out = []
+        for index, (call_id, name, args) in enumerate(known):
+            if index == len(self.sent):
+                out.append({"tool_calls": [{"index": index, "id": call_id, "type": "function",
+                                            "function": {"name": name, "arguments": ""}}]})
                 self.sent.append(0)
-            args = self.scanner.arguments(call)
             if len(args) > self.sent[index]:
                 out.append({"tool_calls": [{"index": index, "function": {"arguments": args[self.sent[index]:]}}]})
                 self.sent[index] = len(args)
         return out
 
     def finish(self) -> tuple[str, list[ToolCall]]:
-        """The content still held (text after the calls, or tags that were not calls) and the calls."""
-        if self.scanner is not None and self.calling:
-            calls = [c for c in self.scanner.finished() if c.name in self.names]
-            if calls:
-                return "", calls
-        content, calls = parse_tool_calls(self.held, self.names) if self.calling else (self.held, [])
-        return content or "", calls
+        """The content still held (text between and after the calls, or tags that were not calls) and
+        the calls."""
+        if not self.calling:
+            return self.held, []
+        content, self.done = parse_tool_calls(self.held, self.names)
+        if self.scanner is not None and self.done:
+            self.done = [c for c in self.scanner.finished() if c.name in self.names]  # the ids already sent
+        return content or "", self.done
 
 
 @dataclass(slots=True)
