@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from forerun.options import coerce
 
@@ -262,6 +263,26 @@ class GenerationDefaults:
                           if config.get(name) is not None})
         except (TypeError, ValueError) as e:
             raise ValueError(f"the model's generation_config.json: {e}") from None
+
+    @classmethod
+    def chosen(cls, choice: str, model: "GenerationDefaults") -> "GenerationDefaults":
+        """vLLM's --generation-config: "auto" the model's own defaults, "none" (or vLLM's "vllm") none,
+        anything else a folder whose generation_config.json gives them."""
+        if choice == "auto":
+            return model
+        if choice in ("none", "vllm"):
+            return cls()
+        path = Path(choice) / "generation_config.json"
+        if not path.is_file():
+            raise ValueError(f"generation config: {choice!r} is not auto, none, vllm or a folder holding "
+                             "generation_config.json")
+        try:
+            config = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: not a JSON file ({e})") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"{path}: not a JSON object")
+        return cls.from_generation_config(config)
 
     def given(self) -> dict[str, float | int]:
         """The fields the model's file sets."""

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from forerun.config import EngineConfig, SamplingParams, SpecConfig
+from forerun.config import EngineConfig, GenerationDefaults, SamplingParams, SpecConfig
 from forerun.drafters.base import Drafter
 from forerun.engine.engine import Engine
 from forerun.engine.sequence import Sequence
 from forerun.models.runtime import Runtime, load
 from forerun.types import Generation
 
-GENERATION_CONFIG_CHOICES = ("auto", "none")
 
 Prompt = str | list[dict]  # plain text, or chat messages [{"role": ..., "content": ...}]
 
@@ -28,14 +27,17 @@ class LLM:
                  revision: str | None = None, chat_template: str | None = None, generation_config: str = "auto"):
         """model: an HF directory, .gguf file or Hub id (at `revision`); generation_config "auto":
         generate() without params samples as the model's generation_config.json recommends, "none":
-        with SamplingParams' own defaults (greedy)."""
-        if generation_config not in GENERATION_CONFIG_CHOICES:
-            raise ValueError(f"generation_config must be auto or none, got {generation_config!r}")
+        with SamplingParams' own defaults (greedy), a folder: as its generation_config.json says."""
+        if generation_config == "vllm":
+            raise ValueError("generation_config must be auto, none or a folder, got 'vllm' (the server's word "
+                             "for none)")
+        defaults = GenerationDefaults.chosen(generation_config, GenerationDefaults())  # before the model loads
         self.runtime = runtime or load(model, dtype=dtype, device=device, quant=quant, revision=revision,
                                        chat_template=chat_template)
         self.engine = Engine(self.runtime, engine)
-        defaults = self.runtime.generation.given() if generation_config == "auto" else {}
-        self.default_params = SamplingParams(**defaults)
+        if generation_config == "auto":
+            defaults = self.runtime.generation
+        self.default_params = SamplingParams(**defaults.given())
 
     @property
     def tokenizer(self):

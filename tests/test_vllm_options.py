@@ -16,6 +16,7 @@ from forerun.llm import LLM
 from forerun.models.runtime import auto_dtype, load
 from forerun.models.tokenizer import chat_template_text
 from forerun.serve import requests as rq
+from forerun.serve.app import ServeConfig
 from forerun.serve.errors import APIError
 from forerun.speculative_config import parse_speculative_config
 
@@ -110,8 +111,20 @@ def test_generation_defaults_are_read_and_checked(tiny):
 def test_the_python_api_defaults_to_the_models_sampling(tiny):
     assert LLM(str(tiny)).default_params == SamplingParams(temperature=0.7, top_p=0.9, top_k=20, max_new_tokens=5)
     assert LLM(str(tiny), generation_config="none").default_params == SamplingParams()
-    with pytest.raises(ValueError, match="auto or none"):
+    with pytest.raises(ValueError, match="auto, none or a folder"):
         LLM(str(tiny), generation_config="vllm")
+
+
+def test_a_folder_gives_the_generation_defaults_as_vllms_flag_does(tiny, tmp_path):
+    (tmp_path / "generation_config.json").write_text(json.dumps({"temperature": 0.3, "top_k": 5}))
+    assert LLM(str(tiny), generation_config=str(tmp_path)).default_params == SamplingParams(temperature=0.3, top_k=5)
+    assert rq.Served.of(LLM(str(tiny)).engine, str(tmp_path)).defaults == GenerationDefaults(temperature=0.3, top_k=5)
+    assert GenerationDefaults.chosen("vllm", GenerationDefaults(top_k=3)) == GenerationDefaults()
+    with pytest.raises(ValueError, match="folder holding generation_config.json"):
+        LLM(str(tiny), generation_config=str(tmp_path / "missing"))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"top_p": 7}))
+    with pytest.raises(ValueError, match="top_p"):
+        ServeConfig("m", generation_config=str(tmp_path))
 
 
 class _Pool:

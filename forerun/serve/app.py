@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from forerun.config import SpecConfig
+from forerun.config import GenerationDefaults, SpecConfig
 from forerun.engine.engine import Engine
 from forerun.serve import DEFAULT_MAX_SCALING_JOBS
 from forerun.serve import requests as rq
@@ -35,7 +35,6 @@ from forerun.structured.tools import ToolStream
 log = logging.getLogger("forerun.serve")
 
 MAX_BODY_BYTES = 4 * 2**20
-GENERATION_CONFIG_CHOICES = ("auto", "none", "vllm")
 ERRORS = {status: {"model": ErrorResponse, "description": what} for status, what in (
     (400, "invalid parameters, or a prompt longer than the context"), (401, "a missing or wrong API key"),
     (404, "an unknown model"), (413, "a request body over the limit"),
@@ -50,12 +49,11 @@ class ServeConfig:
     max_body_bytes: int = MAX_BODY_BYTES
     max_scaling_jobs: int = DEFAULT_MAX_SCALING_JOBS  # chat requests with `scaling` at once; more get a 429
     draft_models: tuple[str, ...] = ()  # draft models requests may name, besides spec's (forerun.serve.drafts)
-    generation_config: str = "auto"  # "auto": unset sampling fields default to the model's; "none" (or "vllm"): not
+    # "auto": unset sampling fields default to the model's; "none" (or "vllm"): not; a folder: its generation_config.json's
+    generation_config: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.generation_config not in GENERATION_CONFIG_CHOICES:
-            raise ValueError(f"generation_config must be one of {', '.join(GENERATION_CONFIG_CHOICES)}, "
-                             f"got {self.generation_config!r}")
+        GenerationDefaults.chosen(self.generation_config, GenerationDefaults())  # a bad folder fails here
 
     def allowed_draft_models(self) -> tuple[str, ...]:
         return self.draft_models + ((self.spec.draft_model,) if self.spec.draft_model else ())

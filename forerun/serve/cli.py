@@ -49,10 +49,11 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                    help="a draft model (HF directory or .gguf) requests may name as speculation.draft_model, "
                         "besides --draft-model (repeatable); each is loaded once at start-up. Requests naming "
                         "any other path get a 400")
-    p.add_argument("--generation-config", default="auto", choices=["auto", "none", "vllm"],
+    p.add_argument("--generation-config", default="auto", metavar="{auto,none,vllm,FOLDER}",
                    help="auto (default): sampling fields a request leaves unset (temperature, top_p, top_k, "
                         "max_tokens) take the values of the model's generation_config.json, as vLLM does; "
-                        "none (or vLLM's `vllm`): OpenAI's defaults")
+                        "none (or vLLM's `vllm`): OpenAI's defaults; FOLDER: the values of "
+                        "FOLDER/generation_config.json")
     p.add_argument("--max-scaling-jobs", type=int, default=DEFAULT_MAX_SCALING_JOBS,
                    help="chat requests with a `scaling` strategy running at once; one more is answered 429 with "
                         "Retry-After (default: %(default)s)")

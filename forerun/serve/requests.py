@@ -35,8 +35,8 @@ class Served:
     @classmethod
     def of(cls, engine: Engine, generation_config: str = "auto") -> "Served":
         """generation_config "auto": requests default to the model's generation_config.json; "none"
-        (or vLLM's "vllm"): to OpenAI's defaults."""
-        defaults = engine.runtime.generation if generation_config == "auto" else GenerationDefaults()
+        (or vLLM's "vllm"): to OpenAI's defaults; a folder: to its generation_config.json."""
+        defaults = GenerationDefaults.chosen(generation_config, engine.runtime.generation)
         return cls(engine.runtime.tokenizer, engine.context_length, engine.model.args.vocab_size,
                    engine.pool, engine.config.max_num_seqs, defaults)
 
