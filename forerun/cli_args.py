@@ -11,7 +11,8 @@ from forerun.options import parse_options
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="HF model directory, .gguf file, or Hugging Face Hub id org/name (from the Hub's "
-                                   "cache; downloaded unless HF_HUB_OFFLINE=1) (default: embedded SmolLM2-135M-Instruct)")
+                                   "cache; downloaded unless HF_HUB_OFFLINE=1); a GGUF on the Hub as org/name:QUANT or "
+                                   "org/name/FILE.gguf (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--revision", default=None, help="with a Hub id: the branch, tag or commit (default: main)")
     # float32 stays the default: on a GPU it is the batch-invariant path on which speculation's greedy
     # output equals ar's; bfloat16 can differ at near-ties there (docs/models.md)

