@@ -92,6 +92,7 @@ class Stats:
     verify_s: float = 0.0
     wall_s: float = 0.0  # from the request's arrival to its last token
     ttft_s: float = 0.0  # from the request's arrival to its first token
+    queue_s: float = 0.0  # from the request's arrival to its first admission by the scheduler
     accept_histogram: Counter = field(default_factory=Counter)  # tokens per step -> steps
 
     @property
@@ -115,6 +116,7 @@ class Stats:
             "mean_accepted": round(self.mean_accepted, 4),
             "wall_s": round(self.wall_s, 4),
             "ttft_s": round(self.ttft_s, 4),
+            "queue_s": round(self.queue_s, 4),
             "tokens_per_s": round(self.tokens_per_s, 3),
             "draft_s": round(self.draft_s, 4),
             "verify_s": round(self.verify_s, 4),

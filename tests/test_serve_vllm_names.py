@@ -73,9 +73,19 @@ def test_metrics_carry_vllms_names_and_the_model_name(server, client):
                  "generation_tokens", "request_success", "time_to_first_token_seconds",
                  "time_per_output_token_seconds", "e2e_request_latency_seconds", "prefix_cache_queries",
                  "prefix_cache_hits", "num_preemptions", "spec_decode_num_drafts", "spec_decode_num_draft_tokens",
-                 "spec_decode_num_accepted_tokens"):
+                 "spec_decode_num_accepted_tokens", "request_queue_time_seconds", "request_prefill_time_seconds",
+                 "request_decode_time_seconds", "request_inference_time_seconds", "request_prompt_tokens",
+                 "request_generation_tokens", "request_params_n", "request_params_max_tokens"):
         family = families[f"forerun:{name}"]
         assert family.samples and all(s.labels["model_name"] == "tiny" for s in family.samples), name
     assert metric(server.url, "forerun:request_success_total", finished_reason="length") >= 1
     assert metric(server.url, "forerun:generation_tokens_total", model_name="tiny") >= 3
     assert metric(server.url, "forerun:prefix_cache_hits_total") % 16 == 0  # tokens, as vLLM counts them
+    client.completions.create(model="tiny", prompt="Hello", max_tokens=7, n=2, temperature=1, seed=3)
+    assert metric(server.url, "forerun:request_params_max_tokens_bucket", le="10.0") >= 2  # 3 and 7
+    assert metric(server.url, "forerun:request_params_n_bucket", le="1.0") >= 1
+    assert metric(server.url, "forerun:request_params_n_bucket", le="2.0") >= metric(
+        server.url, "forerun:request_params_n_bucket", le="1.0") + 1
+    assert metric(server.url, "forerun:request_generation_tokens_sum") >= 3 + 14
+    phases = sum(metric(server.url, f"forerun:request_{p}_time_seconds_sum") for p in ("queue", "prefill", "decode"))
+    assert 0 < phases <= metric(server.url, "forerun:e2e_request_latency_seconds_sum") + 0.05

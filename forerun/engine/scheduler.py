@@ -15,6 +15,8 @@ same way in any batch (forerun.kernels), so a recomputed sequence continues exac
 """
 from __future__ import annotations
 
+import time
+
 from collections import deque
 from dataclasses import dataclass
 
@@ -87,6 +89,7 @@ class Scheduler:
             seq.status = Status.RUNNING
             if not (seq.stats.prefill_tokens or seq.stats.target_forwards):  # first admission
                 seq.stats.cached_tokens = found
+                seq.stats.queue_s = time.perf_counter() - seq.arrival
             self.running.append(seq)
             if w.chunk or w.decode:  # else a prompt found whole in the prefix cache, to fork first
                 work.append(w)

@@ -3,7 +3,8 @@ apps, as in tests, never share counters). The engine's queues and pool are read 
 the engine thread's latest snapshot; the rest are counted as requests finish.
 
 Where vLLM has the same measure, the metric carries vLLM's name and labels (num_requests_running,
-request_success{finished_reason}, spec_decode_num_drafts, ...), every one with a `model_name`
+request_success{finished_reason}, request_queue_time_seconds, request_prompt_tokens,
+request_params_max_tokens, spec_decode_num_drafts, ...), every one with a `model_name`
 label, so a dashboard built for vLLM reads forerun's after its `vllm:` prefix is changed to
 `forerun:`. forerun's own (the KV pool's blocks, the HTTP answers, scaling) keep their names."""
 from __future__ import annotations
@@ -19,6 +20,8 @@ from forerun.types import Generation
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                    20.0, 40.0, 80.0, 160.0)
+TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)  # vLLM's 1-2-5
+N_BUCKETS = (1, 2, 5, 10, 20)
 
 
 class Metrics:
@@ -31,8 +34,8 @@ class Metrics:
         def counter(name: str, doc: str, *labels: str) -> Counter:
             return Counter(name, doc, [*model, *labels], registry=r)
 
-        def histogram(name: str, doc: str):  # the model's series, to observe into
-            return Histogram(name, doc, model, buckets=LATENCY_BUCKETS, registry=r).labels(model_name)
+        def histogram(name: str, doc: str, buckets=LATENCY_BUCKETS):  # the model's series, to observe into
+            return Histogram(name, doc, model, buckets=buckets, registry=r).labels(model_name)
 
         self.requests = counter("forerun:requests", "HTTP requests answered, by route and status code",
                                 "route", "status")
@@ -45,6 +48,17 @@ class Metrics:
         self.tpot = histogram("forerun:time_per_output_token_seconds",
                               "a sample's first to last token, per token after the first")
         self.e2e = histogram("forerun:e2e_request_latency_seconds", "arrival at the engine to the last token")
+        self.queue = histogram("forerun:request_queue_time_seconds", "arrival to the scheduler's first admission")
+        self.prefill = histogram("forerun:request_prefill_time_seconds", "first admission to the first token")
+        self.decode = histogram("forerun:request_decode_time_seconds", "first token to the last token")
+        self.inference = histogram("forerun:request_inference_time_seconds", "first admission to the last token")
+        self.request_prompt_tokens = histogram("forerun:request_prompt_tokens", "prompt tokens of a finished "
+                                               "request", TOKEN_BUCKETS)
+        self.request_generation_tokens = histogram("forerun:request_generation_tokens", "tokens a finished request "
+                                                   "generated (all its choices)", TOKEN_BUCKETS)
+        self.params_n = histogram("forerun:request_params_n", "choices a finished request asked for (n)", N_BUCKETS)
+        self.params_max_tokens = histogram("forerun:request_params_max_tokens", "a finished request's max_tokens",
+                                           TOKEN_BUCKETS)
         self.scaling_running = Gauge("forerun:scaling_requests_running", "chat requests whose scaling strategy is "
                                      "running", model, registry=r).labels(model_name)
         self.num_drafts = counter("forerun:spec_decode_num_drafts", "verification forwards that checked a draft",
@@ -66,10 +80,23 @@ class Metrics:
     def count_finished(self, reason: str, samples: int = 1) -> None:
         self.finished.labels(self.model_name, reason).inc(samples)
 
-    def observe_finished(self, spec: SpecConfig, generations: tuple[Generation, ...], seconds: float) -> None:
-        """A finished request: its latency, tokens, finish reasons and speculation counts."""
+    def observe_finished(self, spec: SpecConfig, generations: tuple[Generation, ...], seconds: float,
+                         n: int = 1, max_tokens: int = 0) -> None:
+        """A finished request: its latency and its phases (from the engine's account of its first
+        choice: queued, prefill to the first token, decode), tokens, parameters, finish reasons and
+        speculation counts."""
         self.e2e.observe(seconds)
-        self.prompt_tokens.inc(generations[0].stats.prompt_tokens)
+        first, last = generations[0].stats, max(g.stats.wall_s for g in generations)
+        self.queue.observe(first.queue_s)
+        self.prefill.observe(max(first.ttft_s - first.queue_s, 0.0))
+        self.decode.observe(max(last - first.ttft_s, 0.0))
+        self.inference.observe(max(last - first.queue_s, 0.0))
+        self.request_prompt_tokens.observe(first.prompt_tokens)
+        self.request_generation_tokens.observe(sum(len(g.token_ids) for g in generations))
+        self.params_n.observe(n)
+        if max_tokens:
+            self.params_max_tokens.observe(max_tokens)
+        self.prompt_tokens.inc(first.prompt_tokens)
         labels = (self.model_name, spec.method if not spec.goodput else f"{spec.method}+goodput")
         for g in generations:
             self.count_finished(finish_reason(g.finish_reason))

@@ -132,6 +132,8 @@ class _Live:
     spec: SpecConfig
     samples: int  # n, or best_of
     arrival: float
+    n: int = 1  # choices asked for
+    max_tokens: int = 0  # the request's cap on each choice's tokens
     finished: int = 0  # samples finished
     first_token: float | None = None  # of any sample
     sample_first: dict[int, float] = field(default_factory=dict)  # sample index -> its first token's time
@@ -281,7 +283,8 @@ class EngineWorker:
             log.exception("adding request %s failed", stream.request_id)
             stream.settle(APIError(500, f"the engine could not take the request: {e}", type="internal_error"))
             return
-        self._live[stream.request_id] = _Live(stream, add.spec, add.params.samples, time.perf_counter())
+        self._live[stream.request_id] = _Live(stream, add.spec, add.params.samples, time.perf_counter(),
+                                              add.params.n, add.params.max_new_tokens)
         stream.settle(None)
 
     def _evicted_a_spec(self) -> bool:
@@ -325,7 +328,7 @@ class EngineWorker:
             self._time(live, out, now)
             if out.finished:
                 del self._live[out.request_id]
-                self._metrics.observe_finished(live.spec, out.generations, now - live.arrival)
+                self._metrics.observe_finished(live.spec, out.generations, now - live.arrival, live.n, live.max_tokens)
             handed.append((live.stream, out))
         hand_over(handed)
 
