@@ -55,6 +55,9 @@ def add_speculation_args(p: argparse.ArgumentParser, method: str = "pld") -> Non
     p.add_argument("--draft-model", help="draft model for --method draft (HF directory or .gguf)")
     p.add_argument("--draft-head", help="--method eagle or auto: an EAGLE-3 head folder (speculators or original "
                    "layout; default: the head shipped for the embedded model); --method medusa: a Medusa head folder")
+    p.add_argument("--learn", action="store_true",
+                   help="--method eagle or auto: keep training the head on the text it drafts for, in the "
+                        "background (online adaptation; outputs never change)")
     p.add_argument("--num-draft", type=int, default=None, help="draft tokens per step (fixes the length)")
     p.add_argument("--tree-width", type=int, default=1, help="--method draft, eagle: children per tree node")
     p.add_argument("--guard", action="store_true",
@@ -85,6 +88,10 @@ def spec_config(a: argparse.Namespace) -> SpecConfig:
 
     fields = _vllm_speculation(a, methods()) if a.speculative_config else _speculation(a, methods())
     fields["options"] = {**parse_options(a.opt, "--opt"), **fields["options"]}
+    if getattr(a, "learn", False):
+        if fields["method"] not in ("eagle", "auto"):
+            raise ValueError("--learn goes with --method eagle or auto")
+        fields["options"]["eagle.learn" if fields["method"] == "auto" else "learn"] = True
     return SpecConfig(tree_width=a.tree_width, exit_layer=a.exit_layer, guard=a.guard, budget=a.budget,
                       forced_tokens=a.forced_tokens, **fields)
 

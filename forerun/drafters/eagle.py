@@ -30,6 +30,7 @@ never seen, so the head drafts from what it has; outputs never depend on it.
 """
 from __future__ import annotations
 
+import copy
 import heapq
 import math
 from dataclasses import dataclass, fields
@@ -41,6 +42,8 @@ import torch
 from forerun.drafters.base import Drafter, Sequence, root_only
 from forerun.drafters.registry import register
 from forerun.heads.eagle3 import Eagle3Head, HeadCache, HeadRows, load_head
+from forerun.heads.online import LearnConfig, OnlineLearner, Record
+from forerun.heads.train import target_rows
 from forerun.sampling import sample, target_probs
 from forerun.tree import Tree
 from forerun.types import Draft, Scores, Verdict
@@ -54,6 +57,8 @@ class EagleOptions:
     nodes: int = 16  # tree: nodes kept below the root
     weights: str = "q8"  # how the head's projections run on the CPU: q8 blocks (fastest) or float32
     min_accept: float = 0.2  # draft a node only if the target is expected to accept it this often (0: always)
+    learn: bool = False  # keep training the head on the verified text as it is served (forerun.heads.online)
+    learn_lr: float = LearnConfig().lr
 
 
 @dataclass(eq=False)
@@ -63,6 +68,7 @@ class EagleState:
     last: tuple[torch.Tensor, torch.Tensor, int] | None = None  # the last committed row's output, logits, position
     confidence: list[float] | None = None  # the head's confidence in each node of the last draft (root first)
     drafted: Draft | None = None  # that draft: its confidences are checked only if it is the one verified
+    record: Record | None = None  # with learn: the rows not yet handed to the learner
 
 
 class _Chain:
@@ -131,15 +137,23 @@ class Eagle(Drafter):
         if self.opts.weights not in ("q8", "float32"):
             raise ValueError(f"eagle: weights must be q8 or float32, got {self.opts.weights!r}")
         self.head = head if head is not None else _head(Path(self.opts.head or shipped_head()), target)
+        self.learner = None
+        if self.opts.learn:  # a head of its own, which the learner's weights overwrite
+            self.head = copy.deepcopy(self.head)
+            self.learner = OnlineLearner(self.head, target_rows(target, self.head.draft_ids),
+                                         LearnConfig(lr=self.opts.learn_lr))
         if target.device.type == "cpu" and getattr(self.head, "fast", None) is None:
-            self.head.pack_for_cpu(self.opts.weights if self.opts.weights != "float32" else None)
+            self._pack()
         self.aux = tuple(self.head.config.aux_layers)
         self.prefill_layers = self.aux
         self.draft_ids = self.head.draft_ids
         self.calibration = Calibration()
 
+    def _pack(self) -> None:
+        self.head.pack_for_cpu(self.opts.weights if self.opts.weights != "float32" else None)
+
     def begin(self, seq: Sequence) -> EagleState:
-        return EagleState(self.head.new_cache(), [])
+        return EagleState(self.head.new_cache(), [], record=Record() if self.learner else None)
 
     def fork(self, parent: Sequence, child: Sequence) -> EagleState:
         """The samples of an n > 1 request start from the prompt rows the head saw for the first."""
@@ -147,7 +161,12 @@ class Eagle(Drafter):
         cache = HeadCache(state.cache.k.shape[1], state.cache.k.dtype, state.cache.k.shape[0])
         n = state.cache.length
         cache.append(state.cache.k[:n], state.cache.v[:n], state.cache.positions[:n])
-        return EagleState(cache, list(state.pending), state.last)
+        return EagleState(cache, list(state.pending), state.last, record=Record() if self.learner else None)
+
+    def end(self, seq: Sequence) -> None:
+        state = seq.draft_state
+        if self.learner is not None and isinstance(state, EagleState) and state.record is not None:
+            self.learner.flush(state.record)
 
     def layers_wanted(self, seq: Sequence) -> tuple[int, ...]:
         return self.aux
@@ -167,11 +186,15 @@ class Eagle(Drafter):
     def observe_prefill(self, seq: Sequence, start: int, layers: dict[int, torch.Tensor]) -> None:
         features = torch.cat([layers[k] for k in self.aux], dim=-1)
         n = features.shape[0]
-        self._commit_rows(seq.draft_state, features, seq.tokens[start + 1:start + n + 1], start)
+        tokens = seq.tokens[start + 1:start + n + 1]
+        self._commit_rows(seq.draft_state, features, tokens, start)
+        if self.learner is not None:
+            self.learner.add(seq.draft_state.record, features[:len(tokens)], tokens, start)
 
     def observe(self, seq: Sequence, draft: Draft, verdict: Verdict, scores: Scores) -> None:
         state: EagleState = seq.draft_state
-        if state.drafted is draft:  # not cut by the policy, nor another drafter's (auto)
+        own = state.drafted is draft  # not cut by the policy, nor another drafter's (auto)
+        if own:
             on_path = set(verdict.path)
             for node in range(1, draft.size):
                 self.calibration.record(state.confidence[node], node in on_path)
@@ -183,6 +206,10 @@ class Eagle(Drafter):
         tokens = draft.tree.tokens[path[1:]].tolist() + [verdict.next_token]
         root = len(seq.tokens) - len(tokens) - 1  # seq already holds the accepted tokens and the next one
         self._commit_rows(seq.draft_state, features, tokens, root)
+        if self.learner is not None:  # the head had row j's token right where it was its accepted draft
+            drafted = torch.arange(len(tokens)) < (verdict.accepted if own else 0)
+            self.learner.add(state.record, features, tokens, root, scores.hidden[path], scores.logits[path].argmax(-1),
+                             drafted)
 
     # -- drafting -------------------------------------------------------------------------------------
 
@@ -206,6 +233,7 @@ class Eagle(Drafter):
         """Every sequence's draft, the head's rows for all of them in one forward per depth (a tree
         drafts alone: its rows per depth depend on its own confidences)."""
         states: list[EagleState] = [seq.draft_state for seq in seqs]
+        self._take_learned()
         self._catch_up(states)
         drafts: list[Draft | None] = [None] * len(seqs)
         chains = []
@@ -224,6 +252,17 @@ class Eagle(Drafter):
             for i, draft in zip([i for i, d in enumerate(drafts) if d is None], self._chains(chains)):
                 drafts[i] = draft
         return drafts
+
+    def _take_learned(self) -> None:
+        """With learn: the learner's newest weights, if it offers any, in place of the head's (between
+        steps, so a draft never mixes two heads; the rows already in the head's caches stay as they were
+        computed)."""
+        learned = self.learner.take() if self.learner is not None else None
+        if learned is None:
+            return
+        self.head.load_state_dict(learned, strict=False)
+        if getattr(self.head, "fast", None) is not None:
+            self._pack()
 
     def _distribution(self, logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
         """The head's distribution over the draft vocabulary: as it is when greedy (its argmax is the

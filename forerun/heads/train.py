@@ -182,12 +182,19 @@ def new_head(target, aux_layers: tuple[int, ...], draft_ids: torch.Tensor, verif
     config = Eagle3Config.for_target(model.args, aux_layers, len(draft_ids), verifier, norm_before_residual)
     head = Eagle3Head(config, model.embed.detach().float())
     head.set_vocabulary(draft_ids)
-    weight = model.head.weight if model.head.quant is None else quant.dequantize(model.head.quant)
-    rows = weight.detach().float()[draft_ids].clone()
+    rows = target_rows(target, draft_ids)
     with torch.no_grad():  # the head's output starts as the target's own: its final norm and head rows
         head.lm_head.weight.copy_(rows)
         head.norm.weight.copy_(model.norm.weight.detach().float())
     return head, rows
+
+
+def target_rows(target, draft_ids: torch.Tensor) -> torch.Tensor:
+    """[V_draft, D] the target's output rows for the draft vocabulary: its logits there are these
+    rows times its final-normed hidden state."""
+    head = target.model.head
+    weight = head.weight if head.quant is None else quant.dequantize(head.quant)
+    return weight.detach().float()[draft_ids.to(weight.device)].cpu().clone()
 
 
 def evaluate(head, target_rows, held: list[Example], config: TrainConfig, scale: torch.Tensor | None = None) -> list[float]:
