@@ -104,7 +104,8 @@ class OnlineLearner:
         self.steps = self.positions = 0
         self.losses: list[float] = []
         self._offer: dict[str, torch.Tensor] | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the window, the budget and the offer
+        self._training = threading.Lock()
         self._stop = threading.Event()
         self._thread = None
         if background:
@@ -166,7 +167,12 @@ class OnlineLearner:
 
     def step(self) -> bool:
         """One training step on examples drawn from the window (about batch_rows rows, the newest
-        always among them), if the rows served have bought one; False if not."""
+        always among them), if the rows served have bought one; False if not. One at a time: the
+        background thread and a caller may both ask."""
+        with self._training:
+            return self._step()
+
+    def _step(self) -> bool:
         with self._lock:
             if self.budget <= 0 or not self.window:
                 return False
