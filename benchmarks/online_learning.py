@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from forerun import LLM, SamplingParams, SpecConfig
+from forerun.config import EngineConfig
 from forerun.bench.harness import machine_description
 
 PROMPTS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "train_prompts" / "self_instruct_mix.jsonl"
@@ -56,6 +57,7 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--language", default="French")
     p.add_argument("--lr", type=float, default=1e-4, help="the learner's learning rate")
+    p.add_argument("--passes", type=float, default=4.0, help="rows of training each labelled row served buys")
     p.add_argument("--settle", action="store_true", help="spend the training each round bought before the next")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
@@ -63,27 +65,30 @@ def main() -> None:
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    llm = LLM()
+    # no prefix cache: the second run of a prompt would find its blocks cached, run faster, and its head
+    # would never see those rows' features
+    llm = LLM(engine=EngineConfig(prefix_caching=False))
     fixed = SpecConfig(method="eagle")
-    learning = SpecConfig(method="eagle", options={"learn": True, "learn_lr": a.lr})
+    learning = SpecConfig(method="eagle", options={"learn": True, "learn_lr": a.lr, "learn_passes": a.passes})
     learner = llm.drafter(learning).learner
     params = SamplingParams(max_new_tokens=a.max_new_tokens, temperature=0)
     texts = passages(a.rounds * a.per_round, a.seed)
     print(f"# online learning on {a.language} translations: {machine_description()}, "
-          f"torch threads {torch.get_num_threads()}, lr {a.lr}{', settled' if a.settle else ''}, "
+          f"lr {a.lr}, passes {a.passes}{', settled' if a.settle else ''}, "
           f"{datetime.date.today()}")
     print("\n| round | tau fixed | tau learning | tok/s fixed | tok/s learning | learner steps | rows trained |")
     print("|---|---|---|---|---|---|---|")
     rows, differ = [], 0
     for r in range(a.rounds):
         totals = {"fixed": [0, 0, 0.0], "learning": [0, 0, 0.0]}  # tokens, forwards, seconds
-        for text in texts[r * a.per_round:(r + 1) * a.per_round]:
+        for i, text in enumerate(texts[r * a.per_round:(r + 1) * a.per_round]):
             prompt = llm.tokenizer.apply_chat_template(
                 [{"role": "user", "content": f"Translate the following text into {a.language}:\n\n{text}"}],
                 add_generation_prompt=True)
             ids = llm.tokenizer.encode(prompt, add_bos=False)
             outs = {}
-            for name, spec in (("fixed", fixed), ("learning", learning)):
+            order = (("fixed", fixed), ("learning", learning))
+            for name, spec in order if i % 2 == 0 else order[::-1]:  # neither always first
                 started = time.perf_counter()
                 out = llm.generate_ids(ids, params, spec)
                 seconds = time.perf_counter() - started

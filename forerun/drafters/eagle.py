@@ -59,6 +59,7 @@ class EagleOptions:
     min_accept: float = 0.2  # draft a node only if the target is expected to accept it this often (0: always)
     learn: bool = False  # keep training the head on the verified text as it is served (forerun.heads.online)
     learn_lr: float = LearnConfig().lr
+    learn_passes: float = LearnConfig().passes
 
 
 @dataclass(eq=False)
@@ -141,7 +142,7 @@ class Eagle(Drafter):
         if self.opts.learn:  # a head of its own, which the learner's weights overwrite
             self.head = copy.deepcopy(self.head)
             self.learner = OnlineLearner(self.head, target_rows(target, self.head.draft_ids),
-                                         LearnConfig(lr=self.opts.learn_lr))
+                                         LearnConfig(lr=self.opts.learn_lr, passes=self.opts.learn_passes))
         if target.device.type == "cpu" and getattr(self.head, "fast", None) is None:
             self._pack()
         self.aux = tuple(self.head.config.aux_layers)
