@@ -41,7 +41,7 @@ LEARNED = ("input_layernorm", "hidden_norm", "q_proj", "k_proj", "v_proj", "o_pr
 
 @dataclass(frozen=True, slots=True)
 class LearnConfig:
-    lr: float = 5e-5
+    lr: float = 3e-4
     unroll: int = 2  # drafting steps per row (training-time test)
     batch_rows: int = 512  # rows a training step takes at most
     chunk: int = 64  # a sequence's rows become an example every this many
