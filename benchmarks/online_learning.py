@@ -58,6 +58,7 @@ def main() -> None:
     p.add_argument("--language", default="French")
     p.add_argument("--lr", type=float, default=1e-4, help="the learner's learning rate")
     p.add_argument("--passes", type=float, default=4.0, help="rows of training each labelled row served buys")
+    p.add_argument("--fc", action="store_true", help="the learner trains fc too")
     p.add_argument("--settle", action="store_true", help="spend the training each round bought before the next")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
@@ -69,12 +70,13 @@ def main() -> None:
     # would never see those rows' features
     llm = LLM(engine=EngineConfig(prefix_caching=False))
     fixed = SpecConfig(method="eagle")
-    learning = SpecConfig(method="eagle", options={"learn": True, "learn_lr": a.lr, "learn_passes": a.passes})
+    learning = SpecConfig(method="eagle", options={"learn": True, "learn_lr": a.lr, "learn_passes": a.passes,
+                                                       "learn_fc": a.fc})
     learner = llm.drafter(learning).learner
     params = SamplingParams(max_new_tokens=a.max_new_tokens, temperature=0)
     texts = passages(a.rounds * a.per_round, a.seed)
     print(f"# online learning on {a.language} translations: {machine_description()}, "
-          f"lr {a.lr}, passes {a.passes}{', settled' if a.settle else ''}, "
+          f"lr {a.lr}, passes {a.passes}{', fc' if a.fc else ''}{', settled' if a.settle else ''}, "
           f"{datetime.date.today()}")
     print("\n| round | tau fixed | tau learning | tok/s fixed | tok/s learning | learner steps | rows trained |")
     print("|---|---|---|---|---|---|---|")

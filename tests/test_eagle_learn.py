@@ -33,9 +33,11 @@ def learning_llm(seed: int, config: LearnConfig, background: bool) -> tuple[LLM,
     return llm, spec, drafter
 
 
-def test_acceptance_rises_as_the_head_learns_and_outputs_stay_those_of_ar():
-    llm, spec, drafter = learning_llm(3, LearnConfig(lr=3e-3, publish_every=1, chunk=16, passes=80),
+@pytest.mark.parametrize("fc", [False, True], ids=["layer", "layer+fc"])
+def test_acceptance_rises_as_the_head_learns_and_outputs_stay_those_of_ar(fc):
+    llm, spec, drafter = learning_llm(3, LearnConfig(lr=3e-3, publish_every=1, chunk=16, passes=80, fc=fc),
                                       background=False)
+    fc_before = drafter.head.fc.weight.detach().clone()
     rng = random.Random(0)
     taus = []
     for _ in range(12):
@@ -48,6 +50,11 @@ def test_acceptance_rises_as_the_head_learns_and_outputs_stay_those_of_ar():
         drafter.learner.publish()
     assert drafter.learner.steps > 0 and drafter.learner.positions > 0
     assert taus[0] < 1.2 and min(taus[-3:]) > taus[0] + 0.8, taus
+    assert torch.equal(drafter.head.fc.weight, fc_before) != fc  # fc learns only when asked, in raw features' terms
+    if fc:
+        drafter._take_learned()  # the last round's offer
+        scaled = drafter.learner.model.fc.weight.detach() / drafter.learner.scale
+        torch.testing.assert_close(drafter.head.fc.weight.detach(), scaled)
 
 
 def test_a_background_learner_never_changes_a_batch():

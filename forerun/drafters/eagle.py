@@ -60,6 +60,7 @@ class EagleOptions:
     learn: bool = False  # keep training the head on the verified text as it is served (forerun.heads.online)
     learn_lr: float = LearnConfig().lr
     learn_passes: float = LearnConfig().passes
+    learn_fc: bool = LearnConfig().fc
 
 
 @dataclass(eq=False)
@@ -142,7 +143,8 @@ class Eagle(Drafter):
         if self.opts.learn:  # a head of its own, which the learner's weights overwrite
             self.head = copy.deepcopy(self.head)
             self.learner = OnlineLearner(self.head, target_rows(target, self.head.draft_ids),
-                                         LearnConfig(lr=self.opts.learn_lr, passes=self.opts.learn_passes))
+                                         LearnConfig(lr=self.opts.learn_lr, passes=self.opts.learn_passes,
+                                                     fc=self.opts.learn_fc))
         if target.device.type == "cpu" and getattr(self.head, "fast", None) is None:
             self._pack()
         self.aux = tuple(self.head.config.aux_layers)

@@ -13,9 +13,10 @@ training, which bounds the learner's share of the CPU. The loss counts the posit
 when it drafted: positions whose token was an accepted draft are masked, as OSD trains on the mismatches only
 (the head already knows those; training on them again mostly pulls it towards what it has seen most).
 
-Only the decoder layer and the final norm learn: `fc` reads the target's raw residual streams, whose
-scales differ by four orders of magnitude between dimensions (offline training divides them out and
-folds the scale back), the embedding is the target's, and `lm_head` is the target's own rows.
+The decoder layer and the final norm learn; `fc` too with `fc=True`, on features divided by their RMS
+per dimension (measured on the first rows served), as offline training does, since the target's raw
+residual streams differ in scale by four orders of magnitude between dimensions; the scale is folded
+back into the weights the drafter takes. The embedding is the target's and `lm_head` its own rows.
 
 The learner trains on its own copy of the head, in a background thread (or in the caller's, with
 `background=False`, as the tests do), and every `publish_every` steps offers the copy's weights; the
@@ -33,7 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 from forerun.heads.eagle3 import Eagle3Head
-from forerun.heads.train import Example, collate, losses
+from forerun.heads.train import Example, collate, feature_scale, losses
 
 LEARNED = ("input_layernorm", "hidden_norm", "q_proj", "k_proj", "v_proj", "o_proj", "post_attention_layernorm",
            "gate_proj", "up_proj", "down_proj", "norm")
@@ -47,6 +48,7 @@ class LearnConfig:
     chunk: int = 64  # a sequence's rows become an example every this many
     context: int = 96  # earlier rows kept before an example's, as keys only
     publish_every: int = 4  # training steps between the weights offered to the drafter
+    fc: bool = False  # train fc too (on features divided by their RMS, measured on the first rows served)
     window: int = 256  # the most recent examples kept to train on
     passes: float = 4.0  # each new row buys this many rows of training (drawn from the window): what bounds
     # the learner's share of the CPU
@@ -90,8 +92,10 @@ class OnlineLearner:
         self.model = copy.deepcopy(head)  # trained here; the drafter's head is only overwritten by take()
         self.model.__dict__.pop("fast", None)
         self.model.float()
+        self.learned = LEARNED + (("fc",) if config.fc else ())
+        self.scale: torch.Tensor | None = None  # with fc: the features' RMS, folded into the copy's fc
         for name, p in self.model.named_parameters():
-            p.requires_grad_(name.split(".")[0] in LEARNED)
+            p.requires_grad_(name.split(".")[0] in self.learned)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, betas=(0.9, 0.95), weight_decay=0.0)
         self.target_rows = target_rows.float()
@@ -105,7 +109,7 @@ class OnlineLearner:
         self.losses: list[float] = []
         self._offer: dict[str, torch.Tensor] | None = None
         self._lock = threading.Lock()  # the window, the budget and the offer
-        self._training = threading.Lock()
+        self._training = threading.RLock()
         self._stop = threading.Event()
         self._thread = None
         if background:
@@ -183,8 +187,12 @@ class OnlineLearner:
                 break
             taken.append(example)
             rows += len(example.tokens)
+        if self.config.fc and self.scale is None:  # as offline training does: fc learns on scaled features
+            self.scale = feature_scale(pool)
+            with torch.no_grad():
+                self.model.fc.weight.mul_(self.scale)
         unroll = self.config.unroll
-        batch = collate(taken, unroll)
+        batch = collate(taken, unroll, self.scale)
         loss, _, counted = losses(self.model, self.target_rows, batch, unroll)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -201,7 +209,11 @@ class OnlineLearner:
 
     def publish(self) -> None:
         """Offer the copy's learned weights to the drafter."""
-        state = {k: v.detach().clone() for k, v in self.model.state_dict().items() if k.split(".")[0] in LEARNED}
+        with self._training:
+            state = {k: v.detach().clone() for k, v in self.model.state_dict().items()
+                     if k.split(".")[0] in self.learned}
+        if self.scale is not None:
+            state["fc.weight"] = state["fc.weight"] / self.scale  # the drafter's fc reads raw features
         with self._lock:
             self._offer = state
 
