@@ -108,3 +108,18 @@ def test_learn_is_an_option_of_eagle_and_auto():
         {"eagle.learn": True}
     with pytest.raises(ValueError, match="--learn goes with --method eagle or auto"):
         spec_config(parser.parse_args(["generate", "hi", "--method", "pld", "--learn"]))
+
+
+def test_a_long_sequence_is_cut_into_examples_that_label_every_row_once():
+    runtime, _ = cycle_runtime(seed=7)
+    head = random_eagle_head(runtime, seed=7, aux=AUX)
+    learner = OnlineLearner(head, target_rows(runtime, head.draft_ids), LearnConfig(chunk=4, context=2), False)
+    F, D = head.config.feature_size, head.config.hidden_size
+    record = Record()
+    for position in range(10):  # a step at a time, as verification hands them over
+        learner.add(record, torch.randn(1, F), [position + 1], position, torch.randn(1, D), torch.tensor([position + 2]),
+                    torch.tensor([False]))
+    learner.flush(record)
+    labelled = [int(p) for e in learner.window for p, label in zip(e.positions, e.label) if label >= 0]
+    assert sorted(labelled) == list(range(9))  # the last row has no successor to be scored against
+    assert len(learner.window) > 1 and all(len(e.tokens) <= 4 + 2 for e in learner.window)

@@ -49,7 +49,7 @@ class LearnConfig:
     context: int = 96  # earlier rows kept before an example's, as keys only
     publish_every: int = 4  # training steps between the weights offered to the drafter
     fc: bool = False  # train fc too (on features divided by their RMS, measured on the first rows served)
-    window: int = 256  # the most recent examples kept to train on
+    window: int = 128  # the most recent examples kept to train on (about 0.7 MB each for the embedded model)
     passes: float = 4.0  # each new row buys this many rows of training (drawn from the window): what bounds
     # the learner's share of the CPU
 
@@ -146,7 +146,8 @@ class OnlineLearner:
             rows = getattr(record, name)
             kept = [cat[name][-self.config.context:]] if keep and cat is not None else []
             rows[:] = kept
-        record.context = record.rows()
+        # the last row kept had no label yet (its successor was not there): the next example labels it
+        record.context = max(record.rows() - 1, 0)
 
     def _keep(self, rows: dict[str, torch.Tensor], context: int) -> None:
         # row i is scored against the target's choice after position i + 1, found at row i + 1: its hidden
