@@ -70,11 +70,17 @@ def test_a_background_learner_never_changes_a_batch():
         drafter.learner.close()
 
 
+def foreground_learner(seed: int, config: LearnConfig) -> tuple[OnlineLearner, int, int]:
+    """(a learner trained in the caller's thread for a random head of the cycle model, the head's
+    feature size, its hidden size)."""
+    runtime, _ = cycle_runtime(seed=seed)
+    head = random_eagle_head(runtime, seed=seed, aux=AUX)
+    learner = OnlineLearner(head, target_rows(runtime, head.draft_ids), config, background=False)
+    return learner, head.config.feature_size, head.config.hidden_size
+
+
 def test_positions_the_head_had_right_are_left_out_of_the_loss():
-    runtime, _ = cycle_runtime(seed=5)
-    head = random_eagle_head(runtime, seed=5, aux=AUX)
-    learner = OnlineLearner(head, target_rows(runtime, head.draft_ids), LearnConfig(chunk=1000, context=2), False)
-    F, D = head.config.feature_size, head.config.hidden_size
+    learner, F, D = foreground_learner(5, LearnConfig(chunk=1000, context=2))
     record = Record()
     learner.add(record, torch.randn(3, F), [7, 8, 9], 0)  # prompt rows: context, no labels
     choice = torch.tensor([10, 11, 12, 13])
@@ -111,10 +117,7 @@ def test_learn_is_an_option_of_eagle_and_auto():
 
 
 def test_a_long_sequence_is_cut_into_examples_that_label_every_row_once():
-    runtime, _ = cycle_runtime(seed=7)
-    head = random_eagle_head(runtime, seed=7, aux=AUX)
-    learner = OnlineLearner(head, target_rows(runtime, head.draft_ids), LearnConfig(chunk=4, context=2), False)
-    F, D = head.config.feature_size, head.config.hidden_size
+    learner, F, D = foreground_learner(7, LearnConfig(chunk=4, context=2))
     record = Record()
     for position in range(10):  # a step at a time, as verification hands them over
         learner.add(record, torch.randn(1, F), [position + 1], position, torch.randn(1, D), torch.tensor([position + 2]),
