@@ -51,7 +51,7 @@ def resolve_model_dir(spec: str | os.PathLike | None, revision: str | None = Non
     if path.is_file() and path.suffix == ".gguf":
         return converted_gguf_dir(path)
     if not path.exists() and hub.gguf_repo_file(str(spec)) is not None:
-        return converted_gguf_dir(Path(hub_gguf(spec, revision)[0]))
+        return converted_gguf_dir(hub.gguf_file(str(spec), revision))
     if not path.exists() and looks_like_repo_id(str(spec)):
         return _hub_model_dir(str(spec), revision)
     reason = "has no config.json" if path.is_dir() else "does not exist"

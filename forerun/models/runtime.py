@@ -131,10 +131,8 @@ def load(model: str | None = None, dtype: str = "float32", device: str = "cpu",
     float32 (resolve_quant); "none" dequantizes."""
     from safetensors import safe_open
 
-    from forerun.models.embedded import resolve_model_dir
+    from forerun.models.embedded import hub_gguf, resolve_model_dir
     from forerun.models.gguf import projection_blocks
-
-    from forerun.models.embedded import hub_gguf
 
     name = model
     model, revision = hub_gguf(model, revision)  # a GGUF named on the Hub: its file in the Hub's cache
