@@ -384,6 +384,7 @@ def test_api_keys_come_from_the_environment_too(monkeypatch):
     (dict(logit_bias={"5": 101}), "logit_bias"),
     (dict(extra_body={"speculation": {"method": "telepathy"}}), "telepathy"),
     (dict(extra_body={"speculation": {"num_draft": 9, "max_draft": 4}}), "num_draft"),
+    (dict(extra_body={"speculation": {"forced_tokens": "sometimes"}}), "forced_tokens"),
     (dict(extra_body={"stop_token_ids": [-3]}), "stop_token_ids"),
     (dict(top_logprobs=3), "logprobs"),
     (dict(logprobs=True, top_logprobs=21), "top_logprobs"),

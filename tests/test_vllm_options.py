@@ -122,6 +122,12 @@ def test_a_folder_gives_the_generation_defaults_as_vllms_flag_does(tiny, tmp_pat
     assert GenerationDefaults.chosen("vllm", GenerationDefaults(top_k=3)) == GenerationDefaults()
     with pytest.raises(ValueError, match="folder holding generation_config.json"):
         LLM(str(tiny), generation_config=str(tmp_path / "missing"))
+    (tmp_path / "generation_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not a JSON file"):
+        GenerationDefaults.chosen(str(tmp_path), GenerationDefaults())
+    (tmp_path / "generation_config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="not a JSON object"):
+        GenerationDefaults.chosen(str(tmp_path), GenerationDefaults())
     (tmp_path / "generation_config.json").write_text(json.dumps({"top_p": 7}))
     with pytest.raises(ValueError, match="top_p"):
         ServeConfig("m", generation_config=str(tmp_path))
