@@ -63,6 +63,28 @@ def test_unrolled_training_rows_equal_inference_drafting():
                 hidden = out[0]
 
 
+
+@pytest.mark.parametrize("kind", ["q8", "q4", None])
+def test_last_only_logits_are_the_last_rows_of_a_full_step(kind):
+    """Catching up committed rows needs the logits of each sequence's last row only: they are the bits
+    the full step gives that row, on every weight format (a row's result never depends on its batch)."""
+    import copy
+
+    from forerun.heads.eagle3 import HeadRows
+
+    rt = tiny_runtime("llama", seed=1)
+    head = copy.deepcopy(random_eagle_head(rt, draft_vocab=32))
+    head.pack_for_cpu(kind)
+    g = torch.Generator().manual_seed(0)
+
+    rows = [(torch.randint(0, 64, (n,), generator=g), torch.randn(n, 32, generator=g), torch.arange(3, 3 + n))
+            for n in (5, 1, 3)]
+    full = head.step_batch([HeadRows(head.new_cache(), *row) for row in rows])
+    last = head.step_batch([HeadRows(head.new_cache(), *row) for row in rows], last_only=True)
+    for (out, logits), (out_last, logits_last) in zip(full, last):
+        assert logits_last.shape == (1, 32)
+        assert torch.equal(out, out_last) and torch.equal(logits[-1:], logits_last)
+
 # -- files ------------------------------------------------------------------------------------------------
 
 def test_saved_head_loads_in_speculators_layout(tmp_path):
@@ -153,9 +175,10 @@ ALWAYS = {"min_accept": 0.0}  # a random head doubts every draft: draft anyway, 
 
 @pytest.mark.parametrize("spec", [SpecConfig(method="eagle", options=ALWAYS),
                                   SpecConfig(method="eagle", adaptive=False, num_draft=3, options=ALWAYS),
+                                  SpecConfig(method="eagle", options={"weights": "q4", **ALWAYS}),
                                   SpecConfig(method="eagle", tree_width=3, options={"nodes": 10, **ALWAYS}),
                                   SpecConfig(method="eagle", tree_width=2, budget="goodput", options=ALWAYS)],
-                         ids=["chain", "chain-fixed", "tree", "tree-goodput"])
+                         ids=["chain", "chain-fixed", "chain-q4-head", "tree", "tree-goodput"])
 def test_greedy_matches_ar(target, spec):
     llm = LLM(runtime=target)
     llm.use_drafter(spec, Eagle(target, spec, head=random_eagle_head(target, draft_vocab=32)))

@@ -55,7 +55,7 @@ SHIPPED_HEAD = "smollm2-135m-instruct-eagle3"  # forerun/heads/<this>: the head 
 class EagleOptions:
     head: str = ""  # head folder (speculators or original EAGLE-3 layout); "" = the one shipped for the embedded model
     nodes: int = 16  # tree: nodes kept below the root
-    weights: str = "q8"  # how the head's projections run on the CPU: q8 blocks (fastest) or float32
+    weights: str = "q8"  # how the head's projections run on the CPU: q8 or q4 blocks, or float32
     min_accept: float = 0.2  # draft a node only if the target is expected to accept it this often (0: always)
     learn: bool = False  # keep training the head on the verified text as it is served (forerun.heads.online)
     learn_lr: float = LearnConfig().lr
@@ -136,8 +136,8 @@ class Eagle(Drafter):
             raise ValueError(f"eagle: nodes must be >= 1, got {self.opts.nodes}")
         if not 0.0 <= self.opts.min_accept < 1.0:
             raise ValueError(f"eagle: min_accept must be in [0, 1), got {self.opts.min_accept}")
-        if self.opts.weights not in ("q8", "float32"):
-            raise ValueError(f"eagle: weights must be q8 or float32, got {self.opts.weights!r}")
+        if self.opts.weights not in ("q8", "q4", "float32"):
+            raise ValueError(f"eagle: weights must be q8, q4 or float32, got {self.opts.weights!r}")
         self.head = head if head is not None else _head(Path(self.opts.head or shipped_head()), target)
         self.learner = None
         if self.opts.learn:  # a head of its own, which the learner's weights overwrite
@@ -226,7 +226,7 @@ class Eagle(Drafter):
             items.append(HeadRows(state.cache, torch.cat([p[0] for p in state.pending]),
                                   torch.cat([p[1] for p in state.pending]), torch.cat([p[2] for p in state.pending])))
             state.pending = []
-        for state, it, (out, logits) in zip(behind, items, self.head.step_batch(items)):
+        for state, it, (out, logits) in zip(behind, items, self.head.step_batch(items, last_only=True)):
             state.last = (out[-1], logits[-1], int(it.positions[-1]))
 
     def propose(self, seq: Sequence, depth: int) -> Draft:

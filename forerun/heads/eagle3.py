@@ -242,12 +242,6 @@ class Eagle3Head(nn.Module):
         cos, sin = self.rope(positions)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, residual
 
-    def finish(self, attended: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
-        """The layer after attention ([..., heads * head_dim]): its output hidden state, and logits over
-        the draft vocabulary."""
-        x = self.layer_out(attended, residual)
-        return x, self.logits(x)
-
     def layer_out(self, attended: Tensor, residual: Tensor) -> Tensor:
         x = residual + self.o_proj(attended)
         h = self.post_attention_layernorm(x)
@@ -267,10 +261,12 @@ class Eagle3Head(nn.Module):
         T). Returns the output hidden states [T, D] and draft-vocabulary logits [T, V_draft]."""
         return self.step_batch([HeadRows(cache, tokens, hidden, positions, mask, visible)])[0]
 
-    def step_batch(self, items: list[HeadRows]) -> list[tuple[Tensor, Tensor]]:
+    def step_batch(self, items: list[HeadRows], last_only: bool = False) -> list[tuple[Tensor, Tensor]]:
         """step() for the rows of several sequences at once: the projections, norms and draft logits
         run over all their rows together (a drafting step reads every weight of the head, so a batch
-        reads them once), attention per sequence over its own cache."""
+        reads them once), attention per sequence over its own cache. last_only: logits for each item's
+        last row only ([1, V_draft]), where the rows before it are context (committed rows caught up):
+        the output head is half the head's weights, and a row's logits never depend on its batch."""
         tokens = torch.cat([it.tokens for it in items])
         hidden = torch.cat([it.hidden for it in items])
         positions = torch.cat([it.positions for it in items])
@@ -280,9 +276,12 @@ class Eagle3Head(nn.Module):
             rows = slice(start, start + it.tokens.shape[0])
             attended.append(self._attend(it, q[rows], k[rows], v[rows]))
             start = rows.stop
-        out, logits = self._step_out(torch.cat(attended), residual)
+        out = self._step_out(torch.cat(attended), residual)
         sizes = [it.tokens.shape[0] for it in items]
-        return list(zip(out.split(sizes), logits.split(sizes)))
+        if last_only:
+            last = torch.tensor(sizes).cumsum(0) - 1
+            return [(o, lg[None]) for o, lg in zip(out.split(sizes), self._step_logits(out[last]))]
+        return list(zip(out.split(sizes), self._step_logits(out).split(sizes)))
 
     def _attend(self, it: HeadRows, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """One sequence's T rows ([T, heads, head_dim] rotated q, k, v) attending over its cache, which
@@ -349,14 +348,17 @@ class Eagle3Head(nn.Module):
         k = apply_rope(k.view(T, c.num_kv_heads, c.head_dim), cos, sin)
         return q, k, v.view(T, c.num_kv_heads, c.head_dim), residual
 
-    def _step_out(self, attended: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
+    def _step_out(self, attended: Tensor, residual: Tensor) -> Tensor:
         fast = getattr(self, "fast", None)
         if fast is None:
-            return self.finish(attended, residual)
+            return self.layer_out(attended, residual)
         x = residual + fast["o"](attended.contiguous())
         gate, up = fast["gate_up"](fast["post_attention_layernorm"](x)).chunk(2, dim=-1)
-        x = x + fast["down"]((F.silu(gate) * up).contiguous())
-        return x, fast["lm_head"](fast["norm"](x))
+        return x + fast["down"]((F.silu(gate) * up).contiguous())
+
+    def _step_logits(self, hidden: Tensor) -> Tensor:
+        fast = getattr(self, "fast", None)
+        return self.logits(hidden) if fast is None else fast["lm_head"](fast["norm"](hidden.contiguous()))
 
     def new_cache(self) -> HeadCache:
         return HeadCache(self.config.num_kv_heads * self.config.head_dim, self.fc.weight.dtype)
