@@ -85,6 +85,31 @@ def test_last_only_logits_are_the_last_rows_of_a_full_step(kind):
         assert logits_last.shape == (1, 32)
         assert torch.equal(out, out_last) and torch.equal(logits[-1:], logits_last)
 
+
+def test_a_windowed_cache_attends_to_its_last_rows_only():
+    """window=W: a step sees the last W committed rows and its own, as if the older ones were never there
+    (the layer's keys and values of a row depend on that row alone), chain steps and tree steps alike."""
+    from forerun.heads.eagle3 import HeadRows
+
+    rt = tiny_runtime("llama", seed=1)
+    head = random_eagle_head(rt, draft_vocab=32)
+    g = torch.Generator().manual_seed(0)
+    tokens, hidden, positions = torch.randint(0, 64, (10,), generator=g), torch.randn(10, 32, generator=g), torch.arange(10)
+    windowed, recent = head.new_cache(window=4), head.new_cache()
+    head.step_batch([HeadRows(windowed, tokens, hidden, positions)])
+    head.step_batch([HeadRows(recent, tokens[6:], hidden[6:], positions[6:])])
+    step = (torch.tensor([7, 9]), torch.randn(2, 32, generator=g), torch.tensor([10, 10]))
+    siblings = torch.tensor([[True, False], [False, True]])  # a tree step: two children of the same root
+    for mask in (None, siblings):
+        a = head.step_batch([HeadRows(windowed, *step, mask, 10)])[0]
+        b = head.step_batch([HeadRows(recent, *step, mask, 4)])[0]
+        windowed.truncate(10), recent.truncate(4)
+        torch.testing.assert_close(a, b)
+    everything = head.new_cache()
+    head.step_batch([HeadRows(everything, tokens, hidden, positions)])
+    assert not torch.allclose(head.step_batch([HeadRows(everything, *step, siblings, 10)])[0][1], a[1]), \
+        "the window changed nothing: the test would not see it"
+
 # -- files ------------------------------------------------------------------------------------------------
 
 def test_saved_head_loads_in_speculators_layout(tmp_path):
@@ -177,8 +202,9 @@ ALWAYS = {"min_accept": 0.0}  # a random head doubts every draft: draft anyway, 
                                   SpecConfig(method="eagle", adaptive=False, num_draft=3, options=ALWAYS),
                                   SpecConfig(method="eagle", options={"weights": "q4", **ALWAYS}),
                                   SpecConfig(method="eagle", tree_width=3, options={"nodes": 10, **ALWAYS}),
-                                  SpecConfig(method="eagle", tree_width=2, budget="goodput", options=ALWAYS)],
-                         ids=["chain", "chain-fixed", "chain-q4-head", "tree", "tree-goodput"])
+                                  SpecConfig(method="eagle", tree_width=2, budget="goodput", options=ALWAYS),
+                                  SpecConfig(method="eagle", tree_width=2, options={"window": 3, **ALWAYS})],
+                         ids=["chain", "chain-fixed", "chain-q4-head", "tree", "tree-goodput", "tree-window"])
 def test_greedy_matches_ar(target, spec):
     llm = LLM(runtime=target)
     llm.use_drafter(spec, Eagle(target, spec, head=random_eagle_head(target, draft_vocab=32)))

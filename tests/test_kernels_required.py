@@ -42,3 +42,31 @@ def test_a_lock_left_by_a_killed_build_does_not_hang_the_next_process(tmp_path, 
     monkeypatch.setattr(cpp_extension, "load", fake_load)
     assert kernels.cpu_kernels.__wrapped__() == "built"
     assert seen["build_directory"] == str(build) and not seen["lock_left"]
+
+
+def test_every_process_builds_with_the_same_ninja(tmp_path, monkeypatch):
+    """A process started with a bare PATH (/usr/bin's ninja 1.11) and one in an activated environment
+    (the `ninja` package's 1.13) each read the other's build log as a changed command and rebuilt the
+    kernels, about 35 s every time the two alternated (the test suite's subprocesses did, a dozen
+    times a run). The build now always runs the package's ninja, whatever PATH holds, and PATH is
+    given back afterwards."""
+    ninja = pytest.importorskip("ninja")
+    import shutil
+
+    from torch.utils import cpp_extension
+
+    monkeypatch.delenv("FORERUN_NO_KERNELS", raising=False)
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("the native kernels need AVX2, which this CPU lacks")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    seen = {}
+
+    def fake_load(**kwargs):
+        seen["ninja"] = shutil.which("ninja")
+        return "built"
+
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    assert kernels.cpu_kernels.__wrapped__() == "built"
+    assert os.path.dirname(seen["ninja"]) == ninja.BIN_DIR
+    assert os.environ["PATH"] == "/usr/bin:/bin"

@@ -57,6 +57,7 @@ class EagleOptions:
     nodes: int = 16  # tree: nodes kept below the root
     weights: str = "q8"  # how the head's projections run on the CPU: q8 or q4 blocks, or float32
     min_accept: float = 0.2  # draft a node only if the target is expected to accept it this often (0: always)
+    window: int = 0  # the head attends to this many committed rows before a step (0: all of them)
     learn: bool = False  # keep training the head on the verified text as it is served (forerun.heads.online)
     learn_lr: float = LearnConfig().lr
     learn_passes: float = LearnConfig().passes
@@ -136,6 +137,8 @@ class Eagle(Drafter):
             raise ValueError(f"eagle: nodes must be >= 1, got {self.opts.nodes}")
         if not 0.0 <= self.opts.min_accept < 1.0:
             raise ValueError(f"eagle: min_accept must be in [0, 1), got {self.opts.min_accept}")
+        if self.opts.window < 0:
+            raise ValueError(f"eagle: window must be >= 0, got {self.opts.window}")
         if self.opts.weights not in ("q8", "q4", "float32"):
             raise ValueError(f"eagle: weights must be q8, q4 or float32, got {self.opts.weights!r}")
         self.head = head if head is not None else _head(Path(self.opts.head or shipped_head()), target)
@@ -156,15 +159,13 @@ class Eagle(Drafter):
         self.head.pack_for_cpu(self.opts.weights if self.opts.weights != "float32" else None)
 
     def begin(self, seq: Sequence) -> EagleState:
-        return EagleState(self.head.new_cache(), [], record=Record() if self.learner else None)
+        return EagleState(self.head.new_cache(self.opts.window), [], record=Record() if self.learner else None)
 
     def fork(self, parent: Sequence, child: Sequence) -> EagleState:
         """The samples of an n > 1 request start from the prompt rows the head saw for the first."""
         state: EagleState = parent.draft_state
-        cache = HeadCache(state.cache.k.shape[1], state.cache.k.dtype, state.cache.k.shape[0])
-        n = state.cache.length
-        cache.append(state.cache.k[:n], state.cache.v[:n], state.cache.positions[:n])
-        return EagleState(cache, list(state.pending), state.last, record=Record() if self.learner else None)
+        return EagleState(state.cache.copy(), list(state.pending), state.last,
+                          record=Record() if self.learner else None)
 
     def end(self, seq: Sequence) -> None:
         state = seq.draft_state
@@ -223,8 +224,9 @@ class Eagle(Drafter):
             return
         items = []
         for state in behind:
-            items.append(HeadRows(state.cache, torch.cat([p[0] for p in state.pending]),
-                                  torch.cat([p[1] for p in state.pending]), torch.cat([p[2] for p in state.pending])))
+            # with a window, rows older than it would only lend keys no later step reads
+            keep = slice(-self.opts.window, None) if self.opts.window else slice(None)
+            items.append(HeadRows(state.cache, *(torch.cat([p[j] for p in state.pending])[keep] for j in range(3))))
             state.pending = []
         for state, it, (out, logits) in zip(behind, items, self.head.step_batch(items, last_only=True)):
             state.last = (out[-1], logits[-1], int(it.positions[-1]))

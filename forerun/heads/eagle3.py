@@ -141,13 +141,24 @@ class Eagle3Config:
 
 class HeadCache:
     """One sequence's keys and values in the head's single layer: committed rows, then (while a step
-    drafts) the draft's rows, which truncate() drops. Grows by doubling."""
+    drafts) the draft's rows, which truncate() drops. Grows by doubling.
 
-    def __init__(self, kv_width: int, dtype: torch.dtype = torch.float32, capacity: int = 256):
+    window > 0: a step's rows attend to the last `window` committed rows before them (and to the rows
+    of the step), not to all of them; the one layer's keys and values of a row depend on that row
+    alone, so older rows never need computing."""
+
+    def __init__(self, kv_width: int, dtype: torch.dtype = torch.float32, capacity: int = 256, window: int = 0):
         self.k = torch.empty(capacity, kv_width, dtype=dtype)
         self.v = torch.empty(capacity, kv_width, dtype=dtype)
         self.positions = torch.empty(capacity, dtype=torch.long)
         self.length = 0
+        self.window = window
+
+    def copy(self) -> HeadCache:
+        """A cache holding the same rows (a sampled sequence's siblings start from its prompt rows)."""
+        out = HeadCache(self.k.shape[1], self.k.dtype, self.k.shape[0], self.window)
+        out.append(self.k[:self.length], self.v[:self.length], self.positions[:self.length])
+        return out
 
     def append(self, k: Tensor, v: Tensor, positions: Tensor) -> None:
         n = k.shape[0]
@@ -289,9 +300,10 @@ class Eagle3Head(nn.Module):
         c, cache = self.config, it.cache
         before = cache.length
         visible = before if it.visible is None else it.visible
+        first = max(0, visible - cache.window) if cache.window else 0  # the oldest row the step sees
         cache.append(k.reshape(k.shape[0], -1), v.reshape(v.shape[0], -1), it.positions)
-        keys = cache.k[:cache.length].view(-1, c.num_kv_heads, c.head_dim).transpose(0, 1)  # [KV, L, hd]
-        values = cache.v[:cache.length].view(-1, c.num_kv_heads, c.head_dim).transpose(0, 1)
+        keys = cache.k[first:cache.length].view(-1, c.num_kv_heads, c.head_dim).transpose(0, 1)  # [KV, L, hd]
+        values = cache.v[first:cache.length].view(-1, c.num_kv_heads, c.head_dim).transpose(0, 1)
         T, group = q.shape[0], c.num_heads // c.num_kv_heads
         # each kv head's queries as one block of group * T rows (SDPA's grouped path copies the keys)
         q = q.reshape(T, c.num_kv_heads, group, c.head_dim).permute(1, 2, 0, 3).reshape(c.num_kv_heads, group * T, -1)
@@ -301,7 +313,7 @@ class Eagle3Head(nn.Module):
             if mask is None:
                 mask = torch.cat([torch.ones(T, before - visible, dtype=torch.bool),
                                   torch.ones(T, T, dtype=torch.bool).tril_()], dim=1)
-            full = torch.cat([torch.ones(T, visible, dtype=torch.bool), mask], dim=1).repeat(group, 1)
+            full = torch.cat([torch.ones(T, visible - first, dtype=torch.bool), mask], dim=1).repeat(group, 1)
             scores = scores.masked_fill(~full, float("-inf"))
         out = torch.softmax(scores, dim=-1) @ values  # [KV, group * T, hd]
         return out.view(c.num_kv_heads, group, T, c.head_dim).permute(2, 0, 1, 3).reshape(T, -1)
@@ -360,8 +372,8 @@ class Eagle3Head(nn.Module):
         fast = getattr(self, "fast", None)
         return self.logits(hidden) if fast is None else fast["lm_head"](fast["norm"](hidden.contiguous()))
 
-    def new_cache(self) -> HeadCache:
-        return HeadCache(self.config.num_kv_heads * self.config.head_dim, self.fc.weight.dtype)
+    def new_cache(self, window: int = 0) -> HeadCache:
+        return HeadCache(self.config.num_kv_heads * self.config.head_dim, self.fc.weight.dtype, window=window)
 
     # -- training: a whole sequence, unrolled over its own predictions (training-time test) -------------
 

@@ -5,10 +5,10 @@ without AVX2, FORERUN_NO_KERNELS=1) leaves the caller on that slower path.
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import functools
 import os
-import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -28,16 +28,29 @@ def _cpu_has_avx2() -> bool:
     return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
-def _put_ninja_on_path() -> None:
-    """torch builds extensions with `ninja` found on PATH; a virtual environment that was not
-    activated has the `ninja` package's binary but not on PATH, so add its directory."""
-    if shutil.which("ninja"):
-        return
+@contextlib.contextmanager
+def _one_ninja():
+    """While torch builds (or checks) the kernels, the `ninja` package's binary comes first on PATH.
+
+    A machine often has two ninjas: the package's (a dependency of forerun) and a system one, and which
+    PATH finds first depends on how a process was started (an activated virtual environment or not).
+    Ninja 1.12 changed how its build log hashes commands, so two versions each take the other's build
+    for a changed command and rebuild (about 35 s on 2 cores), every time the process kind alternates.
+    One binary for every process keeps the build. Without the package, PATH's ninja is used."""
     try:
         import ninja
     except ImportError:
+        yield
         return
-    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    before = os.environ.get("PATH")
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + (before or "")
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("PATH", None)
+        else:
+            os.environ["PATH"] = before
 
 
 def build_dir() -> Path:
@@ -57,11 +70,10 @@ def cpu_kernels() -> ModuleType | None:
         return None
     from torch.utils.cpp_extension import load
 
-    _put_ninja_on_path()
     build = build_dir()
     try:
         build.mkdir(parents=True, exist_ok=True)
-        with open(build / "forerun.flock", "w") as held:
+        with open(build / "forerun.flock", "w") as held, _one_ninja():
             # torch marks a build in progress with a plain `lock` file and waits, without end, for it
             # to go; a build that was killed leaves it behind and every later process hangs. An flock
             # is dropped by the kernel when its holder dies, and every forerun process takes this one
