@@ -25,7 +25,10 @@ numbers and past steps' outcomes, never this step's target, so greedy and sample
 
 The head keeps a KV cache of its own per sequence (a few kB a token: one layer, its kv heads), in the
 sequence's draft state rather than in the engine's pool: it is a different shape from the target's, and
-drafted rows are dropped after every step. Rows the prefix cache spared the target (a cached prompt) are
+drafted rows are dropped after every step. Its rows attend to the last `window` committed rows (256),
+about the span the shipped head was trained on (96 prompt rows and a reply of up to 256 tokens): on
+Spec-Bench the window changed no acceptance and spared the head the rest of long prompts (only the
+window's rows of a prompt are run through it). Rows the prefix cache spared the target (a cached prompt) are
 never seen, so the head drafts from what it has; outputs never depend on it.
 """
 from __future__ import annotations
@@ -57,7 +60,7 @@ class EagleOptions:
     nodes: int = 16  # tree: nodes kept below the root
     weights: str = "q8"  # how the head's projections run on the CPU: q8 or q4 blocks, or float32
     min_accept: float = 0.2  # draft a node only if the target is expected to accept it this often (0: always)
-    window: int = 0  # the head attends to this many committed rows before a step (0: all of them)
+    window: int = 256  # the head attends to this many committed rows before a step (0: all of them)
     learn: bool = False  # keep training the head on the verified text as it is served (forerun.heads.online)
     learn_lr: float = LearnConfig().lr
     learn_passes: float = LearnConfig().passes
