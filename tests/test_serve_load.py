@@ -107,16 +107,17 @@ def test_clients_leaving_mid_stream_free_their_kv(server):
 
 def test_memory_stays_flat_across_rounds(server):
     """The process's RSS over rounds of the same 64 requests, after two rounds that warm it up (the
-    prefix cache, the allocator's pools). Measured here: 0 to 3 MB over the two rounds after those.
-    A leak of one logits row (49152 floats, 196 KB) per request would add 25 MB; the KV pool, whose
-    pages are touched as sequences first fill them, is only 4 MiB. Python objects are checked
-    exactly by the next test."""
+    prefix cache, the allocator's pools). Measured here: 0 to 3 MB over the two rounds after those
+    in most runs, but once +32 then -14 MB (the allocator keeping, then returning, an arena), so the
+    test looks over four rounds: a leak of one logits row (49152 floats, 196 KB) per request would add
+    50 MB there, twice the bound; the KV pool, whose pages are touched as sequences first fill them,
+    is only 4 MiB. Python objects are checked exactly by the next test."""
     rss = []
-    for _ in range(4):
+    for _ in range(6):
         _check_complete(asyncio.run(_round(server.url, requests_each=2, max_tokens=16)), 16)
         _wait_idle(server.url)
         rss.append(server.rss_bytes())
-    assert rss[-1] - rss[1] < 16 * 2**20, [r // 2**20 for r in rss]
+    assert rss[-1] - rss[1] < 24 * 2**20, [r // 2**20 for r in rss]
 
 
 def test_python_heap_stays_flat_across_rounds(tmp_path):
