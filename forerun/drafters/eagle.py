@@ -70,7 +70,7 @@ class EagleOptions:
 @dataclass(eq=False)
 class EagleState:
     cache: HeadCache
-    pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # committed rows not yet run: (tokens, hidden, positions)
+    pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # committed rows not yet run: (tokens, features, positions)
     last: tuple[torch.Tensor, torch.Tensor, int] | None = None  # the last committed row's output, logits, position
     confidence: list[float] | None = None  # the head's confidence in each node of the last draft (root first)
     drafted: Draft | None = None  # that draft: its confidences are checked only if it is the one verified
@@ -187,8 +187,9 @@ class Eagle(Drafter):
         state.pending = [p for p in state.pending if int(p[2][0]) < first]
         if state.last is not None and state.last[2] >= first:
             state.last = None
-        hidden = self.head.features(features)
-        state.pending.append((torch.tensor(tokens), hidden, torch.arange(first, first + len(tokens))))
+        # fc runs when the rows do (_catch_up): once for every row committed since the last draft, and
+        # never for rows older than the window (a long prompt's, or steps another drafter took under auto)
+        state.pending.append((torch.tensor(tokens), features, torch.arange(first, first + len(tokens))))
 
     def observe_prefill(self, seq: Sequence, start: int, layers: dict[int, torch.Tensor]) -> None:
         features = torch.cat([layers[k] for k in self.aux], dim=-1)
@@ -225,12 +226,14 @@ class Eagle(Drafter):
         behind = [state for state in states if state.pending]
         if not behind:
             return
-        items = []
+        rows = []
         for state in behind:
             # with a window, rows older than it would only lend keys no later step reads
             keep = slice(-self.opts.window, None) if self.opts.window else slice(None)
-            items.append(HeadRows(state.cache, *(torch.cat([p[j] for p in state.pending])[keep] for j in range(3))))
+            rows.append([torch.cat([p[j] for p in state.pending])[keep] for j in range(3)])
             state.pending = []
+        hidden = self.head.features(torch.cat([r[1] for r in rows])).split([len(r[0]) for r in rows])
+        items = [HeadRows(state.cache, r[0], h, r[2]) for state, r, h in zip(behind, rows, hidden)]
         for state, it, (out, logits) in zip(behind, items, self.head.step_batch(items, last_only=True)):
             state.last = (out[-1], logits[-1], int(it.positions[-1]))
 
