@@ -161,6 +161,8 @@ def test_a_tool_result_in_the_history_is_answered(client):
     ({"guided_regex": "(("}, "guided_regex"),
     ({"guided_json": "{not json"}, "guided_json"),
     ({"guided_grammar": "start: missing"}, "guided_grammar"),
+    ({"guided_grammar": " "}, "guided_grammar"),  # no rule at all: the fuzzer found it a 500
+    ({"guided_grammar": 'x ::= "a"'}, "guided_grammar"),  # GBNF without root
     ({"structured_outputs": {"choice": ["a"], "regex": "a"}}, "structured_outputs"),
     ({"messages": [{"role": "assistant", "tool_calls": [{"id": "1", "function": {"name": "f", "arguments": "[]"}}]}]},
      "messages"),

@@ -55,7 +55,9 @@ def test_a_constraint_is_exactly_one_of_its_kinds():
     (StructuredOutput(grammar="start: missing"), "missing"),
     (StructuredOutput(json={"type": "frob"}), "frob"),
     (StructuredOutput(grammar='root ::= "a" [b'), "neither Lark nor GBNF"),
-], ids=["regex", "lark", "schema", "gbnf"])
+    (StructuredOutput(grammar='x ::= "a"'), "no 'root' rule|neither Lark nor GBNF"),
+    (StructuredOutput(grammar=" "), "neither Lark nor GBNF"),  # the fuzzer's: a 500 before
+], ids=["regex", "lark", "schema", "gbnf", "gbnf-without-root", "blank"])
 def test_a_bad_constraint_is_refused_with_its_reason(grammars, spec, problem):
     with pytest.raises(ValueError, match=problem):
         check_constraint(spec)

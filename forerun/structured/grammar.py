@@ -13,7 +13,7 @@ import json
 from collections import OrderedDict
 
 import llguidance
-from llguidance.gbnf_to_lark import GbnfToLarkError, any_to_lark
+from llguidance.gbnf_to_lark import any_to_lark
 
 from forerun.config import StructuredOutput
 from forerun.structured.processor import GrammarProcessor
@@ -84,6 +84,6 @@ def grammar_text(spec: StructuredOutput) -> str:
         return llguidance.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in spec.choice))
     try:  # GBNF (llama.cpp's, which vLLM's guided_grammar examples use) becomes Lark; Lark stays
         lark = any_to_lark(spec.grammar)
-    except GbnfToLarkError as e:
+    except Exception as e:  # GbnfToLarkError, or a plain Exception for text with no `root` rule (a blank one)
         raise ValueError(f"the grammar constraint is neither Lark nor GBNF: {e}") from None
     return llguidance.LLMatcher.grammar_from_lark(lark)
