@@ -173,6 +173,15 @@ def test_malformed_schemas_and_tools_are_400_naming_the_field(server, body, fiel
     assert r.json()["error"]["param"] == field or r.json()["error"]["param"].startswith(field), r.json()
 
 
+
+def test_a_choice_the_vocabulary_cannot_write_is_a_400(server):
+    """The fuzzer's request: a guided_choice llguidance's own mask and parser disagree on was a 500
+    from the engine's step; it is refused when the request is added."""
+    r = httpx.post(server.url + "/v1/chat/completions", timeout=30,
+                   json={"messages": ASK, "max_tokens": 4, "guided_choice": ["\U000a7a0b\x17\xafz"]})
+    assert r.status_code == 400, r.text
+    assert "cannot be written" in r.json()["error"]["message"]
+
 def test_each_of_n_streamed_choices_ends_with_its_calls(server):
     with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=120, json={
             "model": MODEL, "messages": ASK, "max_tokens": 60, "temperature": 1.0, "seed": 3, "n": 2,

@@ -258,3 +258,19 @@ def test_a_vocabulary_llguidance_cannot_read_is_a_clear_error():
     backend = tokenizers.Tokenizer(models.BPE(vocab={"</s>": 0, "a": 1}, merges=[]))  # no decoder
     with pytest.raises(ValueError, match="cannot read this model's vocabulary"):
         Grammars(Tokenizer(backend, {"eos_token": "</s>"}), 2)
+
+
+def test_a_choice_the_grammar_library_cannot_follow_is_refused_before_it_runs(tmp_path):
+    """llguidance's mask once allowed a token its parser then refused (a choice holding U+A7A0B, an
+    unassigned code point, under SmolLM2's byte-level vocabulary), which failed the request mid-step
+    with a 500. Each choice must be writable as the model tokenizes it: else a ValueError (a 400) when
+    the request is added; emoji and accented text are fine."""
+    from helpers_serve import tiny_model_dir
+    from forerun.models.runtime import load
+
+    runtime = load(str(tiny_model_dir(tmp_path / "model")))
+    grammars = Grammars(runtime.tokenizer, runtime.model.args.vocab_size)
+    with pytest.raises(ValueError, match="choice 1 cannot be written"):
+        grammars.processor(StructuredOutput(choice=["yes", "\U000a7a0b\x17"]))
+    for fine in ("👍 yes", "café", "\x17 control"):
+        grammars.processor(StructuredOutput(choice=[fine, "no"]))

@@ -9,6 +9,7 @@ it (a copy costs microseconds, a compile up to milliseconds).
 """
 from __future__ import annotations
 
+import functools
 import json
 from collections import OrderedDict
 
@@ -39,6 +40,7 @@ class Grammars:
                                                     eos_token=list(self.eos_ids))
         except ValueError as e:  # a tokenizer.json llguidance cannot read
             raise ValueError(f"structured output cannot read this model's vocabulary: {e}") from None
+        self._encode = functools.partial(tokenizer.encode, add_bos=False)
         self._compiled: OrderedDict[StructuredOutput, llguidance.LLMatcher] = OrderedDict()
 
     def processor(self, spec: StructuredOutput) -> GrammarProcessor:
@@ -58,6 +60,15 @@ class Grammars:
         matcher = llguidance.LLMatcher(self.tokenizer, grammar_text(spec), log_level=0)
         if matcher.is_error():
             raise ValueError(f"the {spec.kind} constraint does not compile: {matcher.get_error()}")
+        for i, choice in enumerate(spec.choice or ()):
+            # llguidance can disagree with itself on text it cannot tokenize as the model does (an
+            # unassigned code point of plane 10 seen: its mask allowed a token its parser then refused,
+            # which failed the request mid-step); each choice must at least be writable as the model
+            # writes it, or the request is refused before it is queued
+            written = matcher.deep_copy()
+            if not all(written.consume_token(t) for t in self._encode(choice)):
+                problem = written.get_error().splitlines()[0]
+                raise ValueError(f"choice {i} cannot be written in this model's vocabulary under the grammar: {problem}")
         self._compiled[spec] = matcher
         if len(self._compiled) > CACHED_GRAMMARS:
             self._compiled.popitem(last=False)
