@@ -2,6 +2,7 @@
 clients send them: the official client's parse() with a pydantic model, vLLM's extras, tool_choice
 none/auto/required/named (streamed and not), and langchain-openai's bind_tools and
 with_structured_output."""
+import asyncio
 import json
 from typing import Literal
 
@@ -181,6 +182,25 @@ def test_a_choice_the_vocabulary_cannot_write_is_a_400(server):
                    json={"messages": ASK, "max_tokens": 4, "guided_choice": ["\U000a7a0b\x17\xafz"]})
     assert r.status_code == 400, r.text
     assert "cannot be written" in r.json()["error"]["message"]
+
+
+def test_a_constraint_that_breaks_mid_step_fails_its_request_alone(server):
+    """A regex needing a byte the vocabulary has no token for (U+A7A0B's lead byte) passes every check
+    before the request runs, and llguidance then refuses a token its own mask allowed. That request
+    gets a 400 with the reason; a request sent beside it finishes as usual
+    (before, the worker failed every request in flight with a 500)."""
+    async def both():
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as http:
+            bad = http.post("/v1/chat/completions", json={"messages": ASK, "max_tokens": 8,
+                                                          "guided_regex": "\U000a7a0b\x17"})
+            good = http.post("/v1/chat/completions", json={"messages": ASK, "max_tokens": 24, "temperature": 0,
+                                                           "ignore_eos": True})
+            return await asyncio.gather(bad, good)
+
+    bad, good = asyncio.run(both())
+    assert bad.status_code == 400 and "cannot be followed" in bad.json()["error"]["message"], bad.text
+    assert good.status_code == 200, good.text
+    assert good.json()["usage"]["completion_tokens"] == 24
 
 def test_each_of_n_streamed_choices_ends_with_its_calls(server):
     with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=120, json={

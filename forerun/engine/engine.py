@@ -36,13 +36,23 @@ from forerun.logits_process import Context, Processors
 from forerun.logits_process import build as build_processors
 from forerun.models.batch import ForwardOutput
 from forerun.stream import TextStream
-from forerun.structured import Grammars
+from forerun.structured import ConstraintBroken, Grammars
 from forerun.types import Draft, Generation, Scores, Stats, TokenLogprob, Verdict
 
 log = logging.getLogger("forerun.engine")
 
 FREE_MEMORY_SHARE = 0.25  # of free memory the KV pool takes at most by default
 WORKING_CONTEXT = 2048  # tokens (prompt and output) the default pool holds for each of max_num_seqs sequences
+
+
+class RequestsFailed(RuntimeError):
+    """Raised by Engine.step() after a step in which some requests failed on their own (their
+    constraint broke) and were aborted; the step's other requests went on, and their outputs are
+    here, to hand out as step() would have returned them."""
+
+    def __init__(self, failures: dict[str, str], outputs: list[RequestOutput]):
+        super().__init__("; ".join(f"request {r}: {m}" for r, m in failures.items()))
+        self.failures, self.outputs = failures, outputs
 
 
 @dataclass(eq=False)
@@ -77,6 +87,7 @@ class Engine:
         tokenizer = runtime.tokenizer
         self.eos_ids = frozenset(tokenizer.eos_token_ids) if tokenizer is not None else frozenset()
         self._grammars: Grammars | None = None
+        self._failed: dict[str, str] = {}  # this step's requests that failed on their own, by id
         self.rng = torch.Generator()  # the random stream of every sequence without a seed
         self.rng.seed()
         self._seq_ids = itertools.count()
@@ -277,8 +288,12 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         """One forward over every scheduled sequence; returns what each request produced."""
+        self._failed = {}
         self._advance()
-        return self._collect()
+        outputs = self._collect()
+        if self._failed:
+            raise RequestsFailed(self._failed, outputs)
+        return outputs
 
     def _advance(self) -> bool:
         """One forward over every scheduled sequence, committed; returns whether there was any work."""
@@ -330,6 +345,8 @@ class Engine:
         (a scored sequence's log-probabilities)."""
         for i, w in enumerate(work):
             seq = w.seq
+            if seq.request_id in self._failed:
+                continue
             seq.cached += w.chunk
             seq.stats.prefill_tokens += w.chunk
             if i not in drafts:
@@ -342,7 +359,12 @@ class Engine:
             new = draft.tree.tokens[verdict.path[1:]].tolist() + [verdict.next_token]
             seq.tokens.extend(new)
             if seq.processors is not None:
-                seq.processors.commit(new)
+                try:
+                    seq.processors.commit(new)
+                except ConstraintBroken as e:  # this request cannot go on; the others can
+                    self._failed[seq.request_id] = str(e).splitlines()[0]
+                    self.abort(seq.request_id)
+                    continue
             self.pool.trim(seq, seq.cached)
             self.pool.register(seq)
             self.speculation.observe(seq, draft, verdict, scores[i])

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from forerun.config import SamplingParams, SpecConfig
-from forerun.engine.engine import Engine, RequestOutput
+from forerun.engine.engine import Engine, RequestOutput, RequestsFailed
 from forerun.engine.kv_pool import PoolBusy
 from forerun.serve.drafts import DraftModels
 from forerun.serve.errors import APIError, bad_request, unavailable
@@ -315,6 +315,14 @@ class EngineWorker:
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
+        except RequestsFailed as e:  # those requests alone: their constraint cannot go on
+            for request_id, reason in e.failures.items():
+                live = self._live.pop(request_id, None)
+                if live is not None:
+                    live.stream.put(bad_request(f"the request's constraint cannot be followed with this model's "
+                                                f"vocabulary: {reason}"))
+                    self._metrics.count_finished("error", live.unfinished)
+            outputs = e.outputs
         except Exception as e:  # noqa: BLE001  (fail the requests in flight, keep serving)
             log.exception("engine step failed")
             self._fail_live(APIError(500, f"the engine failed: {type(e).__name__}: {e}", type="internal_error"))

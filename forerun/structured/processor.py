@@ -20,6 +20,12 @@ from forerun.tree import Tree
 SHIFTS = torch.arange(32, dtype=torch.int32)  # a bitmask word's bits, lowest first
 
 
+class ConstraintBroken(RuntimeError):
+    """The grammar library refused a token its own mask allowed: seen where a constraint needs bytes
+    the model's vocabulary has no token for (a byte-level vocabulary without some lead bytes of 4-byte
+    UTF-8). The request cannot go on under its constraint; the engine fails that request alone."""
+
+
 class GrammarProcessor:
     """The stateful processor of one sample under a grammar (forerun.logits_process's interface):
     apply() masks a tree's logits, commit() advances past the tokens a step accepted, fork() copies
@@ -64,7 +70,7 @@ class GrammarProcessor:
             return []
         for t in path:
             if not self.matcher.consume_token(t):
-                raise RuntimeError(f"node {node}'s path breaks the grammar: {self.matcher.get_error()}")
+                raise ConstraintBroken(f"node {node}'s path breaks the grammar: {self.matcher.get_error()}")
         tokens = [] if self.matcher.is_stopped() else self.matcher.compute_ff_tokens()
         self.matcher.rollback(len(path))
         out = []
@@ -81,7 +87,7 @@ class GrammarProcessor:
                 self.ended = True
                 continue
             if not self.matcher.consume_token(token):
-                raise RuntimeError(f"token {token} breaks the grammar: {self.matcher.get_error()}")
+                raise ConstraintBroken(f"token {token} breaks the grammar: {self.matcher.get_error()}")
         self._walked = None
 
     def fork(self) -> GrammarProcessor:
