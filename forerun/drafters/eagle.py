@@ -226,14 +226,14 @@ class Eagle(Drafter):
         behind = [state for state in states if state.pending]
         if not behind:
             return
+        keep = slice(-self.opts.window, None) if self.opts.window else slice(None)  # older rows: keys no step reads
         rows = []
         for state in behind:
-            # with a window, rows older than it would only lend keys no later step reads
-            keep = slice(-self.opts.window, None) if self.opts.window else slice(None)
             rows.append([torch.cat([p[j] for p in state.pending])[keep] for j in range(3)])
             state.pending = []
-        hidden = self.head.features(torch.cat([r[1] for r in rows])).split([len(r[0]) for r in rows])
-        items = [HeadRows(state.cache, r[0], h, r[2]) for state, r, h in zip(behind, rows, hidden)]
+        tokens, features, positions = zip(*rows)
+        hidden = self.head.features(torch.cat(features)).split([len(t) for t in tokens])
+        items = [HeadRows(s.cache, t, h, p) for s, t, h, p in zip(behind, tokens, hidden, positions)]
         for state, it, (out, logits) in zip(behind, items, self.head.step_batch(items, last_only=True)):
             state.last = (out[-1], logits[-1], int(it.positions[-1]))
 

@@ -43,7 +43,7 @@ def _one_ninja():
         yield
         return
     before = os.environ.get("PATH")
-    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + (before or "")
+    os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, before] if before else [ninja.BIN_DIR])  # no "" (= cwd) entry
     try:
         yield
     finally:
