@@ -411,3 +411,11 @@ def test_shipped_head_fits_the_embedded_model():
     config = json.loads((shipped_head() / "config.json").read_text())
     assert config["speculators_model_type"] == "eagle3"
     assert (shipped_head() / "model.safetensors").stat().st_size < 26e6
+
+
+@pytest.mark.parametrize("options, named", [({"nodes": 0}, "nodes"), ({"min_accept": 1.0}, "min_accept"),
+                                            ({"min_accept": -0.1}, "min_accept"), ({"window": -1}, "window"),
+                                            ({"weights": "q2"}, "weights"), ({"weights": ""}, "weights")])
+def test_bad_options_are_one_clear_error(target, options, named):
+    with pytest.raises(ValueError, match=f"eagle: {named}"):
+        Eagle(target, SpecConfig(method="eagle", options=options), head=random_eagle_head(target, draft_vocab=32))
