@@ -383,6 +383,103 @@ def test_code_prompts_come_from_the_standard_library_and_are_reproducible():
     assert head_data.code_prompts(0) == []
 
 
+def _write_mo(path, pairs: dict[str, str]) -> None:
+    """A gettext catalog (.mo, little-endian) holding `pairs` (msgid -> msgstr), the header included."""
+    pairs = {"": "Content-Type: text/plain; charset=UTF-8\n", **pairs}
+    keys = sorted(pairs)
+    ids = [k.encode() for k in keys]
+    strs = [pairs[k].encode() for k in keys]
+    start = 28 + 16 * len(keys)
+    blob, table_ids, table_strs = b"", [], []
+    for raw, table in [(x, table_ids) for x in ids] + [(x, table_strs) for x in strs]:
+        table.append((len(raw), start + len(blob)))
+        blob += raw + b"\0"
+    head = [0x950412DE, 0, len(keys), 28, 28 + 8 * len(keys), 0, 0]
+    words = head + [v for pair in table_ids + table_strs for v in pair]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"".join(w.to_bytes(4, "little") for w in words) + blob)
+
+
+def test_translation_prompts_take_whole_sentences_from_gettext_catalogs(tmp_path):
+    sentence = "Die Datei konnte nicht gelesen werden, weil der Speicher voll ist."
+    _write_mo(tmp_path / "de/LC_MESSAGES/tool.mo", {
+        "a": sentence,
+        "b": "Datei %s nicht gefunden, bitte pruefen Sie den Pfad noch einmal.",  # a placeholder
+        "c": "Zu kurz.",
+        "d": "Fehler",
+        "e": sentence,  # the same sentence twice is asked once
+        "f": "Der Server hat die Verbindung unerwartet beendet und wird neu gestartet.",
+    })
+    _write_mo(tmp_path / "fr/LC_MESSAGES/tool.mo", {"a": "Le fichier a été supprimé parce que le disque est plein."})
+    (tmp_path / "es/LC_MESSAGES").mkdir(parents=True)
+    (tmp_path / "es/LC_MESSAGES/broken.mo").write_bytes(b"not a catalog at all, just bytes")
+    prompts = head_data.translation_prompts(12, seed=1, locale_dir=str(tmp_path))
+    texts = sorted(p["text"] for p in prompts)
+    assert texts == sorted([f"Translate German to English: {sentence}",
+                            "Translate German to English: Der Server hat die Verbindung unerwartet beendet und "
+                            "wird neu gestartet.",
+                            "Translate French to English: Le fichier a été supprimé parce que le disque est plein."])
+    assert all(p["source"] == "translate" for p in prompts) and len({p["id"] for p in prompts}) == 3
+    assert head_data.translation_prompts(0, locale_dir=str(tmp_path)) == []
+    assert head_data.translation_prompts(5, locale_dir=str(tmp_path / "none")) == []
+
+
+def test_passages_are_prose_of_pythons_own_documentation():
+    found = head_data.passages()
+    assert len(found) >= 100 and found == head_data.passages()
+    assert all(700 <= len(p) <= 2200 and "\n" not in p and ">>>" not in p for p in found)
+
+
+class _Writer:
+    """Stands in for an LLM in document_prompts: every prompt's reply is `reply(prompt text)`."""
+
+    def __init__(self, reply):
+        self.reply, self.asked = reply, []
+
+    def encode(self, text):
+        return text
+
+    def generate_batch_ids(self, prompts, params):
+        from types import SimpleNamespace
+
+        self.asked += prompts
+        return [SimpleNamespace(text=self.reply(p), samples=[SimpleNamespace(text=self.reply(p))] * params.n)
+                for p in prompts]
+
+
+def test_document_prompts_summarize_and_ask_about_passages(tmp_path, monkeypatch):
+    docs = [f"Passage {i} says that the river {i} floods every spring. " * 12 for i in range(6)]
+    monkeypatch.setattr(head_data, "passages", lambda: list(docs))
+    article = "The council voted on Tuesday. " * 30
+
+    def reply(prompt):
+        if prompt.startswith("Write a news article"):
+            return article + "And then"  # cut back to its last full sentence
+        if "river " not in prompt:
+            return "Who voted on Tuesday?"
+        river = prompt.split("river ")[1].split()[0]
+        return {"0": "Question: What floods every spring?", "1": "Does the text answer it?"}.get(
+            river, f"Sure.\nWhen does river {river} flood?\nIt floods in spring.")
+
+    writer = _Writer(reply)
+    kept = tmp_path / "documents.jsonl"
+    rows = head_data.document_prompts(writer, 5, 4, kept, seed=3)
+    summaries = [r for r in rows if r["source"] == "summarize"]
+    rag = [r for r in rows if r["source"] == "rag"]
+    assert len(summaries) == 5 and len(rag) == 4 and len({r["id"] for r in rows}) == 9
+    assert any(r["text"].endswith(article.strip()) for r in summaries)  # the target's articles filled the rest
+    assert all(r["text"].startswith(("Summarize", "Write a short summary")) for r in summaries)
+    for r in rag:  # passages, then on the last line a question one of them answers
+        context, question = r["text"].rsplit("\n", 1)
+        assert question.endswith("?") and "text" not in question and not question.startswith("Question")
+        for whole in docs + [article.strip()]:  # made of whole passages, nothing else
+            context = context.replace(whole, "")
+        assert context.strip() == ""
+    asked = len(writer.asked)
+    assert head_data.document_prompts(writer, 5, 4, kept, seed=3) == rows and len(writer.asked) == asked  # kept
+    assert head_data.document_prompts(writer, 0, 0) == []
+
+
 def test_generated_prompts_are_kept_and_need_a_chat_template(tmp_path):
     kept = tmp_path / "generated.jsonl"
     rows = [{"id": f"generated-{i}", "source": "generated", "text": f"question {i}?"} for i in range(5)]

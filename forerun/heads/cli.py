@@ -30,6 +30,15 @@ def add_train_head_parser(sub) -> None:
                    "OUT/generated.jsonl (default: %(default)s)")
     p.add_argument("--code-count", type=int, default=d.code_count,
                    help="code tasks over functions of Python's standard library (default: %(default)s)")
+    p.add_argument("--translate-count", type=int, default=d.translate_count,
+                   help="sentences to translate into English, from the gettext catalogs under /usr/share/locale "
+                   "(default: %(default)s)")
+    p.add_argument("--summarize-count", type=int, default=0,
+                   help="passages to summarize: Python's own documentation and news articles the target writes, "
+                   "kept in OUT/documents.jsonl (default: %(default)s)")
+    p.add_argument("--rag-count", type=int, default=0,
+                   help="passages followed by a question the target wrote about one of them, kept in "
+                   "OUT/documents.jsonl (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="reply length cap (default: %(default)s)")
     p.add_argument("--in-flight", type=int, default=48, help="replies decoding at once (default: %(default)s)")
     p.add_argument("--layers", default="", help="the target layers the head reads, e.g. 2,15,27 "
@@ -57,7 +66,7 @@ def add_train_head_parser(sub) -> None:
 
 def cmd_train_head(a: argparse.Namespace) -> int:
     from forerun.config import EngineConfig
-    from forerun.heads.data import generated_prompts, load_shards, record, training_prompts
+    from forerun.heads.data import document_prompts, generated_prompts, load_shards, record, training_prompts
     from forerun.heads.train import train
     from forerun.llm import LLM
 
@@ -65,7 +74,7 @@ def cmd_train_head(a: argparse.Namespace) -> int:
     data = Path(a.data) if a.data else out / "data"
     prompts_spec = PromptSpec(instruct=a.instruct, gsm8k=a.gsm8k, instruct_count=a.instruct_count,
                               gsm8k_count=a.gsm8k_count, generated_count=a.generated_count,
-                              code_count=a.code_count, seed=a.seed)
+                              code_count=a.code_count, translate_count=a.translate_count, seed=a.seed)
     config = TrainConfig(draft_vocab=a.draft_vocab, epochs=a.epochs, lr=a.lr, unroll=a.unroll,
                          batch_tokens=a.batch_tokens, prompt_context=a.prompt_context, seed=a.seed)
     llm = LLM(a.model, quant=a.quant, engine=EngineConfig(prefix_caching=False, max_num_seqs=max(a.in_flight, 1)))
@@ -73,7 +82,8 @@ def cmd_train_head(a: argparse.Namespace) -> int:
     layers = tuple(int(x) for x in a.layers.split(",")) if a.layers else \
         (2, args.num_layers // 2, args.num_layers - 3)
     generated = generated_prompts(llm, a.generated_count, out / "generated.jsonl", seed=a.seed)
-    prompts = training_prompts(prompts_spec, generated)
+    documents = document_prompts(llm, a.summarize_count, a.rag_count, out / "documents.jsonl", seed=a.seed)
+    prompts = training_prompts(prompts_spec, generated, documents)
     if a.max_prompts:
         prompts = prompts[:a.max_prompts]
     if not a.skip_recording:

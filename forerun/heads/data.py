@@ -15,8 +15,10 @@ run resumes where it stopped.
 from __future__ import annotations
 
 import ast
+import gettext
 import json
 import random
+import re
 import sysconfig
 import time
 from dataclasses import dataclass
@@ -41,13 +43,15 @@ class PromptSpec:
     gsm8k_count: int = 500
     generated_count: int = 0  # questions the target writes itself (generated_prompts)
     code_count: int = 0  # code tasks over standard-library functions (code_prompts)
+    translate_count: int = 0  # sentences to translate into English (translation_prompts)
     seed: int = 0
 
 
-def training_prompts(spec: PromptSpec, generated: list[dict] = ()) -> list[dict]:
+def training_prompts(spec: PromptSpec, generated: list[dict] = (), documents: list[dict] = ()) -> list[dict]:
     """[{"id", "source", "text"}]: the instruction mix drawn evenly across its templates (T0's 11k
     prompts come from a few hundred templates; drawing per template keeps the mix varied), GSM8K
-    train questions, code tasks, and `generated` (from generated_prompts), shuffled together.
+    train questions, code tasks, sentences to translate, `generated` (from generated_prompts) and
+    `documents` (from document_prompts), shuffled together.
     Deterministic for a seed."""
     rng = random.Random(spec.seed)
     by_source: dict[str, list[dict]] = {}
@@ -67,7 +71,9 @@ def training_prompts(spec: PromptSpec, generated: list[dict] = ()) -> list[dict]
     order = rng.sample(range(len(questions)), min(spec.gsm8k_count, len(questions)))
     picked += [{"id": f"gsm8k-{i}", "source": "gsm8k", "text": questions[i]["question"]} for i in order]
     picked += code_prompts(spec.code_count, spec.seed)
+    picked += translation_prompts(spec.translate_count, spec.seed)
     picked += list(generated)[:spec.generated_count]
+    picked += list(documents)
     rng.shuffle(picked)
     return picked
 
@@ -111,6 +117,201 @@ def code_prompts(count: int, seed: int = 0) -> list[dict]:
     rng.shuffle(functions)
     return [{"id": f"code-{f['file']}-{f['name']}-{i % len(_CODE_TASKS)}", "source": "code",
              "text": _CODE_TASKS[i % len(_CODE_TASKS)].format(**f)} for i, f in enumerate(functions[:count])]
+
+
+_TRANSLATE_FROM = (("de", "German"), ("fr", "French"), ("es", "Spanish"))
+
+
+def _mo_messages(path: Path) -> list[str]:
+    """The translated messages of a gettext catalog (.mo): the first form of each, the header left out.
+    A file that is not a catalog gives nothing."""
+    data = path.read_bytes()
+    if len(data) < 28:
+        return []
+    order = {b"\xde\x12\x04\x95": "<", b"\x95\x04\x12\xde": ">"}.get(data[:4])
+    if order is None:
+        return []
+    count, _, table = (int.from_bytes(data[i:i + 4], "little" if order == "<" else "big") for i in (8, 12, 16))
+    out = []
+    for k in range(count):
+        at = table + 8 * k
+        length, offset = (int.from_bytes(data[at + i:at + i + 4], "little" if order == "<" else "big") for i in (0, 4))
+        text = data[offset:offset + length].split(b"\0")[0]
+        if text:
+            try:
+                out.append(text.decode("utf-8"))
+            except UnicodeDecodeError:
+                continue
+    return out
+
+
+def _is_sentence(text: str) -> bool:
+    """A whole sentence of 7-40 words in running text: no format placeholders, markup or line breaks."""
+    words = text.split()
+    return (7 <= len(words) <= 40 and text[:1].isupper() and not any(c in text for c in "%{}<>\n\t_=|\\")
+            and "--" not in text and sum(c.isalpha() or c == " " for c in text) > 0.85 * len(text))
+
+
+def translation_prompts(count: int, seed: int = 0, locale_dir: str = "/usr/share/locale") -> list[dict]:
+    """`count` sentences to translate into English ("Translate German to English: ..."), two in three
+    German, the rest French and Spanish: messages of the gettext catalogs installed under `locale_dir`
+    (programs' own translated messages, the text in other languages a machine has offline), whole
+    sentences of 7-40 words. Deterministic for a seed and a machine's catalogs; fewer when the catalogs
+    hold fewer."""
+    if count <= 0:
+        return []
+    rng = random.Random(seed)
+    pools = {}
+    for code, _ in _TRANSLATE_FROM:
+        seen = {}
+        for path in sorted(Path(locale_dir).glob(f"{code}/LC_MESSAGES/*.mo")):
+            try:
+                messages = _mo_messages(path)
+            except OSError:
+                continue
+            for text in messages:
+                text = " ".join(text.split())
+                if _is_sentence(text):
+                    seen.setdefault(text, None)
+        pools[code] = list(seen)
+        rng.shuffle(pools[code])
+    wanted = {"de": count - 2 * (count // 6), "fr": count // 6, "es": count // 6}
+    out = []
+    for code, name in _TRANSLATE_FROM:
+        out += [{"id": f"translate-{code}-{i}", "source": "translate", "text": f"Translate {name} to English: {text}"}
+                for i, text in enumerate(pools[code][:wanted[code]])]
+    return out
+
+
+def _prose(paragraph: str) -> bool:
+    """Running prose: 25 words or more, almost all letters and punctuation (no code, tables or lists)."""
+    p = paragraph.strip()
+    return (len(p.split()) >= 25 and not p.startswith((">>>", "*", "-", "|", "#", "..", "+"))
+            and sum(c.isalpha() or c in " .,;:'\"()-" for c in p) > 0.92 * len(p))
+
+
+def passages(low: int = 700, high: int = 2200) -> list[str]:
+    """Prose passages of `low`-`high` characters from the running Python's own documentation: the
+    language reference's topics (pydoc_data) and the standard library's module docstrings, consecutive
+    prose paragraphs of one text joined. Deterministic for a Python version."""
+    from pydoc_data.topics import topics
+
+    texts = [topics[k] for k in sorted(topics)]
+    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+        try:
+            doc = ast.get_docstring(ast.parse(path.read_text()))
+        except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        if doc:
+            texts.append(doc)
+    out = []
+    for text in texts:
+        current = ""
+        for paragraph in re.split(r"\n\s*\n", text):
+            paragraph = " ".join(paragraph.split())
+            if not _prose(paragraph) or len(current) + len(paragraph) > high:
+                if len(current) >= low:
+                    out.append(current)
+                current = paragraph if _prose(paragraph) and len(paragraph) <= high else ""
+                continue
+            current = f"{current} {paragraph}".strip() if current else paragraph
+        if len(current) >= low:
+            out.append(current)
+    return out
+
+
+_ARTICLE_SUBJECTS = (
+    "a city council vote on new housing", "a storm that closed schools", "a local bakery's anniversary",
+    "a new species of frog found in a rainforest", "a football club's surprise win", "rising food prices",
+    "a museum reopening after repairs", "a company recalling a faulty product", "a marathon in the rain",
+    "a court ruling on a data leak", "a drought affecting farmers", "a new bridge opening to traffic",
+    "an election result in a small town", "a hospital hiring more nurses", "a wildfire near a village",
+    "a university study on sleep", "a train strike", "a music festival's record crowd",
+    "a space probe reaching a comet", "a factory closing", "a charity raising money for a library",
+    "a celebrity's new film", "a cyber attack on a bank", "a heat wave in Europe", "a new law on plastic bags",
+    "a shipwreck found by divers", "a teenager who won a science prize", "a power outage across a city",
+    "a trade agreement between two countries", "an airline cancelling flights", "a zoo welcoming a baby elephant",
+    "a flood in a river valley", "a tech company's quarterly earnings", "a mayor resigning after a scandal",
+    "a new vaccine trial", "a chess champion's retirement", "traffic deaths falling", "a strike by teachers",
+    "a volcano erupting", "a town banning cars from its centre",
+)
+_SUMMARIZE = ("Summarize: {text}", "Summarize: {text}", "Summarize the following text.\n\n{text}",
+              "Write a short summary of this article:\n\n{text}")
+
+
+_QUESTION = re.compile(r"(What|How|Why|When|Who|Which|Where|Is|Are|Does|Do|Can|In what)\b")
+
+
+def _sentences_cut(text: str) -> str:
+    """`text` up to its last full sentence (all of it when it ends one)."""
+    if text.endswith((".", "!", "?", "\u201d", '"')):
+        return text
+    end = max(text.rfind(". "), text.rfind(".\n"))
+    return text[:end + 1] if end > 0 else text
+
+
+def document_prompts(llm, summarize_count: int, rag_count: int, out: Path | None = None, seed: int = 0,
+                     batch: int = 48) -> list[dict]:
+    """Prompts over documents, the shape of summarization and retrieval-augmented QA: "Summarize:" a
+    passage, and passages followed by a question one of them answers. The documents are prose of
+    Python's own documentation (`passages`) and news articles the target writes itself on varied
+    subjects (at T = 0.9); the questions are written by the target, asked for one question the passage
+    answers. Saved to `out` (JSON lines) and read back from there when it holds enough, so a resumed run
+    asks the same."""
+    if summarize_count <= 0 and rag_count <= 0:
+        return []
+    if out is not None and out.is_file():
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+        summarize = [r for r in rows if r["source"] == "summarize"]
+        rag = [r for r in rows if r["source"] == "rag"]
+        if len(summarize) >= summarize_count and len(rag) >= rag_count:
+            return summarize[:summarize_count] + rag[:rag_count]
+    rng = random.Random(seed)
+    docs = passages()
+    needed = summarize_count + rag_count // 2  # a question's context may reuse a summarized passage
+    subjects, round_ = list(_ARTICLE_SUBJECTS), 0
+    while len(docs) < needed and round_ < 8:  # the target's articles make up the rest
+        params = SamplingParams(temperature=0.9, top_p=0.95, max_new_tokens=360, n=4, seed=seed * 1009 + round_)
+        asked = [llm.encode(f"Write a news article of about 250 words about {s}.") for s in subjects]
+        for gen in llm.generate_batch_ids(asked, params):
+            for sample in gen.samples:
+                text = _sentences_cut(sample.text.strip())
+                if len(text) >= 600:
+                    docs.append(text)
+        round_ += 1
+    rng.shuffle(docs)
+    rows = []
+    for i, text in enumerate(docs[:summarize_count]):
+        rows.append({"id": f"summarize-{i}", "source": "summarize", "text": rng.choice(_SUMMARIZE).format(text=text)})
+    rest = docs[summarize_count:] + docs[:summarize_count]  # reused as context when documents run short
+    params = SamplingParams(temperature=0.7, top_p=0.95, max_new_tokens=48, seed=seed)
+    asked_of, k = [], 0
+    while len(asked_of) < int(rag_count * 2.5) + 8 and rest:
+        main = rest[k % len(rest)]
+        others = [rest[(k + 1 + j) % len(rest)] for j in range(rng.randint(0, 2))]
+        context = [main] + others
+        while len(" ".join(context)) > 2400 and len(context) > 1:
+            context.pop()
+        rng.shuffle(context)
+        asked_of.append((" ".join(context), main))
+        k += 1
+    for start in range(0, len(asked_of), batch):
+        if sum(r["source"] == "rag" for r in rows) >= rag_count:
+            break
+        chunk = asked_of[start:start + batch]
+        asked = [llm.encode(f"{main}\n\nAsk one specific question about a fact in the text above. Reply with the "
+                            "question only.") for _, main in chunk]
+        for (context, _), gen in zip(chunk, llm.generate_batch_ids(asked, params)):
+            question = next((line.strip() for line in gen.text.splitlines() if line.strip().endswith("?")), "")
+            question = re.sub(r"^(\**question\**\s*\d*[:.]\**\s*|\d+[.)]\s*)", "", question, flags=re.I).strip(' "*')
+            if (_QUESTION.match(question) and 12 <= len(question) <= 200 and "text" not in question.lower()
+                    and sum(r["source"] == "rag" for r in rows) < rag_count):
+                n = sum(r["source"] == "rag" for r in rows)
+                rows.append({"id": f"rag-{n}", "source": "rag", "text": f"{context}\n{question}"})
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
 
 
 def generated_prompts(llm, count: int, out: Path | None = None, seed: int = 0, batch: int = 96,
