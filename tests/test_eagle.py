@@ -84,6 +84,57 @@ def test_last_only_logits_are_the_last_rows_of_a_full_step(kind):
         assert torch.equal(out, out_last) and torch.equal(logits[-1:], logits_last)
 
 
+@pytest.mark.parametrize("kind", ["q8", "q4"])
+def test_the_native_layer_computes_what_the_op_by_op_layer_does(kind):
+    """On block weights the head's layer runs as one native call (eagle_layer): its outputs, logits and
+    the keys and values it writes into each cache are those of the same layer run op by op, for the
+    rows of several sequences at once: committed rows (causal), a chain row, tree rows with a mask and
+    an earlier `visible`, and a windowed cache."""
+    from forerun.heads.eagle3 import HeadRows
+    from forerun.kernels import cpu_kernels
+
+    if cpu_kernels() is None:
+        pytest.skip("no native kernels on this machine")
+    rt = tiny_runtime("llama", seed=1)
+    head = random_eagle_head(rt, draft_vocab=32)
+    head.pack_for_cpu(kind)
+    assert head.native is not None
+    g = torch.Generator().manual_seed(0)
+
+    def rows(n, start):
+        return torch.randint(0, 64, (n,), generator=g), torch.randn(n, 32, generator=g), torch.arange(start, start + n)
+
+    prompts = [rows(n, 0) for n in (7, 3, 12)]
+    windows = (0, 0, 4)
+    chain_rows = [rows(1, 7), rows(2, 12)]
+    # a tree step over the second sequence: its three rows see the prompt's first 2 rows and, by the
+    # mask, the third and each other
+    tree = torch.tensor([[True, True, False, False], [True, False, True, False], [False, True, False, True]])
+    tree_rows = rows(3, 3)
+    results = {}
+    layer = head.native
+    for native in (layer, None):
+        head.native = native
+        caches = [head.new_cache(window=w) for w in windows]
+        first = head.step_batch([HeadRows(c, *r) for c, r in zip(caches, prompts)])
+        chain = head.step_batch([HeadRows(caches[0], *chain_rows[0]), HeadRows(caches[2], *chain_rows[1])], last_only=True)
+        branch = head.step_batch([HeadRows(caches[1], *tree_rows, tree, 2)])
+        results[native is not None] = (first, chain, branch, [(c.k[:c.length].clone(), c.v[:c.length].clone(),
+                                                               c.positions[:c.length].clone()) for c in caches])
+    head.native = layer
+    # attention sums in another order; q4 rounds its inputs to 8 bits a block, which such a difference
+    # can tip to the next step
+    close = {"atol": 2e-4, "rtol": 2e-4} if kind == "q8" else {"atol": 2e-3, "rtol": 1e-2}
+    for a, b in zip(results[True][:3], results[False][:3]):
+        for (out_a, logits_a), (out_b, logits_b) in zip(a, b):
+            torch.testing.assert_close(out_a, out_b, **close)
+            torch.testing.assert_close(logits_a, logits_b, **close)
+    for (k_a, v_a, p_a), (k_b, v_b, p_b) in zip(results[True][3], results[False][3]):
+        torch.testing.assert_close(k_a, k_b, **close)
+        torch.testing.assert_close(v_a, v_b, **close)
+        assert torch.equal(p_a, p_b)
+
+
 def test_a_windowed_cache_attends_to_its_last_rows_only():
     """window=W: a step sees the last W committed rows and its own, as if the older ones were never there
     (the layer's keys and values of a row depend on that row alone), chain steps and tree steps alike."""

@@ -33,7 +33,6 @@ never seen, so the head drafts from what it has; outputs never depend on it.
 """
 from __future__ import annotations
 
-import copy
 import heapq
 import math
 from dataclasses import dataclass, fields
@@ -147,7 +146,7 @@ class Eagle(Drafter):
         self.head = head if head is not None else _head(Path(self.opts.head or shipped_head()), target)
         self.learner = None
         if self.opts.learn:  # a head of its own, which the learner's weights overwrite
-            self.head = copy.deepcopy(self.head)
+            self.head = self.head.unpacked_copy()
             self.learner = OnlineLearner(self.head, target_rows(target, self.head.draft_ids),
                                          LearnConfig(lr=self.opts.learn_lr, passes=self.opts.learn_passes,
                                                      fc=self.opts.learn_fc))

@@ -3,6 +3,7 @@ them. Both stages resume where a stopped run left off (shards under OUT/data, OU
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -67,7 +68,7 @@ def add_train_head_parser(sub) -> None:
 def cmd_train_head(a: argparse.Namespace) -> int:
     from forerun.config import EngineConfig
     from forerun.heads.data import document_prompts, generated_prompts, load_shards, record, training_prompts
-    from forerun.heads.train import train
+    from forerun.heads.train import split, train
     from forerun.llm import LLM
 
     out = Path(a.out)
@@ -105,11 +106,14 @@ def cmd_train_head(a: argparse.Namespace) -> int:
     # in prompt order (shards hold replies in the order they finished); a larger earlier run's extra
     # replies stay out
     rank = {p["id"]: i for i, p in enumerate(prompts)}
-    records = [r for m, r in sorted(zip(meta, records), key=lambda mr: rank.get(mr[0]["id"], -1)) if m["id"] in rank]
+    kept = [(m, r) for m, r in sorted(zip(meta, records), key=lambda mr: rank.get(mr[0]["id"], -1)) if m["id"] in rank]
+    records = [r for _, r in kept]
     print(f"{len(records)} replies, {sum(len(r['tokens']) - r['prompt_len'] for r in records)} reply tokens",
           file=sys.stderr)
     if a.kind == "medusa":
         return _train_medusa(a, llm, records, out)
+    out.mkdir(parents=True, exist_ok=True)  # which replies the learning curve holds back, for benchmarks/head_acceptance.py
+    (out / "heldout.json").write_text(json.dumps([kept[i][0]["id"] for i in split(len(kept), config)[0]]) + "\n")
     init = None
     if a.init_head:
         from forerun.heads.eagle3 import load_head

@@ -21,6 +21,7 @@ The original EAGLE-3 release names the layer `midlayer.*` and keeps the config i
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 from dataclasses import dataclass, field
@@ -30,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from forerun.kernels import cpu_kernels
+from forerun.models import quant
 from forerun.models.llama import apply_rope
 
 SPECULATORS_VERSION = "0.9.0"  # the speculators release whose config classes the saved config.json follows
@@ -160,8 +163,8 @@ class HeadCache:
         out.append(self.k[:self.length], self.v[:self.length], self.positions[:self.length])
         return out
 
-    def append(self, k: Tensor, v: Tensor, positions: Tensor) -> None:
-        n = k.shape[0]
+    def reserve(self, n: int) -> None:
+        """Room for n more rows."""
         if self.length + n > self.k.shape[0]:
             grow = max(2 * self.k.shape[0], self.length + n)
             for name in ("k", "v", "positions"):
@@ -169,8 +172,17 @@ class HeadCache:
                 new = old.new_empty((grow, *old.shape[1:]))
                 new[:self.length] = old[:self.length]
                 setattr(self, name, new)
+
+    def append(self, k: Tensor, v: Tensor, positions: Tensor) -> None:
+        n = k.shape[0]
+        self.reserve(n)
         self.k[self.length:self.length + n] = k
         self.v[self.length:self.length + n] = v
+        self.written(positions)
+
+    def written(self, positions: Tensor) -> None:
+        """The rows after the last, whose keys and values were written in place (the native layer), join."""
+        n = positions.shape[0]
         self.positions[self.length:self.length + n] = positions
         self.length += n
 
@@ -281,6 +293,8 @@ class Eagle3Head(nn.Module):
         tokens = torch.cat([it.tokens for it in items])
         hidden = torch.cat([it.hidden for it in items])
         positions = torch.cat([it.positions for it in items])
+        if getattr(self, "native", None) is not None:
+            return self._native_step(items, tokens, hidden, positions, last_only)
         q, k, v, residual = self._step_layer(tokens, hidden, positions)
         attended, start = [], 0
         for it in items:
@@ -293,6 +307,34 @@ class Eagle3Head(nn.Module):
             last = torch.tensor(sizes).cumsum(0) - 1
             return [(o, lg[None]) for o, lg in zip(out.split(sizes), self._step_logits(out[last]))]
         return list(zip(out.split(sizes), self._step_logits(out).split(sizes)))
+
+    def _native_step(self, items: list[HeadRows], tokens: Tensor, hidden: Tensor, positions: Tensor,
+                     last_only: bool) -> list[tuple[Tensor, Tensor]]:
+        """step_batch as one native call (pack_for_cpu built it): the same layer, its keys and values
+        written into each sequence's cache in place."""
+        info, masks, offset = [], [], 0
+        for it in items:
+            cache, T = it.cache, it.tokens.shape[0]
+            before = cache.length
+            visible = before if it.visible is None else it.visible
+            cache.reserve(T)
+            at = -1
+            if it.mask is not None:
+                masks.append(it.mask.reshape(-1))
+                at, offset = offset, offset + it.mask.numel()
+            info.append((T, before, visible, max(0, visible - cache.window) if cache.window else 0, at))
+        sizes = [it.tokens.shape[0] for it in items]
+        ends = torch.tensor(sizes).cumsum(0)
+        out, logits = cpu_kernels().eagle_layer(
+            self.native, tokens.long().contiguous(), hidden.float().contiguous(), positions.long().contiguous(),
+            [it.cache.k for it in items], [it.cache.v for it in items], torch.tensor(info, dtype=torch.long),
+            torch.cat(masks) if masks else torch.zeros(0, dtype=torch.bool),
+            ends - 1 if last_only else torch.arange(int(ends[-1])))
+        for it in items:
+            it.cache.written(it.positions)
+        if last_only:
+            return [(o, lg[None]) for o, lg in zip(out.split(sizes), logits)]
+        return list(zip(out.split(sizes), logits.split(sizes)))
 
     def _attend(self, it: HeadRows, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """One sequence's T rows ([T, heads, head_dim] rotated q, k, v) attending over its cache, which
@@ -338,6 +380,35 @@ class Eagle3Head(nn.Module):
         for name in ("input_layernorm", "hidden_norm", "post_attention_layernorm", "norm"):  # the native kernel
             module = getattr(self, name)
             self.fast[name] = RMSNorm(module.weight.detach().float().clone(), module.eps)
+        self.native = self._native_layer()
+
+    def unpacked_copy(self) -> Eagle3Head:
+        """A deep copy without the inference copies pack_for_cpu made (the native kernels' objects do
+        not copy): a head to train, or to pack again."""
+        kept = {name: self.__dict__.pop(name) for name in ("fast", "native") if name in self.__dict__}
+        try:
+            return copy.deepcopy(self)
+        finally:
+            self.__dict__.update(kept)
+
+    def _native_layer(self):
+        """The layer as one native call (cpu_kernels().eagle_layer), where the kernels are built and every
+        projection is in blocks; None otherwise (step_batch then runs it op by op)."""
+        kernels = cpu_kernels()
+        names = ("qkv", "o", "gate_up", "down", "lm_head")
+        if kernels is None or self.fc.weight.dtype != torch.float32 or any(self.fast[n].quant is None for n in names):
+            return None
+
+        def linear(name: str):
+            w = self.fast[name].quant
+            return kernels.head_linear(quant.packed_q4(w) if w.kind == "q4" else quant.packed_q8(w))
+
+        c = self.config
+        norms = [self.fast[n].weight.detach().contiguous()
+                 for n in ("input_layernorm", "hidden_norm", "post_attention_layernorm", "norm")]
+        return kernels.EagleLayer(self.embed.float().contiguous(), *norms, self.inv_freq.contiguous(),
+                                  *[linear(n) for n in names], c.num_heads, c.num_kv_heads, c.head_dim,
+                                  c.rms_norm_eps, c.norm_before_residual)
 
     def features(self, features: Tensor) -> Tensor:
         """fc over the target's concatenated features: the hidden input of committed rows."""

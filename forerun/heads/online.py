@@ -25,7 +25,6 @@ never: every draft is verified by the target as before.
 """
 from __future__ import annotations
 
-import copy
 import random
 import threading
 from collections import deque
@@ -89,8 +88,7 @@ class OnlineLearner:
                  background: bool = True):
         """target_rows: the target's output rows for the head's draft vocabulary (train.target_rows)."""
         self.config = config
-        self.model = copy.deepcopy(head)  # trained here; the drafter's head is only overwritten by take()
-        self.model.__dict__.pop("fast", None)
+        self.model = head.unpacked_copy()  # trained here; the drafter's head is only overwritten by take()
         self.model.float()
         self.learned = LEARNED + (("fc",) if config.fc else ())
         self.scale: torch.Tensor | None = None  # with fc: the features' RMS, folded into the copy's fc

@@ -207,6 +207,14 @@ def evaluate(head, target_rows, held: list[Example], config: TrainConfig, scale:
     return (hits / counted.clamp(min=1)).tolist()
 
 
+def split(count: int, config: TrainConfig) -> tuple[list[int], list[int]]:
+    """(held-back, training) indices of `count` records: a share `config.heldout` drawn by the seed."""
+    ids = list(range(count))
+    random.Random(config.seed).shuffle(ids)
+    n_held = max(1, int(count * config.heldout))
+    return sorted(ids[:n_held]), sorted(ids[n_held:])
+
+
 def train(target, records: list[dict], out: Path, aux_layers: tuple[int, ...], config: TrainConfig,
           verifier: str | None = None, init: Eagle3Head | None = None, log=print) -> Eagle3Head:
     """Train a head on `records` into `out` (checkpoint.pt while it runs, resumed from if present; head/
@@ -215,11 +223,7 @@ def train(target, records: list[dict], out: Path, aux_layers: tuple[int, ...], c
     if config.threads:
         torch.set_num_threads(config.threads)
     out.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(config.seed)
-    ids = list(range(len(records)))
-    rng.shuffle(ids)
-    n_held = max(1, int(len(ids) * config.heldout))
-    held_ids, train_ids = sorted(ids[:n_held]), sorted(ids[n_held:])
+    held_ids, train_ids = split(len(records), config)
     draft_ids, coverage = vocabulary([records[i] for i in train_ids], config.draft_vocab)
     log(f"draft vocabulary {config.draft_vocab}: covers {coverage[config.draft_vocab]:.1%} of the target's choices "
         f"in the replies (" + ", ".join(f"{k}: {v:.1%}" for k, v in sorted(coverage.items())) + ")")

@@ -449,6 +449,15 @@ bool use_avx512(bool on) {
 // Decoding-step helpers: one small call each instead of the half-dozen tensor ops PyTorch dispatches,
 // which at one token a step cost more than the arithmetic. Rows are independent, as above.
 
+// One row of RMSNorm: out = x * rsqrt(mean(x^2) + eps) * w, D a multiple of 8.
+inline void rms_norm_row(const float* x, const float* w, int64_t D, float eps, float* out) {
+  __m256 ss = _mm256_setzero_ps();
+  for (int64_t i = 0; i < D; i += 8) ss = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(x + i), ss);
+  const __m256 inv = _mm256_set1_ps(1.f / std::sqrt(hsum(ss) / D + eps));
+  for (int64_t i = 0; i < D; i += 8)
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), inv), _mm256_loadu_ps(w + i)));
+}
+
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == torch::kFloat32, "x: contiguous [T, D] float32");
   const int64_t T = x.size(0), D = x.size(1);
@@ -456,14 +465,7 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, doub
   auto out = torch::empty_like(x);
   const float *xp = x.data_ptr<float>(), *wp = weight.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  for (int64_t t = 0; t < T; ++t) {
-    const float* xr = xp + t * D;
-    __m256 ss = _mm256_setzero_ps();
-    for (int64_t i = 0; i < D; i += 8) ss = _mm256_fmadd_ps(_mm256_loadu_ps(xr + i), _mm256_loadu_ps(xr + i), ss);
-    const __m256 inv = _mm256_set1_ps(1.f / std::sqrt(hsum(ss) / D + static_cast<float>(eps)));
-    for (int64_t i = 0; i < D; i += 8)
-      _mm256_storeu_ps(op + t * D + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + i), inv), _mm256_loadu_ps(wp + i)));
-  }
+  for (int64_t t = 0; t < T; ++t) rms_norm_row(xp + t * D, wp, D, static_cast<float>(eps), op + t * D);
   return out;
 }
 
@@ -774,11 +776,10 @@ torch::Tensor q4_attention_block(const torch::Tensor& x, const torch::Tensor& no
   return x + q4_linear(attn, o);
 }
 
-torch::Tensor q4_mlp_block(const torch::Tensor& x, const torch::Tensor& norm, double eps, const PackedQ4& gate_up,
-                           const PackedQ4& down) {
-  auto gu = q4_linear(rms_norm(x, norm, eps), gate_up);
+// silu(gate) * up for rows [gate | up] of the fused projection: [T, 2F] -> [T, F].
+torch::Tensor silu_mul(const torch::Tensor& gu) {
   const int64_t T = gu.size(0), F = gu.size(1) / 2;
-  auto act = torch::empty({T, F}, x.options());
+  auto act = torch::empty({T, F}, gu.options());
   const float* g = gu.data_ptr<float>();
   float* a = act.data_ptr<float>();
   for (int64_t t = 0; t < T; ++t) {
@@ -792,7 +793,165 @@ torch::Tensor q4_mlp_block(const torch::Tensor& x, const torch::Tensor& norm, do
     }
     for (; i < F; ++i) at[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
   }
-  return x + q4_linear(act, down);
+  return act;
+}
+
+torch::Tensor q4_mlp_block(const torch::Tensor& x, const torch::Tensor& norm, double eps, const PackedQ4& gate_up,
+                           const PackedQ4& down) {
+  return x + q4_linear(silu_mul(q4_linear(rms_norm(x, norm, eps), gate_up)), down);
+}
+
+// ---- an EAGLE-3 draft head's layer in one call -------------------------------------------------------
+//
+// forerun.heads.eagle3: a drafting step runs one decoder layer over one to a few rows per sequence, and
+// its arithmetic (under a tenth of a millisecond of weights on these kernels) was a third of the step:
+// the rest was the two dozen tensor ops PyTorch dispatched around it. This is the same layer as
+// Eagle3Head.step_batch computes with its packed weights, as one call.
+
+// A projection of the head, on 4- or 8-bit blocks.
+struct HeadLinear {
+  bool q4 = false;
+  PackedQ4 w4;
+  PackedQ8 w8;
+
+  torch::Tensor operator()(const torch::Tensor& x) const { return q4 ? q4_linear(x, w4) : q8_linear(x, w8); }
+};
+
+struct EagleLayer {
+  torch::Tensor embed;  // [V, D] float32: the target's token embedding
+  torch::Tensor input_norm, hidden_norm, post_norm, final_norm;  // [D] float32
+  torch::Tensor inv_freq;  // [hd / 2] float32
+  HeadLinear qkv, o, gate_up, down, lm_head;
+  int64_t heads, kv_heads, head_dim;
+  double eps;
+  bool norm_before_residual;
+};
+
+// Attention of the rows of one sequence over its cache (rows [first, before + T) of k, v: [cap, KV hd]
+// float32, the step's rows written at before..before + T - 1 by the caller). Every row sees the rows
+// below `visible`; of the later ones, those its mask row says (mask: [T, before - visible + T] at
+// `mask`, or null: all committed rows and causal among the step's).
+void head_attend(const float* q, const float* k, const float* v, int64_t first, int64_t visible, int64_t before,
+                 int64_t T, const bool* mask, int64_t heads, int64_t kv_heads, int64_t hd, float* out) {
+  const int64_t group = heads / kv_heads, width = kv_heads * hd, cols = before - visible + T;
+  const float scale = 1.f / std::sqrt(static_cast<float>(hd));
+  std::vector<float> p(before + T - first);
+  for (int64_t t = 0; t < T; ++t) {
+    auto sees = [&](int64_t l) {
+      if (l < visible) return true;
+      return mask ? mask[t * cols + (l - visible)] : l < before + t + 1;
+    };
+    for (int64_t h = 0; h < heads; ++h) {
+      const float* qh = q + (t * heads + h) * hd;
+      const int64_t kv = h / group;
+      float top = -INFINITY;
+      for (int64_t l = first; l < before + T; ++l) {
+        float s = -INFINITY;
+        if (sees(l)) {
+          const float* kl = k + l * width + kv * hd;
+          __m256 acc = _mm256_setzero_ps();
+          for (int64_t i = 0; i < hd; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qh + i), _mm256_loadu_ps(kl + i), acc);
+          s = hsum(acc) * scale;
+        }
+        p[l - first] = s;
+        top = std::max(top, s);
+      }
+      float total = 0.f;
+      float* oh = out + (t * heads + h) * hd;
+      std::fill(oh, oh + hd, 0.f);
+      for (int64_t l = first; l < before + T; ++l) {
+        if (p[l - first] == -INFINITY) continue;
+        const float w = std::exp(p[l - first] - top);
+        total += w;
+        const float* vl = v + l * width + kv * hd;
+        for (int64_t i = 0; i < hd; i += 8)
+          _mm256_storeu_ps(oh + i, _mm256_fmadd_ps(_mm256_set1_ps(w), _mm256_loadu_ps(vl + i), _mm256_loadu_ps(oh + i)));
+      }
+      const __m256 inv = _mm256_set1_ps(1.f / total);
+      for (int64_t i = 0; i < hd; i += 8) _mm256_storeu_ps(oh + i, _mm256_mul_ps(_mm256_loadu_ps(oh + i), inv));
+    }
+  }
+}
+
+// The layer over R rows of B sequences: tokens [R] int64, hidden [R, D] (fc of the target's features, or
+// the head's own output), positions [R] int64. Sequence b's rows are info[b] = (T, before, visible,
+// first, mask offset or -1) (see head_attend) against caches[b] = (k, v); its rotated keys and values
+// are written into them. Returns the output hidden states [R, D] and the draft logits of logit_rows.
+std::vector<torch::Tensor> eagle_layer(const EagleLayer& L, const torch::Tensor& tokens, const torch::Tensor& hidden,
+                                       const torch::Tensor& positions, const std::vector<torch::Tensor>& k_caches,
+                                       const std::vector<torch::Tensor>& v_caches, const torch::Tensor& info,
+                                       const torch::Tensor& mask, const torch::Tensor& logit_rows) {
+  const int64_t R = tokens.size(0), D = L.embed.size(1), B = info.size(0);
+  const int64_t H = L.heads, KV = L.kv_heads, hd = L.head_dim, half = hd / 2;
+  TORCH_CHECK(tokens.scalar_type() == torch::kInt64 && positions.scalar_type() == torch::kInt64 && tokens.is_contiguous() &&
+              positions.is_contiguous() && positions.size(0) == R, "tokens, positions: [R] int64");
+  TORCH_CHECK(hidden.scalar_type() == torch::kFloat32 && hidden.is_contiguous() && hidden.dim() == 2 &&
+              hidden.size(0) == R && hidden.size(1) == D, "hidden: contiguous [R, D] float32");
+  TORCH_CHECK(info.scalar_type() == torch::kInt64 && info.is_contiguous() && info.dim() == 2 && info.size(1) == 5 &&
+              static_cast<int64_t>(k_caches.size()) == B && static_cast<int64_t>(v_caches.size()) == B,
+              "info: [B, 5] int64, one cache per sequence");
+  TORCH_CHECK(mask.scalar_type() == torch::kBool && mask.is_contiguous(), "mask: bool");
+  TORCH_CHECK(hd % 8 == 0 && D % 8 == 0 && hd <= 256, "head_dim and hidden size: multiples of 8");
+  const int64_t* in = info.data_ptr<int64_t>();
+  int64_t rows = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t T = in[5 * b], before = in[5 * b + 1], visible = in[5 * b + 2], first = in[5 * b + 3], off = in[5 * b + 4];
+    const auto& k = k_caches[b];
+    TORCH_CHECK(T >= 1 && 0 <= first && first <= visible && visible <= before, "sequence ", b, ": rows out of order");
+    TORCH_CHECK(k.scalar_type() == torch::kFloat32 && k.is_contiguous() && k.dim() == 2 && k.size(1) == KV * hd &&
+                k.size(0) >= before + T && v_caches[b].sizes() == k.sizes() && v_caches[b].is_contiguous() &&
+                v_caches[b].scalar_type() == torch::kFloat32, "sequence ", b, ": caches [capacity >= rows, KV hd] float32");
+    TORCH_CHECK(off < 0 || off + T * (before - visible + T) <= mask.numel(), "sequence ", b, ": mask out of range");
+    rows += T;
+  }
+  TORCH_CHECK(rows == R, "info covers ", rows, " rows of ", R);
+  const int64_t* tp = tokens.data_ptr<int64_t>();
+  const int64_t* pp = positions.data_ptr<int64_t>();
+  const int64_t V = L.embed.size(0);
+  // [norm(embedding) | norm(hidden)], the residual
+  auto x = torch::empty({R, 2 * D}, hidden.options());
+  float* xp = x.data_ptr<float>();
+  const float *hp = hidden.data_ptr<float>(), *ep = L.embed.data_ptr<float>();
+  const float eps = static_cast<float>(L.eps);
+  for (int64_t r = 0; r < R; ++r) {
+    TORCH_CHECK(tp[r] >= 0 && tp[r] < V, "token ", tp[r], " outside the vocabulary");
+    rms_norm_row(ep + tp[r] * D, L.input_norm.data_ptr<float>(), D, eps, xp + r * 2 * D);
+    rms_norm_row(hp + r * D, L.hidden_norm.data_ptr<float>(), D, eps, xp + r * 2 * D + D);
+  }
+  auto residual = L.norm_before_residual ? x.narrow(1, D, D).contiguous() : hidden;
+  auto qkv = L.qkv(x);  // [R, (H + 2 KV) hd]
+  const int64_t width = (H + 2 * KV) * hd;
+  float* qp = qkv.data_ptr<float>();
+  const float* fp = L.inv_freq.data_ptr<float>();
+  auto attn = torch::empty({R, H * hd}, hidden.options());
+  std::vector<float> q(H * hd), cs(hd), sn(hd);
+  const bool* mp = mask.data_ptr<bool>();
+  int64_t r0 = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t T = in[5 * b], before = in[5 * b + 1], visible = in[5 * b + 2], first = in[5 * b + 3], off = in[5 * b + 4];
+    float *kc = k_caches[b].data_ptr<float>(), *vc = v_caches[b].data_ptr<float>();
+    std::vector<float> qs(T * H * hd);
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t r = r0 + t;
+      for (int64_t i = 0; i < half; ++i) {
+        const float a = static_cast<float>(pp[r]) * fp[i];
+        cs[i] = cs[i + half] = std::cos(a);
+        sn[i] = sn[i + half] = std::sin(a);
+      }
+      float* row = qp + r * width;
+      for (int64_t h = 0; h < H + KV; ++h) rotate(row + h * hd, cs.data(), sn.data(), hd);  // q heads, then k heads
+      std::copy(row, row + H * hd, qs.data() + t * H * hd);
+      std::copy(row + H * hd, row + (H + KV) * hd, kc + (before + t) * KV * hd);
+      std::copy(row + (H + KV) * hd, row + width, vc + (before + t) * KV * hd);
+    }
+    head_attend(qs.data(), kc, vc, first, visible, before, T, off < 0 ? nullptr : mp + off, H, KV, hd,
+                attn.data_ptr<float>() + r0 * H * hd);
+    r0 += T;
+  }
+  auto h1 = residual + L.o(attn);
+  auto out = h1 + L.down(silu_mul(L.gate_up(rms_norm(h1, L.post_norm, L.eps))));
+  auto picked = out.index_select(0, logit_rows).contiguous();
+  return {out, L.lm_head(rms_norm(picked, L.final_norm, L.eps))};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -815,4 +974,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q8_linear", &q8_linear, nogil, "x[M, K] @ W^T for 8-bit W (PackedQ8) with a scale per 32 or 16 inputs, offsets optional");
   pybind11::class_<PackedQ8>(m, "PackedQ8", pybind11::module_local());
   m.def("pack_q8", &pack_q8, "q8 weights in the kernels' layout (see PackedQ8)");
+  pybind11::class_<HeadLinear>(m, "HeadLinear", pybind11::module_local());
+  m.def("head_linear", [](const PackedQ4& w) { return HeadLinear{true, w, PackedQ8{}}; });
+  m.def("head_linear", [](const PackedQ8& w) { return HeadLinear{false, PackedQ4{}, w}; });
+  pybind11::class_<EagleLayer>(m, "EagleLayer", pybind11::module_local())
+      .def(pybind11::init([](torch::Tensor embed, torch::Tensor input_norm, torch::Tensor hidden_norm, torch::Tensor post_norm,
+                             torch::Tensor final_norm, torch::Tensor inv_freq, HeadLinear qkv, HeadLinear o,
+                             HeadLinear gate_up, HeadLinear down, HeadLinear lm_head, int64_t heads, int64_t kv_heads,
+                             int64_t head_dim, double eps, bool norm_before_residual) {
+        for (const auto* t : {&embed, &input_norm, &hidden_norm, &post_norm, &final_norm, &inv_freq})
+          TORCH_CHECK(t->scalar_type() == torch::kFloat32 && t->is_contiguous(), "EagleLayer: contiguous float32 tensors");
+        TORCH_CHECK(heads % kv_heads == 0 && inv_freq.numel() * 2 == head_dim, "EagleLayer: heads and rope do not fit");
+        return EagleLayer{embed, input_norm, hidden_norm, post_norm, final_norm, inv_freq, qkv, o, gate_up, down, lm_head,
+                          heads, kv_heads, head_dim, eps, norm_before_residual};
+      }));
+  m.def("eagle_layer", &eagle_layer, nogil, "an EAGLE-3 head's layer over the rows of many sequences, then draft logits of some rows");
 }
