@@ -529,6 +529,12 @@ def test_document_prompts_summarize_and_ask_about_passages(tmp_path, monkeypatch
     asked = len(writer.asked)
     assert head_data.document_prompts(writer, 5, 4, kept, seed=3) == rows and len(writer.asked) == asked  # kept
     assert head_data.document_prompts(writer, 0, 0) == []
+    # a target that writes no usable question: fewer rows than asked, and a resumed run asks nothing again
+    mute = _Writer(lambda prompt: article if prompt.startswith("Write a news article") else "I cannot.")
+    short = head_data.document_prompts(mute, 2, 3, tmp_path / "short.jsonl", seed=3)
+    assert [r["source"] for r in short] == ["summarize", "summarize"]
+    asked = len(mute.asked)
+    assert head_data.document_prompts(mute, 2, 3, tmp_path / "short.jsonl", seed=3) == short and len(mute.asked) == asked
 
 
 def test_generated_prompts_are_kept_and_need_a_chat_template(tmp_path):

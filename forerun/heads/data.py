@@ -256,15 +256,17 @@ def document_prompts(llm, summarize_count: int, rag_count: int, out: Path | None
     passage, and passages followed by a question one of them answers. The documents are prose of
     Python's own documentation (`passages`) and news articles the target writes itself on varied
     subjects (at T = 0.9); the questions are written by the target, asked for one question the passage
-    answers. Saved to `out` (JSON lines) and read back from there when it holds enough, so a resumed run
-    asks the same."""
+    answers. Fewer questions than asked when the target writes too few that pass. Saved to `out` (JSON
+    lines, after one line with the request) and read back from there when it answered the same request
+    or holds enough, so a resumed run asks the same."""
     if summarize_count <= 0 and rag_count <= 0:
         return []
-    if out is not None and out.is_file():
-        rows = [json.loads(line) for line in out.read_text().splitlines()]
+    request = {"summarize": summarize_count, "rag": rag_count, "seed": seed}
+    if out is not None and out.is_file():  # its first line: the request it answered
+        head, *rows = [json.loads(line) for line in out.read_text().splitlines()]
         summarize = [r for r in rows if r["source"] == "summarize"]
         rag = [r for r in rows if r["source"] == "rag"]
-        if len(summarize) >= summarize_count and len(rag) >= rag_count:
+        if head.get("request") == request or (len(summarize) >= summarize_count and len(rag) >= rag_count):
             return summarize[:summarize_count] + rag[:rag_count]
     rng = random.Random(seed)
     docs = passages()
@@ -310,7 +312,7 @@ def document_prompts(llm, summarize_count: int, rag_count: int, out: Path | None
                 rows.append({"id": f"rag-{n}", "source": "rag", "text": f"{context}\n{question}"})
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        out.write_text("".join(json.dumps(r) + "\n" for r in [{"request": request}] + rows))
     return rows
 
 
