@@ -921,6 +921,7 @@ std::vector<torch::Tensor> eagle_layer(const EagleLayer& L, const torch::Tensor&
   auto residual = L.norm_before_residual ? x.narrow(1, D, D).contiguous() : hidden;
   auto qkv = L.qkv(x);  // [R, (H + 2 KV) hd]
   const int64_t width = (H + 2 * KV) * hd;
+  TORCH_CHECK(qkv.size(1) == width, "qkv gives ", qkv.size(1), " outputs, not (heads + 2 kv heads) x head_dim = ", width);
   float* qp = qkv.data_ptr<float>();
   const float* fp = L.inv_freq.data_ptr<float>();
   auto attn = torch::empty({R, H * hd}, hidden.options());
@@ -984,6 +985,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                              int64_t head_dim, double eps, bool norm_before_residual) {
         for (const auto* t : {&embed, &input_norm, &hidden_norm, &post_norm, &final_norm, &inv_freq})
           TORCH_CHECK(t->scalar_type() == torch::kFloat32 && t->is_contiguous(), "EagleLayer: contiguous float32 tensors");
+        TORCH_CHECK(embed.dim() == 2, "EagleLayer: embed [V, D]");
+        for (const auto* t : {&input_norm, &hidden_norm, &post_norm, &final_norm})
+          TORCH_CHECK(t->numel() == embed.size(1), "EagleLayer: norms of the embedding's width");
         TORCH_CHECK(heads % kv_heads == 0 && inv_freq.numel() * 2 == head_dim, "EagleLayer: heads and rope do not fit");
         return EagleLayer{embed, input_norm, hidden_norm, post_norm, final_norm, inv_freq, qkv, o, gate_up, down, lm_head,
                           heads, kv_heads, head_dim, eps, norm_before_residual};
