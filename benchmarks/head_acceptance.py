@@ -2,9 +2,10 @@
 
 Reads the shards `forerun train-head` records (the target's own replies with its features) and, for each
 head, the share of positions where the first draft equals the target's choice, and where drafts 1..2 and
-1..3 all do (what a greedy chain of that length accepts), per prompt source (instruct, gsm8k, code,
-generated, translate, summarize, rag). `--heldout` limits it to the replies a training run held back
-(its OUT/heldout.json), so a head trained on that data is measured on replies it never saw.
+1..3 all do (what a greedy chain of that length accepts), per prompt source (instruct: the instruction
+mix's templates together; gsm8k, code, generated, translate, summarize, rag). `--heldout` limits it to
+the replies a training run held back (its OUT/heldout.json), so a head trained on that data is measured
+on replies it never saw.
 
     python benchmarks/head_acceptance.py --data runs/head5/data --heldout runs/head5/heldout.json \\
         --heads shipped,runs/head5/head
@@ -25,6 +26,8 @@ from forerun.heads.eagle3 import load_head
 from forerun.heads.train import TrainConfig, evaluate, examples, target_rows
 from forerun.bench.harness import machine_description
 
+KINDS = ("gsm8k", "code", "generated", "translate", "summarize", "rag")  # and the instruction mix's templates
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -42,8 +45,8 @@ def main() -> None:
     wanted = set(json.loads(Path(a.heldout).read_text())) if a.heldout else None
     by_source: dict[str, list[dict]] = defaultdict(list)
     for m, r in zip(meta, records):
-        if wanted is None or m["id"] in wanted:
-            by_source[m["source"]].append(r)
+        if wanted is None or m["id"] in wanted:  # the instruction mix's templates together
+            by_source[m["source"] if m["source"] in KINDS else "instruct"].append(r)
     by_source["all"] = [r for rows in by_source.values() for r in rows]
     config = TrainConfig(prompt_context=a.prompt_context)
     names = [h.strip() for h in a.heads.split(",") if h.strip()]

@@ -66,8 +66,9 @@ def test_unrolled_training_rows_equal_inference_drafting():
 
 @pytest.mark.parametrize("kind", ["q8", "q4", None])
 def test_last_only_logits_are_the_last_rows_of_a_full_step(kind):
-    """Catching up committed rows needs the logits of each sequence's last row only: they are the bits
-    the full step gives that row, on every weight format (a row's result never depends on its batch)."""
+    """Catching up committed rows needs the output and logits of each sequence's last row only: they are
+    the bits the full step gives that row, on every weight format (a row's result never depends on its
+    batch), and the caches hold the same keys and values after either."""
     from forerun.heads.eagle3 import HeadRows
 
     rt = tiny_runtime("llama", seed=1)
@@ -77,11 +78,14 @@ def test_last_only_logits_are_the_last_rows_of_a_full_step(kind):
 
     rows = [(torch.randint(0, 64, (n,), generator=g), torch.randn(n, 32, generator=g), torch.arange(3, 3 + n))
             for n in (5, 1, 3)]
-    full = head.step_batch([HeadRows(head.new_cache(), *row) for row in rows])
-    last = head.step_batch([HeadRows(head.new_cache(), *row) for row in rows], last_only=True)
+    caches_full, caches_last = [head.new_cache() for _ in rows], [head.new_cache() for _ in rows]
+    full = head.step_batch([HeadRows(c, *row) for c, row in zip(caches_full, rows)])
+    last = head.step_batch([HeadRows(c, *row) for c, row in zip(caches_last, rows)], last_only=True)
     for (out, logits), (out_last, logits_last) in zip(full, last):
-        assert logits_last.shape == (1, 32)
-        assert torch.equal(out, out_last) and torch.equal(logits[-1:], logits_last)
+        assert logits_last.shape == (1, 32) and out_last.shape == (1, 32)
+        assert torch.equal(out[-1:], out_last) and torch.equal(logits[-1:], logits_last)
+    for a, b in zip(caches_full, caches_last):
+        assert a.length == b.length and torch.equal(a.k[:a.length], b.k[:b.length]) and torch.equal(a.v[:a.length], b.v[:b.length])
 
 
 @pytest.mark.parametrize("kind", ["q8", "q4"])

@@ -287,9 +287,10 @@ class Eagle3Head(nn.Module):
     def step_batch(self, items: list[HeadRows], last_only: bool = False) -> list[tuple[Tensor, Tensor]]:
         """step() for the rows of several sequences at once: the projections, norms and draft logits
         run over all their rows together (a drafting step reads every weight of the head, so a batch
-        reads them once), attention per sequence over its own cache. last_only: logits for each item's
-        last row only ([1, V_draft]), where the rows before it are context (committed rows caught up):
-        the output head is half the head's weights, and a row's logits never depend on its batch."""
+        reads them once), attention per sequence over its own cache. last_only: the output and logits of
+        each item's last row only ([1, D], [1, V_draft]), where the rows before it are context
+        (committed rows caught up): they need their keys and values alone (the native layer computes
+        nothing more for them), and a row's result never depends on its batch."""
         tokens = torch.cat([it.tokens for it in items])
         hidden = torch.cat([it.hidden for it in items])
         positions = torch.cat([it.positions for it in items])
@@ -305,7 +306,7 @@ class Eagle3Head(nn.Module):
         sizes = [it.tokens.shape[0] for it in items]
         if last_only:
             last = torch.tensor(sizes).cumsum(0) - 1
-            return [(o, lg[None]) for o, lg in zip(out.split(sizes), self._step_logits(out[last]))]
+            return [(out[i][None], lg[None]) for i, lg in zip(last.tolist(), self._step_logits(out[last]))]
         return list(zip(out.split(sizes), self._step_logits(out).split(sizes)))
 
     def _native_step(self, items: list[HeadRows], tokens: Tensor, hidden: Tensor, positions: Tensor,
@@ -333,7 +334,7 @@ class Eagle3Head(nn.Module):
         for it in items:
             it.cache.written(it.positions)
         if last_only:
-            return [(o, lg[None]) for o, lg in zip(out.split(sizes), logits)]
+            return [(o[None], lg[None]) for o, lg in zip(out, logits)]
         return list(zip(out.split(sizes), logits.split(sizes)))
 
     def _attend(self, it: HeadRows, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -380,7 +381,7 @@ class Eagle3Head(nn.Module):
         for name in ("input_layernorm", "hidden_norm", "post_attention_layernorm", "norm"):  # the native kernel
             module = getattr(self, name)
             self.fast[name] = RMSNorm(module.weight.detach().float().clone(), module.eps)
-        self.native = self._native_layer()
+        self.native = self._native_layer(kind)
 
     def unpacked_copy(self) -> Eagle3Head:
         """A deep copy without the inference copies pack_for_cpu made (the native kernels' objects do
@@ -391,24 +392,30 @@ class Eagle3Head(nn.Module):
         finally:
             self.__dict__.update(kept)
 
-    def _native_layer(self):
+    def _native_layer(self, kind: str | None):
         """The layer as one native call (cpu_kernels().eagle_layer), where the kernels are built and every
         projection is in blocks; None otherwise (step_batch then runs it op by op)."""
+        from forerun.models.llama import Linear
+
         kernels = cpu_kernels()
-        names = ("qkv", "o", "gate_up", "down", "lm_head")
-        if kernels is None or self.fc.weight.dtype != torch.float32 or any(self.fast[n].quant is None for n in names):
+        if kernels is None or kind is None or self.fc.weight.dtype != torch.float32:
             return None
-
-        def linear(name: str):
-            w = self.fast[name].quant
-            return kernels.head_linear(quant.packed_q4(w) if w.kind == "q4" else quant.packed_q8(w))
-
+        names = ("q", "kv", "o", "gate_up", "down", "lm_head")
+        modules = ((self.q_proj,), (self.k_proj, self.v_proj), (self.o_proj,), (self.gate_proj, self.up_proj),
+                   (self.down_proj,), (self.lm_head,))
+        linears = {}
+        for name, parts in zip(names, modules):  # q apart from k and v: caught-up rows need no query
+            lin = Linear(torch.cat([m.weight.detach().float() for m in parts]).contiguous())
+            if not lin.quantize(kind):
+                return None
+            w = lin.quant
+            linears[name] = kernels.head_linear(quant.packed_q4(w) if w.kind == "q4" else quant.packed_q8(w))
         c = self.config
         norms = [self.fast[n].weight.detach().contiguous()
                  for n in ("input_layernorm", "hidden_norm", "post_attention_layernorm", "norm")]
         return kernels.EagleLayer(self.embed.float().contiguous(), *norms, self.inv_freq.contiguous(),
-                                  *[linear(n) for n in names], c.num_heads, c.num_kv_heads, c.head_dim,
-                                  c.rms_norm_eps, c.norm_before_residual)
+                                  *linears.values(), c.num_heads, c.num_kv_heads, c.head_dim, c.rms_norm_eps,
+                                  c.norm_before_residual)
 
     def features(self, features: Tensor) -> Tensor:
         """fc over the target's concatenated features: the hidden input of committed rows."""

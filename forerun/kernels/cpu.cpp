@@ -821,68 +821,79 @@ struct EagleLayer {
   torch::Tensor embed;  // [V, D] float32: the target's token embedding
   torch::Tensor input_norm, hidden_norm, post_norm, final_norm;  // [D] float32
   torch::Tensor inv_freq;  // [hd / 2] float32
-  HeadLinear qkv, o, gate_up, down, lm_head;
+  HeadLinear q, kv, o, gate_up, down, lm_head;  // kv: k and v fused
   int64_t heads, kv_heads, head_dim;
   double eps;
   bool norm_before_residual;
 };
 
-// Attention of the rows of one sequence over its cache (rows [first, before + T) of k, v: [cap, KV hd]
-// float32, the step's rows written at before..before + T - 1 by the caller). Every row sees the rows
-// below `visible`; of the later ones, those its mask row says (mask: [T, before - visible + T] at
-// `mask`, or null: all committed rows and causal among the step's).
-void head_attend(const float* q, const float* k, const float* v, int64_t first, int64_t visible, int64_t before,
-                 int64_t T, const bool* mask, int64_t heads, int64_t kv_heads, int64_t hd, float* out) {
+// Attention of one query row (row t of a step's T rows of one sequence; q: [heads, hd], rotated) over
+// its sequence's cache (rows [first, before + T) of k, v: [cap, KV hd] float32, the step's rows at
+// before..before + T - 1). The row sees every row below `visible`; of the later ones, those its mask row
+// says (mask: [T, before - visible + T], or null: all committed rows and causal among the step's).
+void head_attend_row(const float* q, const float* k, const float* v, int64_t first, int64_t visible, int64_t before,
+                     int64_t T, int64_t t, const bool* mask, int64_t heads, int64_t kv_heads, int64_t hd, float* out,
+                     std::vector<float>& p) {
   const int64_t group = heads / kv_heads, width = kv_heads * hd, cols = before - visible + T;
   const float scale = 1.f / std::sqrt(static_cast<float>(hd));
-  std::vector<float> p(before + T - first);
-  for (int64_t t = 0; t < T; ++t) {
-    auto sees = [&](int64_t l) {
-      if (l < visible) return true;
-      return mask ? mask[t * cols + (l - visible)] : l < before + t + 1;
-    };
-    for (int64_t h = 0; h < heads; ++h) {
-      const float* qh = q + (t * heads + h) * hd;
-      const int64_t kv = h / group;
-      float top = -INFINITY;
-      for (int64_t l = first; l < before + T; ++l) {
-        float s = -INFINITY;
-        if (sees(l)) {
-          const float* kl = k + l * width + kv * hd;
-          __m256 acc = _mm256_setzero_ps();
-          for (int64_t i = 0; i < hd; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qh + i), _mm256_loadu_ps(kl + i), acc);
-          s = hsum(acc) * scale;
-        }
-        p[l - first] = s;
-        top = std::max(top, s);
+  p.resize(before + T - first);
+  auto sees = [&](int64_t l) {
+    if (l < visible) return true;
+    return mask ? mask[t * cols + (l - visible)] : l < before + t + 1;
+  };
+  for (int64_t h = 0; h < heads; ++h) {
+    const float* qh = q + h * hd;
+    const int64_t kvh = h / group;
+    float top = -INFINITY;
+    for (int64_t l = first; l < before + T; ++l) {
+      float s = -INFINITY;
+      if (sees(l)) {
+        const float* kl = k + l * width + kvh * hd;
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t i = 0; i < hd; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qh + i), _mm256_loadu_ps(kl + i), acc);
+        s = hsum(acc) * scale;
       }
-      float total = 0.f;
-      float* oh = out + (t * heads + h) * hd;
-      std::fill(oh, oh + hd, 0.f);
-      for (int64_t l = first; l < before + T; ++l) {
-        if (p[l - first] == -INFINITY) continue;
-        const float w = std::exp(p[l - first] - top);
-        total += w;
-        const float* vl = v + l * width + kv * hd;
-        for (int64_t i = 0; i < hd; i += 8)
-          _mm256_storeu_ps(oh + i, _mm256_fmadd_ps(_mm256_set1_ps(w), _mm256_loadu_ps(vl + i), _mm256_loadu_ps(oh + i)));
-      }
-      const __m256 inv = _mm256_set1_ps(1.f / total);
-      for (int64_t i = 0; i < hd; i += 8) _mm256_storeu_ps(oh + i, _mm256_mul_ps(_mm256_loadu_ps(oh + i), inv));
+      p[l - first] = s;
+      top = std::max(top, s);
     }
+    float total = 0.f;
+    float* oh = out + h * hd;
+    std::fill(oh, oh + hd, 0.f);
+    for (int64_t l = first; l < before + T; ++l) {
+      if (p[l - first] == -INFINITY) continue;
+      const float w = std::exp(p[l - first] - top);
+      total += w;
+      const float* vl = v + l * width + kvh * hd;
+      for (int64_t i = 0; i < hd; i += 8)
+        _mm256_storeu_ps(oh + i, _mm256_fmadd_ps(_mm256_set1_ps(w), _mm256_loadu_ps(vl + i), _mm256_loadu_ps(oh + i)));
+    }
+    const __m256 inv = _mm256_set1_ps(1.f / total);
+    for (int64_t i = 0; i < hd; i += 8) _mm256_storeu_ps(oh + i, _mm256_mul_ps(_mm256_loadu_ps(oh + i), inv));
+  }
+}
+
+// cos and sin of one position's rotary angles, HF's half-split layout: [hd] each.
+inline void rope_angles(int64_t position, const float* inv_freq, int64_t hd, float* cs, float* sn) {
+  const int64_t half = hd / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    const float a = static_cast<float>(position) * inv_freq[i];
+    cs[i] = cs[i + half] = std::cos(a);
+    sn[i] = sn[i + half] = std::sin(a);
   }
 }
 
 // The layer over R rows of B sequences: tokens [R] int64, hidden [R, D] (fc of the target's features, or
 // the head's own output), positions [R] int64. Sequence b's rows are info[b] = (T, before, visible,
-// first, mask offset or -1) (see head_attend) against caches[b] = (k, v); its rotated keys and values
-// are written into them. Returns the output hidden states [R, D] and the draft logits of logit_rows.
+// first, mask offset or -1) (see head_attend_row) against caches[b] = (k, v); every row's rotated key and
+// value are written into them. Only out_rows (ascending) go on through attention, o, the MLP and the
+// draft logits: the rows a step catches up on need their keys and values alone, but for the last.
+// Returns their output hidden states [Q, D] and draft logits [Q, V_draft].
 std::vector<torch::Tensor> eagle_layer(const EagleLayer& L, const torch::Tensor& tokens, const torch::Tensor& hidden,
                                        const torch::Tensor& positions, const std::vector<torch::Tensor>& k_caches,
                                        const std::vector<torch::Tensor>& v_caches, const torch::Tensor& info,
-                                       const torch::Tensor& mask, const torch::Tensor& logit_rows) {
+                                       const torch::Tensor& mask, const torch::Tensor& out_rows) {
   const int64_t R = tokens.size(0), D = L.embed.size(1), B = info.size(0);
-  const int64_t H = L.heads, KV = L.kv_heads, hd = L.head_dim, half = hd / 2;
+  const int64_t H = L.heads, KV = L.kv_heads, hd = L.head_dim;
   TORCH_CHECK(tokens.scalar_type() == torch::kInt64 && positions.scalar_type() == torch::kInt64 && tokens.is_contiguous() &&
               positions.is_contiguous() && positions.size(0) == R, "tokens, positions: [R] int64");
   TORCH_CHECK(hidden.scalar_type() == torch::kFloat32 && hidden.is_contiguous() && hidden.dim() == 2 &&
@@ -891,24 +902,30 @@ std::vector<torch::Tensor> eagle_layer(const EagleLayer& L, const torch::Tensor&
               static_cast<int64_t>(k_caches.size()) == B && static_cast<int64_t>(v_caches.size()) == B,
               "info: [B, 5] int64, one cache per sequence");
   TORCH_CHECK(mask.scalar_type() == torch::kBool && mask.is_contiguous(), "mask: bool");
+  TORCH_CHECK(out_rows.scalar_type() == torch::kInt64 && out_rows.is_contiguous() && out_rows.dim() == 1, "out_rows: [Q] int64");
   TORCH_CHECK(hd % 8 == 0 && D % 8 == 0 && hd <= 256, "head_dim and hidden size: multiples of 8");
   const int64_t* in = info.data_ptr<int64_t>();
+  std::vector<int64_t> row_seq(R), row_t(R);
   int64_t rows = 0;
   for (int64_t b = 0; b < B; ++b) {
     const int64_t T = in[5 * b], before = in[5 * b + 1], visible = in[5 * b + 2], first = in[5 * b + 3], off = in[5 * b + 4];
     const auto& k = k_caches[b];
-    TORCH_CHECK(T >= 1 && 0 <= first && first <= visible && visible <= before, "sequence ", b, ": rows out of order");
+    TORCH_CHECK(T >= 1 && rows + T <= R && 0 <= first && first <= visible && visible <= before, "sequence ", b, ": rows out of order");
     TORCH_CHECK(k.scalar_type() == torch::kFloat32 && k.is_contiguous() && k.dim() == 2 && k.size(1) == KV * hd &&
                 k.size(0) >= before + T && v_caches[b].sizes() == k.sizes() && v_caches[b].is_contiguous() &&
                 v_caches[b].scalar_type() == torch::kFloat32, "sequence ", b, ": caches [capacity >= rows, KV hd] float32");
     TORCH_CHECK(off < 0 || off + T * (before - visible + T) <= mask.numel(), "sequence ", b, ": mask out of range");
+    for (int64_t t = 0; t < T; ++t) row_seq[rows + t] = b, row_t[rows + t] = t;
     rows += T;
   }
   TORCH_CHECK(rows == R, "info covers ", rows, " rows of ", R);
+  const int64_t Q = out_rows.size(0);
+  const int64_t* op = out_rows.data_ptr<int64_t>();
+  for (int64_t j = 0; j < Q; ++j) TORCH_CHECK(op[j] >= 0 && op[j] < R && (j == 0 || op[j] > op[j - 1]), "out_rows: ascending rows of the step");
   const int64_t* tp = tokens.data_ptr<int64_t>();
   const int64_t* pp = positions.data_ptr<int64_t>();
   const int64_t V = L.embed.size(0);
-  // [norm(embedding) | norm(hidden)], the residual
+  // [norm(embedding) | norm(hidden)]
   auto x = torch::empty({R, 2 * D}, hidden.options());
   float* xp = x.data_ptr<float>();
   const float *hp = hidden.data_ptr<float>(), *ep = L.embed.data_ptr<float>();
@@ -918,41 +935,40 @@ std::vector<torch::Tensor> eagle_layer(const EagleLayer& L, const torch::Tensor&
     rms_norm_row(ep + tp[r] * D, L.input_norm.data_ptr<float>(), D, eps, xp + r * 2 * D);
     rms_norm_row(hp + r * D, L.hidden_norm.data_ptr<float>(), D, eps, xp + r * 2 * D + D);
   }
-  auto residual = L.norm_before_residual ? x.narrow(1, D, D).contiguous() : hidden;
-  auto qkv = L.qkv(x);  // [R, (H + 2 KV) hd]
-  const int64_t width = (H + 2 * KV) * hd;
-  TORCH_CHECK(qkv.size(1) == width, "qkv gives ", qkv.size(1), " outputs, not (heads + 2 kv heads) x head_dim = ", width);
-  float* qp = qkv.data_ptr<float>();
+  // every row's key and value, rotated, into its sequence's cache
+  auto kv = L.kv(x);
+  TORCH_CHECK(kv.size(1) == 2 * KV * hd, "kv gives ", kv.size(1), " outputs, not 2 x kv heads x head_dim = ", 2 * KV * hd);
   const float* fp = L.inv_freq.data_ptr<float>();
-  auto attn = torch::empty({R, H * hd}, hidden.options());
-  std::vector<float> q(H * hd), cs(hd), sn(hd);
-  const bool* mp = mask.data_ptr<bool>();
-  int64_t r0 = 0;
-  for (int64_t b = 0; b < B; ++b) {
-    const int64_t T = in[5 * b], before = in[5 * b + 1], visible = in[5 * b + 2], first = in[5 * b + 3], off = in[5 * b + 4];
-    float *kc = k_caches[b].data_ptr<float>(), *vc = v_caches[b].data_ptr<float>();
-    std::vector<float> qs(T * H * hd);
-    for (int64_t t = 0; t < T; ++t) {
-      const int64_t r = r0 + t;
-      for (int64_t i = 0; i < half; ++i) {
-        const float a = static_cast<float>(pp[r]) * fp[i];
-        cs[i] = cs[i + half] = std::cos(a);
-        sn[i] = sn[i + half] = std::sin(a);
-      }
-      float* row = qp + r * width;
-      for (int64_t h = 0; h < H + KV; ++h) rotate(row + h * hd, cs.data(), sn.data(), hd);  // q heads, then k heads
-      std::copy(row, row + H * hd, qs.data() + t * H * hd);
-      std::copy(row + H * hd, row + (H + KV) * hd, kc + (before + t) * KV * hd);
-      std::copy(row + (H + KV) * hd, row + width, vc + (before + t) * KV * hd);
-    }
-    head_attend(qs.data(), kc, vc, first, visible, before, T, off < 0 ? nullptr : mp + off, H, KV, hd,
-                attn.data_ptr<float>() + r0 * H * hd);
-    r0 += T;
+  std::vector<float> cs(hd), sn(hd);
+  float* kvp = kv.data_ptr<float>();
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t b = row_seq[r], at = in[5 * b + 1] + row_t[r];
+    rope_angles(pp[r], fp, hd, cs.data(), sn.data());
+    float* row = kvp + r * 2 * KV * hd;
+    for (int64_t h = 0; h < KV; ++h) rotate(row + h * hd, cs.data(), sn.data(), hd);
+    std::copy(row, row + KV * hd, k_caches[b].data_ptr<float>() + at * KV * hd);
+    std::copy(row + KV * hd, row + 2 * KV * hd, v_caches[b].data_ptr<float>() + at * KV * hd);
   }
+  // the output rows: queries, attention, o, the MLP, the draft logits
+  auto picked = x.index_select(0, out_rows);
+  auto q = L.q(picked);
+  TORCH_CHECK(q.size(1) == H * hd, "q gives ", q.size(1), " outputs, not heads x head_dim = ", H * hd);
+  auto attn = torch::empty({Q, H * hd}, hidden.options());
+  float *qp = q.data_ptr<float>(), *ap = attn.data_ptr<float>();
+  const bool* mp = mask.data_ptr<bool>();
+  std::vector<float> p;
+  for (int64_t j = 0; j < Q; ++j) {
+    const int64_t r = op[j], b = row_seq[r], off = in[5 * b + 4];
+    rope_angles(pp[r], fp, hd, cs.data(), sn.data());
+    for (int64_t h = 0; h < H; ++h) rotate(qp + (j * H + h) * hd, cs.data(), sn.data(), hd);
+    head_attend_row(qp + j * H * hd, k_caches[b].data_ptr<float>(), v_caches[b].data_ptr<float>(), in[5 * b + 3],
+                    in[5 * b + 2], in[5 * b + 1], in[5 * b], row_t[r], off < 0 ? nullptr : mp + off, H, KV, hd,
+                    ap + j * H * hd, p);
+  }
+  auto residual = L.norm_before_residual ? picked.narrow(1, D, D).contiguous() : hidden.index_select(0, out_rows);
   auto h1 = residual + L.o(attn);
   auto out = h1 + L.down(silu_mul(L.gate_up(rms_norm(h1, L.post_norm, L.eps))));
-  auto picked = out.index_select(0, logit_rows).contiguous();
-  return {out, L.lm_head(rms_norm(picked, L.final_norm, L.eps))};
+  return {out, L.lm_head(rms_norm(out, L.final_norm, L.eps))};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -980,7 +996,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("head_linear", [](const PackedQ8& w) { return HeadLinear{false, PackedQ4{}, w}; });
   pybind11::class_<EagleLayer>(m, "EagleLayer", pybind11::module_local())
       .def(pybind11::init([](torch::Tensor embed, torch::Tensor input_norm, torch::Tensor hidden_norm, torch::Tensor post_norm,
-                             torch::Tensor final_norm, torch::Tensor inv_freq, HeadLinear qkv, HeadLinear o,
+                             torch::Tensor final_norm, torch::Tensor inv_freq, HeadLinear q, HeadLinear kv, HeadLinear o,
                              HeadLinear gate_up, HeadLinear down, HeadLinear lm_head, int64_t heads, int64_t kv_heads,
                              int64_t head_dim, double eps, bool norm_before_residual) {
         for (const auto* t : {&embed, &input_norm, &hidden_norm, &post_norm, &final_norm, &inv_freq})
@@ -989,8 +1005,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         for (const auto* t : {&input_norm, &hidden_norm, &post_norm, &final_norm})
           TORCH_CHECK(t->numel() == embed.size(1), "EagleLayer: norms of the embedding's width");
         TORCH_CHECK(heads % kv_heads == 0 && inv_freq.numel() * 2 == head_dim, "EagleLayer: heads and rope do not fit");
-        return EagleLayer{embed, input_norm, hidden_norm, post_norm, final_norm, inv_freq, qkv, o, gate_up, down, lm_head,
+        return EagleLayer{embed, input_norm, hidden_norm, post_norm, final_norm, inv_freq, q, kv, o, gate_up, down, lm_head,
                           heads, kv_heads, head_dim, eps, norm_before_residual};
       }));
-  m.def("eagle_layer", &eagle_layer, nogil, "an EAGLE-3 head's layer over the rows of many sequences, then draft logits of some rows");
+  m.def("eagle_layer", &eagle_layer, nogil, "an EAGLE-3 head's layer over the rows of many sequences: every row's keys and values, the outputs and draft logits of some");
 }
