@@ -139,6 +139,26 @@ def test_the_native_layer_computes_what_the_op_by_op_layer_does(kind):
         assert torch.equal(p_a, p_b)
 
 
+def test_a_head_the_native_layer_cannot_run_runs_op_by_op():
+    """A head_dim the kernel's 8-wide vectors do not divide, or float weights: no native layer, and the
+    head drafts op by op as before."""
+    from forerun.heads.eagle3 import Eagle3Config, Eagle3Head, HeadRows
+
+    rt = tiny_runtime("llama", seed=1)
+    head = random_eagle_head(rt, draft_vocab=32)
+    head.pack_for_cpu(None)
+    assert head.native is None
+    config = Eagle3Config.from_dict({**head.config.to_speculators(), "transformer_layer_config": {
+        **head.config.to_speculators()["transformer_layer_config"], "head_dim": 4, "num_attention_heads": 8}})
+    assert config.head_dim == 4 and config.num_heads == 8
+    narrow = Eagle3Head(config, head.embed)
+    narrow.pack_for_cpu("q8")
+    assert narrow.native is None
+    out, logits = narrow.step_batch([HeadRows(narrow.new_cache(), torch.tensor([1, 2]), torch.randn(2, 32),
+                                              torch.arange(2))])[0]
+    assert out.shape == (2, 32) and logits.shape == (2, 32) and torch.isfinite(logits).all()
+
+
 def test_a_windowed_cache_attends_to_its_last_rows_only():
     """window=W: a step sees the last W committed rows and its own, as if the older ones were never there
     (the layer's keys and values of a row depend on that row alone), chain steps and tree steps alike."""

@@ -393,12 +393,15 @@ class Eagle3Head(nn.Module):
             self.__dict__.update(kept)
 
     def _native_layer(self, kind: str | None):
-        """The layer as one native call (cpu_kernels().eagle_layer), where the kernels are built and every
-        projection is in blocks; None otherwise (step_batch then runs it op by op)."""
+        """The layer as one native call (cpu_kernels().eagle_layer), where the kernels are built, every
+        projection is in blocks and the shapes fit the kernel's vectors; None otherwise (step_batch then
+        runs it op by op)."""
         from forerun.models.llama import Linear
 
         kernels = cpu_kernels()
-        if kernels is None or kind is None or self.fc.weight.dtype != torch.float32:
+        c = self.config
+        fits = c.head_dim % 8 == 0 and c.head_dim <= 256 and c.hidden_size % 8 == 0  # the kernel's vector widths
+        if kernels is None or kind is None or self.fc.weight.dtype != torch.float32 or not fits:
             return None
         names = ("q", "kv", "o", "gate_up", "down", "lm_head")
         modules = ((self.q_proj,), (self.k_proj, self.v_proj), (self.o_proj,), (self.gate_proj, self.up_proj),
@@ -410,7 +413,6 @@ class Eagle3Head(nn.Module):
                 return None
             w = lin.quant
             linears[name] = kernels.head_linear(quant.packed_q4(w) if w.kind == "q4" else quant.packed_q8(w))
-        c = self.config
         norms = [self.fast[n].weight.detach().contiguous()
                  for n in ("input_layernorm", "hidden_norm", "post_attention_layernorm", "norm")]
         return kernels.EagleLayer(self.embed.float().contiguous(), *norms, self.inv_freq.contiguous(),
