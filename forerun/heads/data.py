@@ -15,7 +15,6 @@ run resumes where it stopped.
 from __future__ import annotations
 
 import ast
-import gettext
 import json
 import random
 import re
@@ -128,14 +127,17 @@ def _mo_messages(path: Path) -> list[str]:
     data = path.read_bytes()
     if len(data) < 28:
         return []
-    order = {b"\xde\x12\x04\x95": "<", b"\x95\x04\x12\xde": ">"}.get(data[:4])
-    if order is None:
+    byteorder = {b"\xde\x12\x04\x95": "little", b"\x95\x04\x12\xde": "big"}.get(data[:4])
+    if byteorder is None:
         return []
-    count, _, table = (int.from_bytes(data[i:i + 4], "little" if order == "<" else "big") for i in (8, 12, 16))
+
+    def word(at: int) -> int:
+        return int.from_bytes(data[at:at + 4], byteorder)
+
+    count, table = word(8), word(16)  # messages, and where the table of their translations begins
     out = []
     for k in range(count):
-        at = table + 8 * k
-        length, offset = (int.from_bytes(data[at + i:at + i + 4], "little" if order == "<" else "big") for i in (0, 4))
+        length, offset = word(table + 8 * k), word(table + 8 * k + 4)
         text = data[offset:offset + length].split(b"\0")[0]
         if text:
             try:
@@ -209,12 +211,13 @@ def passages(low: int = 700, high: int = 2200) -> list[str]:
         current = ""
         for paragraph in re.split(r"\n\s*\n", text):
             paragraph = " ".join(paragraph.split())
-            if not _prose(paragraph) or len(current) + len(paragraph) > high:
-                if len(current) >= low:
-                    out.append(current)
-                current = paragraph if _prose(paragraph) and len(paragraph) <= high else ""
+            prose = _prose(paragraph)
+            if prose and len(current) + len(paragraph) <= high:
+                current = f"{current} {paragraph}" if current else paragraph
                 continue
-            current = f"{current} {paragraph}".strip() if current else paragraph
+            if len(current) >= low:
+                out.append(current)
+            current = paragraph if prose and len(paragraph) <= high else ""
         if len(current) >= low:
             out.append(current)
     return out
@@ -271,10 +274,11 @@ def document_prompts(llm, summarize_count: int, rag_count: int, out: Path | None
     rng = random.Random(seed)
     docs = passages()
     needed = summarize_count + rag_count // 2  # a question's context may reuse a summarized passage
-    subjects, round_ = list(_ARTICLE_SUBJECTS), 0
+    round_ = 0
+    if len(docs) < needed:
+        asked = [llm.encode(f"Write a news article of about 250 words about {s}.") for s in _ARTICLE_SUBJECTS]
     while len(docs) < needed and round_ < 8:  # the target's articles make up the rest
         params = SamplingParams(temperature=0.9, top_p=0.95, max_new_tokens=360, n=4, seed=seed * 1009 + round_)
-        asked = [llm.encode(f"Write a news article of about 250 words about {s}.") for s in subjects]
         for gen in llm.generate_batch_ids(asked, params):
             for sample in gen.samples:
                 text = _sentences_cut(sample.text.strip())
@@ -282,9 +286,9 @@ def document_prompts(llm, summarize_count: int, rag_count: int, out: Path | None
                     docs.append(text)
         round_ += 1
     rng.shuffle(docs)
-    rows = []
-    for i, text in enumerate(docs[:summarize_count]):
-        rows.append({"id": f"summarize-{i}", "source": "summarize", "text": rng.choice(_SUMMARIZE).format(text=text)})
+    rows = [{"id": f"summarize-{i}", "source": "summarize", "text": rng.choice(_SUMMARIZE).format(text=text)}
+            for i, text in enumerate(docs[:summarize_count])]
+    rag = []
     rest = docs[summarize_count:] + docs[:summarize_count]  # reused as context when documents run short
     params = SamplingParams(temperature=0.7, top_p=0.95, max_new_tokens=48, seed=seed)
     asked_of, k = [], 0
@@ -298,7 +302,7 @@ def document_prompts(llm, summarize_count: int, rag_count: int, out: Path | None
         asked_of.append((" ".join(context), main))
         k += 1
     for start in range(0, len(asked_of), batch):
-        if sum(r["source"] == "rag" for r in rows) >= rag_count:
+        if len(rag) >= rag_count:
             break
         chunk = asked_of[start:start + batch]
         asked = [llm.encode(f"{main}\n\nAsk one specific question about a fact in the text above. Reply with the "
@@ -307,9 +311,9 @@ def document_prompts(llm, summarize_count: int, rag_count: int, out: Path | None
             question = next((line.strip() for line in gen.text.splitlines() if line.strip().endswith("?")), "")
             question = re.sub(r"^(\**question\**\s*\d*[:.]\**\s*|\d+[.)]\s*)", "", question, flags=re.I).strip(' "*')
             if (_QUESTION.match(question) and 12 <= len(question) <= 200 and "text" not in question.lower()
-                    and sum(r["source"] == "rag" for r in rows) < rag_count):
-                n = sum(r["source"] == "rag" for r in rows)
-                rows.append({"id": f"rag-{n}", "source": "rag", "text": f"{context}\n{question}"})
+                    and len(rag) < rag_count):
+                rag.append({"id": f"rag-{len(rag)}", "source": "rag", "text": f"{context}\n{question}"})
+    rows += rag
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text("".join(json.dumps(r) + "\n" for r in [{"request": request}] + rows))
