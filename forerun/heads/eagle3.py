@@ -381,7 +381,8 @@ class Eagle3Head(nn.Module):
         for name in ("input_layernorm", "hidden_norm", "post_attention_layernorm", "norm"):  # the native kernel
             module = getattr(self, name)
             self.fast[name] = RMSNorm(module.weight.detach().float().clone(), module.eps)
-        self.native = self._native_layer(kind)
+        # the native layer takes q apart from k and v: rows caught up need no query
+        self.native = self._native_layer(kind, linear(self.q_proj), linear(self.k_proj, self.v_proj))
 
     def unpacked_copy(self) -> Eagle3Head:
         """A deep copy without the inference copies pack_for_cpu made (the native kernels' objects do
@@ -392,31 +393,23 @@ class Eagle3Head(nn.Module):
         finally:
             self.__dict__.update(kept)
 
-    def _native_layer(self, kind: str | None):
+    def _native_layer(self, kind: str | None, q, kv):
         """The layer as one native call (cpu_kernels().eagle_layer), where the kernels are built, every
-        projection is in blocks and the shapes fit the kernel's vectors; None otherwise (step_batch then
-        runs it op by op)."""
-        from forerun.models.llama import Linear
-
+        projection is in blocks (q and kv: the query's and the keys' and values' Linear) and the shapes
+        fit the kernel's vectors; None otherwise (step_batch then runs it op by op)."""
         kernels = cpu_kernels()
         c = self.config
         fits = c.head_dim % 8 == 0 and c.head_dim <= 256 and c.hidden_size % 8 == 0  # the kernel's vector widths
         if kernels is None or kind is None or self.fc.weight.dtype != torch.float32 or not fits:
             return None
-        names = ("q", "kv", "o", "gate_up", "down", "lm_head")
-        modules = ((self.q_proj,), (self.k_proj, self.v_proj), (self.o_proj,), (self.gate_proj, self.up_proj),
-                   (self.down_proj,), (self.lm_head,))
-        linears = {}
-        for name, parts in zip(names, modules):  # q apart from k and v: caught-up rows need no query
-            lin = Linear(torch.cat([m.weight.detach().float() for m in parts]).contiguous())
-            if not lin.quantize(kind):
-                return None
-            w = lin.quant
-            linears[name] = kernels.head_linear(quant.packed_q4(w) if w.kind == "q4" else quant.packed_q8(w))
+        blocks = [q.quant, kv.quant] + [self.fast[name].quant for name in ("o", "gate_up", "down", "lm_head")]
+        if any(w is None for w in blocks):  # a shape the blocks do not fit
+            return None
+        linears = [kernels.head_linear(quant.packed_q4(w) if w.kind == "q4" else quant.packed_q8(w)) for w in blocks]
         norms = [self.fast[n].weight.detach().contiguous()
                  for n in ("input_layernorm", "hidden_norm", "post_attention_layernorm", "norm")]
         return kernels.EagleLayer(self.embed.float().contiguous(), *norms, self.inv_freq.contiguous(),
-                                  *linears.values(), c.num_heads, c.num_kv_heads, c.head_dim, c.rms_norm_eps,
+                                  *linears, c.num_heads, c.num_kv_heads, c.head_dim, c.rms_norm_eps,
                                   c.norm_before_residual)
 
     def features(self, features: Tensor) -> Tensor:
