@@ -559,6 +559,11 @@ def test_document_prompts_summarize_and_ask_about_passages(tmp_path, monkeypatch
     assert [r["source"] for r in short] == ["summarize", "summarize"]
     asked = len(mute.asked)
     assert head_data.document_prompts(mute, 2, 3, tmp_path / "short.jsonl", seed=3) == short and len(mute.asked) == asked
+    for broken in ("", '{"id": "rag-0", "source": "rag", "text": "a"}\n', '{"request": {"rag": 3}}\n{"trunc'):
+        (tmp_path / "broken.jsonl").write_text(broken)  # blank, headless, truncated: one clear error, nothing asked
+        with pytest.raises(ValueError, match="not a documents file"):
+            head_data.document_prompts(mute, 2, 3, tmp_path / "broken.jsonl", seed=3)
+        assert len(mute.asked) == asked
 
 
 def test_generated_prompts_are_kept_and_need_a_chat_template(tmp_path):

@@ -266,7 +266,13 @@ def document_prompts(llm, summarize_count: int, rag_count: int, out: Path | None
         return []
     request = {"summarize": summarize_count, "rag": rag_count, "seed": seed}
     if out is not None and out.is_file():  # its first line: the request it answered
-        head, *rows = [json.loads(line) for line in out.read_text().splitlines()]
+        try:
+            head, *rows = [json.loads(line) for line in out.read_text().splitlines()]
+            if "request" not in head:
+                raise ValueError("its first line names no request")
+        except ValueError as e:  # a blank or truncated file, or another one
+            raise ValueError(f"{out} is not a documents file document_prompts wrote ({e}); remove it to write "
+                             "new documents") from None
         summarize = [r for r in rows if r["source"] == "summarize"]
         rag = [r for r in rows if r["source"] == "rag"]
         if head.get("request") == request or (len(summarize) >= summarize_count and len(rag) >= rag_count):
